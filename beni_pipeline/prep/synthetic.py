@@ -1,0 +1,559 @@
+"""The embedded default corpus: seeded images of rendered text (words, numbers, random strings,
+sentences, receipts, forms) with captions, LLaVA-style OCR conversations and a known set of planted
+near-duplicates, so the whole pipeline runs offline on a fresh machine.
+
+Every renderer is a pure function of a `random.Random`, so other sets (a held-out OCR eval set) can be
+drawn from the same renderers with other seeds.
+"""
+
+import glob
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import textwrap
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
+
+FONT_GLOB = "/usr/share/fonts/**/*.ttf"
+MIN_FONT_SIZE = 16  # smallest text we render; below it OCR labels stop being trustworthy
+MAX_SIDE = 800
+MIN_SIDE = 160
+JPEG_QUALITY = 90
+CHUNK = 50  # samples per pool task
+BACKGROUNDS = ("plain", "textured", "photo")
+
+ADJECTIVES = """old young small large quiet bright dark happy tired clever busy lazy brave gentle
+rapid silent golden frozen hidden broken ancient modern simple heavy narrow wide sunny windy purple
+green yellow orange""".split()
+NOUNS = """cat dog bird horse river mountain garden window teacher doctor farmer baker child
+student captain driver market station library kitchen bridge forest island letter ticket bottle
+engine camera guitar pencil basket lantern harbor village museum castle robot planet coffee""".split()
+VERBS = """found painted carried opened visited watched repaired followed cleaned crossed built
+sold bought described remembered borrowed noticed delivered photographed washed""".split()
+TAILS = ("", " today", " every morning", " near the river", " after lunch", " in the park",
+         " on Monday", " at night", " again", " with great care", " before sunrise", " last winter")
+FIRST_NAMES = """Anna Ben Clara David Emma Felix Grace Hugo Iris Jonas Kira Liam Maya Noah Olga
+Paul Rosa Sam Tara Victor Wendy Yusuf Zoe Omar Lena Marco""".split()
+LAST_NAMES = """Smith Keller Novak Garcia Rossi Tanaka Okafor Berg Dubois Larsen Silva Moreau Fischer
+Khan Murphy Ivanova Costa Weber Lindqvist Patel""".split()
+CITIES = """Lisbon Oslo Denver Kyoto Nairobi Dublin Porto Quebec Lyon Tallinn Austin Bergen Malmo
+Seville Krakow Leeds Utrecht Geneva""".split()
+STREETS = """Oak Maple Station Mill Church Harbor Park Bridge Castle Market""".split()
+SHOP_WORDS = """Corner Sunny Blue Golden Green Little Happy Red Village Harbor Daily Fresh""".split()
+SHOP_TYPES = """Market Cafe Bakery Grocery Deli Pharmacy Books Hardware Kiosk Bistro""".split()
+ITEMS = """Coffee Tea Bagel Croissant Milk Bread Apples Bananas Eggs Cheese Butter Juice Water
+Pasta Rice Tomatoes Soap Batteries Notebook Pen Sandwich Muffin Yogurt Chocolate Honey Olives
+Salad Soup Cookies Oranges""".split()
+MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+READ_QUESTIONS = ("What is written in the image?", "What does the text say?", "Read the text in the image.",
+                  "What text appears in this image?", "Transcribe the text in the image.",
+                  "What is the text in the image?")
+KIND_QUESTIONS = {
+    "word": READ_QUESTIONS + ("What word is shown in the image?", "Which word is written here?"),
+    "digits": READ_QUESTIONS + ("What number is shown in the image?", "Which digits are written in the image?"),
+    "random": READ_QUESTIONS + ("What characters are written in the image?", "Read the character string exactly."),
+    "sentence": READ_QUESTIONS + ("What sentence is written in the image?",),
+}
+THINGS = {"word": "word", "digits": "number", "random": "character string", "sentence": "sentence"}
+TEXT_CAPTIONS = ('An image with the text "{text}".', 'A picture of the {thing} "{text}" on a {bg} background.',
+                 'The {thing} "{text}" written in {font} type.', 'Rendered text that reads "{text}".',
+                 'A {bg} background with the {thing} "{text}" on it.', 'Close-up of the {thing} "{text}".')
+BG_WORDS = {"plain": "plain", "textured": "textured", "photo": "photo-like"}
+RECEIPT_CAPTIONS = ("A receipt from {store} with a total of {total}.", "A photo of a shop receipt from {store}, dated {date}.",
+                    "A printed receipt from {store} listing {n} items.", "A receipt dated {date} with a total of {total}.")
+FORM_CAPTIONS = ("A filled-in {title} for {name}.", "A picture of a filled-in {title} with {n} fields.",
+                 "A scanned {title} completed by {name}.")
+# Words of caption templates (never of the quoted or generated text) that a near-duplicate caption may swap.
+SYNONYMS = {"image": "picture", "picture": "photo", "photo": "picture", "written": "printed", "reads": "says",
+            "background": "backdrop", "receipt": "bill", "Rendered": "Printed", "filled-in": "completed"}
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    samples: int = 2000
+    seed: int = 0
+    duplicate_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class TextStyle:
+    font: str | None  # a font file, or None for Pillow's built-in font
+    size: int
+    background: str  # one of BACKGROUNDS
+    rotation: float  # degrees, counter-clockwise
+    blur: float  # box-blur radius of the glyphs in pixels (one pass: a third of a Gaussian's cost); 0 for none
+    noise: float  # amplitude of grey grain over the whole image; 0 for none
+
+
+@dataclass
+class Rendered:
+    """One sample before it is written: the image, its caption and its (question, answer) pairs."""
+
+    kind: str
+    image: Image.Image
+    caption: str
+    qa: list[tuple[str, str]]
+
+
+# ---------------------------------------------------------------- fonts, colours, backgrounds
+
+
+@cache
+def font_paths() -> tuple[str | None, ...]:
+    """Every TrueType font on the machine, or (None,): Pillow's built-in font."""
+    return tuple(sorted(glob.glob(FONT_GLOB, recursive=True))) or (None,)
+
+
+@cache
+def load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+
+
+def font_words(path: str | None) -> str:
+    """'bold italic serif' and the like, from the font's file name."""
+    name = Path(path).stem.lower() if path else ""
+    family = "monospace" if "mono" in name else "serif" if "serif" in name and "sans" not in name else "sans-serif"
+    return " ".join(["bold"] * ("bold" in name) + ["italic"] * ("italic" in name or "oblique" in name) + [family])
+
+
+def light_colour(rng: random.Random) -> tuple[int, int, int]:
+    base = rng.randint(220, 255)
+    return tuple(base - rng.randint(0, 30) for _ in range(3))
+
+
+def paper_colour(rng: random.Random) -> tuple[int, int, int]:
+    """Mostly light paper, sometimes a dark board; never mid-grey, so dark or light ink always reads."""
+    return light_colour(rng) if rng.random() < 0.8 else tuple(rng.randint(10, 70) for _ in range(3))
+
+
+def ink_colour(rng: random.Random, on_light: bool) -> tuple[int, int, int]:
+    lo, hi = (0, 90) if on_light else (185, 255)
+    return tuple(rng.randint(lo, hi) for _ in range(3))
+
+
+def background(rng: random.Random, size: tuple[int, int], style: str) -> Image.Image:
+    """A plain colour, textured paper (blotches, sometimes ruled lines), or a photo-like scene (gradient and soft blobs)."""
+    w, h = size
+    if style == "plain":
+        return Image.new("RGB", size, paper_colour(rng))
+    nrng = np.random.default_rng(rng.getrandbits(64))
+    # Both textures are drawn at low resolution and scaled up: smooth, and cheap at any size.
+    if style == "textured":
+        base = np.array(paper_colour(rng), np.float32)
+        small = base + nrng.normal(0, rng.uniform(4, 16), (h // 12 + 2, w // 12 + 2, 1))
+        image = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+        if rng.random() < 0.3:
+            draw, step = ImageDraw.Draw(image), rng.randint(18, 40)
+            line = tuple(int(c) for c in np.clip(base + ((-50, -35, 0) if base.mean() > 128 else 60), 0, 255))
+            for y in range(rng.randint(0, step), h, step):
+                draw.line((0, y, w, y), fill=line)
+        return image
+    sw, sh = w // 4 + 1, h // 4 + 1
+    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = x * math.cos(angle) + y * math.sin(angle)
+    t = ((t - t.min()) / (np.ptp(t) + 1))[..., None]
+    c0, c1 = np.array(nrng.integers(0, 256, 3)), np.array(nrng.integers(0, 256, 3))
+    small = Image.fromarray((c0 + (c1 - c0) * t).astype(np.uint8))
+    draw = ImageDraw.Draw(small)
+    for _ in range(rng.randint(5, 16)):
+        x0, x1 = sorted(rng.randint(-sw // 4, sw) for _ in range(2))
+        y0, y1 = sorted(rng.randint(-sh // 4, sh) for _ in range(2))
+        fill = tuple(rng.randint(0, 255) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.6 else draw.rectangle)((x0, y0, x1 + 1, y1 + 1), fill=fill)
+    small = small.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 3)))
+    return small.resize(size, Image.Resampling.BILINEAR)
+
+
+def degrade(image: Image.Image, rng: random.Random, blur: float, noise: float) -> Image.Image:
+    if blur:
+        image = image.filter(ImageFilter.BoxBlur(blur))
+    if noise:
+        # Uniform grey grain through ImageChops: a few times cheaper than float arithmetic in numpy.
+        amplitude = round(noise)
+        grain = np.random.default_rng(rng.getrandbits(64)).integers(0, 2 * amplitude + 1, (image.height, image.width), np.uint8)
+        image = ImageChops.add(image, Image.fromarray(grain).convert("RGB"), 1, -amplitude)
+    return image
+
+
+def random_degradation(rng: random.Random, font_size: int) -> tuple[float, float]:
+    """(blur, noise): blur stays under a fraction of the glyph size so the text stays legible."""
+    blur = rng.uniform(0.4, 1.2) * min(1.0, font_size / 32) if rng.random() < 0.3 else 0.0
+    return blur, rng.randint(3, 10) if rng.random() < 0.4 else 0
+
+
+# ---------------------------------------------------------------- text on a background
+
+
+def random_style(rng: random.Random) -> TextStyle:
+    background_style = rng.choices(BACKGROUNDS, (4, 3, 3))[0]
+    r = rng.random()
+    rotation = 0.0 if r < 0.4 else rng.uniform(-3, 3) if r < 0.75 else rng.uniform(-25, 25)
+    # Small glyphs stay readable on plain paper but smear when rotated or on a busy background.
+    size = rng.randint(24 if background_style == "photo" or abs(rotation) > 3 else MIN_FONT_SIZE, 72)
+    return TextStyle(rng.choice(font_paths()), size, background_style, rotation, *random_degradation(rng, size))
+
+
+def _rotated_size(w: int, h: int, degrees: float) -> tuple[int, int]:
+    c, s = abs(math.cos(math.radians(degrees))), abs(math.sin(math.radians(degrees)))
+    return math.ceil(w * c + h * s) + 2, math.ceil(w * s + h * c) + 2
+
+
+def render_text(rng: random.Random, text: str, style: TextStyle) -> Image.Image:
+    """`text` (lines split by newlines) in `style` at a random place on a canvas a little larger than the
+    text; the font shrinks (not below MIN_FONT_SIZE) until the rotated text fits in MAX_SIDE."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    align = rng.choice(("left", "center", "right"))
+    size = style.size
+    while True:
+        font = load_font(style.font, size)
+        # A contrasting outline keeps text legible on busy photo-like backgrounds.
+        stroke = max(1, size // 16) if style.background == "photo" else 0
+        left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font, spacing=size // 4, align=align, stroke_width=stroke)
+        pad = 2 + stroke
+        w, h = math.ceil(right - left) + 2 * pad, math.ceil(bottom - top) + 2 * pad
+        rw, rh = _rotated_size(w, h, style.rotation)
+        if max(rw, rh) <= MAX_SIDE - 8 or size == MIN_FONT_SIZE:
+            break
+        size = max(MIN_FONT_SIZE, int(size * 0.85))
+    width = min(MAX_SIDE, max(MIN_SIDE, int(rw * rng.uniform(1.05, 1.8)) + 8))
+    height = min(MAX_SIDE, max(MIN_SIDE, int(rh * rng.uniform(1.1, 3.0)) + 8))
+    canvas = background(rng, (width, height), style.background)
+    on_light = ImageStat.Stat(canvas.convert("L")).mean[0] > 128
+    ink, outline = ink_colour(rng, on_light), ink_colour(rng, not on_light)
+    # Drawn as grey masks, not an RGBA layer: rotating one channel is several times cheaper.
+    masks = []
+    for colour, stroke_width in ((outline, stroke), (ink, 0)) if stroke else ((ink, 0),):
+        mask = Image.new("L", (w, h))
+        ImageDraw.Draw(mask).multiline_text(
+            (pad - left, pad - top), text, font=font, fill=255, spacing=size // 4, align=align, stroke_width=stroke_width, stroke_fill=255
+        )
+        if style.rotation:
+            mask = mask.rotate(style.rotation, Image.Resampling.BILINEAR, expand=True)
+        masks.append((colour, mask.filter(ImageFilter.BoxBlur(style.blur)) if style.blur else mask))
+    x = rng.randint(0, max(0, width - masks[0][1].width))
+    y = rng.randint(0, max(0, height - masks[0][1].height))
+    for colour, mask in masks:
+        canvas.paste(colour, (x, y), mask)
+    return degrade(canvas, rng, 0, style.noise)
+
+
+def place_on_background(rng: random.Random, paper: Image.Image) -> Image.Image:
+    """A document as a flat scan, or photographed: slightly rotated on a textured or photo-like surface."""
+    if rng.random() < 0.4:
+        return paper
+    paper = paper.convert("RGBA").rotate(rng.uniform(-5, 5), Image.Resampling.BILINEAR, expand=True)
+    width = min(MAX_SIDE, paper.width + rng.randint(16, 160))
+    height = min(MAX_SIDE, paper.height + rng.randint(16, 160))
+    canvas = background(rng, (width, height), rng.choice(("textured", "photo")))
+    canvas.paste(paper, (rng.randint(0, max(0, width - paper.width)), rng.randint(0, max(0, height - paper.height))), paper)
+    return canvas
+
+
+# ---------------------------------------------------------------- texts
+
+
+def word(rng: random.Random) -> str:
+    w = rng.choice(rng.choice((ADJECTIVES, NOUNS, VERBS, CITIES, FIRST_NAMES)))
+    return rng.choice((str.lower, str.capitalize, str.upper))(w)
+
+
+def digits(rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return " ".join(str(rng.randint(1000, 9999)) for _ in range(rng.randint(2, 4)))
+    return str(rng.randint(0, 9)) + "".join(rng.choices("0123456789", k=rng.randint(2, 13)))
+
+
+def random_string(rng: random.Random) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    if rng.random() < 0.3:
+        return "-".join("".join(rng.choices(alphabet[:26] + alphabet[52:], k=4)) for _ in range(rng.randint(2, 4)))
+    return "".join(rng.choices(alphabet, k=rng.randint(4, 14)))
+
+
+def sentence(rng: random.Random) -> str:
+    a = f"{rng.choice(('The', 'A', 'My', 'Our', 'That'))} {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    b = f"{rng.choice(('the', 'a', 'her', 'his', 'their'))} {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
+    return f"{a} {rng.choice(VERBS)} {b}{rng.choice(TAILS)}{rng.choice('..!')}"
+
+
+def date(rng: random.Random) -> str:
+    y, m, d = rng.randint(1950, 2025), rng.randint(1, 12), rng.randint(1, 28)
+    return rng.choice((f"{y}-{m:02d}-{d:02d}", f"{d:02d}/{m:02d}/{y}", f"{MONTHS[m - 1]} {d}, {y}", f"{d:02d}.{m:02d}.{y}"))
+
+
+def money(cents: int) -> str:
+    return f"{cents // 100}.{cents % 100:02d}"
+
+
+TEXTS = {"word": word, "digits": digits, "random": random_string, "sentence": sentence}
+
+
+# ---------------------------------------------------------------- samples
+
+
+def text_sample(rng: random.Random, kind: str) -> Rendered:
+    """A word, number, random string or sentence (wrapped over a few lines) with one OCR question."""
+    text = TEXTS[kind](rng)
+    lines = "\n".join(textwrap.wrap(text, rng.randint(14, 40))) if kind == "sentence" else text
+    style = random_style(rng)
+    image = render_text(rng, lines, style)
+    caption = rng.choice(TEXT_CAPTIONS).format(text=text, thing=THINGS[kind], bg=BG_WORDS[style.background], font=font_words(style.font))
+    return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)])
+
+
+def render_receipt(rng: random.Random) -> tuple[Image.Image, dict]:
+    """A till receipt; returns the image and its key information (store, date, items, subtotal, tax, total)."""
+    fonts = [p for p in font_paths() if p and "mono" in Path(p).stem.lower()] or font_paths()
+    font_path, size = rng.choice(fonts), rng.randint(MIN_FONT_SIZE, 20)
+    font, head = load_font(font_path, size), load_font(font_path, size + rng.randint(2, 8))
+    store = f"{rng.choice(SHOP_WORDS)} {rng.choice(SHOP_TYPES)}"
+    items = {name: rng.randint(49, 2500) for name in rng.sample(ITEMS, rng.randint(2, 6))}
+    subtotal = sum(items.values())
+    rate = rng.choice((0, 5, 7, 8, 10, 20))
+    tax = subtotal * rate // 100
+    info = {"store": store, "date": date(rng), "items": {k: money(v) for k, v in items.items()},
+            "subtotal": money(subtotal), "tax": money(tax), "total": money(subtotal + tax)}
+    rows = [(name, price) for name, price in info["items"].items()]
+    rows += [("", ""), ("SUBTOTAL", info["subtotal"])] + ([(f"TAX {rate}%", info["tax"])] if rate else []) + [("TOTAL", info["total"])]
+    line_h, margin = int(size * 1.4), rng.randint(12, 24)
+    text_w = max(font.getlength(a) + font.getlength(b) for a, b in rows) + 2 * size
+    width = max(int(text_w) + 2 * margin, rng.randint(220, 340), int(head.getlength(store)) + 2 * margin)
+    height = 2 * margin + int(head.size * 1.5) + line_h * (len(rows) + 5)
+    paper = Image.new("RGB", (width, height), light_colour(rng))
+    draw, ink = ImageDraw.Draw(paper), ink_colour(rng, True)
+    y = margin
+    draw.text((width / 2, y), store, font=head, fill=ink, anchor="ma")
+    y += int(head.size * 1.5)
+    draw.text((width / 2, y), f"{rng.randint(1, 200)} {rng.choice(STREETS)} Street", font=font, fill=ink, anchor="ma")
+    y += line_h
+    draw.text((margin, y), info["date"], font=font, fill=ink)
+    y += line_h
+    rule = "-" * int((width - 2 * margin) / max(1, font.getlength("-")))
+    for name, price in [("", "")] + rows:
+        if not name:
+            draw.text((margin, y), rule, font=font, fill=ink)
+        else:
+            draw.text((margin, y), name, font=font, fill=ink)
+            draw.text((width - margin, y), price, font=font, fill=ink, anchor="ra")
+        y += line_h
+    draw.text((width / 2, y + line_h // 2), rng.choice(("THANK YOU!", "Thank you for shopping", "See you soon")), font=font, fill=ink, anchor="ma")
+    image = place_on_background(rng, paper)
+    return degrade(image, rng, *random_degradation(rng, size)), info
+
+
+def receipt_sample(rng: random.Random) -> Rendered:
+    image, info = render_receipt(rng)
+    item = rng.choice(list(info["items"]))
+    qa = [
+        (rng.choice(("What is the total?", "What is the total amount on this receipt?", "How much was paid in total?")), info["total"]),
+        (rng.choice(("What is the name of the store?", "Which shop issued this receipt?")), info["store"]),
+        (rng.choice(("What is the date on the receipt?", "When was this receipt issued?")), info["date"]),
+        (f"What is the price of {item}?", info["items"][item]),
+        ("What is the subtotal?", info["subtotal"]),
+    ]
+    caption = rng.choice(RECEIPT_CAPTIONS).format(store=info["store"], total=info["total"], date=info["date"], n=len(info["items"]))
+    return Rendered("receipt", image, caption, rng.sample(qa, rng.randint(2, 3)))
+
+
+FORM_FIELDS = {  # label on the form: (how a question names it, value generator)
+    "Name": ("name", lambda r: f"{r.choice(FIRST_NAMES)} {r.choice(LAST_NAMES)}"),
+    "Date of birth": ("date of birth", date),
+    "Phone": ("phone number", lambda r: f"+{r.randint(1, 49)} {r.randint(100, 999)} {r.randint(1000000, 9999999)}"),
+    "Email": ("email address", lambda r: f"{r.choice(FIRST_NAMES).lower()}.{r.choice(LAST_NAMES).lower()}@{r.choice(('mail', 'post', 'inbox'))}.com"),
+    "City": ("city", lambda r: r.choice(CITIES)),
+    "Postcode": ("postcode", lambda r: str(r.randint(10000, 99999))),
+    "Customer ID": ("customer ID", lambda r: f"C-{r.randint(100000, 999999)}"),
+    "Invoice No.": ("invoice number", lambda r: str(r.randint(1000, 99999))),
+    "Amount due": ("amount due", lambda r: money(r.randint(500, 250000))),
+    "Date": ("date", date),
+}
+FORM_TITLES = {"REGISTRATION FORM": "registration form", "APPLICATION FORM": "application form",  # heading: in captions
+               "CUSTOMER DETAILS": "customer details form", "INVOICE": "invoice", "DELIVERY NOTE": "delivery note"}
+
+
+def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str]]:
+    """A filled-in form: a title, then label/value fields (values in another font and ink, on lines or in
+    boxes); returns the image, the title and the field values by label."""
+    title = rng.choice(list(FORM_TITLES))
+    fields = {label: FORM_FIELDS[label][1](rng) for label in ["Name"] + rng.sample(list(FORM_FIELDS)[1:], rng.randint(2, 5))}
+    size = rng.randint(MIN_FONT_SIZE, 22)
+    label_font = load_font(rng.choice(font_paths()), size)
+    value_font = load_font(rng.choice(font_paths()), size + rng.randint(0, 4))
+    title_font = load_font(rng.choice(font_paths()), size + rng.randint(6, 12))
+    margin, boxed = rng.randint(16, 32), rng.random() < 0.5
+    label_w = max(label_font.getlength(f"{k}:") for k in fields) + size
+    value_w = max(value_font.getlength(v) for v in fields.values()) + size
+    width = max(int(label_w + value_w) + 2 * margin, int(title_font.getlength(title)) + 2 * margin, rng.randint(360, 560))
+    row_h = int(value_font.size * 2.2)
+    height = 2 * margin + int(title_font.size * 2) + row_h * len(fields)
+    page = Image.new("RGB", (width, height), light_colour(rng))
+    draw = ImageDraw.Draw(page)
+    ink, pen = ink_colour(rng, True), rng.choice(((20, 30, 140), (10, 10, 10), (30, 60, 160), (120, 20, 20)))
+    draw.text((margin, margin), title, font=title_font, fill=ink)
+    y = margin + int(title_font.size * 2)
+    for label, value in fields.items():
+        x = margin + label_w
+        draw.text((margin, y + row_h // 2), f"{label}:", font=label_font, fill=ink, anchor="lm")
+        if boxed:
+            draw.rectangle((x - 6, y + 3, width - margin, y + row_h - 3), outline=ink)
+        else:
+            draw.line((x - 4, y + row_h - 6, width - margin, y + row_h - 6), fill=ink)
+        draw.text((x, y + row_h // 2), value, font=value_font, fill=pen, anchor="lm")
+        y += row_h
+    image = place_on_background(rng, page)
+    return degrade(image, rng, *random_degradation(rng, size)), title, fields
+
+
+def form_sample(rng: random.Random) -> Rendered:
+    image, title, fields = render_form(rng)
+    qa = []
+    for label in rng.sample(list(fields), min(len(fields), rng.randint(2, 3))):
+        phrase = FORM_FIELDS[label][0]
+        question = rng.choice((f"What is the {phrase} on the form?", f"What is written in the '{label}' field?",
+                               f"What {phrase} is given in this document?"))
+        qa.append((question, fields[label]))
+    caption = rng.choice(FORM_CAPTIONS).format(title=FORM_TITLES[title], name=fields["Name"], n=len(fields))
+    return Rendered("form", image, caption, qa)
+
+
+KINDS = {"word": 20, "digits": 15, "random": 15, "sentence": 20, "receipt": 15, "form": 15}
+
+
+def make_sample(seed: int, index: int) -> Rendered:
+    """Sample `index` of the corpus drawn from `seed`: a pure function of both, whatever process runs it."""
+    rng = random.Random(f"{seed}:{index}")
+    kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
+    if kind == "receipt":
+        return receipt_sample(rng)
+    if kind == "form":
+        return form_sample(rng)
+    return text_sample(rng, kind)
+
+
+def conversations(qa: list[tuple[str, str]]) -> list[dict]:
+    turns = []
+    for i, (question, answer) in enumerate(qa):
+        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question}, {"from": "gpt", "value": answer}]
+    return turns
+
+
+def jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def edit_caption(rng: random.Random, caption: str) -> str:
+    """A light edit outside the quoted text: the final full stop, the first letter's case, or one template word."""
+    head = caption.split('"')[0]
+    swappable = [w for w in SYNONYMS if re.search(rf"\b{re.escape(w)}(?=\s|$)", head)]
+    edit = rng.choice(["punctuation", "case"] + (["word"] if swappable else []))
+    if edit == "punctuation":
+        return caption[:-1] if caption.endswith(".") else caption + "."
+    if edit == "case":
+        return caption[0].swapcase() + caption[1:]
+    w = rng.choice(swappable)
+    return re.sub(rf"\b{re.escape(w)}(?=\s|$)", SYNONYMS[w], head, count=1) + caption[len(head):]
+
+
+def near_duplicate(seed: int, index: int, original: Rendered) -> tuple[bytes, str, str]:
+    """(JPEG bytes, change, caption) of a resized or re-encoded copy of `original`'s JPEG file."""
+    rng = random.Random(f"{seed}:{index}:duplicate")
+    image = Image.open(io.BytesIO(jpeg(original.image)))
+    if rng.random() < 0.5:
+        scale = rng.uniform(0.6, 0.9)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+        data, change = jpeg(image), "resize"
+    else:
+        data, change = jpeg(image, rng.randint(60, 80)), "reencode"
+    caption = edit_caption(rng, original.caption) if rng.random() < 0.5 else original.caption
+    return data, change, caption
+
+
+# ---------------------------------------------------------------- the corpus on disk
+
+
+def plant_duplicates(settings: CorpusSettings) -> dict[int, int]:
+    """{duplicate index: index of the earlier, original sample it copies}."""
+    n = settings.samples
+    rng = random.Random(f"{settings.seed}:duplicates")
+    planted = sorted(rng.sample(range(1, n), min(n - 1, round(n * settings.duplicate_fraction))))
+    chosen = set(planted)
+    originals = {}
+    for i in planted:
+        original = rng.randrange(i)
+        while original in chosen:  # terminates: sample 0 is never a duplicate
+            original = rng.randrange(i)
+        originals[i] = original
+    return originals
+
+
+def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
+    """Render and write one chunk's images; return its corpus.jsonl lines (and planted_duplicates.jsonl lines)."""
+    seed, indices, duplicates, images, width = task
+    lines = []
+    for i in indices:
+        url = f"images/{i:0{width}d}.jpg"
+        if i in duplicates:
+            original = make_sample(seed, duplicates[i])
+            data, change, caption = near_duplicate(seed, i, original)
+            of = f"images/{duplicates[i]:0{width}d}.jpg"
+            planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
+        else:
+            original = make_sample(seed, i)
+            data, caption, planted = jpeg(original.image), original.caption, None
+        Path(images, url.removeprefix("images/")).write_bytes(data)
+        row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
+        lines.append((json.dumps(row, ensure_ascii=False), planted))
+    return lines
+
+
+def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) -> Path:
+    """Writes out_dir/images/<name>.jpg, out_dir/corpus.jsonl and out_dir/planted_duplicates.jsonl; returns the
+    corpus.jsonl path. Returns at once if out_dir already holds a complete corpus for the same settings
+    (corpus_settings.json, written last, marks completion); otherwise images/ is emptied and all is regenerated."""
+    if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1:
+        raise ValueError(f"corpus settings need samples >= 1 and 0 <= duplicate_fraction < 1; got {settings}")
+    out_dir = Path(out_dir)
+    corpus, planted, marker = out_dir / "corpus.jsonl", out_dir / "planted_duplicates.jsonl", out_dir / "corpus_settings.json"
+    wanted = json.dumps(asdict(settings), sort_keys=True) + "\n"
+    if marker.is_file() and marker.read_text() == wanted and corpus.is_file() and planted.is_file():
+        return corpus
+    marker.unlink(missing_ok=True)
+    images = out_dir / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    duplicates = plant_duplicates(settings)
+    width = max(6, len(str(settings.samples - 1)))
+    tasks = []
+    for start in range(0, settings.samples, CHUNK):
+        indices = range(start, min(start + CHUNK, settings.samples))
+        tasks.append((settings.seed, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
+    corpus_tmp, planted_tmp = corpus.with_name("corpus.jsonl.tmp"), planted.with_name("planted_duplicates.jsonl.tmp")
+    with (
+        multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
+        corpus_tmp.open("w") as rows,
+        planted_tmp.open("w") as dups,
+    ):
+        for lines in pool.imap(_write_chunk, tasks):
+            for row, dup in lines:
+                rows.write(row + "\n")
+                if dup:
+                    dups.write(dup + "\n")
+    os.replace(corpus_tmp, corpus)
+    os.replace(planted_tmp, planted)
+    marker_tmp = marker.with_name("corpus_settings.json.tmp")
+    marker_tmp.write_text(wanted)
+    os.replace(marker_tmp, marker)
+    return corpus

@@ -1,0 +1,119 @@
+import pytest
+
+from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, build_prompt, load_tokenizer, pad_batch
+
+N = 5  # image tokens per image
+
+IMAGE_IN_SECOND_TURN = [
+    {"from": "human", "value": "Read the text: hello world"},
+    {"from": "gpt", "value": "hello world"},
+    {"from": "human", "value": "<image>\nWhat is written in the image?"},
+    {"from": "gpt", "value": "The sign says open."},
+]
+
+
+@pytest.fixture(scope="module")
+def chatml(parts):
+    return load_tokenizer(parts["llama"])
+
+
+@pytest.fixture(scope="module")
+def base(parts):
+    return load_tokenizer(parts["qwen2"])  # no chat template: the fallback applies
+
+
+def trained_text(tokenizer, example):
+    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def image_runs(tokenizer, ids):
+    """Lengths of the consecutive runs of image tokens."""
+    image_id, runs, run = tokenizer.convert_tokens_to_ids("<image>"), [], 0
+    for token in ids + [None]:
+        if token == image_id:
+            run += 1
+        elif run:
+            runs, run = runs + [run], 0
+    return runs
+
+
+def test_image_in_second_turn_and_loss_on_every_reply(chatml):
+    example = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
+    assert trained_text(chatml, example) == "hello world<|im_end|>\nThe sign says open.<|im_end|>\n"
+    assert image_runs(chatml, example.input_ids) == [N] and example.num_images == 1 and example.dropped_turns == 0
+    image_at = example.input_ids.index(chatml.convert_tokens_to_ids("<image>"))
+    text_before = chatml.decode(example.input_ids[:image_at])
+    assert text_before.endswith("<|im_start|>user\n") and "assistant\nhello world" in text_before
+    assert example.labels[image_at : image_at + N] == [IGNORE_INDEX] * N
+
+
+def test_labels_align_with_input_ids(chatml):
+    example = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
+    assert len(example.labels) == len(example.input_ids)
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels))
+    # Nothing of the user turns or the assistant headers is trained.
+    assert "user" not in trained_text(chatml, example) and "assistant" not in trained_text(chatml, example)
+
+
+def test_no_image(chatml):
+    example = build_example(IMAGE_IN_SECOND_TURN[:2], chatml, N)
+    assert example.num_images == 0 and image_runs(chatml, example.input_ids) == []
+    assert trained_text(chatml, example) == "hello world<|im_end|>\n"
+
+
+def test_several_images_in_one_turn_and_across_turns(chatml):
+    conversation = [
+        {"from": "human", "value": "<image> <image>\nCompare them."},
+        {"from": "gpt", "value": "The first is red."},
+        {"from": "human", "value": "And this one? <image>"},
+        {"from": "gpt", "value": "It is blue."},
+    ]
+    example = build_example(conversation, chatml, N)
+    assert image_runs(chatml, example.input_ids) == [N, N, N] and example.num_images == 3
+    assert trained_text(chatml, example) == "The first is red.<|im_end|>\nIt is blue.<|im_end|>\n"
+
+
+def test_fallback_template_for_tokenizers_without_one(base):
+    example = build_example(IMAGE_IN_SECOND_TURN, base, N)
+    eos = base.eos_token
+    assert trained_text(base, example) == f" hello world{eos}\n The sign says open.{eos}\n"
+    assert base.decode(example.input_ids).startswith("User: Read the text: hello world\nAssistant: hello world")
+    prompt = base.decode(build_prompt(IMAGE_IN_SECOND_TURN[:1], base, N))
+    assert prompt == "User: Read the text: hello world\nAssistant:"
+
+
+def test_truncation_drops_trailing_turns_never_half_an_image(chatml):
+    conversation = [
+        {"from": "human", "value": "<image>\nWhat is written?"},
+        {"from": "gpt", "value": "open"},
+        {"from": "human", "value": "<image>\nAnd here?"},
+        {"from": "gpt", "value": "hello world"},
+    ]
+    full = build_example(conversation, chatml, N)
+    first = build_example(conversation[:2], chatml, N)
+    # A limit that falls inside the second image block: the whole second exchange goes.
+    image_id = chatml.convert_tokens_to_ids("<image>")
+    second_image_at = [i for i, t in enumerate(full.input_ids) if t == image_id][N]
+    assert second_image_at > len(first.input_ids)
+    cut = build_example(conversation, chatml, N, max_length=second_image_at + 2)
+    assert cut.input_ids == first.input_ids and cut.dropped_turns == 2 and cut.num_images == 1
+    assert image_runs(chatml, cut.input_ids) == [N]
+    assert build_example(conversation, chatml, N, max_length=len(full.input_ids)).dropped_turns == 0
+    with pytest.raises(SampleTooLong, match="the sample is dropped"):
+        build_example(conversation, chatml, N, max_length=N + 2)
+
+
+def test_conversation_errors(chatml):
+    with pytest.raises(ValueError, match="no assistant"):
+        build_example([{"from": "human", "value": "hi"}], chatml, N)
+    with pytest.raises(ValueError, match="Unknown conversation role 'bot'"):
+        build_example([{"from": "bot", "value": "hi"}], chatml, N)
+
+
+def test_pad_batch_sides(chatml):
+    right = pad_batch([[1, 2, 3], [4]], 0, labels=[[1, 2, 3], [-100]])
+    assert right["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert right["labels"].tolist() == [[1, 2, 3], [-100, -100, -100]]
+    left = pad_batch([[1, 2, 3], [4]], 0, padding_side="left")
+    assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]] and left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -1,0 +1,35 @@
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from beni_model.export import export_llava
+from tests.model.conftest import images
+from tests.model.test_modeling import TEXT_ONLY, TWO_IMAGES, batch_for
+
+
+@pytest.mark.parametrize("vision, text, layer", [("clip", "llama", -2), ("siglip", "qwen2", -1)])
+def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer):
+    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer)
+    export_llava(model, tmp_path, tokenizer)
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = batch_for(model, tokenizer, [TWO_IMAGES, TEXT_ONLY])
+    batch.pop("labels")
+    with torch.no_grad():
+        ours = model(**batch, pixel_values=images(2)).logits
+        theirs = llava(**batch, pixel_values=images(2)).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    assert llava.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "vision, connector, kwargs, message",
+    [
+        ("dinov2", "mlp2x_gelu", {}, "needs a CLIP or SigLIP vision tower"),
+        ("clip", "pixelshuffle2_mlp", {}, "needs the mlp2x connector"),
+        ("siglip", "mlp2x_gelu", {"image_size": 48}, "does not interpolate"),
+    ],
+)
+def test_llava_export_refuses_what_llava_cannot_hold(build, tmp_path, vision, connector, kwargs, message):
+    model, _ = build(vision, "llama", connector, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        export_llava(model, tmp_path)

@@ -1,0 +1,174 @@
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
+from tests.conftest import jpeg_bytes
+
+FAST = DownloadSettings(workers=2, retries=2, backoff=0.05, read_timeout=0.5, connect_timeout=1.0, max_bytes=300_000, part_size=8)
+
+
+def rows_for(urls: dict[str, str]) -> pa.Table:
+    return pa.table({"sample_id": list(urls), "url": list(urls.values())})
+
+
+def by_id(index: pa.Table) -> dict[str, dict]:
+    return {r["sample_id"]: r for r in index.to_pylist()}
+
+
+def test_every_fault_lands_in_its_status(fault_server, tmp_path):
+    local = tmp_path / "local.jpg"
+    local.write_bytes(jpeg_bytes(300, 300))
+    expected = {
+        "a0": ("ok", "", 200),
+        "a1": ("ok", "", 200),
+        "notfound": ("failed", "http_error", 404),
+        "flaky": ("ok", "", 200),
+        "ratelimited": ("ok", "", 200),
+        "slow": ("failed", "timeout", 0),
+        "truncated": ("failed", "truncated", 200),
+        "html": ("failed", "not_an_image", 200),
+        "corrupt": ("failed", "decode_error", 200),
+        "huge": ("failed", "too_many_pixels", 200),
+        "tiny": ("failed", "too_small", 200),
+        "big": ("failed", "too_large", 200),
+        "loop": ("failed", "too_many_redirects", 0),
+        "reset": ("failed", "connection_error", 0),
+        "refused": ("failed", "connection_error", 0),
+        "rotated": ("ok", "", 200),
+        "localfile": ("ok", "", 0),
+        "fileurl": ("ok", "", 0),
+        "missing": ("failed", "missing_file", 0),
+        "ftp": ("failed", "scheme_not_allowed", 0),
+    }
+    closed = socket_port_closed()
+    u = fault_server.url
+    urls = {
+        "a0": f"{u}/img/0.jpg",
+        "a1": f"{u}/img/1.jpg",
+        "notfound": f"{u}/nothing.jpg",
+        "flaky": f"{u}/flaky500",
+        "ratelimited": f"{u}/ratelimited",
+        "slow": f"{u}/slow.jpg",
+        "truncated": f"{u}/truncated.jpg",
+        "html": f"{u}/page.jpg",
+        "corrupt": f"{u}/corrupt.jpg",
+        "huge": f"{u}/huge.png",
+        "tiny": f"{u}/tiny.png",
+        "big": f"{u}/big.jpg",
+        "loop": f"{u}/loop",
+        "reset": f"{u}/reset.jpg",
+        "refused": f"http://127.0.0.1:{closed}/x.jpg",
+        "rotated": f"{u}/rotated.jpg",
+        "localfile": str(local),
+        "fileurl": local.as_uri(),
+        "missing": str(tmp_path / "nope.jpg"),
+        "ftp": "ftp://example.org/x.jpg",
+    }
+    summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
+    index = by_id(read_index(tmp_path / "out"))
+    got = {k: (r["status"], r["reason"], r["http_status"]) for k, r in index.items()}
+    assert got == expected
+    assert sum(summary.counts.values()) == len(urls) == summary.fetched
+    assert summary.ok == sum(status == "ok" for status, _, _ in expected.values())
+
+    hits = fault_server.hits["/ratelimited"]
+    assert len(hits) == 2 and hits[1] - hits[0] >= 0.95  # Retry-After: 1 honoured
+    assert len(fault_server.hits["/flaky500"]) == 2
+    assert index["rotated"]["width"] == 200 and index["rotated"]["height"] == 400  # EXIF orientation applied
+
+    for sample_id, row in index.items():
+        if row["status"] == "ok":
+            with open(tmp_path / "out" / row["tar"], "rb") as f:
+                f.seek(row["offset"])
+                image = Image.open(__import__("io").BytesIO(f.read(row["size"])))
+                assert image.size == (row["width"], row["height"])
+
+
+def socket_port_closed() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize(
+    "mode,size,expected",
+    [("center_crop", 64, (64, 64)), ("pad", 64, (64, 64)), ("longest_edge", 100, (100, 50)), ("keep", 64, (400, 200))],
+)
+def test_resize_modes(tmp_path, mode, size, expected):
+    src = tmp_path / "a.jpg"
+    src.write_bytes(jpeg_bytes(400, 200))
+    settings = DownloadSettings(workers=1, resize_mode=mode, image_size=size, image_format="webp", quality=80)
+    download_chunk(rows_for({"x": str(src)}), tmp_path / "out", settings)
+    row = read_index(tmp_path / "out").to_pylist()[0]
+    assert (row["width"], row["height"]) == expected and row["ext"] == "webp"
+    with tarfile.open(tmp_path / "out" / row["tar"]) as tar:
+        assert tar.getnames() == ["x.webp"]
+
+
+def test_complete_chunk_is_a_noop(fault_server, tmp_path):
+    urls = {f"id{i}": f"{fault_server.url}/img/{i}.jpg" for i in range(10)}
+    download_chunk(rows_for(urls), tmp_path / "out", FAST)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    hits = sum(len(v) for v in fault_server.hits.values())
+    summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
+    assert summary.fetched == 0 and summary.ok == 10
+    assert sum(len(v) for v in fault_server.hits.values()) == hits
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+
+
+KILL_SCRIPT = """
+import sys, pyarrow as pa
+from pathlib import Path
+from beni_pipeline.prep.download import DownloadSettings, download_chunk
+base, out = sys.argv[1], Path(sys.argv[2])
+ids = [f"{i:04d}" for i in range(400)]
+rows = pa.table({"sample_id": ids, "url": [f"{base}/img/{i % 40}.jpg" for i in range(400)]})
+download_chunk(rows, out, DownloadSettings(workers=2, concurrency=4, part_size=10))
+"""
+
+
+def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_path):
+    fault_server.delay = 0.01
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, fault_server.url, str(out)], cwd=Path(__file__).parents[2])
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*-*-*.parquet"))) < 3:
+        assert time.monotonic() < deadline and proc.poll() is None, "the download finished or hung before it could be killed"
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE], "workers outlived their parent"
+    assert not (out / "index.parquet").exists()
+    committed = sum(1 for _ in out.glob("*-*-*.parquet"))
+
+    fault_server.delay = 0.0
+    hits_before = sum(len(v) for v in fault_server.hits.values())
+    rows = pa.table({"sample_id": [f"{i:04d}" for i in range(400)], "url": [f"{fault_server.url}/img/{i % 40}.jpg" for i in range(400)]})
+    summary = download_chunk(rows, out, DownloadSettings(workers=2, part_size=10))
+    index = read_index(out)
+    ids = index.column("sample_id").to_pylist()
+    assert sorted(ids) == sorted(set(ids)) == rows.column("sample_id").to_pylist()
+    assert summary.ok == 400
+    assert summary.fetched <= 400 - committed * 10
+    assert sum(len(v) for v in fault_server.hits.values()) - hits_before == summary.fetched
+    members = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members += t.getnames()
+    assert sorted(members) == sorted(f"{i}.jpg" for i in ids)

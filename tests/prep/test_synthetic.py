@@ -1,0 +1,150 @@
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beni_pipeline.prep import synthetic
+from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
+
+SETTINGS = CorpusSettings(samples=60, seed=7, duplicate_fraction=0.1)
+KINDS = {"word", "digits", "random", "sentence", "receipt", "form"}
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), np.float32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), SETTINGS)
+
+
+def test_same_seed_gives_identical_files_whatever_the_process_count(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    again = generate_corpus(tmp_path / "again", SETTINGS)
+    assert files(again.parent) == files(corpus.parent)
+    other = generate_corpus(tmp_path / "other", CorpusSettings(samples=12, seed=8, duplicate_fraction=0.1))
+    assert read_jsonl(other)[:12] != read_jsonl(corpus)[:12]
+
+
+def test_rows_images_and_planted_duplicates(corpus):
+    folder = corpus.parent
+    rows = read_jsonl(corpus)
+    assert [r["url"] for r in rows] == [f"images/{i:06d}.jpg" for i in range(SETTINGS.samples)]
+    assert sorted(p.name for p in (folder / "images").iterdir()) == [r["url"].removeprefix("images/") for r in rows]
+    assert {r["kind"] for r in rows} == KINDS
+    for row in rows:
+        with Image.open(folder / row["url"]) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert 90 <= min(image.size) and max(image.size) <= 800
+    by_url = {r["url"]: r for r in rows}
+    planted = read_jsonl(folder / "planted_duplicates.jsonl")
+    assert len(planted) == round(SETTINGS.samples * SETTINGS.duplicate_fraction)
+    copies = {p["url"] for p in planted}
+    assert {p["change"] for p in planted} == {"resize", "reencode"}
+    assert {p["caption_edit"] for p in planted} == {True, False}
+    for p in planted:
+        copy, original = by_url[p["url"]], by_url[p["duplicate_of"]]
+        assert p["duplicate_of"] < p["url"] and p["duplicate_of"] not in copies
+        assert copy["kind"] == original["kind"] and copy["conversations"] == original["conversations"]
+        assert (copy["caption"] != original["caption"]) == p["caption_edit"]
+        # an edit is light and never touches the quoted text
+        assert re.findall(r'"[^"]*"', copy["caption"]) == re.findall(r'"[^"]*"', original["caption"])
+        assert abs(len(copy["caption"]) - len(original["caption"])) <= 3
+        with Image.open(folder / p["url"]) as a, Image.open(folder / p["duplicate_of"]) as b:
+            assert (a.size != b.size) == (p["change"] == "resize")
+
+
+def test_duplicates_look_alike_and_distinct_samples_do_not(corpus):
+    folder = corpus.parent
+    planted = read_jsonl(folder / "planted_duplicates.jsonl")
+    for p in planted:
+        assert np.abs(pixels(folder / p["url"]) - pixels(folder / p["duplicate_of"])).mean() < 4
+    copies = {p["url"] for p in planted}
+    originals = [r["url"] for r in read_jsonl(corpus) if r["url"] not in copies]
+    for a, b in zip(originals, originals[1:]):
+        assert np.abs(pixels(folder / a) - pixels(folder / b)).mean() > 5
+
+
+def test_conversations_are_llava_turns_with_one_image_token(corpus):
+    for row in read_jsonl(corpus):
+        turns = row["conversations"]
+        assert len(turns) >= 2 and len(turns) % 2 == 0
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert all(isinstance(t["value"], str) and t["value"].strip() for t in turns)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        assert row["caption"].strip()
+        if row["kind"] not in ("receipt", "form"):
+            assert f'"{turns[1]["value"]}"' in row["caption"]
+
+
+def test_second_call_returns_at_once_without_rewriting(corpus):
+    before = {p: p.stat().st_mtime_ns for p in corpus.parent.rglob("*")}
+    start = time.perf_counter()
+    assert generate_corpus(corpus.parent, SETTINGS) == corpus
+    assert time.perf_counter() - start < 0.5
+    assert {p: p.stat().st_mtime_ns for p in corpus.parent.rglob("*")} == before
+
+
+def test_a_killed_run_is_regenerated_not_used(corpus, tmp_path):
+    folder = tmp_path / "killed"
+    code = f"from pathlib import Path; from beni_pipeline.prep.synthetic import *; generate_corpus(Path({str(folder)!r}), {SETTINGS!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        while not (folder / "images").is_dir() or not any((folder / "images").iterdir()):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (folder / "corpus_settings.json").exists()
+    generate_corpus(folder, SETTINGS)
+    assert files(folder) == files(corpus.parent)
+
+
+def test_a_damaged_or_other_corpus_is_regenerated(corpus, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(corpus.parent, folder)
+    (folder / "corpus_settings.json").unlink()
+    (folder / "corpus.jsonl").write_text('{"url": "images/000000.jpg"')
+    (folder / "images" / "000005.jpg").unlink()
+    generate_corpus(folder, SETTINGS)
+    assert files(folder) == files(corpus.parent)
+    smaller = CorpusSettings(samples=10, seed=7, duplicate_fraction=0.1)
+    generate_corpus(folder, smaller)
+    assert len(read_jsonl(folder / "corpus.jsonl")) == len(list((folder / "images").iterdir())) == 10
+    assert json.loads((folder / "corpus_settings.json").read_text())["samples"] == 10
+
+
+def test_renders_without_any_font_files(monkeypatch):
+    monkeypatch.setattr(synthetic, "font_paths", lambda: (None,))
+    for index in range(12):
+        sample = synthetic.make_sample(0, index)
+        assert np.asarray(sample.image.convert("L")).std() > 1
+    image, info = synthetic.render_receipt(random.Random(0))
+    assert image.width >= 160 and info["total"]
+
+
+@pytest.mark.parametrize("settings", [CorpusSettings(samples=0), CorpusSettings(duplicate_fraction=1.0), CorpusSettings(duplicate_fraction=-0.1)])
+def test_bad_settings_say_so(settings, tmp_path):
+    with pytest.raises(ValueError, match="samples >= 1 and 0 <= duplicate_fraction < 1"):
+        generate_corpus(tmp_path, settings)

@@ -9,14 +9,18 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from beni_pipeline.definitions import defs
 
 
-def materialize_all(instance: dg.DagsterInstance, op_config: dict[str, dict] | None = None) -> None:
+def materialize_all(
+    instance: dg.DagsterInstance, op_config: dict[str, dict] | None = None, selection: dg.AssetSelection = dg.AssetSelection.all()
+) -> list[dg.ExecuteInProcessResult]:
     """One run per stretch of the graph that shares a partitioning; partitioned stretches cover every partition.
 
     `op_config` maps an asset name to its config, as under `ops:` in a run config."""
     definitions = defs()
     graph = definitions.resolve_asset_graph()
+    selected = selection.resolve(graph)
     assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
-    for keys in _stages(graph):
+    results = []
+    for keys in _stages(graph, selected):
         partitions = graph.get(keys[0]).partitions_def
         tags = {}
         if partitions is not None:
@@ -26,12 +30,30 @@ def materialize_all(instance: dg.DagsterInstance, op_config: dict[str, dict] | N
             tags = {ASSET_PARTITION_RANGE_START_TAG: partition_keys[0], ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1]}
         names = {key.to_python_identifier() for key in keys}
         config = {"ops": {name: {"config": c} for name, c in (op_config or {}).items() if name in names}}
-        dg.materialize(assets, instance=instance, selection=keys, tags=tags, run_config=config)
+        result = dg.materialize(assets, instance=instance, selection=dg.AssetSelection.assets(*keys), tags=tags, run_config=config)
+        _print_summary(result)
+        results.append(result)
+    return results
 
 
-def _stages(graph) -> list[list[dg.AssetKey]]:
+def _print_summary(result: dg.ExecuteInProcessResult) -> None:
+    """What a person wants after each run: each asset's numbers and each check's verdict."""
+    shown = set()
+    for event in result.get_asset_materialization_events():
+        materialization = event.materialization
+        if materialization.asset_key in shown:
+            continue
+        shown.add(materialization.asset_key)
+        numbers = {k: v.value for k, v in materialization.metadata.items() if isinstance(v.value, (int, float))}
+        print(f"{materialization.asset_key.to_user_string()}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+    for evaluation in result.get_asset_check_evaluations():
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        print(f"  check {evaluation.check_name}: {verdict}")
+
+
+def _stages(graph, selected: set[dg.AssetKey]) -> list[list[dg.AssetKey]]:
     stages: list[list[dg.AssetKey]] = []
-    for key in graph.toposorted_asset_keys:
+    for key in (k for k in graph.toposorted_asset_keys if k in selected):
         if stages and graph.get(stages[-1][0]).partitions_def == graph.get(key).partitions_def:
             stages[-1].append(key)
         else:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
 
+from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.images import ImageFormat, ImageRejected, ProcessedImage, ResizeMode, process_image
 
 log = logging.getLogger("beni.download")
@@ -405,8 +406,7 @@ class _PartWriter:
             self.tar.close()
             os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         part = self.out_dir / name.replace(".tar", ".parquet")
-        pq.write_table(pa.Table.from_pylist(self.rows, INDEX_SCHEMA), str(part) + ".tmp")
-        os.replace(str(part) + ".tmp", part)
+        write_parquet_atomic(pa.Table.from_pylist(self.rows, INDEX_SCHEMA), part)
         _say({"done": len(self.rows), "ok": sum(r["status"] == "ok" for r in self.rows)})
         self.seq, self.rows, self.tar = self.seq + 1, [], None
 
@@ -443,8 +443,7 @@ def _consolidate(out_dir: Path, expected_ids: list[str]) -> pa.Table:
             f"({len(ids) - len(set(ids))} repeated); delete the folder and re-materialize this partition"
         )
     if parts:
-        pq.write_table(index, out_dir / "index.parquet.tmp")
-        os.replace(out_dir / "index.parquet.tmp", out_dir / "index.parquet")
+        write_parquet_atomic(index, out_dir / "index.parquet")
         for p in parts:
             p.unlink()
     return index

@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
 
+from beni_pipeline.prep.files import write_parquet_atomic
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -85,14 +87,14 @@ def build_manifest(sources: list[Path], out_dir: Path, settings: SourceSettings 
         for row in new[i : i + settings.chunk_size]:
             row["chunk"] = key
             assigned[row["sample_id"]] = key
-        _write_atomic(pa.Table.from_pylist(new[i : i + settings.chunk_size], MANIFEST_SCHEMA), chunk_dir / f"{key}.parquet")
+        write_parquet_atomic(pa.Table.from_pylist(new[i : i + settings.chunk_size], MANIFEST_SCHEMA), chunk_dir / f"{key}.parquet")
         new_chunks.append(key)
     for row in unique:
         row["chunk"] = assigned[row["sample_id"]]
 
     table = pa.Table.from_pylist(unique, MANIFEST_SCHEMA)
-    _write_atomic(table, out_dir / "manifest.parquet")
-    _write_atomic(pa.Table.from_pylist(rejected, REJECTED_SCHEMA), out_dir / "rejected.parquet")
+    write_parquet_atomic(table, out_dir / "manifest.parquet")
+    write_parquet_atomic(pa.Table.from_pylist(rejected, REJECTED_SCHEMA), out_dir / "rejected.parquet")
     return Manifest(table, sorted(set(assigned.values())), new_chunks, Counter(r["reason"] for r in rejected))
 
 
@@ -271,8 +273,3 @@ def _assigned_chunks(chunk_dir: Path) -> dict[str, str]:
             assigned[sample_id] = path.stem
     return assigned
 
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)

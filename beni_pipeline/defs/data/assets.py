@@ -1,0 +1,219 @@
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pydantic
+from transformers import AutoTokenizer
+
+from beni_model.smollm2 import smollm2_instruct
+from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
+from beni_pipeline.paths import data_root
+from beni_pipeline.prep.dedup import DedupSettings, cached_features, sample_text, find_duplicates, kept_ids, write_chunk_features, write_result
+from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
+from beni_pipeline.prep.files import write_parquet_atomic
+from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
+from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
+from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
+
+manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
+
+
+class SourceManifestConfig(dg.Config, SourceSettings):
+    sources: list[str] = pydantic.Field(
+        [], description="files or folders to read (parquet, csv, tsv, jsonl, LLaVA json, image folder); empty: the generated corpus"
+    )
+    corpus_samples: int = pydantic.Field(2000, ge=1, description="size of the generated corpus")
+    corpus_seed: int = 0
+
+
+class DownloadConfig(dg.Config, DownloadSettings):
+    pass
+
+
+@dg.asset(group_name="data", kinds={"parquet"}, owners=["team:data"])
+def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestConfig) -> dg.MaterializeResult:
+    """Every url+text row of the configured sources (or the generated rendered-text corpus), normalized
+    into one parquet manifest with stable sample ids and cut into chunks: the partitions of `downloaded`."""
+    root = data_root()
+    if config.sources:
+        sources = [Path(s).expanduser().resolve() for s in config.sources]
+    else:
+        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed)
+        sources = [generate_corpus(root / "corpus", corpus)]
+    try:
+        manifest = build_manifest(sources, root / "manifest", config)
+    except IngestError as e:
+        raise dg.Failure(str(e), allow_retries=False) from None
+    context.instance.add_dynamic_partitions(manifest_chunks.name, manifest.chunks)
+    context.log.info(
+        f"{manifest.table.num_rows} rows in {len(manifest.chunks)} chunks ({len(manifest.new_chunks)} new), "
+        f"{sum(manifest.rejected.values())} rejected"
+    )
+    preview = manifest.table.slice(0, 10).select(["sample_id", "url", "caption", "chunk"]).to_pylist()
+    return dg.MaterializeResult(
+        metadata={
+            "rows": manifest.table.num_rows,
+            "rejected": sum(manifest.rejected.values()),
+            "rejected_by_reason": counts_table(manifest.rejected, "reason"),
+            "chunks": len(manifest.chunks),
+            "new_chunks": len(manifest.new_chunks),
+            "sources": dg.MetadataValue.json([str(s) for s in sources]),
+            "path": dg.MetadataValue.path(str(root / "manifest" / "manifest.parquet")),
+            "preview": rows_md(preview),
+        }
+    )
+
+
+@dg.asset(
+    group_name="data",
+    partitions_def=manifest_chunks,
+    deps=[source_manifest],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    kinds={"httpx", "tar"},
+    owners=["team:data"],
+)
+def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig) -> dg.MaterializeResult:
+    """Each manifest chunk fetched (http, https, file), validated, re-encoded and staged as tar parts with a
+    parquet index that gives every row exactly one status: ok, or failed with its reason."""
+    root = data_root()
+    counts, fetched, seconds, bytes_in, previews = Counter(), 0, 0.0, 0, []
+    for key in context.partition_keys:
+        chunk = read_chunk(root / "manifest", key)
+        out_dir = root / "downloaded" / key
+        summary = download_chunk(chunk, out_dir, config)
+        context.log.info(f"chunk {key}: {summary.fetched} fetched in {summary.seconds:.1f} s, {dict(summary.counts)}")
+        counts.update(summary.counts)
+        fetched, seconds, bytes_in = fetched + summary.fetched, seconds + summary.seconds, bytes_in + summary.bytes_in
+        if len(previews) < 6:
+            previews += _previews(chunk, out_dir, 6 - len(previews))
+    return dg.MaterializeResult(
+        metadata={
+            "partitions": len(context.partition_keys),
+            "rows": sum(counts.values()),
+            "ok": counts.get("ok", 0),
+            "failed": sum(counts.values()) - counts.get("ok", 0),
+            "counts_by_status": counts_table(counts),
+            "fetched_this_run": fetched,
+            "images_per_s": round(fetched / seconds, 1) if seconds else 0.0,
+            "megabytes_downloaded": round(bytes_in / 1e6, 2),
+            "path": dg.MetadataValue.path(str(root / "downloaded")),
+            "preview": preview_md(previews) if previews else dg.MetadataValue.md("no images"),
+        }
+    )
+
+
+def _previews(chunk, out_dir: Path, n: int) -> list[tuple[bytes, str]]:
+    index = pq.read_table(out_dir / "index.parquet")
+    ok = index.filter(pc.equal(index.column("status"), "ok")).slice(0, n).to_pylist()
+    text = {r["sample_id"]: sample_text(r["caption"], r["conversations"]) for r in chunk.to_pylist()}
+    return [(read_member(out_dir / r["tar"], r["offset"], r["size"]), text[r["sample_id"]]) for r in ok]
+
+
+
+class DedupConfig(dg.Config, DedupSettings):
+    pass
+
+
+class ShardConfig(dg.Config, ShardSettings):
+    tokenizer: str = pydantic.Field(
+        "", description="tokenizer of the target LLM (hub id or folder); empty: SmolLM2-135M-Instruct, converted offline"
+    )
+
+
+@dg.asset(group_name="data", deps=[downloaded], kinds={"datasketch", "parquet"}, owners=["team:data"])
+def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig) -> dg.MaterializeResult:
+    """Near-duplicate clusters over every downloaded image (exact bytes, perceptual hash) and its text
+    (MinHash); one sample per cluster is kept. Features are cached per chunk, so a rebuild hashes only new chunks."""
+    root = data_root()
+    chunks = _downloaded_chunks(root)
+    features, hashed = [], 0
+    for chunk in chunks:
+        path = root / "dedup" / "features" / f"{chunk}.parquet"
+        if not cached_features(path, root / "downloaded" / chunk, config):
+            write_chunk_features(read_chunk(root / "manifest", chunk), root / "downloaded" / chunk, path, config)
+            hashed += 1
+        features.append(path)
+    context.log.info(f"hashed {hashed} of {len(chunks)} chunks; clustering")
+    result = find_duplicates(features, config, work_dir=root / "dedup")
+    write_result(result, root / "dedup")
+    kept = pa.concat_arrays([kept_ids(path, result) for path in features])
+    write_parquet_atomic(pa.table({"sample_id": kept}), root / "dedup" / "kept.parquet")
+    stats = result.stats()
+    return dg.MaterializeResult(
+        metadata={
+            "rows": stats["rows"],
+            "kept": stats["kept"],
+            "dropped": stats["dropped"],
+            "duplicate_rate": round(stats["duplicate_rate"], 4),
+            "clusters": stats["clusters"],
+            "chunks_hashed_this_run": hashed,
+            "dropped_by_reason": counts_table(stats["dropped_by_reason"], "reason"),
+            "cluster_sizes": counts_table(stats["cluster_size_histogram"], "size"),
+            "clusters_preview": _clusters_md(root, result.clusters.slice(0, 5).to_pylist()),
+            "path": dg.MetadataValue.path(str(root / "dedup")),
+        }
+    )
+
+
+@dg.asset(group_name="data", deps=[deduplicated], kinds={"webdataset"}, owners=["team:data"])
+def training_shards(context: dg.AssetExecutionContext, config: ShardConfig) -> dg.MaterializeResult:
+    """The kept samples as WebDataset tars sorted by token length (text tokens of the target LLM's tokenizer
+    plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
+    the same inputs; a killed run keeps its finished shards."""
+    root = data_root()
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or smollm2_instruct())
+    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
+    index = pa.concat_tables([read_index(root / "downloaded" / chunk) for chunk in _downloaded_chunks(root)])
+    kept = pq.read_table(root / "dedup" / "kept.parquet").column("sample_id")
+    plan = plan_shards(manifest, index, kept, tokenizer, config)
+    shard_index = write_shards(plan, root / "downloaded", root / "shards", config)
+    shards = shard_index["shardlist"]
+    lengths = plan.column("length").to_numpy()
+    context.log.info(f"{plan.num_rows} samples in {len(shards)} shards")
+    return dg.MaterializeResult(
+        metadata={
+            "samples": plan.num_rows,
+            "shards": len(shards),
+            "megabytes": round(sum(s["bytes"] for s in shards) / 1e6, 2),
+            "tokens": int(lengths.sum()),
+            "length_min_mean_max": f"{lengths.min()} / {lengths.mean():.1f} / {lengths.max()}",
+            "length_histogram": length_histogram_md(lengths),
+            "shard_table": rows_md([{k: s[k] for k in ("url", "nsamples", "min_length", "max_length", "bytes")} for s in shards[:20]]),
+            "index": dg.MetadataValue.path(str(root / "shards" / "index.json")),
+        }
+    )
+
+
+def _downloaded_chunks(root: Path) -> list[str]:
+    chunks = sorted(set(pq.read_table(root / "manifest" / "manifest.parquet", columns=["chunk"]).column("chunk").to_pylist()))
+    missing = [c for c in chunks if not (root / "downloaded" / c / "index.parquet").exists()]
+    if missing:
+        raise dg.Failure(
+            f"{len(missing)} manifest chunks are not downloaded yet (first: {missing[0]}); materialize every partition of `downloaded` first",
+            allow_retries=False,
+        )
+    return chunks
+
+
+def _clusters_md(root: Path, clusters: list[dict]) -> dg.MarkdownMetadataValue:
+    """Each cluster's kept sample beside what was dropped as its duplicate, thumbnails and text."""
+    ids = {c["kept_id"] for c in clusters} | {d for c in clusters for d in c["dropped_ids"]}
+    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
+    rows = {r["sample_id"]: r for r in manifest.filter(pc.is_in(manifest.column("sample_id"), pa.array(sorted(ids)))).to_pylist()}
+    lines = []
+    for cluster in clusters:
+        lines.append(f"**cluster {cluster['cluster_id']}** ({', '.join(cluster['reasons'])})\n")
+        samples = [cluster["kept_id"]] + list(cluster["dropped_ids"])
+        images = [_image(root, rows[s]) for s in samples]
+        lines.append(preview_md([(image, ("KEPT: " if s == cluster["kept_id"] else "dropped: ") + sample_text(rows[s]["caption"], rows[s]["conversations"]))
+                                 for s, image in zip(samples, images)]).value + "\n")
+    return dg.MetadataValue.md("\n".join(lines) or "no duplicates")
+
+
+def _image(root: Path, row: dict) -> bytes:
+    index = read_index(root / "downloaded" / row["chunk"])
+    (hit,) = index.filter(pc.equal(index.column("sample_id"), row["sample_id"])).to_pylist()
+    return read_member(root / "downloaded" / row["chunk"] / hit["tar"], hit["offset"], hit["size"])

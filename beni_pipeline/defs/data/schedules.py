@@ -1,0 +1,35 @@
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from beni_pipeline.defs.data.assets import deduplicated, downloaded, manifest_chunks, source_manifest, training_shards
+
+dataset_source = dg.define_asset_job(
+    "dataset_source", selection=dg.AssetSelection.assets(source_manifest), description="Re-read the sources into the manifest."
+)
+dataset_build = dg.define_asset_job(
+    "dataset_build",
+    selection=dg.AssetSelection.assets(downloaded, deduplicated, training_shards),
+    description="Download every manifest chunk, deduplicate and shard, in one run over all partitions.",
+)
+
+dataset_rebuild = dg.ScheduleDefinition(
+    name="dataset_rebuild",
+    job=dataset_source,
+    cron_schedule="0 3 * * *",
+    description="Rebuild the dataset nightly: the manifest first, then `build_dataset_after_manifest` runs the rest.",
+)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[dataset_source],
+    request_job=dataset_build,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def build_dataset_after_manifest(context: dg.RunStatusSensorContext) -> dg.RunRequest:
+    """Once the manifest is rebuilt its chunks are known: download (new chunks only do work), dedup and shard."""
+    chunks = context.instance.get_dynamic_partitions(manifest_chunks.name)
+    return dg.RunRequest(
+        run_key=context.dagster_run.run_id,
+        tags={ASSET_PARTITION_RANGE_START_TAG: chunks[0], ASSET_PARTITION_RANGE_END_TAG: chunks[-1]},
+    )

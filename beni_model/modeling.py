@@ -75,9 +75,13 @@ class BeniForConditionalGeneration(PreTrainedModel):
         return model
 
     def apply_freeze_flags(self) -> None:
-        self.vision_tower.requires_grad_(not self.config.freeze_vision)
-        self.connector.requires_grad_(not self.config.freeze_connector)
-        self.language_model.requires_grad_(not self.config.freeze_text)
+        for part, frozen in (
+            (self.vision_tower, self.config.freeze_vision),
+            (self.connector, self.config.freeze_connector),
+            (self.language_model, self.config.freeze_text),
+        ):
+            for param in part.parameters():
+                param.requires_grad_(not frozen and param.is_floating_point())  # quantized weights never train
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()

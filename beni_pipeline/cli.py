@@ -30,7 +30,9 @@ def materialize_all(
             tags = {ASSET_PARTITION_RANGE_START_TAG: partition_keys[0], ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1]}
         names = {key.to_python_identifier() for key in keys}
         config = {"ops": {name: {"config": c} for name, c in (op_config or {}).items() if name in names}}
-        result = dg.materialize(assets, instance=instance, selection=dg.AssetSelection.assets(*keys), tags=tags, run_config=config)
+        result = dg.materialize(
+            assets, instance=instance, selection=dg.AssetSelection.assets(*keys), tags=tags, run_config=config, resources=definitions.resources
+        )
         _print_summary(result)
         results.append(result)
     return results

@@ -31,7 +31,7 @@ class ShardSettings(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True)
 
     name: str = "train"
-    max_samples: int = 2000  # per shard
+    max_samples: int = 500  # per shard: several shards even for small sets, so every rank reads its own
     max_bytes: int = 256 * 2**20  # per shard, tar headers included
     image_tokens: int = 64  # tokens the model spends on one image (e.g. 64 after pixel shuffle)
 

@@ -170,7 +170,7 @@ def test_killed_writer_leaves_only_complete_shards(staged, tmp_path):
     script = (
         "import sys, pyarrow.parquet as pq; from pathlib import Path\n"
         "from beni_pipeline.prep.shard import ShardSettings, write_shards\n"
-        f"write_shards(pq.read_table(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), ShardSettings(name='train', max_samples=4, max_bytes=2**20, image_tokens=16))\n"
+        "write_shards(pq.read_table(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), ShardSettings(name='train', max_samples=4, max_bytes=2**20, image_tokens=16))\n"
     )
     out = tmp_path / "shards"
     child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "plan.parquet"), str(root), str(out)])

@@ -11,7 +11,15 @@ from transformers import AutoTokenizer
 from beni_model.smollm2 import smollm2_instruct
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
 from beni_pipeline.paths import data_root
-from beni_pipeline.prep.dedup import DedupSettings, cached_features, sample_text, find_duplicates, kept_ids, write_chunk_features, write_result
+from beni_pipeline.prep.dedup import (
+    DedupSettings,
+    cached_features,
+    find_duplicates,
+    kept_ids,
+    sample_text,
+    write_chunk_features,
+    write_result,
+)
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk

@@ -1,0 +1,266 @@
+"""Training throughput on one GPU: beni's trainer step against transformers' LlavaForConditionalGeneration.
+
+    PYTHONUNBUFFERED=1 python bench/train_throughput.py --configs small base --out train_throughput.json
+
+Random init from real config classes, full fine-tune, synthetic batches of the same shapes for every variant
+(image tokens first, then text; labels on the second half of the text, as an assistant reply):
+- peer: Llava, bf16 weights, fused AdamW, SDPA, a plain loop (logits at every position);
+- beni-full-logits: beni's model and optimizer (fp32 master weights, bf16 autocast on one GPU, fused AdamW,
+  clipping) with the loss over logits at every position, as the peer computes it;
+- beni: the trainer's step as it runs (train_step: LM head only at label positions);
+- beni-compile: the same with every transformer block torch.compiled.
+MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. Needs torch and
+transformers (+ webdataset, which beni_model.data imports); no Dagster.
+"""
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+from beni_model.chat import IGNORE_INDEX
+from beni_model.config import BeniConfig
+from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
+
+VOCAB = 49152
+CONFIGS = {
+    # SigLIP-B/16-224 + SmolLM2-135M shape
+    "small": {
+        "vision": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 16,
+        },
+        "text": {
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": VOCAB,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+            "rope_theta": 100000.0,
+        },
+        "batch": 64,
+        "text_len": 256,
+    },
+    # SigLIP-so400m/14-384 + SmolLM2-1.7B shape (378 px: the same 27x27 patches; beni wants size % patch == 0)
+    "base": {
+        "vision": {
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "image_size": 378,
+            "patch_size": 14,
+        },
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": VOCAB,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 8192,
+            "rope_theta": 130000.0,
+        },
+        "batch": 8,
+        "text_len": 512,
+    },
+}
+IMAGE_TOKEN = VOCAB - 1
+
+
+def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def synthetic_batch(spec: dict, image_tokens: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    batch, text_len = spec["batch"], spec["text_len"]
+    text = torch.randint(0, VOCAB - 1, (batch, text_len), generator=generator)
+    input_ids = torch.cat([torch.full((batch, image_tokens), IMAGE_TOKEN), text], dim=1)
+    labels = input_ids.clone()
+    labels[:, : image_tokens + text_len // 2] = IGNORE_INDEX
+    size = spec["vision"]["image_size"]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": torch.randn(batch, 3, size, size, generator=generator),
+    }
+    return {k: v.pin_memory() for k, v in batch.items()}  # as beni's DataLoader (pin_memory) hands batches over
+
+
+def timed(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def run_peer(spec: dict, batch: dict, warmup: int, steps: int) -> float:
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(**spec["vision"]).to_dict(),
+        text_config=LlamaConfig(**spec["text"]).to_dict(),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlavaForConditionalGeneration(config).to(torch.bfloat16).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    inputs = {k: v.cuda() for k, v in batch.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+
+    def step():
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, warmup, steps)
+
+
+def run_beni(spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool) -> float:
+    config = BeniConfig(
+        vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
+        text_config={"model_type": "llama", **spec["text"]},
+        connector="mlp2x_gelu",
+        image_token_id=IMAGE_TOKEN,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = BeniForConditionalGeneration(config)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = shard(model.train(), torch.device("cuda"), 1, compile=compile)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
+    if full_logits:
+
+        def step():  # the loss as transformers computes it: logits at every position
+            labels = batch["labels"]
+            num_items = (labels[:, 1:] != IGNORE_INDEX).sum().cuda()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = model(**{k: v.cuda(non_blocking=True) for k, v in batch.items()}, num_items_in_batch=num_items, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+
+        def step():
+            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"))
+
+    return timed(step, warmup, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=["peer", "beni-full-logits", "beni", "beni-compile"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default="train_throughput.json")
+    args = parser.parse_args()
+    setup_distributed(TrainConfig(shards="", output_dir="", device="cuda"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_tflops()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak_tflops": peak, "runs": []}
+    for name in args.configs:
+        spec = CONFIGS[name]
+        beni_config = BeniConfig(
+            vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
+            text_config={"model_type": "llama", **spec["text"]},
+            connector="mlp2x_gelu",
+        )
+        image_tokens = beni_config.num_image_tokens()
+        batch = synthetic_batch(spec, image_tokens)
+        seq = image_tokens + spec["text_len"]
+        flops = train_flops(beni_config, spec["batch"] * seq, seq, spec["batch"])
+        for variant in args.variants:
+            row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq}
+            for checkpointing in (False, True):
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    if variant == "peer":
+                        seconds = run_peer(spec, batch, args.warmup, args.steps)
+                    else:
+                        seconds = run_beni(
+                            spec,
+                            batch,
+                            args.warmup,
+                            args.steps,
+                            compile=variant == "beni-compile",
+                            full_logits=variant == "beni-full-logits",
+                            checkpointing=checkpointing,
+                        )
+                    row.update(
+                        seconds_per_step=seconds,
+                        samples_per_s=spec["batch"] / seconds,
+                        tokens_per_s=spec["batch"] * seq / seconds,
+                        mfu=flops / seconds / (peak * 1e12),
+                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                        activation_checkpointing=checkpointing,
+                    )
+                    row.pop("error", None)
+                    break
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    if variant == "peer":
+                        break
+                except Exception as e:  # noqa: BLE001 - one broken variant must not cost the others' numbers
+                    row["error"] = repr(e)[:500]
+                    break
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch._dynamo.reset()
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    print(f"\n{'config':6} {'variant':17} {'samples/s':>9} {'tokens/s':>9} {'MFU':>6} {'mem GiB':>8}  vs peer")
+    for row in results["runs"]:
+        peer = next(r for r in results["runs"] if r["config"] == row["config"] and r["variant"] == "peer")
+        if "samples_per_s" not in row:
+            print(f"{row['config']:6} {row['variant']:17} {row.get('error')}")
+            continue
+        ratio = row["samples_per_s"] / peer["samples_per_s"] if "samples_per_s" in peer else float("nan")
+        print(
+            f"{row['config']:6} {row['variant']:17} {row['samples_per_s']:9.1f} {row['tokens_per_s']:9.0f} {row['mfu']:6.1%} "
+            f"{row['peak_memory_gib']:8.1f}  {ratio:.2f}x{' (AC)' if row['activation_checkpointing'] else ''}"
+        )
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

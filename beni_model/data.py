@@ -1,0 +1,208 @@
+"""Training batches from the length-sorted WebDataset shards written by `training_shards`.
+
+Each rank reads its own shards (the shard order is shuffled per epoch from the seed, then dealt out
+round-robin); batches are cut from consecutive samples of one shard, so lengths inside a batch are close and
+padding stays small, and the batch order is shuffled inside windows of `window` batches. Every rank reads
+the modality of micro-step n (image+text or text-only) from the same seeded schedule, so no rank runs the
+connector while another skips it. Images are decoded and resized in DataLoader workers: worker w builds
+micro-steps n with n % workers == w, and the DataLoader hands them back in order.
+
+A stream is a pure function of (seed, rank, world size, position): `DataPosition` is all a checkpoint needs
+to resume the exact batch sequence. Streams never end (epochs roll over), so ranks never run out at
+different steps.
+"""
+
+import io
+import json
+import random
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from beni_model.chat import IMAGE_MARKER, build_example, pad_batch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
+NORMALIZE = {
+    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass
+class DataPosition:
+    step: int = 0  # micro-batches this rank has consumed since training began
+    epoch: int = 0
+    epoch_start: int = 0  # the micro-step at which `epoch` began on this rank
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    shards: str  # folder with index.json and the tars
+    batch_size: int  # samples per micro-batch per rank
+    image_size: int
+    tokens_per_image: int
+    max_length: int = 2048
+    text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
+    window: int = 16  # batches shuffled together inside a shard
+    seed: int = 0
+    mean: tuple = IMAGENET[0]
+    std: tuple = IMAGENET[1]
+
+
+def normalization(vision_model_type: str) -> tuple[tuple, tuple]:
+    return NORMALIZE.get(vision_model_type, IMAGENET)
+
+
+def shard_paths(shards: str | Path) -> list[Path]:
+    root = Path(shards)
+    index = root / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} does not exist: materialize training_shards first or point `shards` at its folder.")
+    return [root / entry["url"] for entry in json.loads(index.read_text())["shardlist"]]
+
+
+def step_modality(seed: int, step: int, text_fraction: float) -> str:
+    """The same answer on every rank: a function of the seed and the micro-step alone."""
+    if text_fraction <= 0:
+        return "image"
+    return "text" if random.Random(f"{seed}:{step}").random() < text_fraction else "image"
+
+
+def rank_shards(paths: list[Path], seed: int, epoch: int, rank: int, world_size: int) -> list[Path]:
+    if len(paths) < world_size:
+        raise ValueError(f"{len(paths)} shards cannot feed {world_size} ranks: write at least one shard per rank (smaller max_samples).")
+    order = np.random.default_rng([seed, epoch]).permutation(len(paths))
+    return [paths[i] for i in order[rank::world_size]]
+
+
+def read_samples(path: Path):
+    """Raw samples of one tar in stored (length-sorted) order: {"__key__", "json": bytes, "jpg": bytes, ...}."""
+    with open(path, "rb") as f:
+        yield from group_by_keys({**member, "__url__": str(path)} for member in tar_file_iterator(f))
+
+
+def sample_modality(sample: dict) -> str:
+    return "image" if any(ext in sample for ext in IMAGE_EXTS) else "text"
+
+
+def shard_batches(path: Path, settings: DataSettings, rng: np.random.Generator, keep: set[str]):
+    """Batches of consecutive same-modality samples of one shard, order shuffled within windows."""
+    pending = {"image": [], "text": []}
+    window = []
+
+    def flush(force: bool):
+        if window and (force or len(window) >= settings.window):
+            for i in rng.permutation(len(window)):
+                yield window[i]
+            window.clear()
+
+    for sample in read_samples(path):
+        modality = sample_modality(sample)
+        if modality not in keep:
+            continue
+        pending[modality].append(sample)
+        if len(pending[modality]) == settings.batch_size:
+            window.append((modality, pending[modality]))
+            pending[modality] = []
+            yield from flush(False)
+    window += [(m, samples) for m, samples in pending.items() if samples]
+    yield from flush(True)
+
+
+def raw_stream(settings: DataSettings, rank: int, world_size: int, position: DataPosition):
+    """(position after the batch, modality, raw samples) forever, from `position` on; images stay encoded."""
+    paths = shard_paths(settings.shards)
+    keep = {m for m, share in (("image", 1 - settings.text_fraction), ("text", settings.text_fraction)) if share > 0}
+    epoch, epoch_start = position.epoch, position.epoch_start
+    while True:
+        step, fifo, produced = epoch_start, {"image": deque(), "text": deque()}, set()
+        batches = (
+            batch
+            for k, path in enumerate(rank_shards(paths, settings.seed, epoch, rank, world_size))
+            for batch in shard_batches(path, settings, np.random.default_rng([settings.seed, epoch, rank, k]), keep)
+        )
+        for modality, samples in batches:
+            fifo[modality].append(samples)
+            produced.add(modality)
+            # Serve every micro-step whose modality is now available; the rest wait for more batches.
+            while fifo[wanted := step_modality(settings.seed, step, settings.text_fraction)]:
+                step += 1
+                if step > position.step:
+                    yield DataPosition(step, epoch, epoch_start), wanted, fifo[wanted].popleft()
+                else:
+                    fifo[wanted].popleft()
+        if keep - produced:
+            raise ValueError(
+                f"Rank {rank}'s shards hold no {'/'.join(keep - produced)} samples for text_fraction={settings.text_fraction}: add text-only samples or set text_fraction=0."
+            )
+        epoch, epoch_start = epoch + 1, step  # leftovers of the other modality are dropped with the epoch
+
+
+def load_image(data: bytes, settings: DataSettings) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB").resize((settings.image_size, settings.image_size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(settings.mean).view(3, 1, 1), torch.tensor(settings.std).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def conversation_of(meta: dict, has_image: bool) -> list[dict]:
+    if meta.get("conversations"):
+        return meta["conversations"]
+    prompt = f"{IMAGE_MARKER}\n{CAPTION_PROMPT}" if has_image else CAPTION_PROMPT
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": meta["caption"]}]
+
+
+def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
+    input_ids, labels, pixels = [], [], []
+    for sample in samples:
+        image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+        example = build_example(
+            conversation_of(json.loads(sample["json"]), image is not None), tokenizer, settings.tokens_per_image, settings.max_length
+        )
+        input_ids.append(example.input_ids)
+        labels.append(example.labels)
+        if example.num_images:
+            pixels.append(load_image(image, settings))
+    batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels)
+    if modality == "image":
+        batch["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size)
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Decoded, tokenized, padded micro-batches for one rank; each carries its `position` and `modality`."""
+
+    def __init__(self, settings: DataSettings, tokenizer, rank: int, world_size: int, position: DataPosition):
+        self.settings, self.tokenizer = settings, tokenizer
+        self.rank, self.world_size, self.position = rank, world_size, position
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for position, modality, samples in raw_stream(self.settings, self.rank, self.world_size, self.position):
+            if (position.step - 1) % workers == worker:
+                batch = collate(samples, modality, self.tokenizer, self.settings)
+                yield {**batch, "modality": modality, "position": asdict(position)}
+
+
+def make_loader(
+    settings: DataSettings, tokenizer, rank: int, world_size: int, position: DataPosition, workers: int, pin_memory: bool
+) -> DataLoader:
+    """The loader keeps at most 2 batches per worker in flight, so decoding never runs far ahead of training."""
+    return DataLoader(
+        ShardStream(settings, tokenizer, rank, world_size, position),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=pin_memory,
+    )

@@ -1,0 +1,259 @@
+"""OCRBench-style evaluation: batched greedy generation over an OCRBench-format JSON, scored with OCRBench's rule.
+
+The set is a JSON list of items with the official file's fields: `dataset_name`, `id`, `image_path` (relative to an
+image root), `question`, `answers` (a string or a list of strings) and `type` (the category).
+"""
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+from beni_model.chat import IMAGE_MARKER, build_prompt, pad_batch
+from beni_model.data import normalization
+from beni_model.modeling import BeniForConditionalGeneration
+
+FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
+OCRBENCH_SIZE = 1000  # the real OCRBench; its official script prints a score out of 1000 only for the full set
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 32  # OCRBench answers are words, numbers and short phrases
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a model wants its images and prompts: the image token, its count per image, size and pixel statistics."""
+
+    image_token: str
+    tokens_per_image: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# ---------------------------------------------------------------- the set
+
+
+def load_set(json_path: str | Path, image_root: str | Path) -> list[dict]:
+    """The items of an OCRBench-format JSON, checked: every field present and every image file there."""
+    json_path, image_root = Path(json_path), Path(image_root)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"No OCRBench-format JSON at {json_path}: point the eval at OCRBench.json or generate the held-out set.")
+    items = json.loads(json_path.read_text())
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{json_path} must hold a non-empty JSON list of OCRBench items.")
+    for i, item in enumerate(items):
+        missing = [f for f in FIELDS if f not in item]
+        if missing:
+            raise ValueError(f"Item {i} of {json_path} lacks {missing}: OCRBench items need the fields {list(FIELDS)}.")
+        if not (image_root / item["image_path"]).is_file():
+            raise FileNotFoundError(f"Item {i} of {json_path} names the image {item['image_path']!r}, which is not under {image_root}: check the image root.")
+    return items
+
+
+# ---------------------------------------------------------------- OCRBench's rule
+
+
+def normalize(text: str, dataset_name: str) -> str:
+    """OCRBench's normalization, as in the official scoring loop (github.com/Yuliang-Liu/MultimodalOCR,
+    OCRBench/example.py at commit f5cbec66, the `for i in range(len(data))` loop after the workers join, about
+    lines 120-151): HME100k (handwritten maths) keeps case, strips, and drops every space and newline; every other
+    set is lower-cased, stripped, with newlines turned into spaces. An item is right when any normalized answer is a
+    substring of the normalized prediction; the x/1000 total is printed only when the set has 1000 items."""
+    if dataset_name == "HME100k":
+        return text.strip().replace("\n", " ").replace(" ", "")
+    return text.lower().strip().replace("\n", " ")
+
+
+def is_correct(prediction: str, answers: str | list[str], dataset_name: str) -> bool:
+    """OCRBench: correct when any ground-truth answer, normalized, is a substring of the normalized prediction."""
+    answers = [answers] if isinstance(answers, str) else answers
+    predicted = normalize(prediction, dataset_name)
+    return any(normalize(answer, dataset_name) in predicted for answer in answers)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Total and per-category (`type`) and per-dataset counts of correct answers."""
+    by_type, by_dataset = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    for r in records:
+        for table, key in ((by_type, r["type"]), (by_dataset, r["dataset_name"])):
+            table[key][0] += r["correct"]
+            table[key][1] += 1
+    correct = sum(r["correct"] for r in records)
+
+    def rows(table):
+        return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(table.items())}
+
+    summary = {"correct": correct, "total": len(records), "accuracy": round(correct / len(records), 4), "by_type": rows(by_type), "by_dataset": rows(by_dataset)}
+    if len(records) == OCRBENCH_SIZE:
+        summary["ocrbench_score"] = correct  # out of 1000, the number papers report
+    return summary
+
+
+# ---------------------------------------------------------------- generation
+
+
+def image_spec(model, tokenizer) -> ImageSpec:
+    config = model.config
+    if isinstance(config, LlavaConfig):
+        token, count, size = tokenizer.convert_ids_to_tokens(config.image_token_index), config.image_seq_length, config.vision_config.image_size
+    else:
+        token, count, size = config.image_token, config.num_image_tokens(), config.image_size
+    mean, std = normalization(config.vision_config.model_type)  # as in training
+    return ImageSpec(token, count, size, tuple(mean), tuple(std))
+
+
+def pixel_values(paths: list[Path], spec: ImageSpec) -> torch.Tensor:
+    """Images resized to the model's square input, scaled to [0, 1] and normalized, as [n, 3, size, size]: the
+    preprocessing of training (beni_model.data.load_image)."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((spec.image_size, spec.image_size), Image.Resampling.BICUBIC)
+        arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(spec.image_size, spec.image_size, 3))
+    batch = torch.stack(arrays).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
+    conversation = [{"from": "human", "value": f"{IMAGE_MARKER}\n{question}"}]
+    return build_prompt(conversation, tokenizer, spec.tokens_per_image, spec.image_token)
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()) -> list[list[int]]:
+    """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
+    prompts of similar length, left-padded, generated with the KV cache. For beni models and LLaVA exports alike."""
+    spec = image_spec(model, tokenizer)
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    prompts = [prompt_ids(item["question"], tokenizer, spec) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # longest first: an out-of-memory shows at once
+    answers = [[] for _ in items]
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start : start + settings.batch_size]
+        batch = pad_batch([prompts[i] for i in rows], tokenizer.pad_token_id, padding_side="left")
+        images = pixel_values([Path(image_root) / items[i]["image_path"] for i in rows], spec)
+        output = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=images.to(device, dtype),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = output[:, batch["input_ids"].shape[1] :].cpu()
+        for i, tokens in zip(rows, new.tolist()):
+            if tokenizer.eos_token_id in tokens:
+                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+            answers[i] = tokens
+    return answers
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_for_eval(model_dir: str | Path, device: str | None = None):
+    """(model, tokenizer) from a saved beni folder, a quantized export of one, or a LLaVA export, ready to generate:
+    bf16 on a GPU, float32 on CPU; every part frozen (inference only)."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"No model at {model_dir}: expected a save_pretrained folder with config.json.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if json.loads(config_file.read_text()).get("model_type") == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device)
+    else:
+        # Freezing here also spares quantized (integer) weights the requires_grad that they cannot take.
+        model = BeniForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, device_map=device, freeze_vision=True, freeze_connector=True, freeze_text=True
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    spec = image_spec(model, tokenizer)
+    expected = model.config.image_token_index if isinstance(model.config, LlavaConfig) else model.config.image_token_id
+    if tokenizer.convert_tokens_to_ids(spec.image_token) != expected:
+        raise ValueError(f"The tokenizer in {model_dir} does not map {spec.image_token!r} to the model's image token id {expected}: save the training tokenizer with the model.")
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- the run and its report
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    predictions: Path
+    summary_path: Path
+    report: Path
+
+
+def evaluate(
+    model, tokenizer, json_path: str | Path, image_root: str | Path, out_dir: str | Path, settings: EvalSettings = EvalSettings(), title: str = "OCRBench-style evaluation"
+) -> EvalResult:
+    """Generate an answer for every item, score it with OCRBench's rule and write predictions.jsonl (one line per
+    item), summary.json and report.md into `out_dir`."""
+    items = load_set(json_path, image_root)
+    start = time.perf_counter()
+    tokens = generate_tokens(model, tokenizer, items, image_root, settings)
+    seconds = time.perf_counter() - start
+    predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    generated = sum(len(t) for t in tokens)
+    records = [
+        {**{f: item[f] for f in FIELDS}, "prediction": prediction, "correct": is_correct(prediction, item["answers"], item["dataset_name"])}
+        for item, prediction in zip(items, predictions)
+    ]
+    summary = summarize(records)
+    summary.update(
+        eval_set=str(Path(json_path).resolve()), seconds=round(seconds, 3), samples_per_s=round(len(items) / seconds, 3),
+        generated_tokens=generated, tokens_per_s=round(generated / seconds, 2), settings=asdict(settings),
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = EvalResult(summary, out_dir / "predictions.jsonl", out_dir / "summary.json", out_dir / "report.md")
+    result.predictions.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    result.summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    result.report.write_text(report_markdown(summary, records, title))
+    return result
+
+
+def score_line(summary: dict) -> str:
+    line = f"{summary['correct']}/{summary['total']} ({100 * summary['accuracy']:.1f}%)"
+    if "ocrbench_score" in summary:
+        line += f", OCRBench score {summary['ocrbench_score']}/1000"
+    return line
+
+
+def report_markdown(summary: dict, records: list[dict], title: str, examples: int = 5) -> str:
+    lines = [f"# {title}", "", f"Eval set: `{summary['eval_set']}`", "", f"**Score: {score_line(summary)}**", ""]
+    lines += [f"{summary['samples_per_s']} samples/s, {summary['tokens_per_s']} generated tokens/s", ""]
+    for heading, key, label in (("By category", "by_type", "type"), ("By dataset", "by_dataset", "dataset")):
+        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% |" for k, v in summary[key].items()]
+        lines.append("")
+    for heading, correct in (("Right answers", True), ("Wrong answers", False)):
+        chosen = [r for r in records if r["correct"] == correct][:examples]
+        lines += [f"## {heading} (first {len(chosen)})", "", "| type | question | answers | prediction |", "|---|---|---|---|"]
+        lines += [f"| {r['type']} | {_cell(r['question'])} | {_cell(json.dumps(r['answers'], ensure_ascii=False))} | {_cell(r['prediction'])} |" for r in chosen]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]

@@ -1,0 +1,567 @@
+"""The beni trainer, one process per device under torchrun:
+
+    torchrun --nproc-per-node 2 -m beni_model.train --config train.json
+
+FSDP2 shards every transformer block of the vision tower and the LLM as its own unit; the root unit holds the
+rest (embeddings, the tied lm_head, the connector, norms), so tied weights always share a unit. bf16 compute
+with fp32 master weights and reductions on GPU (NCCL), fp32 on CPU (gloo); a single process trains the plain
+module under bf16 autocast. Checkpoints (model, optimizer, scheduler, data
+position, RNG) are written with torch.distributed.checkpoint into a temp folder that rank 0 renames once
+every rank is done, and a new launch resumes from the newest one. Rank 0 logs to metrics.jsonl, draws
+loss.png, optionally mirrors to wandb (offline unless WANDB_MODE says otherwise) and, when started by
+Dagster Pipes, streams its logs and the final metadata back.
+"""
+
+import argparse
+import base64
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from PIL import Image, ImageDraw
+from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from beni_model.chat import IGNORE_INDEX, load_tokenizer
+from beni_model.config import BeniConfig
+from beni_model.data import (
+    DataPosition,
+    DataSettings,
+    make_loader,
+    normalization,
+    shard_paths,
+)
+from beni_model.modeling import BeniForConditionalGeneration
+
+PARTS = ("vision_tower", "connector", "language_model")
+
+
+@dataclass
+class TrainConfig:
+    shards: str  # folder of the training_shards tars and index.json
+    output_dir: str  # checkpoints/, final/, metrics.jsonl, loss.png
+    text_model: str | None = None  # LLM folder or hub id (with its tokenizer)
+    vision_model: str | None = None  # pretrained encoder; None: vision_config trained from scratch
+    vision_config: dict | None = None  # e.g. {"model_type": "siglip_vision_model", "image_size": 224, ...}
+    init_from: str | None = None  # a saved beni model (an earlier stage's final/) instead of the parts
+    connector: str = "mlp2x_gelu"
+    image_size: int | None = None
+    stage: str = "finetune"  # "align": the connector alone; "finetune": train_parts, or LoRA when lora_rank > 0
+    train_parts: list[str] = field(default_factory=lambda: list(PARTS))
+    lora_rank: int = 0
+    max_steps: int = 1000
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 1
+    max_length: int = 2048
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    text_fraction: float = 0.0
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (GPU)
+    device: str = "auto"  # auto, cuda or cpu
+    workers: int = 2  # DataLoader workers per process
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    peak_tflops: float = 0.0  # bf16 peak of one device, for MFU (0: not reported)
+    wandb: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        problems = []
+        if self.stage not in ("align", "finetune"):
+            problems.append(f"stage {self.stage!r} is neither 'align' nor 'finetune'")
+        if not (self.text_model or self.init_from):
+            problems.append("set text_model (an LLM folder or hub id) or init_from (a saved beni model)")
+        if not (self.vision_model or self.vision_config or self.init_from):
+            problems.append("set vision_model, vision_config or init_from")
+        if unknown := set(self.train_parts) - set(PARTS):
+            problems.append(f"train_parts {sorted(unknown)} are not among {PARTS}")
+        if self.lora_rank and self.stage != "finetune":
+            problems.append("LoRA (lora_rank > 0) belongs to the finetune stage")
+        if min(self.max_steps, self.batch_size, self.grad_accum, self.save_every) < 1:
+            problems.append("max_steps, batch_size, grad_accum and save_every must be at least 1")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            problems.append(f"warmup_steps {self.warmup_steps} must be below max_steps {self.max_steps}")
+        if not 0 <= self.text_fraction <= 1:
+            problems.append("text_fraction must lie in [0, 1]")
+        if self.device not in ("auto", "cuda", "cpu"):
+            problems.append(f"device {self.device!r} is not auto, cuda or cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            problems.append("device='cuda' but no CUDA GPU is visible: run on a GPU machine or set device='cpu'")
+        if problems:
+            raise ValueError("Bad training config: " + "; ".join(problems) + ".")
+        shard_paths(self.shards)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        values = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(values) - names:
+            raise ValueError(f"Unknown training config keys {sorted(unknown)} in {path}: the keys are {sorted(names)}.")
+        config = cls(**values)
+        config.validate()
+        return config
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model(config: TrainConfig, tokenizer) -> nn.Module:
+    torch.manual_seed(config.seed)  # every rank starts from the same weights
+    if config.init_from:
+        model = BeniForConditionalGeneration.from_pretrained(config.init_from)
+    else:
+        beni_config = BeniConfig(
+            vision_model=config.vision_model,
+            vision_config=config.vision_config,
+            text_model=config.text_model,
+            connector=config.connector,
+            image_size=config.image_size,
+        )
+        model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
+    trained = ("connector",) if config.stage == "align" else config.train_parts
+    for part in PARTS:
+        getattr(model, part).requires_grad_(part in trained and not config.lora_rank)
+    if config.lora_rank:
+        from beni_model.adapters import add_lora  # peft (and bitsandbytes) take seconds to import
+
+        return add_lora(model, rank=config.lora_rank, gradient_checkpointing=config.activation_checkpointing)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def beni_of(model: nn.Module) -> BeniForConditionalGeneration:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of the vision encoder and the LLM: members of a ModuleList whose class the part
+    itself names as unsplittable."""
+    beni = beni_of(model)
+    blocks = []
+    for part in (beni.vision_tower.encoder, beni.language_model):
+        names = set(getattr(part, "_no_split_modules", None) or [])
+        for module in part.modules():
+            if isinstance(module, nn.ModuleList):
+                blocks += [child for child in module if type(child).__name__ in names]
+    return blocks
+
+
+def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool = False) -> nn.Module:
+    """FSDP2 over the ranks: each transformer block its own unit, the rest (embeddings, tied lm_head,
+    connector) the root unit. One process skips FSDP: there is nothing to shard, and its per-block casts and
+    copies cost a third of the step on one GPU; the fp32 module then runs under bf16 autocast (train_step)."""
+    model.to(device)
+    blocks = transformer_blocks(model)
+    if compile:
+        for block in blocks:
+            block.compile()
+    if world_size == 1:
+        return model
+    mesh = init_device_mesh(device.type, (world_size,))
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def train_flops(beni_config: BeniConfig, tokens: int, seq_len: int, images: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 forwards, 2 per multiply-add), the PaLM way:
+    every weight matmul plus attention scores, for the LLM over all tokens and the encoder over all patches."""
+    text, vision = beni_config.text_config, beni_config.vision_config
+    d, layers = text.hidden_size, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", text.num_attention_heads) * head_dim
+    llm_params = layers * (d * (d + 2 * kv) + text.num_attention_heads * head_dim * d + 3 * d * text.intermediate_size)
+    llm_params += d * text.vocab_size  # lm_head
+    llm = 6 * llm_params * tokens + 12 * layers * d * seq_len * tokens
+    patches = (beni_config.image_size // beni_config.patch_size) ** 2
+    dv = vision.hidden_size
+    vision_params = vision.num_hidden_layers * (4 * dv * dv + 2 * dv * vision.intermediate_size)
+    vis = images * (6 * vision_params * patches + 12 * vision.num_hidden_layers * dv * patches * patches)
+    return llm + vis
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def plot_loss(points: list[tuple[int, float]], path: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """A plain loss-vs-step line chart drawn with PIL (no plotting library needed)."""
+    width, height = size
+    left, right, top, bottom = 60, 20, 20, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    if points:
+        steps, losses = zip(*points)
+        lo, hi = min(losses), max(losses)
+        span_s, span_l = max(1, steps[-1] - steps[0]), max(1e-9, hi - lo)
+        xy = [
+            (left + (s - steps[0]) / span_s * (width - left - right), top + (hi - v) / span_l * (height - top - bottom)) for s, v in points
+        ]
+        draw.line(xy if len(xy) > 1 else xy * 2, fill=(31, 119, 180), width=2)
+        draw.text((4, top), f"{hi:.3f}", fill="black")
+        draw.text((4, height - bottom - 10), f"{lo:.3f}", fill="black")
+        draw.text((left, height - bottom + 8), f"step {steps[0]}", fill="black")
+        draw.text((width - right - 70, height - bottom + 8), f"step {steps[-1]}", fill="black")
+    draw.text((width // 2 - 30, height - 16), "training loss", fill="black")
+    image.save(path)
+
+
+class Checkpoints:
+    """step_XXXXXXX/ folders: DCP shards of model + optimizer, trainer.json (step, scheduler) and one
+    rank{r}.json per rank (data position, RNG). Written under a dot-prefixed temp name, renamed by rank 0."""
+
+    def __init__(self, root: Path, rank: int, keep: int):
+        self.root, self.rank, self.keep = root, rank, keep
+
+    def latest(self) -> Path | None:
+        done = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        return done[-1] if done else None
+
+    def save(self, step: int, model, optimizer, scheduler, position: DataPosition, device: torch.device) -> Path:
+        final, tmp = self.root / f"step_{step:07d}", self.root / f".step_{step:07d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=tmp)
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        extra = {"position": asdict(position), "rng": {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in rng.items()}}
+        (tmp / f"rank{self.rank}.json").write_text(json.dumps(extra))
+        if self.rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        dist.barrier()
+        if self.rank == 0:
+            os.replace(tmp, final)
+            for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+                shutil.rmtree(old)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, model, optimizer, scheduler, device: torch.device) -> tuple[int, DataPosition]:
+        extra_path = path / f"rank{self.rank}.json"
+        if not extra_path.is_file():
+            raise RuntimeError(f"{path} was written by fewer processes than this run has: resume with the same number of processes.")
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        # Weights that never get a gradient (an encoder's unused pooling head) have no optimizer state saved.
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        trainer = json.loads((path / "trainer.json").read_text())
+        scheduler.load_state_dict(trainer["scheduler"])
+        extra = json.loads(extra_path.read_text())
+        rng = {k: torch.frombuffer(bytearray(base64.b64decode(v)), dtype=torch.uint8) for k, v in extra["rng"].items()}
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        return trainer["step"], DataPosition(**extra["position"])
+
+
+class Reporter:
+    """Rank 0's outlets: metrics.jsonl (cut back to the resumed step), wandb, Dagster Pipes."""
+
+    def __init__(self, config: TrainConfig, out: Path, start_step: int):
+        self.path = out / "metrics.jsonl"
+        self.rows = [r for r in self._read() if r["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.pipes = self.wandb = None
+        if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+            from dagster_pipes import open_dagster_pipes
+
+            self._pipes_cm = open_dagster_pipes()
+            self.pipes = self._pipes_cm.__enter__()
+        if config.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb = wandb.init(project="beni", dir=str(out), config=asdict(config), resume="allow", id=out.name)
+
+    def _read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+        if self.pipes:
+            self.pipes.log.info(message)
+
+    def step(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def finish(self, summary: dict) -> None:
+        if self.wandb:
+            self.wandb.finish()
+        if self.pipes:
+            self.pipes.report_asset_materialization(metadata={k: v for k, v in summary.items() if v is not None})
+            self._pipes_cm.__exit__(None, None, None)
+
+
+def save_final(model, config: TrainConfig, tokenizer, out: Path, rank: int) -> Path:
+    """Gather the full weights on rank 0 and save a plain beni model (LoRA merged) with its tokenizer."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = out / "final"
+    if rank == 0:
+        plain = BeniForConditionalGeneration(beni_of(model).config)
+        if config.lora_rank:
+            from beni_model.adapters import add_lora
+
+            plain = add_lora(plain, rank=config.lora_rank)
+            plain.load_state_dict(state)
+            plain = plain.merge_and_unload()
+        else:
+            plain.load_state_dict(state)
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:  # a plain `python -m beni_model.train`: one process
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world_size, device
+
+
+def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy / num_items, with the LM head run only at the columns that predict some label:
+    image and prompt positions (most of a VLM batch) never reach the vocabulary-sized logits. `labels` stay on
+    the host, where the loader left them."""
+    device = inputs["input_ids"].device
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # labels still on the host: no device sync
+    logits = model(**inputs, logits_to_keep=keep.to(device), use_cache=False).logits
+    targets = targets[:, keep].to(device, non_blocking=True).flatten()
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / num_items
+
+
+def train_step(
+    model, micro: list[dict], optimizer, trainable: list, max_grad_norm: float, beni_config: BeniConfig, device: torch.device
+) -> dict:
+    """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
+    every rank's label tokens. Returns the loss, grad norm and the step's global counts."""
+    world_size = dist.get_world_size()
+    counts = torch.tensor(
+        [
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+            sum(int(b["attention_mask"].sum()) for b in micro),
+            sum(len(b["input_ids"]) for b in micro),
+            sum(len(b.get("pixel_values", ())) for b in micro),
+            sum(train_flops(beni_config, b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(counts)
+    num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients; read on the device, no sync
+    loss_sum = torch.zeros((), device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world_size == 1)  # see shard()
+    for i, batch in enumerate(micro):
+        if world_size > 1:
+            model.set_requires_gradient_sync(i == len(micro) - 1)
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        with autocast:
+            loss = labeled_loss(model, inputs, batch["labels"], num_items)
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum)
+    _, tokens, samples, images, flops = counts.tolist()
+    return {
+        "loss": loss_sum.item() / world_size,
+        "grad_norm": grad_norm.item(),
+        "tokens": tokens,
+        "samples": samples,
+        "images": images,
+        "flops": flops,
+    }
+
+
+def train(config: TrainConfig) -> dict:
+    rank, world_size, device = setup_distributed(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(out / "checkpoints", rank, config.keep_checkpoints)
+    if rank == 0:
+        for stale in checkpoints.root.glob(".step_*.tmp"):
+            shutil.rmtree(stale)
+    tokenizer = load_tokenizer(config.init_from or config.text_model)
+    model = build_model(config, tokenizer)
+    beni_config = beni_of(model).config
+    model = shard(model, device, world_size, config.compile)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+
+    step, position = 0, DataPosition()
+    if latest := checkpoints.latest():
+        step, position = checkpoints.load(latest, model, optimizer, scheduler, device)
+    reporter = Reporter(config, out, step) if rank == 0 else None
+    if reporter:
+        reporter.info(
+            f"{'resuming from ' + latest.name if latest else 'starting'} at step {step} of {config.max_steps} on {world_size} x {device.type}"
+        )
+
+    mean, std = normalization(beni_config.vision_config.model_type)
+    settings = DataSettings(
+        shards=config.shards,
+        batch_size=config.batch_size,
+        image_size=beni_config.image_size,
+        tokens_per_image=beni_config.num_image_tokens(),
+        max_length=config.max_length,
+        text_fraction=config.text_fraction,
+        seed=config.seed,
+        mean=mean,
+        std=std,
+    )
+    batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
+    model.train()
+    while step < config.max_steps:
+        started = time.perf_counter()
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device)
+        scheduler.step()
+        step += 1
+        position = DataPosition(**micro[-1]["position"])
+        seconds = time.perf_counter() - started
+        if reporter:
+            reporter.step(
+                {
+                    "step": step,
+                    "loss": stats["loss"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": stats["grad_norm"],
+                    "tokens_per_s": stats["tokens"] / seconds,
+                    "samples_per_s": stats["samples"] / seconds,
+                    "images": int(stats["images"]),
+                    "modality": micro[-1]["modality"],
+                    "mfu": stats["flops"] / seconds / (world_size * config.peak_tflops * 1e12) if config.peak_tflops else None,
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "seconds": seconds,
+                }
+            )
+        if step % config.save_every == 0 or step == config.max_steps:
+            checkpoints.save(step, model, optimizer, scheduler, position, device)
+
+    final = save_final(model, config, tokenizer, out, rank)
+    summary = {}
+    if reporter:
+        rows = reporter.rows
+        plot_loss([(r["step"], r["loss"]) for r in rows], out / "loss.png")
+        timed = rows[1:] or rows  # the first step pays for warm-up
+        summary = {
+            "final_loss": rows[-1]["loss"],
+            "steps": step,
+            "world_size": world_size,
+            "device": device.type,
+            "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
+            "mfu": rows[-1]["mfu"],
+            "peak_memory_gib": max(r["peak_memory_gib"] for r in rows),
+            "checkpoint": str(checkpoints.latest()),
+            "final_model": str(final),
+            "loss_curve": str(out / "loss.png"),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        reporter.finish(summary)
+    dist.destroy_process_group()
+    return summary
+
+
+def torchrun_command(config_path: str | Path, processes: int) -> list[str]:
+    """The command line that trains `config_path` with `processes` ranks on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "beni_model.train",
+        "--config",
+        str(config_path),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train a beni model on WebDataset shards (run under torchrun).")
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
+    config = TrainConfig.from_json(parser.parse_args().config)
+    train(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+import json
+from pathlib import Path
+
+import dagster as dg
+import pydantic
+
+from beni_model.evaluate import FIELDS, EvalSettings, evaluate, load_for_eval, read_predictions, score_line
+from beni_pipeline.defs.data.metadata import thumbnail_md
+from beni_pipeline.paths import data_root, trained_model_dir
+from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
+
+TRAINED_MODEL = dg.AssetKey("trained_model")
+
+
+class EvalSetConfig(dg.Config):
+    ocrbench_json: str = pydantic.Field("", description="the real OCRBench.json; empty: the held-out generated set")
+    ocrbench_images: str = pydantic.Field("", description="the folder OCRBench's image_path entries are relative to")
+    per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (8 categories)")
+    seed: int = 0
+    batch_size: int = pydantic.Field(16, ge=1)
+    max_new_tokens: int = pydantic.Field(32, ge=1)
+    device: str = pydantic.Field("", description="cuda, cpu, ...; empty: cuda when there is one")
+
+    def eval_settings(self) -> EvalSettings:
+        return EvalSettings(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+
+def model_dir_or_fail() -> Path:
+    model_dir = trained_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise dg.Failure(f"No trained model at {model_dir}: materialize trained_model first.", allow_retries=False)
+    return model_dir
+
+
+def prepare_eval_set(config: EvalSetConfig, out_dir: Path, log) -> tuple[Path, Path, str]:
+    """(json, image root, name) of the real OCRBench when configured, else of the held-out set generated into
+    `out_dir`, checked against the generated training corpus when there is one."""
+    if config.ocrbench_json or config.ocrbench_images:
+        if not (config.ocrbench_json and config.ocrbench_images):
+            raise dg.Failure("Set both ocrbench_json and ocrbench_images to evaluate on the real OCRBench (or neither for the held-out set).", allow_retries=False)
+        return Path(config.ocrbench_json), Path(config.ocrbench_images), "OCRBench"
+    corpus = data_root() / "corpus" / "corpus.jsonl"
+    exclude = corpus_answers(corpus) if corpus.is_file() else set()
+    eval_json = generate_eval_set(out_dir, EvalSetSettings(config.per_category, config.seed), exclude)
+    if corpus.is_file():
+        overlaps = find_overlaps(eval_json, out_dir, corpus)
+        if overlaps:
+            raise dg.Failure(f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.", allow_retries=False)
+        log.info(f"held-out set checked against {corpus}: no shared image or answer")
+    else:
+        log.warning(f"no generated corpus at {corpus} to check the held-out set against")
+    return eval_json, out_dir, "held-out set"
+
+
+def examples_md(records: list[dict], image_root: Path, correct: bool, n: int = 4) -> str:
+    chosen = [r for r in records if r["correct"] == correct][:n]
+    if not chosen:
+        return "none"
+    lines = ["| image | type | question | answers | prediction |", "|---|---|---|---|---|"]
+    for r in chosen:
+        cells = [r["type"], r["question"], json.dumps(r["answers"], ensure_ascii=False), r["prediction"] or "(empty)"]
+        thumbnail = thumbnail_md((image_root / r["image_path"]).read_bytes())
+        lines.append(f"| {thumbnail} | " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:100] for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def category_table(summary: dict) -> dg.TableMetadataValue:
+    return dg.MetadataValue.table(
+        [dg.TableRecord({"type": k, "correct": v["correct"], "total": v["total"], "accuracy": v["accuracy"]}) for k, v in summary["by_type"].items()],
+        schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), dg.TableColumn("correct", "int"), dg.TableColumn("total", "int"), dg.TableColumn("accuracy", "float")]),
+    )
+
+
+@dg.asset(group_name="evaluation", deps=[TRAINED_MODEL], kinds={"pytorch"}, owners=["team:model"])
+def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) -> dg.MaterializeResult:
+    """The trained model scored with OCRBench's rule on the real OCRBench (when configured) or on a held-out
+    generated OCRBench-format set: predictions.jsonl, summary.json and report.md under <data>/ocr_eval."""
+    model_dir = model_dir_or_fail()
+    out_dir = data_root() / "ocr_eval"
+    eval_json, image_root, set_name = prepare_eval_set(config, out_dir / "heldout_set", context.log)
+    model, tokenizer = load_for_eval(model_dir, config.device or None)
+    result = evaluate(model, tokenizer, eval_json, image_root, out_dir / "report", config.eval_settings(), title=f"OCR eval of {model_dir} on the {set_name}")
+    summary, records = result.summary, read_predictions(result.predictions)
+    context.log.info(f"score {score_line(summary)}")
+    metadata = {
+        "score": score_line(summary),
+        "correct": summary["correct"],
+        "total": summary["total"],
+        "accuracy": summary["accuracy"],
+        "eval_set": set_name,
+        "by_category": category_table(summary),
+        "right_answers": dg.MetadataValue.md(examples_md(records, image_root, True)),
+        "wrong_answers": dg.MetadataValue.md(examples_md(records, image_root, False)),
+        "samples_per_s": summary["samples_per_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "report": dg.MetadataValue.path(str(result.report)),
+        "predictions": dg.MetadataValue.path(str(result.predictions)),
+    }
+    if "ocrbench_score" in summary:
+        metadata["ocrbench_score"] = summary["ocrbench_score"]
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(asset=ocr_eval_report, description="The report has exactly one scored prediction for every item of the eval set, in its order.")
+def report_covers_every_sample() -> dg.AssetCheckResult:
+    report = data_root() / "ocr_eval" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+
+    def key(item: dict) -> tuple:  # OCRBench's ids repeat across its source datasets
+        return item["dataset_name"], item["id"], item["image_path"], item["question"]
+
+    expected = [key(item) for item in json.loads(Path(summary["eval_set"]).read_text())]
+    records = read_predictions(report / "predictions.jsonl")
+    incomplete = [r for r in records if any(f not in r for f in (*FIELDS, "prediction", "correct"))]
+    got = [key(r) for r in records if r not in incomplete]
+    return dg.AssetCheckResult(
+        passed=got == expected and not incomplete and summary["total"] == len(expected),
+        metadata={
+            "eval_items": len(expected),
+            "predictions": len(records),
+            "missing": len(set(expected) - set(got)),
+            "unexpected": len(set(got) - set(expected)),
+            "incomplete": len(incomplete),
+        },
+    )

@@ -1,0 +1,106 @@
+"""Training recipes: a list of trainer stages (TrainConfig fields) built offline.
+
+Each stage trains in its own folder; a finetune stage that follows an align stage starts from the align
+stage's final model.
+"""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from beni_model.smollm2 import smollm2_instruct
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# SigLIP-B/16 at 224 px, trained from scratch (no pretrained encoder offline).
+SIGLIP_B16_224 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 16,
+}
+TINY_VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def tiny_llm(folder: Path) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer (any text tokenizes) and a ChatML template: seconds on CPU."""
+    if (folder / "config.json").is_file():
+        return folder
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["Describe the image. The text in the picture reads: hello world 0123456789."], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=CHATML)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(folder)
+    return folder
+
+
+def tiny(cache: Path) -> list[dict]:
+    return [
+        {
+            "name": "finetune",
+            "text_model": str(tiny_llm(cache / "tiny-llama")),
+            "vision_config": TINY_VISION,
+            "max_steps": 20,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "save_every": 10,
+            "max_length": 256,
+            "workers": 1,
+        }
+    ]
+
+
+def smollm2_siglip(cache: Path) -> list[dict]:
+    """SmolLM2-135M-Instruct + a SigLIP-B/16 trained from scratch: the vision tower and connector learn first
+    (LLM frozen), then everything trains at a lower rate."""
+    parts = {
+        "text_model": str(smollm2_instruct()),
+        "vision_config": SIGLIP_B16_224,
+        "connector": "pixelshuffle2_mlp2x_gelu",
+        "max_length": 1024,
+        "batch_size": 16,
+        "save_every": 500,
+        "activation_checkpointing": True,
+    }
+    return [
+        {"name": "align", **parts, "stage": "finetune", "train_parts": ["vision_tower", "connector"], "max_steps": 2000, "lr": 1e-3},
+        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 4000, "lr": 5e-5},
+    ]
+
+
+RECIPES = {"tiny": tiny, "smollm2-siglip": smollm2_siglip}

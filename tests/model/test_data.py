@@ -1,0 +1,129 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from beni_model.chat import IGNORE_INDEX, load_tokenizer
+from beni_model.data import (
+    DataPosition,
+    DataSettings,
+    make_loader,
+    rank_shards,
+    raw_stream,
+    shard_paths,
+    step_modality,
+)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def write_toy_shards(root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32) -> Path:
+    """Shards in the training_shards format for a learnable task: a solid-colour image captioned with its colour
+    name (every `text_every`-th sample text-only); sorted by length, as the real writer does."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    rows = []
+    for i in range(samples):
+        colour = names[i % len(names)]
+        text_only = text_every and i % text_every == 0
+        caption = f"a {colour} square" if not text_only else f"the word {colour} repeated: {' '.join([colour] * (i % 5 + 1))}"
+        rows.append((len(caption) + (0 if text_only else 16), f"s{i:05d}", caption, None if text_only else colour))
+    rows.sort()
+    entries = []
+    for k in range(0, samples, per_shard):
+        name = f"train-{k // per_shard:06d}.tar"
+        with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for length, key, caption, colour in rows[k : k + per_shard]:
+                members = {"json": json.dumps({"sample_id": key, "caption": caption, "conversations": [], "length": length}).encode()}
+                if colour:
+                    out = io.BytesIO()
+                    Image.new("RGB", (size + 8, size), COLOURS[colour]).save(out, "JPEG")
+                    members["jpg"] = out.getvalue()
+                for ext in sorted(members):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(members[ext])
+                    tar.addfile(info, io.BytesIO(members[ext]))
+        entries.append({"url": name, "nsamples": len(rows[k : k + per_shard])})
+    (root / "index.json").write_text(json.dumps({"wids_version": 1, "name": "train", "shardlist": entries}))
+    return root
+
+
+@pytest.fixture
+def tokenizer(parts):
+    return load_tokenizer(parts["llama"])
+
+
+def settings(shards: Path, **kw) -> DataSettings:
+    return DataSettings(shards=str(shards), batch_size=4, image_size=32, tokens_per_image=16, max_length=256, window=2, **kw)
+
+
+def keys(stream, n):
+    return [(pos.step, modality, [s["__key__"] for s in samples]) for (pos, modality, samples), _ in zip(stream, range(n))]
+
+
+def test_ranks_read_disjoint_shards_in_a_per_epoch_order(tmp_path):
+    paths = shard_paths(write_toy_shards(tmp_path, samples=96, per_shard=12))
+    epoch0 = [rank_shards(paths, 0, 0, r, 2) for r in range(2)]
+    assert sorted(epoch0[0] + epoch0[1]) == sorted(paths) and not set(epoch0[0]) & set(epoch0[1])
+    assert rank_shards(paths, 0, 1, 0, 2) != epoch0[0]
+    with pytest.raises(ValueError, match="at least one shard per rank"):
+        rank_shards(paths[:1], 0, 0, 0, 2)
+
+
+def test_batches_stay_within_a_shard_and_every_sample_comes_once_per_epoch(tmp_path):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=12)
+    members = {}
+    for path in shard_paths(shards):
+        with tarfile.open(path) as tar:
+            members[path.name] = {m.name.split(".")[0] for m in tar.getmembers()}
+    seen = []
+    for rank in range(2):
+        for _, _, keys_ in keys(raw_stream(settings(shards), rank, 2, DataPosition()), 6):  # 2 shards x 3 batches
+            assert any(set(keys_) <= m for m in members.values())
+            seen += keys_
+    assert sorted(seen) == sorted(set().union(*members.values()))
+
+
+def test_every_rank_gets_the_same_modality_each_step(tmp_path):
+    shards = write_toy_shards(tmp_path, samples=160, per_shard=20, text_every=3)
+    config = settings(shards, text_fraction=0.3)
+    streams = [keys(raw_stream(config, rank, 2, DataPosition()), 60) for rank in range(2)]
+    modalities = [[m for _, m, _ in s] for s in streams]
+    assert modalities[0] == modalities[1] == [step_modality(0, n, 0.3) for n in range(60)]
+    assert {"image", "text"} == set(modalities[0])
+    with pytest.raises(ValueError, match="no text samples"):
+        keys(raw_stream(settings(write_toy_shards(tmp_path / "images_only"), text_fraction=0.5), 0, 1, DataPosition()), 50)
+
+
+def test_a_stream_resumed_from_its_position_continues_exactly(tmp_path):
+    shards = write_toy_shards(tmp_path, samples=64, per_shard=16, text_every=4)
+    config = settings(shards, text_fraction=0.25)
+    full = keys(raw_stream(config, 1, 2, DataPosition()), 40)  # crosses several epochs
+    position = [pos for (pos, _, _), _ in zip(raw_stream(config, 1, 2, DataPosition()), range(23))][-1]
+    assert position.epoch > 0
+    assert keys(raw_stream(config, 1, 2, position), 17) == full[23:]
+
+
+def test_loader_workers_decode_in_order_with_padding_labels_and_normalized_images(tmp_path, tokenizer):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=24, text_every=5)
+    config = settings(shards, text_fraction=0.2, mean=(0.5,) * 3, std=(0.5,) * 3)
+    expected = keys(raw_stream(config, 0, 1, DataPosition()), 8)
+    batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), workers=2, pin_memory=False), range(8))]
+    assert [(b["position"]["step"], b["modality"]) for b in batches] == [(s, m) for s, m, _ in expected]
+    for batch, (_, modality, samples) in zip(batches, expected):
+        n = len(samples)
+        assert batch["input_ids"].shape == batch["labels"].shape and len(batch["input_ids"]) == n
+        assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
+        image_token = tokenizer.convert_tokens_to_ids("<image>")
+        if modality == "image":
+            assert batch["pixel_values"].shape == (n, 3, 32, 32)
+            assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+            assert ((batch["input_ids"] == image_token).sum(dim=1) == 16).all()
+        else:
+            assert "pixel_values" not in batch and not (batch["input_ids"] == image_token).any()
+    red = next(b for b in batches if b["modality"] == "image")["pixel_values"][0]
+    assert torch.allclose(red.mean(dim=(1, 2)), red[:, 0, 0], atol=0.05)  # a solid colour survives the resize

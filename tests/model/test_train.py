@@ -1,0 +1,127 @@
+"""The trainer under real torchrun (2 gloo ranks, FSDP2) on a tiny SigLIP + tied-Llama model over real shards."""
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from beni_model.chat import load_tokenizer
+from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.train import TrainConfig, lr_factor, torchrun_command
+from tests.model.test_data import write_toy_shards
+
+
+def rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def launch(config_path: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(config_path, 2), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def kill_rank(torchrun: subprocess.Popen, rank: str) -> None:
+    """SIGKILL the trainer process of `rank` (a direct child of torchrun's agent; its loader workers die with it)."""
+    for child in psutil.Process(torchrun.pid).children():
+        if child.environ().get("RANK") == rank:
+            child.send_signal(signal.SIGKILL)
+            return
+    raise AssertionError(f"no rank {rank} under torchrun")
+
+
+@pytest.mark.slow
+def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
+    shards = write_toy_shards(tmp_path / "shards", samples=256, per_shard=32, text_every=4)
+    out = tmp_path / "run"
+    config = {
+        "shards": str(shards),
+        "output_dir": str(out),
+        "vision_model": parts["siglip"],
+        "text_model": parts["llama"],
+        "max_steps": 60,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_steps": 3,
+        "save_every": 10,
+        "workers": 1,
+        "max_length": 128,
+        "text_fraction": 0.25,
+    }
+    config_path = tmp_path / "train.json"
+    config_path.write_text(json.dumps(config))
+
+    first = launch(config_path, tmp_path / "first.log")
+    while len(rows(out)) < 25 and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    kill_rank(first, "1")
+    assert first.wait(timeout=120) != 0
+    before = {r["step"]: r for r in rows(out)}
+    resumed_from = int(max((out / "checkpoints").glob("step_*")).name.split("_")[1])
+    assert 20 <= resumed_from < max(before) < 60
+
+    second = subprocess.run(torchrun_command(config_path, 2), check=False, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from step_{resumed_from:07d} at step {resumed_from}" in second.stdout
+
+    after = rows(out)
+    assert [r["step"] for r in after] == list(range(1, 61))
+    for r in after[resumed_from : max(before)]:  # steps redone after the kill: the same data and weights
+        assert r["loss"] == pytest.approx(before[r["step"]]["loss"], rel=1e-4), r["step"]
+        assert r["lr"] == pytest.approx(before[r["step"]]["lr"])
+    losses = [r["loss"] for r in after]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.5
+    assert {r["modality"] for r in after} == {"image", "text"}
+    assert all((r["images"] == 0) == (r["modality"] == "text") for r in after)
+
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000050", "step_0000060"]  # two kept, no temp folders left
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["final_loss"] == pytest.approx(losses[-1])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    model = BeniForConditionalGeneration.from_pretrained(out / "final")
+    tokenizer = load_tokenizer(str(out / "final"))
+    settings = DataSettings(
+        shards=str(shards),
+        batch_size=8,
+        image_size=32,
+        tokens_per_image=model.config.num_image_tokens(),
+        max_length=128,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
+    batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+    with torch.no_grad():
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
+    assert loss.item() < losses[0] - 1.0
+
+
+def test_config_errors_are_one_clear_sentence(tmp_path):
+    shards = write_toy_shards(tmp_path / "shards", samples=8, per_shard=8)
+    base = {"shards": str(shards), "output_dir": str(tmp_path / "out"), "text_model": "x", "vision_model": "y"}
+    (tmp_path / "a.json").write_text(json.dumps({**base, "learning_rate": 1.0}))
+    with pytest.raises(ValueError, match=r"Unknown training config keys \['learning_rate'\]"):
+        TrainConfig.from_json(tmp_path / "a.json")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+            TrainConfig(**base, device="cuda").validate()
+    with pytest.raises(ValueError, match="stage 'pretrain'.*LoRA"):
+        TrainConfig(**base, stage="pretrain", lora_rank=8).validate()
+    with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
+        TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(shards="", output_dir="", max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(step, config) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert factors[100] == pytest.approx(0.1)

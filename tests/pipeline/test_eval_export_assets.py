@@ -1,0 +1,105 @@
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from beni_model.chat import load_tokenizer
+from beni_model.config import BeniConfig
+from beni_model.modeling import BeniForConditionalGeneration
+from beni_pipeline.defs.evaluation.assets import ocr_eval_report, report_covers_every_sample
+from beni_pipeline.defs.export.assets import quantized_exports
+from beni_pipeline.prep.ocr_eval import CATEGORIES
+from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
+
+REPO = Path(__file__).parents[2]
+EVAL = {"per_category": 1, "batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
+
+
+def save_tiny_model(folder: Path) -> None:
+    """A tiny random beni model saved where trained_model leaves its final model."""
+    parts = folder.parent / "parts"
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(CHATML)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **TEXT)).save_pretrained(parts / "llama")
+    tokenizer.save_pretrained(parts / "llama")
+    SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(parts / "siglip")
+    config = BeniConfig(vision_model=str(parts / "siglip"), text_model=str(parts / "llama"))
+    tokenizer = load_tokenizer(str(parts / "llama"))
+    BeniForConditionalGeneration.from_parts(config, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def metadata_of(result, key: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def test_eval_report_and_exports_of_the_trained_model(data):
+    save_tiny_model(data / "model" / "final")
+    run_config = {"ops": {
+        "ocr_eval_report": {"config": EVAL},
+        "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
+    }}
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"report_covers_every_sample": True}
+
+    report = metadata_of(result, "ocr_eval_report")
+    total = len(CATEGORIES)
+    assert report["total"] == total and report["score"].startswith(f"{report['correct']}/{total} ")
+    categories = {r.data["type"]: r.data for r in report["by_category"].records}
+    assert set(categories) == set(CATEGORIES) and sum(c["total"] for c in categories.values()) == total
+    assert sum(c["correct"] for c in categories.values()) == report["correct"]
+    shown = report["right_answers"].count("data:image/jpeg;base64,") + report["wrong_answers"].count("data:image/jpeg;base64,")
+    assert shown == min(4, report["correct"]) + min(4, total - report["correct"])
+    predictions = [json.loads(line) for line in Path(report["predictions"]).read_text().splitlines()]
+    assert len(predictions) == total and sum(p["correct"] for p in predictions) == report["correct"]
+
+    exports = metadata_of(result, "quantized_exports")
+    rows = {r.data["name"]: r.data for r in exports["exports"].records}
+    assert list(rows) == ["reference", "nf4", "llava"]
+    assert rows["nf4"]["size_mb"] < rows["reference"]["size_mb"] and rows["llava"]["score_delta"] == 0
+    assert all(r["total"] == total and r["tokens_per_s"] > 0 for r in rows.values())
+    assert (data / "exports" / "nf4" / "model.safetensors").is_file() and (data / "exports" / "llava" / "config.json").is_file()
+
+    # The check fails once the report lacks a sample.
+    report_dir = data / "ocr_eval" / "report"
+    lines = (report_dir / "predictions.jsonl").read_text().splitlines()
+    (report_dir / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    with dg.DagsterInstance.get() as instance:
+        check = dg.materialize([ocr_eval_report, report_covers_every_sample], instance=instance, selection=dg.AssetSelection.checks(report_covers_every_sample), raise_on_error=False)
+    [evaluation] = check.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.metadata["missing"].value == 1
+
+
+def test_without_a_trained_model_the_assets_say_so(data):
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "No trained model at" in str(failure.event_specific_data.error) and "materialize trained_model first" in str(failure.event_specific_data.error)
+
+
+def test_half_configured_ocrbench_is_refused(data):
+    save_tiny_model(data / "model" / "final")
+    config = {**EVAL, "ocrbench_json": "/nowhere/OCRBench.json"}
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": config}}})
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "Set both ocrbench_json and ocrbench_images" in str(failure.event_specific_data.error)

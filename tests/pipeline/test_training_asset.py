@@ -1,0 +1,78 @@
+import base64
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from beni_pipeline.defs.training.assets import TRAINING_TAGS, trained_model, training_job
+from tests.model.test_data import write_toy_shards
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
+    with dg.DagsterInstance.get() as instance:
+        yield instance
+
+
+def materialize(instance, **config):
+    return dg.materialize(
+        [trained_model],
+        instance=instance,
+        resources={"pipes": dg.PipesSubprocessClient()},
+        run_config={"ops": {"trained_model": {"config": {"recipe": "tiny", **config}}}},
+    )
+
+
+def logs(instance, result) -> str:
+    return "\n".join(e.user_message for e in instance.all_logs(result.run_id))
+
+
+@pytest.mark.slow
+def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path):
+    write_toy_shards(tmp_path / "data" / "shards", samples=96, per_shard=24)
+    first = materialize(instance, max_steps=12, save_every=6)
+    assert first.success
+    metadata = {k: v.value for k, v in first.asset_materializations_for_node("trained_model")[0].metadata.items()}
+    assert metadata["steps"] == 12 and metadata["world_size"] == 2 and metadata["device"] == "cpu"
+    assert metadata["final_loss"] > 0 and metadata["tokens_per_s"] > 0
+    assert metadata["checkpoint"].endswith("step_0000012") and Path(metadata["final_model"], "model.safetensors").is_file()
+    png = base64.b64decode(metadata["loss_curve"].split("base64,")[1].rstrip(")"))
+    assert png == Path(metadata["loss_curve_path"]).read_bytes()
+    streamed = logs(instance, first)
+    assert "step=12 loss=" in streamed and "starting at step 0 of 12 on 2 x cpu" in streamed
+
+    second = materialize(instance, max_steps=16, save_every=6)  # a longer run picks up the 12 steps done
+    assert second.success
+    streamed = logs(instance, second)
+    assert "resuming from step_0000012 at step 12 of 16" in streamed and "step=1 loss=" not in streamed
+    rows = (tmp_path / "data" / "training" / "tiny" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 16
+
+
+def test_training_runs_are_queued_one_per_gpu_set_with_a_time_limit():
+    assert training_job.tags == TRAINING_TAGS
+    assert set(TRAINING_TAGS) == {"beni/gpu", "dagster/max_runtime"}
+    assert trained_model.op.pool == "gpu"
+
+
+def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
+    write_toy_shards(tmp_path / "data" / "shards", samples=8, per_shard=8)
+    result = dg.materialize(
+        [trained_model],
+        instance=instance,
+        resources={"pipes": dg.PipesSubprocessClient()},
+        raise_on_error=False,
+        run_config={"ops": {"trained_model": {"config": {"recipe": "huge"}}}},
+    )
+    assert not result.success
+    assert "Unknown recipe 'huge': pick one of ['smollm2-siglip', 'tiny']." in str(
+        result.get_step_failure_events()[0].step_failure_data.error
+    )

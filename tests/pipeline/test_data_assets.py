@@ -1,14 +1,12 @@
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
-import pytest
 import webdataset
 import wids
 
@@ -18,17 +16,6 @@ from beni_pipeline.defs.data.assets import downloaded, manifest_chunks, source_m
 from beni_pipeline.defs.data.checks import every_row_has_one_status
 
 REPO = Path(__file__).parents[2]
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
-    with dg.DagsterInstance.get() as instance:
-        yield instance
 
 
 def write_source(path: Path, base_url: str, local: Path) -> Path:

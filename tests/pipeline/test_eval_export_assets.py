@@ -1,5 +1,4 @@
 import json
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -15,7 +14,6 @@ from beni_pipeline.defs.export.assets import quantized_exports
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
 
-REPO = Path(__file__).parents[2]
 EVAL = {"per_category": 1, "batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
 
 
@@ -34,12 +32,7 @@ def save_tiny_model(folder: Path) -> None:
 
 
 @pytest.fixture
-def data(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
+def data(instance, tmp_path):
     return tmp_path / "data"
 
 

@@ -1,5 +1,4 @@
 import base64
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -7,19 +6,6 @@ import pytest
 
 from beni_pipeline.defs.training.assets import TRAINING_TAGS, trained_model, training_job
 from tests.model.test_data import write_toy_shards
-
-REPO = Path(__file__).parents[2]
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
-    with dg.DagsterInstance.get() as instance:
-        yield instance
 
 
 def materialize(instance, **config):

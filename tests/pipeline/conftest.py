@@ -1,0 +1,19 @@
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+REPO = Path(__file__).parents[2]
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """A Dagster instance on a temp DAGSTER_HOME with the project's dagster.yaml, and BENI_DATA beside it."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
+    with dg.DagsterInstance.get() as instance:
+        yield instance

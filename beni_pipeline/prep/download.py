@@ -93,15 +93,10 @@ class DownloadSummary:
     fetched: int  # rows fetched by this call (0 when the chunk was already complete)
     seconds: float
     bytes_in: int
-    bytes_out: int
 
     @property
     def ok(self) -> int:
         return self.counts.get("ok", 0)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.fetched / self.seconds if self.seconds else 0.0
 
 
 class _Failed(Exception):
@@ -133,7 +128,6 @@ def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = D
         fetched=len(todo),
         seconds=seconds,
         bytes_in=sum(fetched.column("bytes").to_pylist()),
-        bytes_out=sum(fetched.column("size").to_pylist()),
     )
 
 

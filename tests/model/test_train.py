@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from beni_model.chat import load_tokenizer
+from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import TrainConfig, lr_factor, torchrun_command
+from beni_model.train import PARTS, TrainConfig, lr_factor, torchrun_command
 from tests.model.test_data import write_toy_shards
 
 
@@ -125,3 +126,54 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[100] == pytest.approx(0.1)
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.slow
+def test_align_then_lora_finetune_train_only_their_parts(tmp_path, parts):
+    """Stage 1 (align) moves the connector alone; stage 2 (LoRA from stage 1's model) moves the connector and,
+    once merged into the saved model, the LLM's adapted projections, never the vision tower or the embeddings."""
+    shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16)
+    base = {
+        "shards": str(shards),
+        "max_steps": 6,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "warmup_steps": 1,
+        "save_every": 6,
+        "workers": 0,
+        "max_length": 64,
+    }
+    stages = {
+        "align": {**base, "stage": "align", "vision_model": parts["siglip"], "text_model": parts["llama"]},
+        "lora": {**base, "stage": "finetune", "lora_rank": 4, "init_from": str(tmp_path / "align" / "final")},
+    }
+    for name, config in stages.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**config, "output_dir": str(tmp_path / name)}))
+        run = subprocess.run(torchrun_command(tmp_path / f"{name}.json", 2), check=False, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    torch.manual_seed(0)  # the trainer's seed: the same initial weights, the connector's included
+    config = BeniConfig(vision_model=parts["siglip"], text_model=parts["llama"])
+    initial = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"]))
+    start = {part: state(getattr(initial, part)) for part in PARTS}
+    align, lora = (
+        {part: state(getattr(m, part)) for part in PARTS}
+        for m in (BeniForConditionalGeneration.from_pretrained(tmp_path / name / "final") for name in stages)
+    )
+
+    assert changed(start["connector"], align["connector"])
+    assert not changed(start["vision_tower"], align["vision_tower"])
+    assert not changed(start["language_model"], align["language_model"])
+    assert not changed(align["vision_tower"], lora["vision_tower"])
+    assert changed(align["connector"], lora["connector"])
+    moved = changed(align["language_model"], lora["language_model"])
+    assert moved and all(".layers." in k and "_proj" in k for k in moved)
+    assert not any("embed_tokens" in k or "norm" in k for k in moved)

@@ -4,11 +4,17 @@ import shutil
 import pytest
 from PIL import Image
 
-from beni_pipeline.prep import ocr_eval
+from beni_model.evaluate import is_correct
+from beni_pipeline.prep import ocr_eval, synthetic
 from beni_pipeline.prep.ocr_eval import CATEGORIES, EvalSetSettings, Overlap, corpus_answers, find_overlaps, generate_eval_set
 from beni_pipeline.prep.synthetic import conversations, jpeg, make_sample
 
 SETTINGS = EvalSetSettings(per_category=2, seed=3)
+OCRBENCH_TYPES = {  # OCRBench's ten categories, as its `type` field names them
+    "Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition", "Handwriting Recognition",
+    "Digit String Recognition", "Non-Semantic Text Recognition", "Handwritten Mathematical Expression Recognition",
+    "Key Information Extraction", "Doc-oriented VQA", "Scene Text-centric VQA",
+}
 
 
 def files(folder) -> dict[str, bytes]:
@@ -45,13 +51,32 @@ def test_set_is_ocrbench_format_with_every_category(eval_set):
     items = json.loads(eval_set.read_text())
     assert len(items) == SETTINGS.per_category * len(CATEGORIES)
     assert [i["id"] for i in items] == list(range(len(items)))
-    assert {i["type"] for i in items} == set(CATEGORIES)
+    assert {i["type"] for i in items} == set(CATEGORIES) == OCRBENCH_TYPES
     for item in items:
         assert set(item) == {"dataset_name", "id", "image_path", "question", "answers", "type"}
         assert item["dataset_name"] == CATEGORIES[item["type"]][0]
         assert item["question"] and item["answers"] and all(isinstance(a, str) and a.strip() for a in item["answers"])
         with Image.open(eval_set.parent / item["image_path"]) as image:
             assert image.format == "JPEG" and 32 <= min(image.size) and max(image.size) <= 900
+
+
+def test_handwritten_maths_is_scored_as_hme100k_latex(eval_set):
+    items = [i for i in json.loads(eval_set.read_text()) if i["type"] == "Handwritten Mathematical Expression Recognition"]
+    assert items and all(i["dataset_name"] == "HME100k" and i["question"] == synthetic.HME_QUESTION for i in items)
+    for item in items:
+        answer = item["answers"][0]
+        assert answer.count("{") == answer.count("}")
+        assert is_correct(" ".join(answer), item["answers"], item["dataset_name"])  # spaces between LaTeX tokens do not count
+
+
+def test_the_corpus_asks_every_held_out_question_form(eval_set):
+    """A model trained on the corpus has seen each question the held-out set asks (key information aside: its
+    questions name the document's own items)."""
+    corpus_questions = {q.lower() for q in synthetic.READ_QUESTIONS + synthetic.MATH_QUESTIONS}
+    corpus_questions |= {q.lower() for q in [*synthetic.MEMO_QUESTIONS.values(), *synthetic.SIGN_QUESTIONS.values()]}
+    for item in json.loads(eval_set.read_text()):
+        if item["type"] != "Key Information Extraction":
+            assert item["question"].lower() in corpus_questions, item
 
 
 def test_same_seed_same_files_other_seed_other_items(eval_set, corpus, tmp_path):

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from beni_model.evaluate import is_correct
 from beni_pipeline.prep import synthetic
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 SETTINGS = CorpusSettings(samples=60, seed=7, duplicate_fraction=0.1)
-KINDS = {"word", "digits", "random", "sentence", "receipt", "form"}
+KINDS = {"word", "digits", "random", "sentence", "handwriting", "curved", "artistic", "math", "receipt", "form", "memo", "sign"}
+DOCUMENT_KINDS = {"receipt", "form", "memo", "sign"}
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -93,7 +95,7 @@ def test_conversations_are_llava_turns_with_one_image_token(corpus):
         assert turns[0]["value"].startswith("<image>\n")
         assert sum(t["value"].count("<image>") for t in turns) == 1
         assert row["caption"].strip()
-        if row["kind"] not in ("receipt", "form"):
+        if row["kind"] not in DOCUMENT_KINDS:
             assert f'"{turns[1]["value"]}"' in row["caption"]
 
 
@@ -140,6 +142,11 @@ def test_renders_without_any_font_files(monkeypatch):
     for index in range(12):
         sample = synthetic.make_sample(0, index)
         assert np.asarray(sample.image.convert("L")).std() > 1
+    for kind in ("handwriting", "curved", "artistic", "math"):
+        sample = synthetic.drawn_sample(random.Random(kind), kind)
+        assert np.asarray(sample.image.convert("L")).std() > 1
+    answers = [synthetic.latex(synthetic.math_expression(random.Random(i))) for i in range(30)]
+    assert not any(letter in answer for answer in answers for letter in synthetic.GREEK)  # the built-in font has no Greek
     image, info = synthetic.render_receipt(random.Random(0))
     assert image.width >= 160 and info["total"]
 
@@ -148,3 +155,42 @@ def test_renders_without_any_font_files(monkeypatch):
 def test_bad_settings_say_so(settings, tmp_path):
     with pytest.raises(ValueError, match="samples >= 1 and 0 <= duplicate_fraction < 1"):
         generate_corpus(tmp_path, settings)
+
+
+def ink_box(image: Image.Image) -> tuple[int, int, int, int]:
+    """Bounding box of the pen's ink: darker than paper and the ruled lines (which stay above 150 grey)."""
+    return Image.fromarray((np.asarray(image.convert("L")) < 150).astype(np.uint8) * 255).getbbox()
+
+
+def test_handwriting_writes_its_text_and_each_hand_differs():
+    short, long = synthetic.render_handwriting(random.Random(5), "ab"), synthetic.render_handwriting(random.Random(5), "abcdefghijkl")
+    (left, _, right, _), (long_left, _, long_right, _) = ink_box(short), ink_box(long)
+    assert long_right - long_left > 3 * (right - left)  # one mark per letter, not a fixed stamp
+    again, other = synthetic.render_handwriting(random.Random(5), "ab"), synthetic.render_handwriting(random.Random(6), "ab")
+    assert again.tobytes() == short.tobytes() and other.tobytes() != short.tobytes()
+    sample = synthetic.drawn_sample(random.Random(1), "handwriting")
+    assert sample.qa[0][1].strip() and f'"{sample.qa[0][1]}"' in sample.caption
+    assert sample.qa[0][0] in synthetic.KIND_QUESTIONS["handwriting"]
+
+
+def test_latex_of_layout_nodes():
+    assert synthetic.latex([("sup", "x", ["2"]), "+", "1"]) == "x^{2}+1"
+    assert synthetic.latex([("frac", ["a", "+", "1"], [r"\alpha", "b"]), "=", ("sqrt", ["y"])]) == r"\frac{a+1}{\alpha b}=\sqrt{y}"
+
+
+def test_a_fraction_is_drawn_stacked():
+    flat = synthetic.render_math(random.Random(3), ["a", "+", "b"])
+    stacked = synthetic.render_math(random.Random(3), [("frac", ["a"], ["b"])])
+    (_, top, _, bottom), (_, stacked_top, _, stacked_bottom) = ink_box(flat), ink_box(stacked)
+    assert stacked_bottom - stacked_top > 1.5 * (bottom - top)
+
+
+def test_math_answers_are_latex_scored_by_the_hme_rule():
+    for i in range(40):
+        rng = random.Random(i)
+        answer = synthetic.latex(synthetic.math_expression(rng))
+        assert answer.count("{") == answer.count("}") and "\\frac{}" not in answer
+        spaced = " ".join(answer)  # as HME100k writes its answers: tokens apart
+        assert is_correct(f"The formula is {spaced}", [answer], "HME100k")
+        assert not is_correct(spaced, [answer], "beni_other")  # spaces count outside HME100k
+        assert not is_correct(spaced.upper(), [answer], "HME100k") or answer.upper() == answer  # case counts

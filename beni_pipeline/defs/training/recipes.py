@@ -105,11 +105,11 @@ def smollm2_siglip(cache: Path) -> list[dict]:
             **parts,
             "stage": "finetune",
             "train_parts": ["vision_tower", "connector"],
-            "max_steps": 2000,
+            "max_steps": 1800,
             "lr": 5e-4,
             "warmup_steps": 200,
         },
-        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 2500, "lr": 1e-4, "warmup_steps": 100},
+        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 2200, "lr": 2e-4, "warmup_steps": 100},
     ]
 
 

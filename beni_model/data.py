@@ -54,8 +54,6 @@ class DataSettings:
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
     seed: int = 0
-    mean: tuple = IMAGENET[0]
-    std: tuple = IMAGENET[1]
 
 
 def normalization(vision_model_type: str) -> tuple[tuple, tuple]:
@@ -147,12 +145,24 @@ def raw_stream(settings: DataSettings, rank: int, world_size: int, position: Dat
         epoch, epoch_start = epoch + 1, step  # leftovers of the other modality are dropped with the epoch
 
 
-def load_image(data: bytes, settings: DataSettings) -> torch.Tensor:
+def load_image(data: bytes, image_size: int) -> np.ndarray:
+    """[size, size, 3] uint8, resized to the model's square input."""
     with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB").resize((settings.image_size, settings.image_size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean, std = torch.tensor(settings.mean).view(3, 1, 1), torch.tensor(settings.std).view(3, 1, 1)
-    return (pixels - mean) / std
+        return np.asarray(image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
+
+
+def image_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """[n, 3, h, w] uint8, a channels-last view of the stacked images (no strided copy on the host). Batches stay
+    uint8, a quarter of float32's bytes through the workers' shared memory and to the device, until
+    `normalize_pixels` runs where the model is."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 [n, 3, h, w] -> float [0, 1], then per-channel (x - mean) / std, as the encoder's processor does."""
+    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
 
 
 def conversation_of(meta: dict, has_image: bool) -> list[dict]:
@@ -172,10 +182,12 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
-            pixels.append(load_image(image, settings))
+            pixels.append(load_image(image, settings.image_size))
     batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels)
     if modality == "image":
-        batch["pixel_values"] = torch.stack(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size)
+        batch["pixel_values"] = (
+            image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)
+        )
     return batch
 
 

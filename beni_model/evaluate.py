@@ -11,11 +11,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
 from beni_model.chat import IMAGE_MARKER, build_prompt, pad_batch
-from beni_model.data import normalization
+from beni_model.data import image_batch, load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
 
 FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
@@ -55,7 +54,9 @@ def load_set(json_path: str | Path, image_root: str | Path) -> list[dict]:
         if missing:
             raise ValueError(f"Item {i} of {json_path} lacks {missing}: OCRBench items need the fields {list(FIELDS)}.")
         if not (image_root / item["image_path"]).is_file():
-            raise FileNotFoundError(f"Item {i} of {json_path} names the image {item['image_path']!r}, which is not under {image_root}: check the image root.")
+            raise FileNotFoundError(
+                f"Item {i} of {json_path} names the image {item['image_path']!r}, which is not under {image_root}: check the image root."
+            )
     return items
 
 
@@ -92,7 +93,13 @@ def summarize(records: list[dict]) -> dict:
     def rows(table):
         return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(table.items())}
 
-    summary = {"correct": correct, "total": len(records), "accuracy": round(correct / len(records), 4), "by_type": rows(by_type), "by_dataset": rows(by_dataset)}
+    summary = {
+        "correct": correct,
+        "total": len(records),
+        "accuracy": round(correct / len(records), 4),
+        "by_type": rows(by_type),
+        "by_dataset": rows(by_dataset),
+    }
     if len(records) == OCRBENCH_SIZE:
         summary["ocrbench_score"] = correct  # out of 1000, the number papers report
     return summary
@@ -104,7 +111,11 @@ def summarize(records: list[dict]) -> dict:
 def image_spec(model, tokenizer) -> ImageSpec:
     config = model.config
     if isinstance(config, LlavaConfig):
-        token, count, size = tokenizer.convert_ids_to_tokens(config.image_token_index), config.image_seq_length, config.vision_config.image_size
+        token, count, size = (
+            tokenizer.convert_ids_to_tokens(config.image_token_index),
+            config.image_seq_length,
+            config.vision_config.image_size,
+        )
     else:
         token, count, size = config.image_token, config.num_image_tokens(), config.image_size
     mean, std = normalization(config.vision_config.model_type)  # as in training
@@ -112,16 +123,8 @@ def image_spec(model, tokenizer) -> ImageSpec:
 
 
 def pixel_values(paths: list[Path], spec: ImageSpec) -> torch.Tensor:
-    """Images resized to the model's square input, scaled to [0, 1] and normalized, as [n, 3, size, size]: the
-    preprocessing of training (beni_model.data.load_image)."""
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((spec.image_size, spec.image_size), Image.Resampling.BICUBIC)
-        arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(spec.image_size, spec.image_size, 3))
-    batch = torch.stack(arrays).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (batch - mean) / std
+    """Images preprocessed as in training (beni_model.data): resized to the model's square input, normalized."""
+    return normalize_pixels(image_batch([load_image(path.read_bytes(), spec.image_size) for path in paths]), spec.mean, spec.std)
 
 
 def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
@@ -130,7 +133,9 @@ def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
 
 
 @torch.no_grad()
-def generate_tokens(model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()) -> list[list[int]]:
+def generate_tokens(
+    model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
+) -> list[list[int]]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
     prompts of similar length, left-padded, generated with the KV cache. For beni models and LLaVA exports alike."""
     spec = image_spec(model, tokenizer)
@@ -185,7 +190,9 @@ def load_for_eval(model_dir: str | Path, device: str | None = None):
     spec = image_spec(model, tokenizer)
     expected = model.config.image_token_index if isinstance(model.config, LlavaConfig) else model.config.image_token_id
     if tokenizer.convert_tokens_to_ids(spec.image_token) != expected:
-        raise ValueError(f"The tokenizer in {model_dir} does not map {spec.image_token!r} to the model's image token id {expected}: save the training tokenizer with the model.")
+        raise ValueError(
+            f"The tokenizer in {model_dir} does not map {spec.image_token!r} to the model's image token id {expected}: save the training tokenizer with the model."
+        )
     return model.eval(), tokenizer
 
 
@@ -201,7 +208,13 @@ class EvalResult:
 
 
 def evaluate(
-    model, tokenizer, json_path: str | Path, image_root: str | Path, out_dir: str | Path, settings: EvalSettings = EvalSettings(), title: str = "OCRBench-style evaluation"
+    model,
+    tokenizer,
+    json_path: str | Path,
+    image_root: str | Path,
+    out_dir: str | Path,
+    settings: EvalSettings = EvalSettings(),
+    title: str = "OCRBench-style evaluation",
 ) -> EvalResult:
     """Generate an answer for every item, score it with OCRBench's rule and write predictions.jsonl (one line per
     item), summary.json and report.md into `out_dir`."""
@@ -217,8 +230,12 @@ def evaluate(
     ]
     summary = summarize(records)
     summary.update(
-        eval_set=str(Path(json_path).resolve()), seconds=round(seconds, 3), samples_per_s=round(len(items) / seconds, 3),
-        generated_tokens=generated, tokens_per_s=round(generated / seconds, 2), settings=asdict(settings),
+        eval_set=str(Path(json_path).resolve()),
+        seconds=round(seconds, 3),
+        samples_per_s=round(len(items) / seconds, 3),
+        generated_tokens=generated,
+        tokens_per_s=round(generated / seconds, 2),
+        settings=asdict(settings),
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +263,10 @@ def report_markdown(summary: dict, records: list[dict], title: str, examples: in
     for heading, correct in (("Right answers", True), ("Wrong answers", False)):
         chosen = [r for r in records if r["correct"] == correct][:examples]
         lines += [f"## {heading} (first {len(chosen)})", "", "| type | question | answers | prediction |", "|---|---|---|---|"]
-        lines += [f"| {r['type']} | {_cell(r['question'])} | {_cell(json.dumps(r['answers'], ensure_ascii=False))} | {_cell(r['prediction'])} |" for r in chosen]
+        lines += [
+            f"| {r['type']} | {_cell(r['question'])} | {_cell(json.dumps(r['answers'], ensure_ascii=False))} | {_cell(r['prediction'])} |"
+            for r in chosen
+        ]
         lines.append("")
     return "\n".join(lines)
 

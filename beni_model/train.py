@@ -49,11 +49,13 @@ from beni_model.data import (
     DataSettings,
     make_loader,
     normalization,
+    normalize_pixels,
     shard_paths,
 )
 from beni_model.modeling import BeniForConditionalGeneration
 
 PARTS = ("vision_tower", "connector", "language_model")
+MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
 
 @dataclass
@@ -403,7 +405,9 @@ def train_step(
     model, micro: list[dict], optimizer, trainable: list, max_grad_norm: float, beni_config: BeniConfig, device: torch.device
 ) -> dict:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
-    every rank's label tokens. Returns the loss, grad norm and the step's global counts."""
+    every rank's label tokens. A step whose gradient norm is not finite is skipped on every rank alike (the norm
+    is global), so one overflow never turns the weights into NaN. Returns the loss, grad norm, whether the step
+    was skipped and the step's global counts."""
     world_size = dist.get_world_size()
     counts = torch.tensor(
         [
@@ -424,19 +428,23 @@ def train_step(
         if world_size > 1:
             model.set_requires_gradient_sync(i == len(micro) - 1)
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
         with autocast:
             loss = labeled_loss(model, inputs, batch["labels"], num_items)
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    if math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum)
     _, tokens, samples, images, flops = counts.tolist()
     return {
         "loss": loss_sum.item() / world_size,
-        "grad_norm": grad_norm.item(),
+        "grad_norm": grad_norm,
+        "skipped": not math.isfinite(grad_norm),
         "tokens": tokens,
         "samples": samples,
         "images": images,
@@ -476,7 +484,6 @@ def train(config: TrainConfig) -> dict:
             f"{'resuming from ' + latest.name if latest else 'starting'} at step {step} of {config.max_steps} on {world_size} x {device.type}"
         )
 
-    mean, std = normalization(beni_config.vision_config.model_type)
     settings = DataSettings(
         shards=config.shards,
         batch_size=config.batch_size,
@@ -485,17 +492,21 @@ def train(config: TrainConfig) -> dict:
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         seed=config.seed,
-        mean=mean,
-        std=std,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
+    skipped_in_a_row = 0
     while step < config.max_steps:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
         stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device)
         scheduler.step()
         step += 1
+        skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
+        if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # every rank sees the same global norm: all stop together
+            raise RuntimeError(
+                f"{MAX_SKIPPED_IN_A_ROW} steps in a row up to step {step} had non-finite gradients: lower lr or check the data."
+            )
         position = DataPosition(**micro[-1]["position"])
         seconds = time.perf_counter() - started
         if reporter:
@@ -505,6 +516,7 @@ def train(config: TrainConfig) -> dict:
                     "loss": stats["loss"],
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": stats["grad_norm"],
+                    "skipped": int(stats["skipped"]),
                     "tokens_per_s": stats["tokens"] / seconds,
                     "samples_per_s": stats["samples"] / seconds,
                     "images": int(stats["images"]),

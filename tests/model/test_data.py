@@ -12,6 +12,7 @@ from beni_model.data import (
     DataPosition,
     DataSettings,
     make_loader,
+    normalize_pixels,
     rank_shards,
     raw_stream,
     shard_paths,
@@ -108,9 +109,9 @@ def test_a_stream_resumed_from_its_position_continues_exactly(tmp_path):
     assert keys(raw_stream(config, 1, 2, position), 17) == full[23:]
 
 
-def test_loader_workers_decode_in_order_with_padding_labels_and_normalized_images(tmp_path, tokenizer):
+def test_loader_workers_decode_in_order_with_padding_labels_and_uint8_images(tmp_path, tokenizer):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, text_every=5)
-    config = settings(shards, text_fraction=0.2, mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = settings(shards, text_fraction=0.2)
     expected = keys(raw_stream(config, 0, 1, DataPosition()), 8)
     batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), workers=2, pin_memory=False), range(8))]
     assert [(b["position"]["step"], b["modality"]) for b in batches] == [(s, m) for s, m, _ in expected]
@@ -120,10 +121,10 @@ def test_loader_workers_decode_in_order_with_padding_labels_and_normalized_image
         assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
         image_token = tokenizer.convert_tokens_to_ids("<image>")
         if modality == "image":
-            assert batch["pixel_values"].shape == (n, 3, 32, 32)
-            assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+            assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
             assert ((batch["input_ids"] == image_token).sum(dim=1) == 16).all()
         else:
             assert "pixel_values" not in batch and not (batch["input_ids"] == image_token).any()
-    red = next(b for b in batches if b["modality"] == "image")["pixel_values"][0]
-    assert torch.allclose(red.mean(dim=(1, 2)), red[:, 0, 0], atol=0.05)  # a solid colour survives the resize
+    solid = normalize_pixels(next(b for b in batches if b["modality"] == "image")["pixel_values"][:1], (0.5,) * 3, (0.5,) * 3)[0]
+    assert solid.min() >= -1 and solid.max() <= 1 and solid.std() > 0
+    assert torch.allclose(solid.mean(dim=(1, 2)), solid[:, 0, 0], atol=0.05)  # a solid colour survives the resize

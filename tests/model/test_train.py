@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import signal
 import subprocess
 import time
@@ -10,12 +11,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
-from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import PARTS, TrainConfig, lr_factor, torchrun_command
+from beni_model.train import PARTS, TrainConfig, lr_factor, torchrun_command, train_step
 from tests.model.test_data import write_toy_shards
 
 
@@ -96,10 +98,9 @@ def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
         image_size=32,
         tokens_per_image=model.config.num_image_tokens(),
         max_length=128,
-        mean=(0.5,) * 3,
-        std=(0.5,) * 3,
     )
     batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+    batch["pixel_values"] = normalize_pixels(batch["pixel_values"], (0.5,) * 3, (0.5,) * 3)
     with torch.no_grad():
         loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
     assert loss.item() < losses[0] - 1.0
@@ -177,3 +178,34 @@ def test_align_then_lora_finetune_train_only_their_parts(tmp_path, parts):
     moved = changed(align["language_model"], lora["language_model"])
     assert moved and all(".layers." in k and "_proj" in k for k in moved)
     assert not any("embed_tokens" in k or "norm" in k for k in moved)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, tokenizer = build()
+        shards = write_toy_shards(tmp_path / "shards", samples=16, per_shard=16)
+        settings = DataSettings(
+            shards=str(shards), batch_size=4, image_size=32, tokens_per_image=model.config.num_image_tokens(), max_length=64
+        )
+        batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        weight = model.connector.state_dict()
+        name = next(k for k in weight if k.endswith("weight"))
+        with torch.no_grad():
+            model.connector.get_parameter(name)[0, 0] = float("inf")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+
+        stats = train_step(model.train(), [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"))
+        assert stats["skipped"] and not math.isfinite(stats["grad_norm"])
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # inf stays, no NaN spread
+        assert all(p.grad is None for p in trainable)
+
+        with torch.no_grad():
+            model.connector.get_parameter(name)[0, 0] = 0.0
+        stats = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"))
+        assert not stats["skipped"] and math.isfinite(stats["grad_norm"])
+        assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    finally:
+        dist.destroy_process_group()

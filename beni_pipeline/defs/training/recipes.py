@@ -87,8 +87,10 @@ def tiny(cache: Path) -> list[dict]:
 
 
 def smollm2_siglip(cache: Path) -> list[dict]:
-    """SmolLM2-135M-Instruct + a SigLIP ViT trained from scratch, about ten minutes on one H100: the vision tower
-    and connector learn to feed the frozen LLM first, then everything trains at a lower rate."""
+    """SmolLM2-135M-Instruct + a SigLIP ViT trained from scratch, about ten minutes on one H100. A short align stage
+    (vision tower and connector under the frozen LLM) starts the connector; then everything trains. Measured on the
+    H100: with the LLM frozen the loss fell only from 4.0 to 3.3 in 800 steps, and align at 5e-4 diverged at step 846;
+    unfrozen, it reached 1.2-2.0 within 200 steps."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
@@ -99,17 +101,10 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         "compile": True,
         "workers": 12,
     }
+    align = {"train_parts": ["vision_tower", "connector"], "max_steps": 400, "lr": 2e-4, "warmup_steps": 100}
     return [
-        {
-            "name": "align",
-            **parts,
-            "stage": "finetune",
-            "train_parts": ["vision_tower", "connector"],
-            "max_steps": 1800,
-            "lr": 5e-4,
-            "warmup_steps": 200,
-        },
-        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 2200, "lr": 2e-4, "warmup_steps": 100},
+        {"name": "align", **parts, "stage": "finetune", **align},
+        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 2600, "lr": 1e-4, "warmup_steps": 100},
     ]
 
 

@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/beni demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed /usr/bin/chromium
 	$(VENV)/bin/python -m pytest
+
+# The browser test (tests/ui) drives Debian's chromium; Playwright's own browser download is not reachable here.
+/usr/bin/chromium:
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium
 
 dev: $(VENV)/.installed
 	$(VENV)/bin/dagster dev -w workspace.yaml -p 3000

@@ -7,5 +7,7 @@ import dagster as dg
 def defs() -> dg.Definitions:
     return dg.Definitions.merge(
         dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
-        dg.Definitions(resources={"pipes": dg.PipesSubprocessClient()}),
+        # One process per run: a process per step would import torch and transformers again for each step
+        # (seconds each), and the heavy steps run their own worker processes anyway.
+        dg.Definitions(resources={"pipes": dg.PipesSubprocessClient()}, executor=dg.in_process_executor),
     )

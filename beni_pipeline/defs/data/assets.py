@@ -1,3 +1,4 @@
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pydantic
 from transformers import AutoTokenizer
 
 from beni_model.smollm2 import smollm2_instruct
+from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
 from beni_pipeline.paths import data_root
 from beni_pipeline.prep.dedup import (
@@ -29,15 +31,15 @@ from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
 
 
-class SourceManifestConfig(dg.Config, SourceSettings):
+class SourceManifestConfig(Config, SourceSettings):
     sources: list[str] = pydantic.Field(
         [], description="files or folders to read (parquet, csv, tsv, jsonl, LLaVA json, image folder); empty: the generated corpus"
     )
     corpus_samples: int = pydantic.Field(2000, ge=1, description="size of the generated corpus")
-    corpus_seed: int = 0
+    corpus_seed: int = pydantic.Field(0, description="seed of the generated corpus")
 
 
-class DownloadConfig(dg.Config, DownloadSettings):
+class DownloadConfig(Config, DownloadSettings):
     pass
 
 
@@ -50,7 +52,10 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
         corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed)
+        context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {root / 'corpus'} (kept when already complete)")
+        start = time.perf_counter()
         sources = [generate_corpus(root / "corpus", corpus)]
+        context.log.info(f"corpus ready in {time.perf_counter() - start:.1f} s")
     try:
         manifest = build_manifest(sources, root / "manifest", config)
     except IngestError as e:
@@ -121,11 +126,11 @@ def _previews(chunk, out_dir: Path, n: int) -> list[tuple[bytes, str]]:
 
 
 
-class DedupConfig(dg.Config, DedupSettings):
+class DedupConfig(Config, DedupSettings):
     pass
 
 
-class ShardConfig(dg.Config, ShardSettings):
+class ShardConfig(Config, ShardSettings):
     tokenizer: str = pydantic.Field(
         "", description="tokenizer of the target LLM (hub id or folder); empty: SmolLM2-135M-Instruct, converted offline"
     )
@@ -137,19 +142,28 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig) -> dg.M
     (MinHash); one sample per cluster is kept. Features are cached per chunk, so a rebuild hashes only new chunks."""
     root = data_root()
     chunks = _downloaded_chunks(root)
-    features, hashed = [], 0
-    for chunk in chunks:
+    features, hashed, start = [], 0, time.perf_counter()
+    for i, chunk in enumerate(chunks, 1):
         path = root / "dedup" / "features" / f"{chunk}.parquet"
         if not cached_features(path, root / "downloaded" / chunk, config):
-            write_chunk_features(read_chunk(root / "manifest", chunk), root / "downloaded" / chunk, path, config)
+            chunk_start = time.perf_counter()
+            rows = read_chunk(root / "manifest", chunk)
+            write_chunk_features(rows, root / "downloaded" / chunk, path, config)
+            rate = rows.num_rows / (time.perf_counter() - chunk_start)
+            context.log.info(f"chunk {chunk} ({i}/{len(chunks)}): hashed {rows.num_rows} rows ({rate:.0f} rows/s)")
             hashed += 1
         features.append(path)
-    context.log.info(f"hashed {hashed} of {len(chunks)} chunks; clustering")
+    context.log.info(f"hashed {hashed} of {len(chunks)} chunks ({len(chunks) - hashed} cached); clustering")
+    cluster_start = time.perf_counter()
     result = find_duplicates(features, config, work_dir=root / "dedup")
     write_result(result, root / "dedup")
     kept = pa.concat_arrays([kept_ids(path, result) for path in features])
     write_parquet_atomic(pa.table({"sample_id": kept}), root / "dedup" / "kept.parquet")
     stats = result.stats()
+    seconds = time.perf_counter() - start
+    context.log.info(
+        f"clustered {stats['rows']} samples in {time.perf_counter() - cluster_start:.1f} s: {stats['clusters']} clusters, {stats['dropped']} dropped"
+    )
     return dg.MaterializeResult(
         metadata={
             "rows": stats["rows"],
@@ -158,6 +172,7 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig) -> dg.M
             "duplicate_rate": round(stats["duplicate_rate"], 4),
             "clusters": stats["clusters"],
             "chunks_hashed_this_run": hashed,
+            "samples_per_s": round(stats["rows"] / seconds, 1),
             "dropped_by_reason": counts_table(stats["dropped_by_reason"], "reason"),
             "cluster_sizes": counts_table(stats["cluster_size_histogram"], "size"),
             "clusters_preview": _clusters_md(root, result.clusters.slice(0, 5).to_pylist()),
@@ -172,20 +187,25 @@ def training_shards(context: dg.AssetExecutionContext, config: ShardConfig) -> d
     plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
     the same inputs; a killed run keeps its finished shards."""
     root = data_root()
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or smollm2_instruct())
-    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
     index = pa.concat_tables([read_index(root / "downloaded" / chunk) for chunk in _downloaded_chunks(root)])
-    kept = pq.read_table(root / "dedup" / "kept.parquet").column("sample_id")
+    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
+    kept = pq.read_table(_upstream(root / "dedup" / "kept.parquet", "deduplicated")).column("sample_id")
+    tokenizer = _tokenizer(config.tokenizer or str(smollm2_instruct()))
+    start = time.perf_counter()
     plan = plan_shards(manifest, index, kept, tokenizer, config)
+    seconds = time.perf_counter() - start
+    context.log.info(f"measured the token length of {plan.num_rows} samples in {seconds:.1f} s ({plan.num_rows / seconds:.0f} samples/s)")
+    start = time.perf_counter()
     shard_index = write_shards(plan, root / "downloaded", root / "shards", config)
     shards = shard_index["shardlist"]
+    megabytes = sum(s["bytes"] for s in shards) / 1e6
+    context.log.info(f"{plan.num_rows} samples in {len(shards)} shards ({megabytes:.1f} MB) after {time.perf_counter() - start:.1f} s")
     lengths = plan.column("length").to_numpy()
-    context.log.info(f"{plan.num_rows} samples in {len(shards)} shards")
     return dg.MaterializeResult(
         metadata={
             "samples": plan.num_rows,
             "shards": len(shards),
-            "megabytes": round(sum(s["bytes"] for s in shards) / 1e6, 2),
+            "megabytes": round(megabytes, 2),
             "tokens": int(lengths.sum()),
             "length_min_mean_max": f"{lengths.min()} / {lengths.mean():.1f} / {lengths.max()}",
             "length_histogram": length_histogram_md(lengths),
@@ -195,8 +215,25 @@ def training_shards(context: dg.AssetExecutionContext, config: ShardConfig) -> d
     )
 
 
+def _upstream(path: Path, asset: str) -> Path:
+    if not path.exists():
+        raise dg.Failure(f"{path} does not exist: materialize {asset} first (with the same BENI_DATA).", allow_retries=False)
+    return path
+
+
+def _tokenizer(name: str):
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise dg.Failure(
+            f"Cannot load the tokenizer {name!r} ({str(e).splitlines()[0]}): set `tokenizer` to a model folder or a hub id this machine can reach.",
+            allow_retries=False,
+        ) from None
+
+
 def _downloaded_chunks(root: Path) -> list[str]:
-    chunks = sorted(set(pq.read_table(root / "manifest" / "manifest.parquet", columns=["chunk"]).column("chunk").to_pylist()))
+    manifest = _upstream(root / "manifest" / "manifest.parquet", "source_manifest")
+    chunks = sorted(set(pq.read_table(manifest, columns=["chunk"]).column("chunk").to_pylist()))
     missing = [c for c in chunks if not (root / "downloaded" / c / "index.parquet").exists()]
     if missing:
         raise dg.Failure(

@@ -5,13 +5,14 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pydantic
 
+from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.assets import deduplicated, downloaded, training_shards
 from beni_pipeline.paths import data_root
 from beni_pipeline.prep.shard import read_index as read_shard_index
 from beni_pipeline.prep.shard import verify_shards
 
 
-class CeilingConfig(dg.Config):
+class CeilingConfig(Config):
     ceiling: float = pydantic.Field(0.2, ge=0, le=1, description="warn above this fraction")
 
 

@@ -5,6 +5,7 @@ import dagster as dg
 import pydantic
 
 from beni_model.evaluate import FIELDS, EvalSettings, evaluate, load_for_eval, read_predictions, score_line
+from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.paths import data_root, trained_model_dir
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
@@ -12,11 +13,11 @@ from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_ov
 TRAINED_MODEL = dg.AssetKey("trained_model")
 
 
-class EvalSetConfig(dg.Config):
+class EvalSetConfig(Config):
     ocrbench_json: str = pydantic.Field("", description="the real OCRBench.json; empty: the held-out generated set")
     ocrbench_images: str = pydantic.Field("", description="the folder OCRBench's image_path entries are relative to")
-    per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (8 categories)")
-    seed: int = 0
+    per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (10 categories)")
+    seed: int = pydantic.Field(0, description="seed of the held-out set")
     batch_size: int = pydantic.Field(16, ge=1)
     max_new_tokens: int = pydantic.Field(32, ge=1)
     device: str = pydantic.Field("", description="cuda, cpu, ...; empty: cuda when there is one")

@@ -9,6 +9,7 @@ import pydantic
 import torch
 
 from beni_model.train import TrainConfig, torchrun_command
+from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.paths import data_root, trained_model_dir
 
@@ -16,7 +17,7 @@ from beni_pipeline.paths import data_root, trained_model_dir
 TRAINING_TAGS = {"beni/gpu": "local", "dagster/max_runtime": str(3 * 24 * 3600)}
 
 
-class TrainedModelConfig(dg.Config):
+class TrainedModelConfig(Config):
     recipe: str = pydantic.Field(
         default_factory=lambda: "smollm2-siglip" if torch.cuda.is_available() else "tiny",
         description=f"one of {sorted(RECIPES)}; default smollm2-siglip on a GPU machine, tiny (a minutes-long smoke run) on CPU",
@@ -24,11 +25,11 @@ class TrainedModelConfig(dg.Config):
     processes_per_node: int = pydantic.Field(0, ge=0, description="0: one per GPU, or 2 CPU processes (gloo) without GPUs")
     max_steps: int | None = pydantic.Field(None, ge=1, description="overrides every stage's step count")
     batch_size: int | None = pydantic.Field(None, ge=1, description="per process and micro-step")
-    grad_accum: int | None = pydantic.Field(None, ge=1)
-    lr: float | None = pydantic.Field(None, gt=0)
-    save_every: int | None = pydantic.Field(None, ge=1)
+    grad_accum: int | None = pydantic.Field(None, ge=1, description="micro-steps per optimizer step")
+    lr: float | None = pydantic.Field(None, gt=0, description="peak learning rate, overrides every stage's")
+    save_every: int | None = pydantic.Field(None, ge=1, description="steps between checkpoints")
     peak_tflops: float | None = pydantic.Field(None, ge=0, description="one device's bf16 peak, for MFU")
-    wandb: bool = False
+    wandb: bool = pydantic.Field(False, description="also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
 
 
 @dg.asset(
@@ -44,6 +45,11 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     (a finished stage only re-saves its final model)."""
     if config.recipe not in RECIPES:
         raise dg.Failure(f"Unknown recipe {config.recipe!r}: pick one of {sorted(RECIPES)}.", allow_retries=False)
+    if config.recipe != "tiny" and not torch.cuda.is_available():
+        raise dg.Failure(
+            f"Recipe {config.recipe!r} needs a CUDA GPU and none is visible: run it on a GPU machine, or pick recipe 'tiny' to train on CPU.",
+            allow_retries=False,
+        )
     processes = config.processes_per_node or torch.cuda.device_count() or 2
     root = data_root() / "training" / config.recipe
     overrides = {k: v for k, v in config.model_dump().items() if k in TrainConfig.__dataclass_fields__ and v is not None}
@@ -87,4 +93,6 @@ def publish(model: Path, link: Path) -> None:
     os.replace(tmp, link)
 
 
-training_job = dg.define_asset_job("train", selection=[trained_model], tags=TRAINING_TAGS)
+training_job = dg.define_asset_job(
+    "train", selection=[trained_model], tags=TRAINING_TAGS, description="Train the model on the current shards, one run per GPU set at a time."
+)

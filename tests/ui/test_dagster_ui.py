@@ -53,9 +53,8 @@ class Dagster:
 def dagster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     home = tmp / "dagster_home"
-    (home / ".nux").mkdir(parents=True)
+    home.mkdir()
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", home)
-    (home / ".nux" / "nux.yaml").write_text("seen: 1\n")  # the UI's newsletter pop-up, dismissed as a person would once
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     port = _free_port()

@@ -11,6 +11,7 @@ from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_pipeline.defs.evaluation.assets import ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
+from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
 
@@ -48,12 +49,15 @@ def test_eval_report_and_exports_of_the_trained_model(data):
         "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
     }}
     with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("trained_model", metadata={"recipe": CPU_RECIPE}))
         result = dg.materialize([ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_covers_every_sample": True}
 
     report = metadata_of(result, "ocr_eval_report")
+    assert "smoke run: the score is not meaningful" in report["title"]
+    assert report["title"] in (data / "ocr_eval" / "report" / "report.md").read_text()
     total = len(CATEGORIES)
     assert report["total"] == total and report["score"].startswith(f"{report['correct']}/{total} ")
     categories = {r.data["type"]: r.data for r in report["by_category"].records}

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
+import torch
 from transformers import AutoTokenizer
 
 from beni_model.smollm2 import smollm2_instruct
@@ -29,13 +30,18 @@ from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
+GPU_CORPUS_SAMPLES = 150_000
 
 
 class SourceManifestConfig(Config, SourceSettings):
     sources: list[str] = pydantic.Field(
         [], description="files or folders to read (parquet, csv, tsv, jsonl, LLaVA json, image folder); empty: the generated corpus"
     )
-    corpus_samples: int = pydantic.Field(2000, ge=1, description="size of the generated corpus")
+    corpus_samples: int = pydantic.Field(
+        default_factory=lambda: GPU_CORPUS_SAMPLES if torch.cuda.is_available() else 2000,
+        ge=1,
+        description=f"size of the generated corpus; default {GPU_CORPUS_SAMPLES} on a GPU machine (the smollm2-siglip recipe's data), 2000 on CPU",
+    )
     corpus_seed: int = pydantic.Field(0, description="seed of the generated corpus")
 
 

@@ -7,6 +7,7 @@ import pydantic
 from beni_model.evaluate import FIELDS, EvalSettings, evaluate, load_for_eval, read_predictions, score_line
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
+from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.paths import data_root, trained_model_dir
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
 
@@ -24,6 +25,13 @@ class EvalSetConfig(Config):
 
     def eval_settings(self) -> EvalSettings:
         return EvalSettings(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+
+def trained_by(instance: dg.DagsterInstance) -> str | None:
+    """The recipe of the latest trained_model materialization, when there is one."""
+    event = instance.get_latest_materialization_event(TRAINED_MODEL)
+    recipe = event.asset_materialization.metadata.get("recipe") if event and event.asset_materialization else None
+    return recipe.value if recipe else None
 
 
 def model_dir_or_fail() -> Path:
@@ -79,11 +87,15 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) ->
     model_dir = model_dir_or_fail()
     out_dir = data_root() / "ocr_eval"
     eval_json, image_root, set_name = prepare_eval_set(config, out_dir / "heldout_set", context.log)
+    title = f"OCR eval of {model_dir} on the {set_name}"
+    if smoke_run := trained_by(context.instance) == CPU_RECIPE:
+        title += f" ({CPU_RECIPE!r} recipe, a CPU smoke run: the score is not meaningful)"
     model, tokenizer = load_for_eval(model_dir, config.device or None)
-    result = evaluate(model, tokenizer, eval_json, image_root, out_dir / "report", config.eval_settings(), title=f"OCR eval of {model_dir} on the {set_name}")
+    result = evaluate(model, tokenizer, eval_json, image_root, out_dir / "report", config.eval_settings(), title=title)
     summary, records = result.summary, read_predictions(result.predictions)
     context.log.info(f"score {score_line(summary)}")
     metadata = {
+        "title": title,
         "score": score_line(summary),
         "correct": summary["correct"],
         "total": summary["total"],
@@ -99,6 +111,8 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) ->
     }
     if "ocrbench_score" in summary:
         metadata["ocrbench_score"] = summary["ocrbench_score"]
+    if smoke_run:
+        context.log.warning(f"the model was trained by the {CPU_RECIPE!r} smoke-run recipe: its score is not meaningful")
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from beni_model.train import TrainConfig, torchrun_command
 from beni_pipeline.defs.config import Config
-from beni_pipeline.defs.training.recipes import RECIPES
+from beni_pipeline.defs.training.recipes import CPU_RECIPE, RECIPES
 from beni_pipeline.paths import data_root, trained_model_dir
 
 # The run queue (dagster_home/dagster.yaml) runs one run per beni/gpu value at a time: all local GPUs are one set.
@@ -19,7 +19,7 @@ TRAINING_TAGS = {"beni/gpu": "local", "dagster/max_runtime": str(3 * 24 * 3600)}
 
 class TrainedModelConfig(Config):
     recipe: str = pydantic.Field(
-        default_factory=lambda: "smollm2-siglip" if torch.cuda.is_available() else "tiny",
+        default_factory=lambda: "smollm2-siglip" if torch.cuda.is_available() else CPU_RECIPE,
         description=f"one of {sorted(RECIPES)}; default smollm2-siglip on a GPU machine, tiny (a minutes-long smoke run) on CPU",
     )
     processes_per_node: int = pydantic.Field(0, ge=0, description="0: one per GPU, or 2 CPU processes (gloo) without GPUs")
@@ -45,9 +45,9 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     (a finished stage only re-saves its final model)."""
     if config.recipe not in RECIPES:
         raise dg.Failure(f"Unknown recipe {config.recipe!r}: pick one of {sorted(RECIPES)}.", allow_retries=False)
-    if config.recipe != "tiny" and not torch.cuda.is_available():
+    if config.recipe != CPU_RECIPE and not torch.cuda.is_available():
         raise dg.Failure(
-            f"Recipe {config.recipe!r} needs a CUDA GPU and none is visible: run it on a GPU machine, or pick recipe 'tiny' to train on CPU.",
+            f"Recipe {config.recipe!r} needs a CUDA GPU and none is visible: run it on a GPU machine, or pick recipe {CPU_RECIPE!r} to train on CPU.",
             allow_retries=False,
         )
     processes = config.processes_per_node or torch.cuda.device_count() or 2
@@ -76,6 +76,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     return dg.MaterializeResult(
         metadata={
             **result.metadata,
+            "recipe": config.recipe,
             "checkpoint": dg.MetadataValue.path(summary["checkpoint"]),
             "final_model": dg.MetadataValue.path(summary["final_model"]),
             "loss_curve": dg.MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),

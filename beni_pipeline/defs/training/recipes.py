@@ -109,3 +109,4 @@ def smollm2_siglip(cache: Path) -> list[dict]:
 
 
 RECIPES = {"tiny": tiny, "smollm2-siglip": smollm2_siglip}
+CPU_RECIPE = "tiny"  # the one recipe that runs without a GPU: a minutes-long smoke run whose eval score means nothing

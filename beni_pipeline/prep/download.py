@@ -1,9 +1,9 @@
 """Download one manifest chunk into staged tar parts with a parquet index.
 
 Every row ends in exactly one index row: status "ok" with its image in a tar, or "failed" with a
-reason. The rows are split over worker processes, each with its own asyncio loop and httpx client
-(one loop tops out at a few hundred requests/s); images are decoded and re-encoded in threads of
-those processes, since Pillow releases the GIL while it works. Results are committed in parts of
+reason. The rows are split over worker processes, each with its own asyncio loop and httpx clients.
+A worker decodes and re-encodes each image on its loop: its time goes to image work, and handing
+images to threads cost more CPU than it saved (bench/BENCHMARKS.md). Results are committed in parts of
 `part_size` rows: the part's tar is renamed into place first and its parquet last, so a killed run
 leaves only complete parts behind and the next run fetches just the rows they do not hold.
 """
@@ -27,14 +27,12 @@ import traceback
 import urllib.parse
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import certifi
 import httpx
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
 import uvloop
@@ -122,12 +120,12 @@ def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = D
         _run_workers(todo, out_dir, settings)
     seconds = time.perf_counter() - start
     index = _consolidate(out_dir, rows.column("sample_id").to_pylist())
-    fetched = index.filter(pc.is_in(index.column("sample_id"), pa.array([s for s, _ in todo], pa.string())))
+    fetched = {s for s, _ in todo}
     return DownloadSummary(
         counts=dict(Counter(r if r else "ok" for r in index.column("reason").to_pylist())),
         fetched=len(todo),
         seconds=seconds,
-        bytes_in=sum(fetched.column("bytes").to_pylist()),
+        bytes_in=sum(b for s, b in zip(index.column("sample_id").to_pylist(), index.column("bytes").to_pylist()) if s in fetched),
     )
 
 
@@ -144,7 +142,13 @@ def _run_workers(todo: list[tuple[str, str]], out_dir: Path, settings: DownloadS
     procs = []
     try:
         for i in range(n):
-            job = {"todo": todo[i::n], "out_dir": str(out_dir), "settings": settings.model_dump(), "prefix": f"{attempt:03d}-{i:02d}", "parent": os.getpid()}
+            job = {
+                "todo": todo[i::n],
+                "out_dir": str(out_dir),
+                "settings": settings.model_dump(),
+                "prefix": f"{attempt:03d}-{i:02d}",
+                "parent": os.getpid(),
+            }
             proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             threading.Thread(target=_relay, args=(proc, json.dumps(job), messages), daemon=True).start()
             procs.append(proc)
@@ -214,8 +218,6 @@ def _say(message: dict) -> None:
 
 
 async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, parent: int) -> None:
-    loop = asyncio.get_running_loop()
-    threads = ThreadPoolExecutor(2)
     writer = _PartWriter(out_dir, prefix, s)
     gate = asyncio.Semaphore(s.concurrency)
     hosts: dict[str, _Host] = {}
@@ -238,15 +240,19 @@ async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, pare
         async with gate:
             status = 0
             try:
-                scheme = urllib.parse.urlsplit(url).scheme.lower()
+                try:
+                    parts = urllib.parse.urlsplit(url)
+                except ValueError:
+                    raise _Failed("invalid_url") from None
+                scheme = parts.scheme.lower()
                 if (scheme or "file") not in s.schemes:
                     raise _Failed("scheme_not_allowed")
                 if scheme in ("", "file"):
-                    data, status = await loop.run_in_executor(threads, _read_local, url, s.max_bytes), 0
+                    data = _read_local(url, s.max_bytes)
                 else:
-                    host = hosts.setdefault(urllib.parse.urlsplit(url).netloc, _Host(s.per_host))
+                    host = hosts.setdefault(parts.netloc, _Host(s.per_host))
                     data, status = await _fetch(clients[next(turn) % len(clients)], host, url, s)
-                image = await loop.run_in_executor(threads, _process, data, s)
+                image = _process(data, s)
                 writer.add(sample_id, status, len(data), image)
             except _Failed as f:
                 writer.fail(sample_id, f.reason, f.http_status or status)
@@ -259,7 +265,6 @@ async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, pare
         watchdog.cancel()
         for client in clients:
             await client.aclose()
-        threads.shutdown()
 
 
 async def _exit_with_parent(parent: int) -> None:
@@ -292,6 +297,8 @@ async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: DownloadSe
             last = r
         except httpx.TooManyRedirects:
             raise _Failed("too_many_redirects") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a redirect to a non-HTTP URL
+            raise _Failed("invalid_url") from None
         except httpx.TimeoutException:
             last = _Retry("timeout")
         except httpx.TransportError:

@@ -49,6 +49,9 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "fileurl": ("ok", "", 0),
         "missing": ("failed", "missing_file", 0),
         "ftp": ("failed", "scheme_not_allowed", 0),
+        "nohost": ("failed", "invalid_url", 0),
+        "badipv6": ("failed", "invalid_url", 0),
+        "ctrlchar": ("failed", "invalid_url", 0),
     }
     closed = socket_port_closed()
     u = fault_server.url
@@ -73,6 +76,9 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "fileurl": local.as_uri(),
         "missing": str(tmp_path / "nope.jpg"),
         "ftp": "ftp://example.org/x.jpg",
+        "nohost": "http:///x.jpg",
+        "badipv6": "http://[::1/x.jpg",
+        "ctrlchar": "http://exa\x00mple.org/x.jpg",
     }
     summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
     index = by_id(read_index(tmp_path / "out"))

@@ -146,10 +146,17 @@ def results_markdown(args, results: dict) -> str:
         + f"tokens per sample; training {trained['total_seconds']} s in all",
         "",
     ]
-    lines += ["| stage | steps | train seconds | final loss | held-out score |", "|---|---|---|---|---|"]
+    lines += ["| stage | steps | train seconds | tokens/s | final loss | held-out score |", "|---|---|---|---|---|---|"]
     for name, summary in results.items():
         metrics = json.loads((root / "training" / name / "summary.json").read_text())
-        lines.append(f"| {name} | {metrics['steps']} | {trained['seconds'][name]} | {metrics['final_loss']:.3f} | {score_line(summary)} |")
+        cells = [
+            metrics["steps"],
+            trained["seconds"][name],
+            round(metrics["tokens_per_s"]),
+            f"{metrics['final_loss']:.3f}",
+            score_line(summary),
+        ]
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     categories = list(next(iter(results.values()))["by_type"])
     lines += ["", "| category | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for category in categories:

@@ -100,6 +100,16 @@ SYNONYMS = {"image": "picture", "picture": "photo", "photo": "picture", "written
             "background": "backdrop", "receipt": "bill", "Rendered": "Printed", "filled-in": "completed"}
 
 
+# Syllables of made-up words: with a closed word list a model learns to recall the list, not to read letters.
+ONSETS = "b c d f g h j k l m n p r s t v w z br cl dr fl gr pl st tr ch sh th".split()
+VOWELS = "a e i o u y ai ea ee oo ou".split()
+CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ck", "x"]
+
+
+def invented_word(rng: random.Random) -> str:
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(1, 3)))
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     """The words that renderers drawing names and phrases use (verbs in the past tense). The corpus uses
@@ -111,9 +121,16 @@ class Vocabulary:
     first_names: list[str]
     last_names: list[str]
     shop_types: list[str]
+    invented: float = 0.0  # share of draws that are made-up words instead (capitalized where the list is)
+
+    def pick(self, rng: random.Random, words: list[str]) -> str:
+        if self.invented and rng.random() < self.invented:
+            made_up = invented_word(rng)
+            return made_up.capitalize() if words[0][0].isupper() else made_up
+        return rng.choice(words)
 
 
-CORPUS_VOCABULARY = Vocabulary(ADJECTIVES, NOUNS, VERBS, FIRST_NAMES, LAST_NAMES, SHOP_TYPES)
+CORPUS_VOCABULARY = Vocabulary(ADJECTIVES, NOUNS, VERBS, FIRST_NAMES, LAST_NAMES, SHOP_TYPES, invented=0.5)
 
 
 @dataclass(frozen=True)
@@ -335,7 +352,7 @@ def place_on_background(rng: random.Random, paper: Image.Image) -> Image.Image:
 
 
 def word(rng: random.Random, vocab: Vocabulary) -> str:
-    w = rng.choice(rng.choice((vocab.adjectives, vocab.nouns, vocab.verbs, vocab.first_names)))
+    w = vocab.pick(rng, rng.choice((vocab.adjectives, vocab.nouns, vocab.verbs, vocab.first_names)))
     return rng.choice((str.lower, str.capitalize, str.upper))(w)
 
 
@@ -345,9 +362,9 @@ def handwritten_text(rng: random.Random, vocab: Vocabulary) -> str:
     if r < 0.5:
         return word(rng, vocab)
     if r < 0.7:
-        return f"{rng.choice(vocab.first_names)} {rng.choice(vocab.last_names)}"
+        return person(rng, vocab)
     article = rng.choice(("The", "A", "My", "the", "a"))
-    return f"{article} {rng.choice(vocab.adjectives)} {rng.choice(vocab.nouns)} {rng.choice(vocab.verbs)}"
+    return f"{article} {vocab.pick(rng, vocab.adjectives)} {vocab.pick(rng, vocab.nouns)} {vocab.pick(rng, vocab.verbs)}"
 
 
 def digits(rng: random.Random) -> str:
@@ -364,9 +381,10 @@ def random_string(rng: random.Random) -> str:
 
 
 def sentence(rng: random.Random) -> str:
-    a = f"{rng.choice(('The', 'A', 'My', 'Our', 'That'))} {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-    b = f"{rng.choice(('the', 'a', 'her', 'his', 'their'))} {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-    return f"{a} {rng.choice(VERBS)} {b}{rng.choice(TAILS)}{rng.choice('..!')}"
+    v = CORPUS_VOCABULARY
+    a = f"{rng.choice(('The', 'A', 'My', 'Our', 'That'))} {v.pick(rng, v.adjectives)} {v.pick(rng, v.nouns)}"
+    b = f"{rng.choice(('the', 'a', 'her', 'his', 'their'))} {v.pick(rng, v.adjectives)} {v.pick(rng, v.nouns)}"
+    return f"{a} {v.pick(rng, v.verbs)} {b}{rng.choice(TAILS)}{rng.choice('..!')}"
 
 
 def date(rng: random.Random) -> str:
@@ -676,7 +694,7 @@ def form_sample(rng: random.Random) -> Rendered:
 
 
 def person(rng: random.Random, vocab: Vocabulary) -> str:
-    return f"{rng.choice(vocab.first_names)} {rng.choice(vocab.last_names)}"
+    return f"{vocab.pick(rng, vocab.first_names)} {vocab.pick(rng, vocab.last_names)}"
 
 
 def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str]]:
@@ -684,7 +702,7 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     the header by field (the keys of MEMO_QUESTIONS)."""
     topic = rng.choice(("plan", "schedule", "update", "budget"))
     header = {"To": person(rng, vocab), "From": person(rng, vocab), "Date": date(rng),
-              "Subject": f"{rng.choice(vocab.adjectives).capitalize()} {rng.choice(vocab.nouns)} {topic}"}
+              "Subject": f"{vocab.pick(rng, vocab.adjectives).capitalize()} {vocab.pick(rng, vocab.nouns)} {topic}"}
     body = [f"The {rng.choice(vocab.adjectives)} {rng.choice(vocab.nouns)} team {rng.choice(vocab.verbs)} every {rng.choice(vocab.nouns)} "
             f"before the {rng.choice(vocab.nouns)} {rng.choice(('review', 'deadline', 'launch', 'audit'))}."
             for _ in range(rng.randint(2, 3))]
@@ -708,7 +726,7 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
 def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str]]:
     """A shop sign on a photo-like scene; returns the image and its name, founding year and opening hours (the keys
     of SIGN_QUESTIONS)."""
-    name = f"{rng.choice(vocab.adjectives + vocab.nouns).capitalize()} {rng.choice(vocab.shop_types)}"
+    name = f"{vocab.pick(rng, vocab.adjectives + vocab.nouns).capitalize()} {rng.choice(vocab.shop_types)}"
     info = {"name": name, "year": str(rng.randint(1890, 2020)), "hours": f"{rng.randint(6, 10)}:00-{rng.randint(17, 23)}:00"}
     lines = [name.upper() if rng.random() < 0.5 else name, f"EST. {info['year']}", f"OPEN {info['hours']}"]
     size = rng.randint(24, 44)

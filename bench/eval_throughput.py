@@ -1,4 +1,4 @@
-"""Eval generation throughput: beni's batched greedy `generate` against transformers' own
+"""Eval generation throughput: beni's batched `greedy_generate` (what the eval runs) against transformers' own
 `LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run.
 
 Both models are built from config classes with random weights (the LLaVA one holds beni's weights in LLaVA's
@@ -73,8 +73,12 @@ def run(model, prepared, new_tokens: int, device: str) -> tuple[float, list[torc
     outputs = []
     with torch.no_grad():
         for ids, mask, pixels in prepared:
-            outputs.append(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2))
+            kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "max_new_tokens": new_tokens,
+                      "min_new_tokens": new_tokens, "pad_token_id": 0, "eos_token_id": 2}
+            if isinstance(model, BeniForConditionalGeneration):
+                outputs.append(model.greedy_generate(**kwargs))
+            else:
+                outputs.append(model.generate(**kwargs, do_sample=False))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs

@@ -137,7 +137,8 @@ def generate_tokens(
     model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
 ) -> list[list[int]]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
-    prompts of similar length, left-padded, generated with the KV cache. For beni models and LLaVA exports alike."""
+    prompts of similar length, left-padded, generated with the KV cache. For beni models (their lean greedy loop) and
+    LLaVA exports (transformers' generate) alike."""
     spec = image_spec(model, tokenizer)
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -148,15 +149,18 @@ def generate_tokens(
         rows = order[start : start + settings.batch_size]
         batch = pad_batch([prompts[i] for i in rows], tokenizer.pad_token_id, padding_side="left")
         images = pixel_values([Path(image_root) / items[i]["image_path"] for i in rows], spec)
-        output = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            pixel_values=images.to(device, dtype),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        inputs = {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": batch["attention_mask"].to(device),
+            "pixel_values": images.to(device, dtype),
+            "max_new_tokens": settings.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        if isinstance(model, BeniForConditionalGeneration):
+            output = model.greedy_generate(**inputs)
+        else:
+            output = model.generate(**inputs, do_sample=False)
         new = output[:, batch["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(rows, new.tolist()):
             if tokenizer.eos_token_id in tokens:

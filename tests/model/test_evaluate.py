@@ -5,8 +5,21 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from beni_model.evaluate import EvalSettings, evaluate, generate_tokens, is_correct, load_for_eval, load_set, read_predictions, summarize
+from beni_model.chat import pad_batch
+from beni_model.evaluate import (
+    EvalSettings,
+    evaluate,
+    generate_tokens,
+    image_spec,
+    is_correct,
+    load_for_eval,
+    load_set,
+    prompt_ids,
+    read_predictions,
+    summarize,
+)
 from beni_model.export import export_llava
+from tests.model.conftest import images
 
 # ---------------------------------------------------------------- OCRBench's rule, by hand
 
@@ -139,6 +152,31 @@ def test_batching_and_left_padding_change_no_token(saved_model, tmp_path):
     alone = [generate_tokens(model, tokenizer, [item], tmp_path, EvalSettings(1, 6))[0] for item in items]
     together = generate_tokens(model, tokenizer, items, tmp_path, EvalSettings(len(items), 6))
     assert together == alone and len({tuple(t) for t in alone}) > 1  # answers that differ, so order matters
+
+
+def test_greedy_generate_gives_the_tokens_of_generate(saved_model):
+    model, tokenizer = load_for_eval(saved_model, "cpu")
+    spec, pad = image_spec(model, tokenizer), tokenizer.pad_token_id
+    batch = pad_batch([prompt_ids(question, tokenizer, spec) for _, question, *_ in ITEMS], pad, padding_side="left")
+    pixels, width = images(len(ITEMS)), batch["input_ids"].shape[1]
+    assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: left padding in play
+
+    def both(rows=slice(None), **settings) -> list[list[int]]:
+        inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows], "pixel_values": pixels[rows]}
+        settings = {"max_new_tokens": 8, "pad_token_id": pad, "min_new_tokens": 0} | settings
+        expected = model.generate(**inputs, do_sample=False, **settings)
+        assert torch.equal(model.greedy_generate(**inputs, **settings), expected)
+        return expected[:, width:].tolist()
+
+    free = both(eos_token_id=tokenizer.eos_token_id)
+    # An end token that the first row emits early and some other row never: rows stop at different steps.
+    eos = next(t for t in free[0][1:4] if any(t not in row for row in free[1:]))
+    stop = free[0].index(eos)
+    stopped = both(eos_token_id=eos)
+    assert stopped[0] == free[0][: stop + 1] + [pad] * (8 - stop - 1)
+    assert all(new == old for new, old in zip(stopped, free) if eos not in old)
+    assert both(eos_token_id=eos, min_new_tokens=stop + 1)[0][stop] != eos
+    assert len(both(rows=slice(1), eos_token_id=eos)[0]) == stop + 1  # the loop ends once every row has stopped
 
 
 def test_llava_export_answers_like_the_beni_model(saved_model, tmp_path):

@@ -128,3 +128,38 @@ def pad_batch(sequences: list[list[int]], pad_token_id: int, padding_side: str =
     if labels is not None:
         batch["labels"] = pad(labels, IGNORE_INDEX)
     return batch
+
+
+def fill_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices of consecutive sequences per row: a new row when the next one does not fit in `width` tokens."""
+    rows, used = [], width
+    for i, n in enumerate(lengths):
+        if used + n > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def pack_batch(sequences: list[list[int]], labels: list[list[int]], max_length: int, pad_token_id: int) -> dict:
+    """Concatenate sequences, in order, into rows padded at the end. `position_ids` restart at 0 for each sequence and
+    for the padding, so with no attention mask the model's attention stays inside each sequence (transformers reads
+    the blocks from position_ids); each sequence's first label is ignored, so no sequence is trained to predict the
+    next one's start. `attention_mask` marks the real tokens, for counting."""
+    lengths = [len(s) for s in sequences]
+    if max(lengths) > max_length:
+        raise ValueError(f"A sequence of {max(lengths)} tokens does not fit rows of max_length {max_length}: build it with that limit.")
+    rows = len(fill_rows(lengths, max_length))
+    # The narrowest width that needs no more rows: filled to max_length, the last row can be near-empty yet as wide.
+    width = max(max(lengths), -(-sum(lengths) // rows))
+    while len(fill_rows(lengths, width)) > rows:
+        width += 1
+    rows = fill_rows(lengths, width)
+    ids = [[t for i in row for t in sequences[i]] for row in rows]
+    row_labels = [[t for i in row for t in [IGNORE_INDEX] + labels[i][1:]] for row in rows]
+    batch = pad_batch(ids, pad_token_id, labels=row_labels)
+    width = batch["input_ids"].shape[1]
+    positions = [[p for i in row for p in range(lengths[i])] for row in rows]
+    batch["position_ids"] = torch.tensor([p + list(range(width - len(p))) for p in positions])
+    return batch

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from beni_model.chat import IMAGE_MARKER, build_example, pad_batch
+from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
@@ -53,6 +53,7 @@ class DataSettings:
     max_length: int = 2048
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
+    pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
     seed: int = 0
 
 
@@ -183,7 +184,10 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         labels.append(example.labels)
         if example.num_images:
             pixels.append(load_image(image, settings.image_size))
-    batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels)
+    if settings.pack:
+        batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id)
+    else:
+        batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels)
     if modality == "image":
         batch["pixel_values"] = (
             image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)

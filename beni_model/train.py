@@ -81,6 +81,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     text_fraction: float = 0.0
+    pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
     device: str = "auto"  # auto, cuda or cpu
@@ -401,6 +402,13 @@ def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Ten
     return loss / num_items
 
 
+def samples_in(batch: dict) -> int:
+    """Rows of a padded batch; starts of real sequences (position 0 on a real token) in a packed one."""
+    if "position_ids" not in batch:
+        return len(batch["input_ids"])
+    return int(((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum())
+
+
 def train_step(
     model, micro: list[dict], optimizer, trainable: list, max_grad_norm: float, beni_config: BeniConfig, device: torch.device
 ) -> dict:
@@ -413,7 +421,7 @@ def train_step(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
             sum(int(b["attention_mask"].sum()) for b in micro),
-            sum(len(b["input_ids"]) for b in micro),
+            sum(samples_in(b) for b in micro),
             sum(len(b.get("pixel_values", ())) for b in micro),
             sum(train_flops(beni_config, b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
         ],
@@ -427,7 +435,9 @@ def train_step(
     for i, batch in enumerate(micro):
         if world_size > 1:
             model.set_requires_gradient_sync(i == len(micro) - 1)
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
+        layout = "position_ids" if "position_ids" in batch else "attention_mask"
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", layout, "pixel_values") if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
         with autocast:
@@ -491,6 +501,7 @@ def train(config: TrainConfig) -> dict:
         tokens_per_image=beni_config.num_image_tokens(),
         max_length=config.max_length,
         text_fraction=config.text_fraction,
+        pack=config.pack,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))

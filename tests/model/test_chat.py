@@ -1,6 +1,8 @@
+import itertools
+
 import pytest
 
-from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, build_prompt, load_tokenizer, pad_batch
+from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, build_prompt, load_tokenizer, pack_batch, pad_batch
 
 N = 5  # image tokens per image
 
@@ -117,3 +119,29 @@ def test_pad_batch_sides(chatml):
     assert right["labels"].tolist() == [[1, 2, 3], [-100, -100, -100]]
     left = pad_batch([[1, 2, 3], [4]], 0, padding_side="left")
     assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]] and left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_pack_batch_fills_rows_in_order_with_positions_restarting_per_sequence():
+    lengths = [3, 4, 2, 5, 6, 1, 8, 2]
+    sequences = [[100 * i + j for j in range(n)] for i, n in enumerate(lengths)]
+    batch = pack_batch(sequences, labels=sequences, max_length=8, pad_token_id=0)
+    ids, mask, positions, labels = (batch[k].tolist() for k in ("input_ids", "attention_mask", "position_ids", "labels"))
+    assert 1 < len(ids) < len(sequences) and len(ids[0]) <= 8
+    assert len(ids) * len(ids[0]) <= len(sequences) * max(lengths)  # never more padding than one sequence per row
+    rows = []
+    for row_ids, row_mask, row_positions, row_labels in zip(ids, mask, positions, labels):
+        real = sum(row_mask)
+        assert row_mask == [1] * real + [0] * (len(row_mask) - real)  # padding only at the end
+        assert row_ids[real:] == [0] * (len(row_ids) - real) and set(row_labels[real:]) <= {IGNORE_INDEX}
+        starts = [i for i in range(real) if row_positions[i] == 0]
+        spans = list(itertools.pairwise(starts + [real]))
+        assert all(row_positions[a:b] == list(range(b - a)) for a, b in spans)
+        assert all(row_labels[a] == IGNORE_INDEX and row_labels[a + 1 : b] == row_ids[a + 1 : b] for a, b in spans)
+        rows.append([row_ids[a:b] for a, b in spans])
+    assert [s for row in rows for s in row] == sequences  # each sequence once, whole, in order
+    # A new row only when the next sequence did not fit.
+    assert all(sum(map(len, row)) + len(after[0]) > len(ids[0]) for row, after in itertools.pairwise(rows))
+    uneven = [[1] * n for n in (1, 2, 2, 2, 2, 2, 3)]  # rows of 7 + 7 tokens, not 11 + 3 in rows of 11, nor 7 rows of 3
+    assert pack_batch(uneven, uneven, max_length=12, pad_token_id=0)["input_ids"].shape == (2, 7)
+    with pytest.raises(ValueError, match="does not fit rows of max_length 4"):
+        pack_batch(sequences, sequences, max_length=4, pad_token_id=0)

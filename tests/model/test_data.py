@@ -128,3 +128,18 @@ def test_loader_workers_decode_in_order_with_padding_labels_and_uint8_images(tmp
     solid = normalize_pixels(next(b for b in batches if b["modality"] == "image")["pixel_values"][:1], (0.5,) * 3, (0.5,) * 3)[0]
     assert solid.min() >= -1 and solid.max() <= 1 and solid.std() > 0
     assert torch.allclose(solid.mean(dim=(1, 2)), solid[:, 0, 0], atol=0.05)  # a solid colour survives the resize
+
+
+def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, tokenizer):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=24, text_every=5)
+    loaders = [
+        make_loader(settings(shards, text_fraction=0.2, pack=pack), tokenizer, 0, 1, DataPosition(), 0, False) for pack in (False, True)
+    ]
+    plain, packed = ([b for b, _ in zip(loader, range(8))] for loader in loaders)
+    assert sum(len(b["input_ids"]) for b in packed) < sum(len(a["input_ids"]) for a in plain)
+    for a, b in zip(plain, packed):
+        assert (a["position"], a["modality"]) == (b["position"], b["modality"]) and "position_ids" in b
+        assert b["input_ids"].numel() <= a["input_ids"].numel() and b["input_ids"].shape[1] <= 256
+        assert torch.equal(a["input_ids"][a["attention_mask"].bool()], b["input_ids"][b["attention_mask"].bool()])
+        if a["modality"] == "image":
+            assert torch.equal(a["pixel_values"], b["pixel_values"])

@@ -6,6 +6,7 @@ each marker becomes `tokens_per_image` image tokens, and only assistant replies 
 token) carry labels.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -143,19 +144,23 @@ def fill_rows(lengths: list[int], width: int) -> list[list[int]]:
 
 
 def pack_batch(sequences: list[list[int]], labels: list[list[int]], max_length: int, pad_token_id: int) -> dict:
-    """Concatenate sequences, in order, into rows padded at the end. `position_ids` restart at 0 for each sequence and
-    for the padding, so with no attention mask the model's attention stays inside each sequence (transformers reads
-    the blocks from position_ids); each sequence's first label is ignored, so no sequence is trained to predict the
-    next one's start. `attention_mask` marks the real tokens, for counting."""
+    """Concatenate sequences, in order, into rows padded at the end, at the row width (at most `max_length`) that
+    leaves the fewest cells, rows x width: filled to max_length, the last row can be near-empty yet as wide as the
+    rest. `position_ids` restart at 0 for each sequence and for the padding, so with no attention mask the model's
+    attention stays inside each sequence (transformers reads the blocks from position_ids); each sequence's first
+    label is ignored, so no sequence is trained to predict the next one's start. `attention_mask` marks the real
+    tokens, for counting."""
     lengths = [len(s) for s in sequences]
     if max(lengths) > max_length:
         raise ValueError(f"A sequence of {max(lengths)} tokens does not fit rows of max_length {max_length}: build it with that limit.")
-    rows = len(fill_rows(lengths, max_length))
-    # The narrowest width that needs no more rows: filled to max_length, the last row can be near-empty yet as wide.
-    width = max(max(lengths), -(-sum(lengths) // rows))
-    while len(fill_rows(lengths, width)) > rows:
-        width += 1
-    rows = fill_rows(lengths, width)
+
+    def cells(rows):
+        return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+    # A row's width is the token count of a run of consecutive sequences: the only widths worth trying.
+    ends = list(itertools.accumulate(lengths, initial=0))
+    widths = sorted({b - a for i, a in enumerate(ends) for b in ends[i + 1 :] if max(lengths) <= b - a <= max_length})
+    rows = min((fill_rows(lengths, width) for width in widths), key=cells)
     ids = [[t for i in row for t in sequences[i]] for row in rows]
     row_labels = [[t for i in row for t in [IGNORE_INDEX] + labels[i][1:]] for row in rows]
     batch = pad_batch(ids, pad_token_id, labels=row_labels)

@@ -39,24 +39,17 @@ def kill_rank(torchrun: subprocess.Popen, rank: str) -> None:
     raise AssertionError(f"no rank {rank} under torchrun")
 
 
+def toy_run(shards: Path, out: Path, parts: dict, **settings) -> dict:
+    """A training config on toy shards: the tiny SigLIP + Llama, a quarter of the steps text-only."""
+    base = {"vision_model": parts["siglip"], "text_model": parts["llama"], "batch_size": 8, "lr": 3e-3, "max_length": 128, "text_fraction": 0.25}
+    return {"shards": str(shards), "output_dir": str(out), **base, **settings}
+
+
 @pytest.mark.slow
 def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
     shards = write_toy_shards(tmp_path / "shards", samples=256, per_shard=32, text_every=4)
     out = tmp_path / "run"
-    config = {
-        "shards": str(shards),
-        "output_dir": str(out),
-        "vision_model": parts["siglip"],
-        "text_model": parts["llama"],
-        "max_steps": 60,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "warmup_steps": 3,
-        "save_every": 10,
-        "workers": 1,
-        "max_length": 128,
-        "text_fraction": 0.25,
-    }
+    config = toy_run(shards, out, parts, max_steps=60, warmup_steps=3, save_every=10, workers=1)
     config_path = tmp_path / "train.json"
     config_path.write_text(json.dumps(config))
 
@@ -252,21 +245,7 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
 def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
     out = tmp_path / "run"
-    config = {
-        "shards": str(shards),
-        "output_dir": str(out),
-        "vision_model": parts["siglip"],
-        "text_model": parts["llama"],
-        "max_steps": 20,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "warmup_steps": 2,
-        "save_every": 20,
-        "workers": 0,
-        "max_length": 128,
-        "text_fraction": 0.25,
-        "pack": True,
-    }
+    config = toy_run(shards, out, parts, max_steps=20, warmup_steps=2, save_every=20, workers=0, pack=True)
     (tmp_path / "train.json").write_text(json.dumps(config))
     run = subprocess.run(torchrun_command(tmp_path / "train.json", 2), check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -107,7 +107,7 @@ CODAS = ["", "", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ck", "x"]
 
 
 def invented_word(rng: random.Random) -> str:
-    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(1, 3)))
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(rng.randint(1, 2)))
 
 
 @dataclass(frozen=True)

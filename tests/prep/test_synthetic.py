@@ -15,6 +15,7 @@ from PIL import Image
 
 from beni_model.evaluate import is_correct
 from beni_pipeline.prep import synthetic
+from beni_pipeline.prep.ocr_eval import HELD_OUT
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 SETTINGS = CorpusSettings(samples=60, seed=7, duplicate_fraction=0.1)
@@ -194,3 +195,14 @@ def test_math_answers_are_latex_scored_by_the_hme_rule():
         assert is_correct(f"The formula is {spaced}", [answer], "HME100k")
         assert not is_correct(spaced, [answer], "beni_other")  # spaces count outside HME100k
         assert not is_correct(spaced.upper(), [answer], "HME100k") or answer.upper() == answer  # case counts
+
+
+def test_the_corpus_makes_up_half_its_words_and_the_held_out_set_none():
+    def listed(vocab, draws=400):
+        rng = random.Random(0)
+        lists = {w.lower() for w in vocab.adjectives + vocab.nouns + vocab.verbs + vocab.first_names}
+        return [synthetic.word(rng, vocab).lower() in lists for _ in range(draws)]
+
+    corpus = listed(synthetic.CORPUS_VOCABULARY)
+    assert 0.35 < corpus.count(False) / len(corpus) < 0.65
+    assert all(listed(HELD_OUT))

@@ -76,6 +76,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 2048
     lr: float = 1e-4
+    part_lr: dict[str, float] = field(default_factory=dict)  # a part's own peak lr, e.g. {"vision_tower": 1e-3} for an encoder trained from scratch
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -102,6 +103,8 @@ class TrainConfig:
             problems.append("set vision_model, vision_config or init_from")
         if unknown := set(self.train_parts) - set(PARTS):
             problems.append(f"train_parts {sorted(unknown)} are not among {PARTS}")
+        if unknown := set(self.part_lr) - set(PARTS):
+            problems.append(f"part_lr names {sorted(unknown)}, which are not among {PARTS}")
         if self.lora_rank and self.stage != "finetune":
             problems.append("LoRA (lora_rank > 0) belongs to the finetune stage")
         if min(self.max_steps, self.batch_size, self.grad_accum, self.save_every) < 1:
@@ -127,6 +130,19 @@ class TrainConfig:
         config = cls(**values)
         config.validate()
         return config
+
+
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups per part (its lr from part_lr, else lr) and per kind: no weight decay on biases and norms."""
+    groups = []
+    for part in PARTS:
+        params = [p for p in getattr(beni_of(model), part).parameters() if p.requires_grad]
+        lr = config.part_lr.get(part, config.lr)
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": config.weight_decay if decay else 0.0})
+    return groups
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -475,14 +491,7 @@ def train(config: TrainConfig) -> dict:
     beni_config = beni_of(model).config
     model = shard(model, device, world_size, config.compile)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda",
-    )
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     step, position = 0, DataPosition()
@@ -525,7 +534,7 @@ def train(config: TrainConfig) -> dict:
                 {
                     "step": step,
                     "loss": stats["loss"],
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": config.lr * lr_factor(step - 1, config),  # part_lr parts scale alike
                     "grad_norm": stats["grad_norm"],
                     "skipped": int(stats["skipped"]),
                     "tokens_per_s": stats["tokens"] / seconds,

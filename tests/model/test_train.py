@@ -17,7 +17,7 @@ from beni_model.chat import build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import PARTS, TrainConfig, lr_factor, torchrun_command, train_step
+from beni_model.train import PARTS, TrainConfig, lr_factor, param_groups, torchrun_command, train_step
 from tests.model.test_data import write_toy_shards
 
 
@@ -110,6 +110,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
             TrainConfig(**base, device="cuda").validate()
     with pytest.raises(ValueError, match="stage 'pretrain'.*LoRA"):
         TrainConfig(**base, stage="pretrain", lora_rank=8).validate()
+    with pytest.raises(ValueError, match=r"part_lr names \['vision'\]"):
+        TrainConfig(**base, part_lr={"vision": 1e-3}).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
         TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
 
@@ -120,6 +122,27 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert factors[100] == pytest.approx(0.1)
+
+
+def test_part_lr_gives_a_part_its_own_step_size(build):
+    """One AdamW step moves each weight by about its group's lr (Adam's first step is lr * sign(grad)): the vision
+    tower by part_lr's 1e-2, the rest by lr's 1e-4; biases and norms get no weight decay."""
+    model, tokenizer = build()
+    model.train()
+    config = TrainConfig(shards="", output_dir="", lr=1e-4, part_lr={"vision_tower": 1e-2}, weight_decay=0.1)
+    groups = param_groups(model, config)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == sum(p.requires_grad for p in model.parameters())
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim < 2 for p in g["params"]))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    before = {part: state(getattr(model, part)) for part in PARTS}
+    ids = torch.tensor([build_example(PACKED_CONVERSATIONS[0], tokenizer, model.config.num_image_tokens()).input_ids])
+    model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss.backward()
+    optimizer.step()
+    for part, lr in (("vision_tower", 1e-2), ("connector", 1e-4), ("language_model", 1e-4)):
+        after = getattr(model, part).state_dict()
+        moved = max((after[k] - v).abs().max().item() for k, v in before[part].items() if v.is_floating_point())
+        assert lr * 0.5 < moved < lr * 1.5, (part, moved)
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

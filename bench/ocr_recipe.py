@@ -5,6 +5,8 @@ the recipe's stages under torchrun, score every stage's model on the held-out OC
     python bench/ocr_recipe.py train    --data /tmp/ocr                    # the recipe's stages, one after another
     python bench/ocr_recipe.py evaluate --data /tmp/ocr                    # results.md + results.json in --data
 
+`--override '{"align": {"max_steps": 1500}}'` changes a stage's fields for train and evaluate alike (ablations).
+
 Each step returns at once when its output is complete (the corpus, downloads and stages resume), so a run cut
 off by a machine's time limit continues where it stopped. On a CPU machine `--recipe tiny --samples 300` runs
 the same path in minutes.
@@ -38,7 +40,12 @@ from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 
 def stages(args) -> list[dict]:
-    return RECIPES[args.recipe](args.data / "parts")
+    """The recipe's stages, with --override's fields (a JSON object: stage name -> TrainConfig fields) applied."""
+    changes = json.loads(args.override)
+    recipe = RECIPES[args.recipe](args.data / "parts")
+    if unknown := set(changes) - {stage["name"] for stage in recipe}:
+        raise SystemExit(f"--override names stages {sorted(unknown)} that recipe {args.recipe} lacks")
+    return [{**stage, **changes.get(stage["name"], {})} for stage in recipe]
 
 
 def log(message: str) -> None:
@@ -173,6 +180,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=150_000)
     parser.add_argument("--chunk-size", type=int, default=10_000, help="manifest rows per download chunk")
     parser.add_argument("--tokenizer", help="folder of the recipe's LLM tokenizer and config (default: the recipe's LLM)")
+    parser.add_argument("--override", default="{}", help='stage fields to change, e.g. \'{"finetune": {"max_steps": 3000}}\'')
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--per-category", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="eval batch size")

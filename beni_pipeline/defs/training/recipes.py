@@ -89,8 +89,8 @@ def tiny(cache: Path) -> list[dict]:
 def smollm2_siglip(cache: Path) -> list[dict]:
     """SmolLM2-135M-Instruct + a SigLIP ViT trained from scratch, about ten minutes on one H100. A short align stage
     (vision tower and connector under the frozen LLM) starts the connector; then everything trains. Measured on the
-    H100: align at 5e-4 diverged at step 846; this recipe (3000 finetune steps, 617 s) scored 0/500 held out: it
-    learns each genre's answer form, not to read (bench/BENCHMARKS.md)."""
+    H100: align at 5e-4 diverged at step 846; this recipe (3000 finetune steps, 617 s) scored 0/500 held out, and so
+    did a 2000-step align at 3e-4: it learns each genre's answer form, not to read (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from beni_model.data import image_batch, load_image, normalization, normalize_pixels
+from beni_model.data import image_batch, load_image, normalization, normalize_pixels, read_samples, shard_paths
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
 from beni_model.train import TrainConfig, torchrun_command
 from beni_model.vision import vision_encoder_from_config
@@ -106,13 +106,12 @@ class Glyphs(torch.utils.data.Dataset):
     """(uint8 [3, size, size] image, class) pairs from the training tars, decoded as the trainer decodes."""
 
     def __init__(self, shards: Path, image_size: int):
-        self.items, self.image_size = [], image_size
-        for path in sorted(shards.glob("*.tar")):
-            with tarfile.open(path) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}
-            for key in sorted({name.split(".")[0] for name in members}):
-                answer = json.loads(members[f"{key}.json"])["conversations"][1]["value"]
-                self.items.append((members[f"{key}.jpg"], GLYPHS.index(answer)))
+        self.image_size = image_size
+        self.items = [
+            (sample["jpg"], GLYPHS.index(json.loads(sample["json"])["conversations"][1]["value"]))
+            for path in shard_paths(shards)
+            for sample in read_samples(path)
+        ]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -340,7 +340,8 @@ class Reporter:
     def _read(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        # Complete lines only: a run killed while writing one leaves a fragment after the last newline.
+        return [json.loads(line) for line in self.path.read_text().split("\n")[:-1] if line.strip()]
 
     def info(self, message: str) -> None:
         print(message, flush=True)

@@ -17,13 +17,14 @@ from beni_model.chat import build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import PARTS, TrainConfig, lr_factor, param_groups, torchrun_command, train_step
+from beni_model.train import PARTS, Reporter, TrainConfig, lr_factor, param_groups, torchrun_command, train_step
 from tests.model.test_data import write_toy_shards
 
 
 def rows(out: Path) -> list[dict]:
+    """The complete lines of metrics.jsonl: the trainer may be writing the last one as we read."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 def launch(config_path: Path, log: Path) -> subprocess.Popen:
@@ -114,6 +115,16 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, part_lr={"vision": 1e-3}).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
         TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
+
+
+def test_a_resumed_run_drops_a_half_written_metrics_line(tmp_path):
+    """A run killed while appending to metrics.jsonl leaves a fragment; the resumed run keeps the complete rows up
+    to its checkpoint and drops the rest."""
+    rows_written = [{"step": step, "loss": 1.0 / step} for step in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_written) + '{"step": 5, "lo')
+    reporter = Reporter(TrainConfig(shards="", output_dir=str(tmp_path)), tmp_path, start_step=3)
+    assert reporter.rows == rows_written[:3]
+    assert rows(tmp_path) == rows_written[:3]
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, Sigl
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_pipeline.defs.evaluation.assets import ocr_eval_report, report_covers_every_sample
+from beni_pipeline.defs.evaluation.assets import EvalSetConfig, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.ocr_eval import CATEGORIES
@@ -100,3 +100,9 @@ def test_half_configured_ocrbench_is_refused(data):
         result = dg.materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": config}}})
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "Set both ocrbench_json and ocrbench_images" in str(failure.event_specific_data.error)
+
+
+def test_eval_batch_size_follows_the_device_unless_set():
+    assert EvalSetConfig(device="cpu").eval_settings().batch_size == 16
+    assert EvalSetConfig(device="cuda:0").eval_settings().batch_size == 256
+    assert EvalSetConfig(device="cuda", batch_size=8).eval_settings().batch_size == 8

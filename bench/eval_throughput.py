@@ -20,6 +20,7 @@ import torch
 from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from beni_model.config import BeniConfig
+from beni_model.evaluate import greedy
 from beni_model.export import llava_config, llava_state_dict
 from beni_model.modeling import BeniForConditionalGeneration
 
@@ -75,10 +76,7 @@ def run(model, prepared, new_tokens: int, device: str) -> tuple[float, list[torc
         for ids, mask, pixels in prepared:
             kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "max_new_tokens": new_tokens,
                       "min_new_tokens": new_tokens, "pad_token_id": 0, "eos_token_id": 2}
-            if isinstance(model, BeniForConditionalGeneration):
-                outputs.append(model.greedy_generate(**kwargs))
-            else:
-                outputs.append(model.generate(**kwargs, do_sample=False))
+            outputs.append(greedy(model, **kwargs))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs

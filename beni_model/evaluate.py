@@ -133,6 +133,13 @@ def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
 
 
 @torch.no_grad()
+def greedy(model, **inputs) -> torch.LongTensor:
+    """Prompt ids + greedy new tokens: beni models through their lean loop, LLaVA exports through `generate`."""
+    if isinstance(model, BeniForConditionalGeneration):
+        return model.greedy_generate(**inputs)
+    return model.generate(**inputs, do_sample=False)
+
+
 def generate_tokens(
     model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
 ) -> list[list[int]]:
@@ -157,11 +164,7 @@ def generate_tokens(
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        if isinstance(model, BeniForConditionalGeneration):
-            output = model.greedy_generate(**inputs)
-        else:
-            output = model.generate(**inputs, do_sample=False)
-        new = output[:, batch["input_ids"].shape[1] :].cpu()
+        new = greedy(model, **inputs)[:, batch["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(rows, new.tolist()):
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
@@ -172,6 +175,10 @@ def generate_tokens(
 # ---------------------------------------------------------------- models
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_for_eval(model_dir: str | Path, device: str | None = None):
     """(model, tokenizer) from a saved beni folder, a quantized export of one, or a LLaVA export, ready to generate:
     bf16 on a GPU, float32 on CPU; every part frozen (inference only)."""
@@ -179,7 +186,7 @@ def load_for_eval(model_dir: str | Path, device: str | None = None):
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No model at {model_dir}: expected a save_pretrained folder with config.json.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if json.loads(config_file.read_text()).get("model_type") == "llava":
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device)

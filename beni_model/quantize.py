@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 
-from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
+from beni_model.evaluate import EvalSettings, default_device, evaluate, load_for_eval
 from beni_model.export import export_llava
 from beni_model.modeling import BeniForConditionalGeneration
 
@@ -41,10 +41,6 @@ class QuantizeSettings:
     schemes: tuple[str, ...] = SCHEMES
     llava: bool = True  # also write (and score) the LLaVA-format export where the model's parts allow it
     eval: EvalSettings = field(default_factory=EvalSettings)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def compute_dtype(device: str) -> torch.dtype:

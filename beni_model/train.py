@@ -318,12 +318,19 @@ class Checkpoints:
         return trainer["step"], DataPosition(**extra["position"])
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, complete lines only: the one being written, or cut by a kill, is left out."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
+
+
 class Reporter:
     """Rank 0's outlets: metrics.jsonl (cut back to the resumed step), wandb, Dagster Pipes."""
 
     def __init__(self, config: TrainConfig, out: Path, start_step: int):
         self.path = out / "metrics.jsonl"
-        self.rows = [r for r in self._read() if r["step"] <= start_step]
+        self.rows = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.pipes = self.wandb = None
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
@@ -336,12 +343,6 @@ class Reporter:
 
             os.environ.setdefault("WANDB_MODE", "offline")
             self.wandb = wandb.init(project="beni", dir=str(out), config=asdict(config), resume="allow", id=out.name)
-
-    def _read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        # Complete lines only: a run killed while writing one leaves a fragment after the last newline.
-        return [json.loads(line) for line in self.path.read_text().split("\n")[:-1] if line.strip()]
 
     def info(self, message: str) -> None:
         print(message, flush=True)

@@ -17,14 +17,12 @@ from beni_model.chat import build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import PARTS, Reporter, TrainConfig, lr_factor, param_groups, torchrun_command, train_step
+from beni_model.train import PARTS, Reporter, TrainConfig, lr_factor, param_groups, read_metrics, torchrun_command, train_step
 from tests.model.test_data import write_toy_shards
 
 
 def rows(out: Path) -> list[dict]:
-    """The complete lines of metrics.jsonl: the trainer may be writing the last one as we read."""
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
+    return read_metrics(out / "metrics.jsonl")  # complete lines only: the trainer may be writing the next
 
 
 def launch(config_path: Path, log: Path) -> subprocess.Popen:

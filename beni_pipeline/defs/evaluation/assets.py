@@ -3,9 +3,8 @@ from pathlib import Path
 
 import dagster as dg
 import pydantic
-import torch
 
-from beni_model.evaluate import FIELDS, EvalSettings, evaluate, load_for_eval, read_predictions, score_line
+from beni_model.evaluate import FIELDS, EvalSettings, default_device, evaluate, load_for_eval, read_predictions, score_line
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
@@ -26,7 +25,7 @@ class EvalSetConfig(Config):
 
     def eval_settings(self) -> EvalSettings:
         # On the H100 decode throughput still rises from batch 64 to 256 and beyond (bench/BENCHMARKS.md).
-        on_gpu = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        on_gpu = (self.device or default_device()).startswith("cuda")
         return EvalSettings(batch_size=self.batch_size or (256 if on_gpu else 16), max_new_tokens=self.max_new_tokens)
 
 

@@ -36,7 +36,8 @@ CORPUS = [
 ]
 torch.set_num_threads(1)  # tiny models: threads cost more than they give on a shared 2-core machine
 IMAGE_SIZE = 32
-TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+# 64 wide: bitsandbytes 0.50's CPU 4-bit kernels need in_features to be a multiple of their block size (64).
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": 8}
 
 

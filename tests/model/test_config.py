@@ -3,6 +3,7 @@ from transformers import SiglipVisionConfig
 
 from beni_model.config import BeniConfig
 from beni_model.connectors import ConnectorSpec, parse_connector
+from tests.model.conftest import TEXT
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,7 @@ def test_token_counts_per_connector(parts):
         ({"connector": "pixelshuffle2_mlp", "keep_cls": True, "vision": "clip"}, "set keep_cls=False"),
         ({"image_size": 36}, "not a multiple of the encoder's patch size 8"),
         ({"vision_feature_layer": 5}, "out of range for an encoder with 2 layers"),
-        ({"connector": "perceiver_8x1_h3"}, "3 heads must divide the LLM width 32"),
+        ({"connector": "perceiver_8x1_h3"}, "3 heads must divide the LLM width 64"),
         ({"connector": "perceiver_8x1_h4_kv3"}, "3 kv heads must divide 4"),
     ],
 )
@@ -70,7 +71,7 @@ def test_invalid_combinations_fail_at_config_time(parts, kwargs, message):
 def test_nested_configs_resolved_from_paths_and_round_trip(parts, tmp_path):
     config = BeniConfig(vision_model=parts["clip"], text_model=parts["llama"], connector="pixelshuffle2_mlp", vision_feature_layer=-2)
     assert config.vision_config.model_type == "clip_vision_model"
-    assert config.text_config.hidden_size == 32 and config.tie_word_embeddings
+    assert config.text_config.hidden_size == TEXT["hidden_size"] and config.tie_word_embeddings
     config.save_pretrained(tmp_path)
     again = BeniConfig.from_pretrained(tmp_path)
     assert again.vision_config.to_dict() == config.vision_config.to_dict()

@@ -2,10 +2,11 @@
 recipe's own model (SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred
 steps by the real trainer with one thing changed per variant, then asked "What is written in the image?" on
 held-out characters. The `vit` variant is the reference: the same ViT with a linear head on its mean feature,
-no LLM.
+no LLM. Variants ending in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv
+stem.
 
     python bench/glyph_probe.py data --data /tmp/glyph                 # 40,000 training and 300 test images
-    python bench/glyph_probe.py run  --data /tmp/glyph [--variants base vision_lr frozen_llm vit] [--steps 400]
+    python bench/glyph_probe.py run  --data /tmp/glyph [--variants frozen_llm frozen_llm_patchify vit vit_patchify] [--steps 400]
     python bench/glyph_probe.py data --data /tmp/g --samples 2000 --test 20 && python bench/glyph_probe.py run --data /tmp/g --recipe tiny --steps 5
 
 Each variant prints one JSON line (exact-match accuracy on the test characters, final loss, seconds) and adds it
@@ -36,11 +37,15 @@ from beni_pipeline.prep import synthetic as syn
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 QUESTION = "What is written in the image?"
 PER_SHARD = 1000
+FROZEN_LLM = {"train_parts": ["vision_tower", "connector"], "lr": 1e-3}
 VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "base": {},
     "vision_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}},
-    "frozen_llm": {"train_parts": ["vision_tower", "connector"], "lr": 1e-3},
+    "frozen_llm": FROZEN_LLM,
+    "frozen_llm_patchify": {**FROZEN_LLM, "vision_stem": None},
+    "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
     "vit": {"lr": 1e-3},
+    "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }
 
 
@@ -121,13 +126,13 @@ class Glyphs(torch.utils.data.Dataset):
         return image_batch([load_image(data, self.image_size)])[0], label
 
 
-def run_vit(args) -> dict:
+def run_vit(args, name: str) -> dict:
     """The recipe's ViT alone, mean-pooled into a linear head over the 36 characters: how fast it learns letters."""
-    config = stage_config(args, "vit")
+    config = stage_config(args, name)
     vision = AutoConfig.for_model(**config.vision_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(config.seed)
-    encoder = vision_encoder_from_config(vision).to(device)
+    encoder = vision_encoder_from_config(vision, config.vision_stem).to(device)
     head = torch.nn.Linear(vision.hidden_size, len(GLYPHS)).to(device)
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95))
@@ -162,7 +167,7 @@ def run_vit(args) -> dict:
 def run(args) -> None:
     for name in args.variants:
         start = time.perf_counter()
-        result = run_vit(args) if name == "vit" else run_vlm(args, name)
+        result = run_vit(args, name) if name.startswith("vit") else run_vlm(args, name)
         row = {"variant": name, "steps": args.steps, **VARIANTS[name], **result, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)
         with open(args.data / "results.jsonl", "a") as f:

@@ -33,6 +33,7 @@ class BeniConfig(PretrainedConfig):
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
     connector: str = "mlp2x_gelu"
+    vision_stem: str | None = None  # "conv": a conv stack replaces the encoder's patchify (vision.ConvStem), from scratch only
     vision_feature_layer: int = -1
     keep_cls: bool = False
     image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
@@ -83,6 +84,13 @@ class BeniConfig(PretrainedConfig):
                 raise ValueError(f"Vision config {vision.model_type!r} has no {field}: beni needs a ViT-like encoder that maps pixel_values to patch hidden states.")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple.")
+        if self.vision_stem is not None:
+            if self.vision_stem != "conv":
+                raise ValueError(f"vision_stem {self.vision_stem!r} is unknown: use 'conv' or leave it unset.")
+            if self.vision_model:
+                raise ValueError(f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding.")
+            if self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}.")
         layers = vision.num_hidden_layers
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last).")

@@ -13,6 +13,8 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
     config, spec = model.config, model.config.connector_spec
     if config.vision_config.model_type not in LLAVA_ENCODERS:
         raise ValueError(f"LLaVA export needs a CLIP or SigLIP vision tower, not {config.vision_config.model_type!r}.")
+    if config.vision_stem:
+        raise ValueError(f"LLaVA export needs the encoder's own patch embedding; this model has vision_stem={config.vision_stem!r}.")
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")
     if config.image_size != config.vision_config.image_size:

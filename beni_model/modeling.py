@@ -19,7 +19,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
 
     def __init__(self, config: BeniConfig):
         super().__init__(config)
-        self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config))
+        self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config, config.vision_stem))
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()

@@ -53,6 +53,7 @@ from beni_model.data import (
     shard_paths,
 )
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.vision import conv_stem_flops
 
 PARTS = ("vision_tower", "connector", "language_model")
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
@@ -67,6 +68,7 @@ class TrainConfig:
     vision_config: dict | None = None  # e.g. {"model_type": "siglip_vision_model", "image_size": 224, ...}
     init_from: str | None = None  # a saved beni model (an earlier stage's final/) instead of the parts
     connector: str = "mlp2x_gelu"
+    vision_stem: str | None = None  # "conv": a conv stem instead of the encoder's patchify (BeniConfig.vision_stem)
     image_size: int | None = None
     stage: str = "finetune"  # "align": the connector alone; "finetune": train_parts, or LoRA when lora_rank > 0
     train_parts: list[str] = field(default_factory=lambda: list(PARTS))
@@ -163,6 +165,7 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             vision_config=config.vision_config,
             text_model=config.text_model,
             connector=config.connector,
+            vision_stem=config.vision_stem,
             image_size=config.image_size,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
@@ -231,6 +234,8 @@ def train_flops(beni_config: BeniConfig, tokens: int, seq_len: int, images: int)
     dv = vision.hidden_size
     vision_params = vision.num_hidden_layers * (4 * dv * dv + 2 * dv * vision.intermediate_size)
     vis = images * (6 * vision_params * patches + 12 * vision.num_hidden_layers * dv * patches * patches)
+    if beni_config.vision_stem:
+        vis += images * 3 * conv_stem_flops(beni_config.patch_size, dv, beni_config.image_size)
     return llm + vis
 
 

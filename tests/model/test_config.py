@@ -60,6 +60,8 @@ def test_token_counts_per_connector(parts):
         ({"vision_feature_layer": 5}, "out of range for an encoder with 2 layers"),
         ({"connector": "perceiver_8x1_h3"}, "3 heads must divide the LLM width 64"),
         ({"connector": "perceiver_8x1_h4_kv3"}, "3 kv heads must divide 4"),
+        ({"vision_stem": "conv"}, "for an encoder trained from scratch"),
+        ({"vision_stem": "resnet"}, "vision_stem 'resnet' is unknown"),
     ],
 )
 def test_invalid_combinations_fail_at_config_time(parts, kwargs, message):

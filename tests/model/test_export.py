@@ -2,8 +2,11 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from beni_model.chat import load_tokenizer
+from beni_model.config import BeniConfig
 from beni_model.export import export_llava
-from tests.model.conftest import images
+from beni_model.modeling import BeniForConditionalGeneration
+from tests.model.conftest import VISION, images
 from tests.model.test_modeling import TEXT_ONLY, TWO_IMAGES, batch_for
 
 
@@ -32,4 +35,11 @@ def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer
 def test_llava_export_refuses_what_llava_cannot_hold(build, tmp_path, vision, connector, kwargs, message):
     model, _ = build(vision, "llama", connector, **kwargs)
     with pytest.raises(ValueError, match=message):
+        export_llava(model, tmp_path)
+
+
+def test_llava_export_refuses_a_conv_stem(parts, tmp_path):
+    config = BeniConfig(vision_config={"model_type": "siglip_vision_model", **VISION}, text_model=parts["llama"], vision_stem="conv")
+    model = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"], config.image_token))
+    with pytest.raises(ValueError, match="needs the encoder's own patch embedding"):
         export_llava(model, tmp_path)

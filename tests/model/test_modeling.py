@@ -3,11 +3,13 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils.flop_counter import FlopCounterMode
 
 from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from tests.model.conftest import images
+from beni_model.vision import ConvStem, conv_stem_flops
+from tests.model.conftest import VISION, images
 
 TWO_IMAGES = [
     {"from": "human", "value": "What is written?"},
@@ -152,3 +154,28 @@ def test_freeze_flags(build):
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     assert not any(p.requires_grad for p in model.language_model.parameters())
     assert all(p.requires_grad for p in model.connector.parameters())
+
+
+def test_conv_stem_trains_saves_and_reloads(parts, tmp_path):
+    vision = {"model_type": "siglip_vision_model", **VISION}
+    config = BeniConfig(vision_config=vision, text_model=parts["llama"], vision_stem="conv")
+    tokenizer = load_tokenizer(parts["llama"], config.image_token)
+    torch.manual_seed(0)
+    model = BeniForConditionalGeneration.from_parts(config, tokenizer)
+    stem = model.vision_tower.encoder.embeddings.patch_embedding
+    assert isinstance(stem, ConvStem) and len([m for m in stem if isinstance(m, torch.nn.MaxPool2d)]) == 3  # 8 px patches
+    batch = batch_for(model, tokenizer, [TWO_IMAGES, TEXT_ONLY])
+    model(**batch, pixel_values=images(2)).loss.backward()
+    assert stem[0].weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = BeniForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.vision_tower.encoder.embeddings.patch_embedding, ConvStem)
+    with torch.no_grad():  # eval mode: BatchNorm's running statistics were saved with the weights
+        assert torch.equal(model.eval()(**batch, pixel_values=images(2)).logits, loaded(**batch, pixel_values=images(2)).logits)
+
+
+def test_conv_stem_flops_match_torch_count():
+    stem = ConvStem(patch_size=16, hidden_size=48)
+    with FlopCounterMode(display=False) as counter:
+        assert stem(torch.zeros(1, 3, 64, 64)).shape == (1, 48, 4, 4)
+    assert counter.get_total_flops() == conv_stem_flops(16, 48, 64)

@@ -62,7 +62,8 @@ PEN_INKS = ((25, 45, 150), (20, 20, 30), (35, 35, 110), (80, 80, 90), (140, 25, 
 
 READ_QUESTIONS = ("What is written in the image?", "What does the text say?", "Read the text in the image.",
                   "What text appears in this image?", "Transcribe the text in the image.",
-                  "What is the text in the image?")
+                  "What is the text in the image?",
+                  "what is written in the image?")  # OCRBench's recognition prompt as it asks it: "what" is another token than "What"
 KIND_QUESTIONS = {
     "word": READ_QUESTIONS + ("What word is shown in the image?", "Which word is written here?"),
     "digits": READ_QUESTIONS + ("What number is shown in the image?", "Which digits are written in the image?"),

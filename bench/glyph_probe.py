@@ -1,5 +1,5 @@
-"""Can the GPU recipe's model learn to see letters? One large printed character (36 classes) per image, the
-recipe's own model (SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred
+"""Can the GPU recipe's model learn to see letters? One large printed character (36 classes) per image (or a
+string of `--chars` of them, to see whether letters are read in order too), the recipe's own model (SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred
 steps by the real trainer with one thing changed per variant, then asked "What is written in the image?" on
 held-out characters. The `vit` variant is the reference: the same ViT with a linear head on its mean feature,
 no LLM. Variants ending in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv
@@ -7,10 +7,12 @@ stem.
 
     python bench/glyph_probe.py data --data /tmp/glyph                 # 40,000 training and 300 test images
     python bench/glyph_probe.py run  --data /tmp/glyph [--variants frozen_llm frozen_llm_patchify vit vit_patchify] [--steps 400]
+    python bench/glyph_probe.py data --data /tmp/glyph3 --chars 3 && python bench/glyph_probe.py run --data /tmp/glyph3 --variants frozen_llm
     python bench/glyph_probe.py data --data /tmp/g --samples 2000 --test 20 && python bench/glyph_probe.py run --data /tmp/g --recipe tiny --steps 5
 
-Each variant prints one JSON line (exact-match accuracy on the test characters, final loss, seconds) and adds it
-to DATA/results.jsonl.
+Each variant prints one JSON line (exact-match accuracy on the test strings, the share of characters right in
+place, final loss, seconds) and adds it to DATA/results.jsonl. The `vit` variants classify one character: they
+need `--chars 1`.
 """
 
 import argparse
@@ -49,19 +51,19 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
 }
 
 
-def glyph(seed: str) -> tuple[str, bytes]:
+def glyph(seed: str, chars: int) -> tuple[str, bytes]:
     rng = random.Random(seed)
-    text = rng.choice(GLYPHS)
+    text = "".join(rng.choices(GLYPHS, k=chars))
     image = syn.render_text(rng, text, syn.text_style(rng, backgrounds=("plain", "textured"), size=(60, 90), blur=False))
     return text, syn.jpeg(image)
 
 
-def write_shard(task: tuple[Path, int]) -> dict:
-    folder, k = task
+def write_shard(task: tuple[Path, int, int]) -> dict:
+    folder, k, chars = task
     name = f"glyphs-{k:05d}.tar"
     with tarfile.open(folder / name, "w") as tar:
         for i in range(k * PER_SHARD, (k + 1) * PER_SHARD):
-            text, jpg = glyph(f"glyph:{i}")
+            text, jpg = glyph(f"glyph:{i}", chars)
             meta = {"conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": text}]}
             for ext, data in (("json", json.dumps(meta).encode()), ("jpg", jpg)):
                 info = tarfile.TarInfo(f"{i:07d}.{ext}")
@@ -75,11 +77,11 @@ def make_data(args) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     test.mkdir(parents=True, exist_ok=True)
     with multiprocessing.get_context("spawn").Pool() as pool:
-        entries = pool.map(write_shard, [(shards, k) for k in range(args.samples // PER_SHARD)])
-    (shards / "index.json").write_text(json.dumps({"wids_version": 1, "name": "glyphs", "shardlist": entries}))
+        entries = pool.map(write_shard, [(shards, k, args.chars) for k in range(args.samples // PER_SHARD)])
+    (shards / "index.json").write_text(json.dumps({"wids_version": 1, "name": "glyphs", "chars": args.chars, "shardlist": entries}))
     items = []
     for i in range(args.test):
-        text, jpg = glyph(f"test:{i}")
+        text, jpg = glyph(f"test:{i}", args.chars)
         (test / f"{i}.jpg").write_bytes(jpg)
         items.append(
             {"dataset_name": "glyphs", "id": i, "image_path": f"{i}.jpg", "question": QUESTION, "answers": [text], "type": "glyph"}
@@ -101,10 +103,16 @@ def run_vlm(args, name: str) -> dict:
     subprocess.run(torchrun_command(path, 1), check=True)
     model, tokenizer = load_for_eval(Path(config.output_dir) / "final")
     out = Path(config.output_dir) / "eval"
-    evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=4))
+    chars = json.loads((args.data / "shards" / "index.json").read_text()).get("chars", 1)
+    evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {"accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
+    return {
+        "accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows),
+        "chars_in_place": round(in_place, 3),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+    }
 
 
 class Glyphs(torch.utils.data.Dataset):
@@ -165,6 +173,9 @@ def run_vit(args, name: str) -> dict:
 
 
 def run(args) -> None:
+    chars = json.loads((args.data / "shards" / "index.json").read_text()).get("chars", 1)
+    if chars != 1 and any(name.startswith("vit") for name in args.variants):
+        raise SystemExit(f"the vit variants classify one character; {args.data} holds strings of {chars}")
     for name in args.variants:
         start = time.perf_counter()
         result = run_vit(args, name) if name.startswith("vit") else run_vlm(args, name)
@@ -180,6 +191,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench/out/glyph"))
     parser.add_argument("--samples", type=int, default=40_000)
     parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--chars", type=int, default=1, help="characters per image (data step)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--recipe", default="smollm2-siglip", choices=sorted(RECIPES), help="whose finetune stage (tiny: a CPU smoke run)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))

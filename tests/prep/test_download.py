@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -44,6 +45,7 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "loop": ("failed", "too_many_redirects", 0),
         "reset": ("failed", "connection_error", 0),
         "refused": ("failed", "connection_error", 0),
+        "unanswered": ("failed", "timeout", 0),
         "rotated": ("ok", "", 200),
         "localfile": ("ok", "", 0),
         "fileurl": ("ok", "", 0),
@@ -54,6 +56,7 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "ctrlchar": ("failed", "invalid_url", 0),
     }
     closed = socket_port_closed()
+    listener, backlog = socket_never_answering()
     u = fault_server.url
     urls = {
         "a0": f"{u}/img/0.jpg",
@@ -71,6 +74,7 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "loop": f"{u}/loop",
         "reset": f"{u}/reset.jpg",
         "refused": f"http://127.0.0.1:{closed}/x.jpg",
+        "unanswered": f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg",
         "rotated": f"{u}/rotated.jpg",
         "localfile": str(local),
         "fileurl": local.as_uri(),
@@ -81,6 +85,8 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "ctrlchar": "http://exa\x00mple.org/x.jpg",
     }
     summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
+    for sock in [listener, *backlog]:
+        sock.close()
     index = by_id(read_index(tmp_path / "out"))
     got = {k: (r["status"], r["reason"], r["http_status"]) for k, r in index.items()}
     assert got == expected
@@ -101,13 +107,26 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
 
 
 def socket_port_closed() -> int:
-    import socket
-
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def socket_never_answering() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: Linux drops further SYNs, so a connect hangs until it times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    backlog = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        backlog.append(s)
+    time.sleep(0.1)  # let the handshakes of the backlog complete
+    return listener, backlog
 
 
 @pytest.mark.parametrize(

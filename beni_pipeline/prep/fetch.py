@@ -1,0 +1,301 @@
+"""The download worker: one process of `download.download_chunk`, with its own asyncio loop and httpx client.
+
+It reads its job (rows, settings, part prefix) as JSON on stdin, fetches and re-encodes every row, and commits
+results in parts of `part_size` rows: it renames the part's tar into place, then prints the part's index rows as
+one JSON line for the parent, which writes the part's parquet last. Images are decoded and re-encoded on the loop:
+handing them to threads cost more CPU than it saved (bench/BENCHMARKS.md). The worker imports no pyarrow, a
+worker's biggest start-up cost (~0.25 s of CPU).
+"""
+
+import asyncio
+import email.utils
+import io
+import json
+import logging
+import os
+import random
+import sys
+import tarfile
+import time
+import traceback
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pydantic
+import uvloop
+from httpx_aiohttp import HttpxAiohttpClient
+
+from beni_pipeline.prep.images import ImageFormat, ImageRejected, ProcessedImage, ResizeMode, process_image
+
+log = logging.getLogger("beni.download")
+
+MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is treated as failing, not waited on
+
+
+class DownloadSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    workers: int = pydantic.Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    concurrency: int = pydantic.Field(64, ge=1, description="requests in flight per worker")
+    per_host: int = pydantic.Field(16, ge=1, description="requests in flight per host per worker")
+    connect_timeout: float = pydantic.Field(10.0, gt=0)
+    read_timeout: float = pydantic.Field(20.0, gt=0)
+    retries: int = pydantic.Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
+    backoff: float = pydantic.Field(0.5, ge=0, description="first retry delay in seconds, doubled each retry")
+    max_redirects: int = pydantic.Field(5, ge=0)
+    max_bytes: int = pydantic.Field(32 * 2**20, ge=1)
+    max_pixels: int = pydantic.Field(64_000_000, ge=1, description="decompression-bomb bound")
+    min_side: int = pydantic.Field(16, ge=1)
+    resize_mode: ResizeMode = "longest_edge"
+    image_size: int = pydantic.Field(512, ge=8)
+    image_format: ImageFormat = "jpg"
+    quality: int = pydantic.Field(90, ge=1, le=100)
+    schemes: list[str] = pydantic.Field(["http", "https", "file"], description="allowed URL schemes")
+    part_size: int = pydantic.Field(256, ge=1, description="rows per committed part (the resume step)")
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, http_status: int = 0):
+        super().__init__(reason)
+        self.reason, self.http_status = reason, http_status
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, http_status: int = 0, wait: float = 0.0):
+        super().__init__(reason)
+        self.reason, self.http_status, self.wait = reason, http_status, wait
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    try:
+        uvloop.run(_fetch_all(job["todo"], Path(job["out_dir"]), DownloadSettings(**job["settings"]), job["prefix"], job["parent"]))
+        _say({"finished": True})
+    except BaseException:
+        _say({"error": traceback.format_exc()})
+        raise
+    os._exit(0)  # all is on disk and said: tearing the interpreter down would only cost ~0.1 s of CPU
+
+
+def _say(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, parent: int) -> None:
+    writer = _PartWriter(out_dir, prefix, s)
+    hosts: dict[str, _Host] = {}
+    # httpx on aiohttp's transport costs about half the CPU per request of httpx's own (bench/BENCHMARKS.md).
+    # The transport hands httpx's pool timeout to aiohttp's `connect` (pool wait, DNS, connect and TLS): a connect timeout.
+    client = HttpxAiohttpClient(
+        timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
+        limits=httpx.Limits(max_connections=s.concurrency),
+        follow_redirects=True,
+        max_redirects=s.max_redirects,
+    )
+
+    async def one(sample_id: str, url: str) -> None:
+        status = 0
+        try:
+            try:
+                parts = urllib.parse.urlsplit(url)
+            except ValueError:
+                raise _Failed("invalid_url") from None
+            scheme = parts.scheme.lower()
+            if (scheme or "file") not in s.schemes:
+                raise _Failed("scheme_not_allowed")
+            if scheme in ("", "file"):
+                data = _read_local(url, s.max_bytes)
+            else:
+                host = hosts.setdefault(parts.netloc, _Host(s.per_host))
+                data, status = await _fetch(client, host, url, s)
+            image = _process(data, s)
+            writer.add(sample_id, status, len(data), image)
+        except _Failed as f:
+            writer.fail(sample_id, f.reason, f.http_status or status)
+
+    pending = iter(todo)
+
+    async def run() -> None:  # `concurrency` of these bound the requests in flight
+        for sample_id, url in pending:
+            await one(sample_id, url)
+
+    watchdog = asyncio.create_task(_exit_with_parent(parent))
+    try:
+        await asyncio.gather(*(run() for _ in range(s.concurrency)))
+        writer.commit()
+    finally:
+        watchdog.cancel()
+        await client.aclose()
+
+
+async def _exit_with_parent(parent: int) -> None:
+    """A killed parent cannot stop its workers; they stop themselves rather than write on unsupervised."""
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    os._exit(1)
+
+
+class _Host:
+    """Per-host limit and backoff: a 429 or 5xx from a host delays every request to it."""
+
+    def __init__(self, per_host: int):
+        self.slots = asyncio.Semaphore(per_host)
+        self.not_before = 0.0
+
+    async def wait(self) -> None:
+        delay = self.not_before - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: DownloadSettings) -> tuple[bytes, int]:
+    for attempt in range(s.retries + 1):
+        try:
+            async with host.slots:
+                await host.wait()
+                return await _get(client, url, s.max_bytes)
+        except _Retry as r:
+            last = r
+        except httpx.TooManyRedirects:
+            raise _Failed("too_many_redirects") from None
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a redirect to a non-HTTP URL
+            raise _Failed("invalid_url") from None
+        except httpx.TransportError as e:
+            last = _Retry("timeout" if _is_timeout(e) else "connection_error")
+        if attempt == s.retries or last.wait > MAX_RETRY_AFTER_S:
+            break
+        delay = max(last.wait, s.backoff * 2**attempt * (0.5 + random.random()))
+        host.not_before = max(host.not_before, time.monotonic() + delay)
+    raise _Failed(last.reason, last.http_status)
+
+
+async def _get(client: httpx.AsyncClient, url: str, max_bytes: int) -> tuple[bytes, int]:
+    async with client.stream("GET", url) as response:
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise _Retry("http_error", status, _retry_after(response.headers.get("retry-after")))
+        if status != 200:
+            raise _Failed("http_error", status)
+        if int(response.headers.get("content-length") or 0) > max_bytes:
+            raise _Failed("too_large", status)
+        body = bytearray()
+        try:
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > max_bytes:
+                    raise _Failed("too_large", status)
+        except httpx.TransportError as e:
+            if _is_timeout(e):
+                raise
+            raise _Retry("truncated", status) from None
+        return bytes(body), status
+
+
+def _is_timeout(e: httpx.TransportError) -> bool:
+    """httpx-aiohttp 0.2 maps every aiohttp connection error, a refused or reset connection too, to ConnectTimeout;
+    aiohttp's own timeouts are TimeoutErrors."""
+    return isinstance(e, httpx.TimeoutException) and isinstance(e.__cause__, TimeoutError)
+
+
+def _retry_after(value: str | None) -> float:
+    if not value:
+        return 0.0
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _read_local(url: str, max_bytes: int) -> bytes:
+    path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise _Failed("too_large")
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise _Failed("missing_file") from None
+    except PermissionError:
+        raise _Failed("unreadable_file") from None
+
+
+def _process(data: bytes, s: DownloadSettings) -> ProcessedImage:
+    try:
+        return process_image(
+            data,
+            resize_mode=s.resize_mode,
+            image_size=s.image_size,
+            image_format=s.image_format,
+            quality=s.quality,
+            min_side=s.min_side,
+            max_pixels=s.max_pixels,
+        )
+    except ImageRejected as e:
+        raise _Failed(e.reason) from None
+    except Exception:  # a Pillow failure nobody foresaw costs this row, recorded, not the whole chunk
+        log.exception("unexpected error while processing an image")
+        raise _Failed("processing_error") from None
+
+
+class _PartWriter:
+    """Collects results into `<prefix>-<seq>.tar` + `.parquet` parts, committed every `part_size` rows."""
+
+    def __init__(self, out_dir: Path, prefix: str, s: DownloadSettings):
+        self.out_dir, self.prefix, self.part_size, self.ext = out_dir, prefix, s.part_size, s.image_format
+        self.seq, self.rows, self.tar, self.file = 0, [], None, None
+
+    def _tar_name(self) -> str:
+        return f"{self.prefix}-{self.seq:05d}.tar"
+
+    def add(self, sample_id: str, http_status: int, n_bytes: int, image: ProcessedImage) -> None:
+        if self.tar is None:
+            # a large buffer turns one write per member into one per megabyte
+            self.file = open(self.out_dir / (self._tar_name() + ".tmp"), "wb", buffering=2**20)
+            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+        info = tarfile.TarInfo(f"{sample_id}.{self.ext}")
+        info.size, info.mode = len(image.data), 0o644
+        self.tar.addfile(info, io.BytesIO(image.data))
+        data_offset = self.tar.offset - -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        self._append(sample_id, "ok", "", http_status, n_bytes, image, self._tar_name(), data_offset, info.size)
+
+    def fail(self, sample_id: str, reason: str, http_status: int) -> None:
+        self._append(sample_id, "failed", reason, http_status, 0, None, "", -1, 0)
+
+    def _append(self, sample_id, status, reason, http_status, n_bytes, image, tar, offset, size) -> None:
+        self.rows.append(
+            {
+                "sample_id": sample_id,
+                "status": status,
+                "reason": reason,
+                "http_status": http_status,
+                "bytes": n_bytes,
+                "width": image.width if image else 0,
+                "height": image.height if image else 0,
+                "content_sha256": image.content_sha256 if image else "",
+                "phash": image.phash if image else "",
+                "tar": tar,
+                "offset": offset,
+                "size": size,
+                "ext": self.ext if image else "",
+            }
+        )
+        if len(self.rows) >= self.part_size:
+            self.commit()
+
+    def commit(self) -> None:
+        if not self.rows:
+            return
+        name = self._tar_name()
+        if self.tar is not None:
+            self.tar.close()
+            self.file.close()
+            os.replace(self.out_dir / (name + ".tmp"), self.out_dir / name)
+        _say({"part": name.replace(".tar", ".parquet"), "rows": self.rows})
+        self.seq, self.rows, self.tar = self.seq + 1, [], None
+
+
+if __name__ == "__main__":
+    main()

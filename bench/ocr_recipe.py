@@ -165,9 +165,9 @@ def results_markdown(args, results: dict) -> str:
         ]
         lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     categories = list(next(iter(results.values()))["by_type"])
-    lines += ["", "| category | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    lines += ["", "Per category: accuracy (mean similarity to the answer, 0-1).", "", "| category | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for category in categories:
-        cells = [f"{100 * r['by_type'][category]['accuracy']:.0f}%" for r in results.values()]
+        cells = [f"{100 * r['by_type'][category]['accuracy']:.0f}% ({r['by_type'][category]['similarity']:.2f})" for r in results.values()]
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,7 @@ The set is a JSON list of items with the official file's fields: `dataset_name`,
 image root), `question`, `answers` (a string or a list of strings) and `type` (the category).
 """
 
+import difflib
 import json
 import time
 from collections import defaultdict
@@ -81,22 +82,32 @@ def is_correct(prediction: str, answers: str | list[str], dataset_name: str) -> 
     return any(normalize(answer, dataset_name) in predicted for answer in answers)
 
 
+def similarity(prediction: str, answers: str | list[str], dataset_name: str) -> float:
+    """Not OCRBench's: how close the prediction comes to the nearest answer, difflib's ratio of the normalized texts
+    (1.0 the same, 0.0 nothing in common), so a model that reads in part is told from one that reads nothing."""
+    answers = [answers] if isinstance(answers, str) else answers
+    predicted = normalize(prediction, dataset_name)
+    return max(difflib.SequenceMatcher(None, predicted, normalize(a, dataset_name)).ratio() for a in answers)
+
+
 def summarize(records: list[dict]) -> dict:
-    """Total and per-category (`type`) and per-dataset counts of correct answers."""
-    by_type, by_dataset = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    """Total and per-category (`type`) and per-dataset counts of correct answers, with the mean similarity."""
+    by_type, by_dataset = defaultdict(lambda: [0, 0, 0.0]), defaultdict(lambda: [0, 0, 0.0])
     for r in records:
         for table, key in ((by_type, r["type"]), (by_dataset, r["dataset_name"])):
             table[key][0] += r["correct"]
             table[key][1] += 1
+            table[key][2] += r["similarity"]
     correct = sum(r["correct"] for r in records)
 
     def rows(table):
-        return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4)} for k, (c, n) in sorted(table.items())}
+        return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "similarity": round(sim / n, 3)} for k, (c, n, sim) in sorted(table.items())}
 
     summary = {
         "correct": correct,
         "total": len(records),
         "accuracy": round(correct / len(records), 4),
+        "similarity": round(sum(r["similarity"] for r in records) / len(records), 3),
         "by_type": rows(by_type),
         "by_dataset": rows(by_dataset),
     }
@@ -236,7 +247,12 @@ def evaluate(
     predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     generated = sum(len(t) for t in tokens)
     records = [
-        {**{f: item[f] for f in FIELDS}, "prediction": prediction, "correct": is_correct(prediction, item["answers"], item["dataset_name"])}
+        {
+            **{f: item[f] for f in FIELDS},
+            "prediction": prediction,
+            "correct": is_correct(prediction, item["answers"], item["dataset_name"]),
+            "similarity": round(similarity(prediction, item["answers"], item["dataset_name"]), 3),
+        }
         for item, prediction in zip(items, predictions)
     ]
     summary = summarize(records)
@@ -258,7 +274,7 @@ def evaluate(
 
 
 def score_line(summary: dict) -> str:
-    line = f"{summary['correct']}/{summary['total']} ({100 * summary['accuracy']:.1f}%)"
+    line = f"{summary['correct']}/{summary['total']} ({100 * summary['accuracy']:.1f}%, similarity {summary['similarity']:.2f})"
     if "ocrbench_score" in summary:
         line += f", OCRBench score {summary['ocrbench_score']}/1000"
     return line
@@ -268,8 +284,8 @@ def report_markdown(summary: dict, records: list[dict], title: str, examples: in
     lines = [f"# {title}", "", f"Eval set: `{summary['eval_set']}`", "", f"**Score: {score_line(summary)}**", ""]
     lines += [f"{summary['samples_per_s']} samples/s, {summary['tokens_per_s']} generated tokens/s", ""]
     for heading, key, label in (("By category", "by_type", "type"), ("By dataset", "by_dataset", "dataset")):
-        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% |" for k, v in summary[key].items()]
+        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |" for k, v in summary[key].items()]
         lines.append("")
     for heading, correct in (("Right answers", True), ("Wrong answers", False)):
         chosen = [r for r in records if r["correct"] == correct][:examples]

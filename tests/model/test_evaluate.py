@@ -16,6 +16,7 @@ from beni_model.evaluate import (
     load_set,
     prompt_ids,
     read_predictions,
+    similarity,
     summarize,
 )
 from beni_model.export import export_llava
@@ -60,13 +61,22 @@ def test_only_hme100k_keeps_case():
     assert not is_correct("x^{2}", "x ^ { 2 }", "docVQA")
 
 
+def test_similarity_tells_partial_reading_from_none():
+    assert similarity("COPPER", "copper", "IIIT5K") == 1.0
+    assert similarity("the sign says COPPEX", ["zinc", "copper"], "IIIT5K") > similarity("COPPEX", "zinc", "IIIT5K")
+    assert 0.5 < similarity("COPPEX", "copper", "IIIT5K") < 1.0
+    assert similarity("1011", "copper", "IIIT5K") == 0.0
+    assert similarity("x ^ { 2 }", "x^{2}", "HME100k") == 1.0  # normalized as the scoring rule normalizes
+
+
 def test_summary_counts_by_category_and_scores_the_real_set_out_of_1000():
-    records = [{"type": "Digit String Recognition", "dataset_name": "ORAND", "correct": i % 3 == 0} for i in range(999)]
-    records.append({"type": "Key Information Extraction", "dataset_name": "SROIE", "correct": True})
+    records = [{"type": "Digit String Recognition", "dataset_name": "ORAND", "correct": i % 3 == 0, "similarity": 0.5 * (i % 2)} for i in range(999)]
+    records.append({"type": "Key Information Extraction", "dataset_name": "SROIE", "correct": True, "similarity": 1.0})
     summary = summarize(records)
     assert summary["correct"] == 334 and summary["total"] == 1000 and summary["ocrbench_score"] == 334
-    assert summary["by_type"]["Digit String Recognition"] == {"correct": 333, "total": 999, "accuracy": 0.3333}
-    assert summary["by_dataset"]["SROIE"] == {"correct": 1, "total": 1, "accuracy": 1.0}
+    assert summary["by_type"]["Digit String Recognition"] == {"correct": 333, "total": 999, "accuracy": 0.3333, "similarity": 0.25}
+    assert summary["by_dataset"]["SROIE"] == {"correct": 1, "total": 1, "accuracy": 1.0, "similarity": 1.0}
+    assert summary["similarity"] == round((499 * 0.5 + 1.0) / 1000, 3)
     assert "ocrbench_score" not in summarize(records[:10])
 
 
@@ -136,6 +146,7 @@ def test_end_to_end_report_is_complete_and_consistent(saved_model, tmp_path):
         assert (record["dataset_name"], record["question"], record["answers"], record["type"]) == (dataset, question, answers, kind)
         assert isinstance(record["prediction"], str)
         assert record["correct"] == is_correct(record["prediction"], answers, dataset)
+        assert record["similarity"] == round(similarity(record["prediction"], answers, dataset), 3)
     summary = json.loads(result.summary_path.read_text())
     assert summary["total"] == len(ITEMS) and summary["correct"] == sum(r["correct"] for r in records)
     assert sum(v["total"] for v in summary["by_type"].values()) == len(ITEMS)

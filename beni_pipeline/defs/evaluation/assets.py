@@ -76,9 +76,10 @@ def examples_md(records: list[dict], image_root: Path, correct: bool, n: int = 4
 
 
 def category_table(summary: dict) -> dg.TableMetadataValue:
+    columns = {"correct": "int", "total": "int", "accuracy": "float", "similarity": "float"}
     return dg.MetadataValue.table(
-        [dg.TableRecord({"type": k, "correct": v["correct"], "total": v["total"], "accuracy": v["accuracy"]}) for k, v in summary["by_type"].items()],
-        schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), dg.TableColumn("correct", "int"), dg.TableColumn("total", "int"), dg.TableColumn("accuracy", "float")]),
+        [dg.TableRecord({"type": k, **{c: v[c] for c in columns}}) for k, v in summary["by_type"].items()],
+        schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), *(dg.TableColumn(c, t) for c, t in columns.items())]),
     )
 
 
@@ -102,6 +103,7 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) ->
         "correct": summary["correct"],
         "total": summary["total"],
         "accuracy": summary["accuracy"],
+        "similarity": summary["similarity"],
         "eval_set": set_name,
         "by_category": category_table(summary),
         "right_answers": dg.MetadataValue.md(examples_md(records, image_root, True)),
@@ -128,7 +130,7 @@ def report_covers_every_sample() -> dg.AssetCheckResult:
 
     expected = [key(item) for item in json.loads(Path(summary["eval_set"]).read_text())]
     records = read_predictions(report / "predictions.jsonl")
-    incomplete = [r for r in records if any(f not in r for f in (*FIELDS, "prediction", "correct"))]
+    incomplete = [r for r in records if any(f not in r for f in (*FIELDS, "prediction", "correct", "similarity"))]
     got = [key(r) for r in records if r not in incomplete]
     return dg.AssetCheckResult(
         passed=got == expected and not incomplete and summary["total"] == len(expected),

@@ -1,9 +1,9 @@
 """Can the GPU recipe's model learn to see letters? One large printed character (36 classes) per image (or a
-string of `--chars` of them, to see whether letters are read in order too), the recipe's own model (SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred
-steps by the real trainer with one thing changed per variant, then asked "What is written in the image?" on
-held-out characters. The `vit` variant is the reference: the same ViT with a linear head on its mean feature,
-no LLM. Variants ending in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv
-stem.
+string of `--chars` of them, to see whether letters are read in order too), the recipe's own model
+(SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred steps by the real
+trainer with one thing changed per variant, then asked "What is written in the image?" on held-out characters.
+The `vit` variant is the reference: the same ViT with a linear head on its mean feature, no LLM. Variants ending
+in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv stem.
 
     python bench/glyph_probe.py data --data /tmp/glyph                 # 40,000 training and 300 test images
     python bench/glyph_probe.py run  --data /tmp/glyph [--variants frozen_llm frozen_llm_patchify vit vit_patchify] [--steps 400]
@@ -95,7 +95,7 @@ def stage_config(args, name: str) -> TrainConfig:
     return TrainConfig(shards=str(args.data / "shards"), output_dir=str(args.data / "runs" / name), **{**stage, **VARIANTS[name]})
 
 
-def run_vlm(args, name: str) -> dict:
+def run_vlm(args, name: str, chars: int) -> dict:
     config = stage_config(args, name)
     path = args.data / "runs" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,6 @@ def run_vlm(args, name: str) -> dict:
     subprocess.run(torchrun_command(path, 1), check=True)
     model, tokenizer = load_for_eval(Path(config.output_dir) / "final")
     out = Path(config.output_dir) / "eval"
-    chars = json.loads((args.data / "shards" / "index.json").read_text()).get("chars", 1)
     evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -178,7 +177,7 @@ def run(args) -> None:
         raise SystemExit(f"the vit variants classify one character; {args.data} holds strings of {chars}")
     for name in args.variants:
         start = time.perf_counter()
-        result = run_vit(args, name) if name.startswith("vit") else run_vlm(args, name)
+        result = run_vit(args, name) if name.startswith("vit") else run_vlm(args, name, chars)
         row = {"variant": name, "steps": args.steps, **VARIANTS[name], **result, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)
         with open(args.data / "results.jsonl", "a") as f:

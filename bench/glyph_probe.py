@@ -46,6 +46,7 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "frozen_llm": FROZEN_LLM,
     "frozen_llm_patchify": {**FROZEN_LLM, "vision_stem": None},
     "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
+    "llm_low_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
     "vit": {"lr": 1e-3},
     "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }

@@ -9,7 +9,8 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
   clipping) with the loss over logits at every position, as the peer computes it;
 - beni: the trainer's step as it runs (train_step: LM head only at label positions);
 - beni-compile: the same with every transformer block torch.compiled.
-MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. Needs torch and
+MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
+variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
 """
 
@@ -112,7 +113,9 @@ def synthetic_batch(spec: dict, image_tokens: int) -> dict:
     return {k: v.pin_memory() for k, v in batch.items()}  # as beni's DataLoader (pin_memory) hands batches over
 
 
-def timed(step, warmup: int, steps: int) -> float:
+def timed(step, warmup: int, steps: int, profile: bool = False) -> tuple[float, float | None]:
+    """Seconds per step and, with `profile`, the share of a step's wall time the GPU spends in kernels (three
+    more steps under torch.profiler, whose busiest kernels are printed): below 1, the host is the bound."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -120,10 +123,19 @@ def timed(step, warmup: int, steps: int) -> float:
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps
+    seconds = (time.perf_counter() - started) / steps
+    if not profile:
+        return seconds, None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+    return seconds, sum(e.self_device_time_total for e in kernels) / 3 / 1e6 / seconds
 
 
-def run_peer(spec: dict, batch: dict, warmup: int, steps: int) -> float:
+def run_peer(spec: dict, batch: dict, warmup: int, steps: int, profile: bool) -> tuple[float, float | None]:
     config = LlavaConfig(
         vision_config=SiglipVisionConfig(**spec["vision"]).to_dict(),
         text_config=LlamaConfig(**spec["text"]).to_dict(),
@@ -145,10 +157,12 @@ def run_peer(spec: dict, batch: dict, warmup: int, steps: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, warmup, steps)
+    return timed(step, warmup, steps, profile)
 
 
-def run_beni(spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool) -> float:
+def run_beni(
+    spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool, profile: bool
+) -> tuple[float, float | None]:
     config = BeniConfig(
         vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
         text_config={"model_type": "llama", **spec["text"]},
@@ -179,7 +193,7 @@ def run_beni(spec: dict, batch: dict, warmup: int, steps: int, compile: bool, fu
         def step():
             train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"))
 
-    return timed(step, warmup, steps)
+    return timed(step, warmup, steps, profile)
 
 
 def main() -> None:
@@ -189,6 +203,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="train_throughput.json")
+    parser.add_argument("--profile", action="store_true", help="also measure each variant's GPU-busy share and print its busiest kernels")
     args = parser.parse_args()
     setup_distributed(TrainConfig(shards="", output_dir="", device="cuda"))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -212,9 +227,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 try:
                     if variant == "peer":
-                        seconds = run_peer(spec, batch, args.warmup, args.steps)
+                        seconds, busy = run_peer(spec, batch, args.warmup, args.steps, args.profile)
                     else:
-                        seconds = run_beni(
+                        seconds, busy = run_beni(
                             spec,
                             batch,
                             args.warmup,
@@ -222,6 +237,7 @@ def main() -> None:
                             compile=variant == "beni-compile",
                             full_logits=variant == "beni-full-logits",
                             checkpointing=checkpointing,
+                            profile=args.profile,
                         )
                     row.update(
                         seconds_per_step=seconds,
@@ -230,6 +246,7 @@ def main() -> None:
                         mfu=flops / seconds / (peak * 1e12),
                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                         activation_checkpointing=checkpointing,
+                        gpu_busy=busy,
                     )
                     row.pop("error", None)
                     break

@@ -2,7 +2,7 @@
 wherever the image token stands in the prompt."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from beni_model.config import BeniConfig
@@ -22,6 +22,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
         self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config, config.vision_stem))
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._decode_cache = self._compiled_decode = None  # greedy_generate's, made on first use
         self.post_init()
         self.apply_freeze_flags()
 
@@ -160,23 +161,30 @@ class BeniForConditionalGeneration(PreTrainedModel):
         pad_token_id: int,
         min_new_tokens: int = 0,
     ) -> torch.LongTensor:
-        """The tokens of `generate(do_sample=False)` with the KV cache, through a plain loop: decode is bound by per-step
-        host work, and this drops generate's per-step machinery (logits processors, stopping criteria, input preparation).
+        """The tokens of `generate(do_sample=False)` through a plain loop over a static KV cache: decode is bound by
+        per-step host work, and this drops generate's per-step machinery (logits processors, stopping criteria, input
+        preparation, cache concatenation). On CUDA the one-token step is compiled into a CUDA graph, so a step is a replay.
 
         Pad prompts on the left. Rows that have emitted `eos_token_id` go on with `pad_token_id`; the loop stops when
         every row has. Returns the prompt ids followed by the new tokens, like `generate`.
         """
-        width = input_ids.shape[1]
-        mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], max_new_tokens)], dim=1)
+        batch, width = input_ids.shape
+        length = -(-(width + max_new_tokens) // 64) * 64  # few cache shapes, so few CUDA graphs: see _static_cache
+        cache = self._static_cache(batch, length, input_ids.device)
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate derives them
+        # The prefill (eager, like generate's) sees the prompt's mask, which the mask code pads to the cache with
+        # zeros; the decode step one of the cache's length, with the slots after the current token left to causality.
         out = self.language_model(
             inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, position_ids=positions,
-            use_cache=True, logits_to_keep=1,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        logits = out.logits[:, -1]
+        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - width)], dim=1)
+        position = positions[:, -1:]
+        decode = self._decode_step(input_ids.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1]
             if step < min_new_tokens:
                 logits[:, eos_token_id] = -torch.inf
             token = logits.argmax(-1).masked_fill(finished, pad_token_id)
@@ -184,11 +192,44 @@ class BeniForConditionalGeneration(PreTrainedModel):
             finished |= token == eos_token_id
             if step == max_new_tokens - 1 or finished.all():
                 break
-            out = self.language_model(
-                input_ids=token[:, None], attention_mask=mask[:, : width + step + 1], position_ids=positions[:, -1:] + step + 1,
-                past_key_values=out.past_key_values, use_cache=True,
-            )
+            position = position + 1
+            logits = decode(token[:, None], position, mask, cache)
         return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+    def _static_cache(self, batch: int, length: int, device: torch.device) -> StaticCache:
+        """A static KV cache of `batch` rows and `length` slots, kept while calls ask for that shape: a CUDA graph of the
+        decode step reads the cache at the address it was captured with (a new address is a new capture), and each new
+        shape is one more graph. The eval's batches share one batch size, and rounding the length up to 64 slots puts
+        its prompt widths into one or two lengths."""
+        key = (batch, length, device, self.language_model.dtype)
+        if self._decode_cache is None or self._decode_cache[0] != key:
+            self._decode_cache = key, StaticCache(config=self.language_model.config, max_cache_len=length)
+        cache = self._decode_cache[1]
+        cache.reset()
+        return cache
+
+    def _decode_step(self, device: torch.device):
+        """(token, position, mask, cache) -> next-token logits: on CUDA compiled once per model with mode
+        "reduce-overhead" (CUDA graphs), as generate compiles for static caches, and likewise not for quantizers that
+        cannot compile (bitsandbytes); elsewhere eager, where compiling costs more than it saves. Shapes are left to
+        torch.compile's default: the first call of another batch size or cache length recompiles once with those dims
+        dynamic, and from then on a new shape costs a graph capture, not a compile."""
+        quantizers = [getattr(part, "hf_quantizer", None) for part in (self, self.language_model)]  # from_pretrained's, from_parts'
+        if device.type != "cuda" or any(q is not None and not q.is_compileable for q in quantizers):
+            return self._decode
+        if self._compiled_decode is None:
+            self._compiled_decode = torch.compile(self._decode, mode="reduce-overhead")
+
+        def step(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the loop is done with the last step's logits: the replay may reuse them
+            return self._compiled_decode(*args)
+
+        return step
+
+    def _decode(self, token, position, mask, cache) -> torch.Tensor:
+        return self.language_model(
+            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
 
 
 AutoModelForImageTextToText.register(BeniConfig, BeniForConditionalGeneration)

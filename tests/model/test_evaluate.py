@@ -187,6 +187,8 @@ def test_greedy_generate_gives_the_tokens_of_generate(saved_model):
     assert stopped[0] == free[0][: stop + 1] + [pad] * (8 - stop - 1)
     assert all(new == old for new, old in zip(stopped, free) if eos not in old)
     assert both(eos_token_id=eos, min_new_tokens=stop + 1)[0][stop] != eos
+    both(eos_token_id=eos, max_new_tokens=72)  # a static cache of another length, then the first length's again: nothing stale
+    assert both(eos_token_id=eos) == stopped
     assert len(both(rows=slice(1), eos_token_id=eos)[0]) == stop + 1  # the loop ends once every row has stopped
 
 

@@ -1,12 +1,13 @@
 """Eval generation throughput: beni's batched `greedy_generate` (what the eval runs) against transformers' own
-`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run.
+`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run; on CUDA also with
+the decode step compiled into a CUDA graph (`beni_compiled`, EvalSettings.compile_decode).
 
 Both models are built from config classes with random weights (the LLaVA one holds beni's weights in LLaVA's
 layout, see beni_model.export), bf16 on the GPU. Each item is an OCRBench-like prompt: one image (its image
 tokens) plus a question of 12-40 tokens, left-padded into batches; every item generates exactly --new-tokens
-tokens (min_new_tokens), so both sides do the same work. Batch sizes are swept; each (model, batch size) first runs
-once untimed, which on CUDA is where beni compiles its decode step or captures the CUDA graph for a new batch size
-or cache length, then is timed twice in alternating order, and the better run counts.
+tokens (min_new_tokens), so every side does the same work. Batch sizes are swept; each (contender, batch size) first
+runs once untimed (`untimed_first_run_s`: where `beni_compiled` compiles its decode step or captures the CUDA graph for
+a new batch size or cache length), then is timed once per rotation of the contenders' order, and the best run counts.
 
     PYTHONUNBUFFERED=1 python bench/eval_throughput.py [--items 512] [--batch-sizes 16 64 128 256] [--tiny]
 """
@@ -68,7 +69,7 @@ def batches(items: list[list[int]], batch_size: int, image_size: int, device: st
     return out
 
 
-def run(model, prepared, new_tokens: int, device: str) -> tuple[float, list[torch.Tensor]]:
+def run(model, prepared, new_tokens: int, device: str, compile: bool = False) -> tuple[float, list[torch.Tensor]]:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -77,7 +78,7 @@ def run(model, prepared, new_tokens: int, device: str) -> tuple[float, list[torc
         for ids, mask, pixels in prepared:
             kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "max_new_tokens": new_tokens,
                       "min_new_tokens": new_tokens, "pad_token_id": 0, "eos_token_id": 2}
-            outputs.append(greedy(model, **kwargs))
+            outputs.append(greedy(model, compile, **kwargs))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs
@@ -93,23 +94,30 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     beni, llava = build(args.tiny, device, dtype)
+    contenders = {"beni": (beni, False), "beni_compiled": (beni, True), "llava": (llava, False)}  # name: (model, compile)
+    if device != "cuda":
+        del contenders["beni_compiled"]  # the same eager loop: greedy_generate compiles on CUDA only
     items = make_items(args.items, beni.config)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, torch {torch.__version__}, "
           f"{args.items} items, {beni.config.num_image_tokens()} image tokens + 12-40 question tokens, {args.new_tokens} new tokens each")
     results = []
     for batch_size in args.batch_sizes:
         prepared = batches(items, batch_size, beni.config.image_size, device, dtype)
-        untimed = {name: round(run(model, prepared, args.new_tokens, device)[0], 2) for name, model in (("beni", beni), ("llava", llava))}
-        times = {"beni": [], "llava": []}
+        untimed = {name: round(run(m, prepared, args.new_tokens, device, c)[0], 2) for name, (m, c) in contenders.items()}
+        times = {name: [] for name in contenders}
         outputs = {}
-        for order in (("beni", "llava"), ("llava", "beni")):
-            for name in order:
-                seconds, outputs[name] = run(beni if name == "beni" else llava, prepared, args.new_tokens, device)
+        names = list(contenders)
+        for shift in range(len(names)):  # each contender first once, to cancel drift
+            for name in names[shift:] + names[:shift]:
+                model, compile = contenders[name]
+                seconds, outputs[name] = run(model, prepared, args.new_tokens, device, compile)
                 times[name].append(seconds)
-        same_rows = sum(int((a == b).all(1).sum()) for a, b in zip(outputs["beni"], outputs["llava"]))  # every item makes --new-tokens
-        row = {"batch_size": batch_size, **{f"{k}_samples_per_s": round(args.items / min(v), 1) for k, v in times.items()},
-               "same_tokens": same_rows == args.items, "same_rows": same_rows}
-        row["ratio"] = round(row["beni_samples_per_s"] / row["llava_samples_per_s"], 3)
+        row = {"batch_size": batch_size, **{f"{k}_samples_per_s": round(args.items / min(v), 1) for k, v in times.items()}}
+        for name in contenders:
+            if name != "llava":
+                same_rows = sum(int((a == b).all(1).sum()) for a, b in zip(outputs[name], outputs["llava"]))  # every item makes --new-tokens
+                row[f"{name}_same_rows"] = same_rows
+                row[f"{name}_ratio"] = round(row[f"{name}_samples_per_s"] / row["llava_samples_per_s"], 3)
         row["untimed_first_run_s"] = untimed
         if device == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from beni_model.data import image_batch, load_image, normalization, normalize_pixels, read_samples, shard_paths
+from beni_model.chat import IGNORE_INDEX, load_tokenizer
+from beni_model.data import DataPosition, DataSettings, image_batch, load_image, make_loader, normalization, normalize_pixels, read_samples, shard_paths
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
-from beni_model.train import TrainConfig, torchrun_command
+from beni_model.train import TrainConfig, build_model, lr_factor, torchrun_command
 from beni_model.vision import vision_encoder_from_config
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep import synthetic as syn
@@ -47,6 +48,7 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "frozen_llm_patchify": {**FROZEN_LLM, "vision_stem": None},
     "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
     "llm_low_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
+    "frozen_llm_ctc": FROZEN_LLM,  # + a CTC loss on the image tokens (run_ctc)
     "vit": {"lr": 1e-3},
     "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }
@@ -107,6 +109,64 @@ def run_vlm(args, name: str, chars: int) -> dict:
     evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
+    return {
+        "accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows),
+        "chars_in_place": round(in_place, 3),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+    }
+
+
+def run_ctc(args, name: str, chars: int) -> dict:
+    """`frozen_llm` plus a CTC loss over the image tokens in raster order, scored against the frozen LLM's own input
+    embeddings (a learned blank vector for "no text here"): the tokens the LLM sees are pushed to be the answer's
+    tokens, in reading order, which a pretrained LLM copies. One process, the trainer's data, model and schedule."""
+    config = stage_config(args, name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(config.text_model)
+    model = build_model(config, tokenizer).to(device).train()
+    beni = model.config
+    settings = DataSettings(shards=config.shards, batch_size=config.batch_size, image_size=beni.image_size,
+                            tokens_per_image=beni.num_image_tokens(), max_length=config.max_length, seed=config.seed)
+    batches = iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
+    embed = model.get_input_embeddings()
+    blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
+    params = [p for p in model.parameters() if p.requires_grad] + [blank]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95))
+    mean, std = normalization(beni.vision_config.model_type)
+    losses = []
+    for step in range(config.max_steps):
+        batch = next(batches)
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        answers = [tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True).strip() for row in batch["labels"]]
+        targets = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+        vocab = sorted({t for row in targets for t in row})
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            image = model.image_features(normalize_pixels(batch["pixel_values"].to(device), mean, std))
+            embeds = embed(ids).masked_scatter((ids == beni.image_token_id).unsqueeze(-1), image.to(embed.weight.dtype))
+            logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
+        index = {t: i + 1 for i, t in enumerate(vocab)}
+        flat = torch.tensor([index[t] for row in targets for t in row], device=device)
+        ctc = torch.nn.functional.ctc_loss(
+            scores.log_softmax(-1).transpose(0, 1), flat, torch.full((len(ids),), scores.shape[1], device=device),
+            torch.tensor([len(r) for r in targets], device=device), zero_infinity=True,
+        )
+        loss = lm + ctc
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        optimizer.step()
+        losses.append(lm.item())
+        if step % 50 == 0:
+            print(f"step {step} lm {lm.item():.3f} ctc {ctc.item():.3f}", flush=True)
+    model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    out = Path(config.output_dir) / "eval"
+    evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
     return {
         "accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows),
@@ -178,7 +238,8 @@ def run(args) -> None:
         raise SystemExit(f"the vit variants classify one character; {args.data} holds strings of {chars}")
     for name in args.variants:
         start = time.perf_counter()
-        result = run_vit(args, name) if name.startswith("vit") else run_vlm(args, name, chars)
+        run_one = run_vit if name.startswith("vit") else run_ctc if name.endswith("_ctc") else run_vlm
+        result = run_one(args, name) if run_one is run_vit else run_one(args, name, chars)
         row = {"variant": name, "steps": args.steps, **VARIANTS[name], **result, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)
         with open(args.data / "results.jsonl", "a") as f:

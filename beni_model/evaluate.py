@@ -26,6 +26,7 @@ OCRBENCH_SIZE = 1000  # the real OCRBench; its official script prints a score ou
 class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int = 32  # OCRBench answers are words, numbers and short phrases
+    compile_decode: bool = False  # beni models on CUDA: the decode step as a CUDA graph (greedy_generate's `compile`)
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,11 @@ def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model, **inputs) -> torch.LongTensor:
-    """Prompt ids + greedy new tokens: beni models through their lean loop, LLaVA exports through `generate`."""
+def greedy(model, compile: bool = False, **inputs) -> torch.LongTensor:
+    """Prompt ids + greedy new tokens: beni models through their lean loop (`compile`: see greedy_generate), LLaVA
+    exports through `generate`."""
     if isinstance(model, BeniForConditionalGeneration):
-        return model.greedy_generate(**inputs)
+        return model.greedy_generate(**inputs, compile=compile)
     return model.generate(**inputs, do_sample=False)
 
 
@@ -175,7 +177,7 @@ def generate_tokens(
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        new = greedy(model, **inputs)[:, batch["input_ids"].shape[1] :].cpu()
+        new = greedy(model, settings.compile_decode, **inputs)[:, batch["input_ids"].shape[1] :].cpu()
         for i, tokens in zip(rows, new.tolist()):
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]

@@ -160,10 +160,13 @@ class BeniForConditionalGeneration(PreTrainedModel):
         eos_token_id: int,
         pad_token_id: int,
         min_new_tokens: int = 0,
+        compile: bool = False,
     ) -> torch.LongTensor:
         """The tokens of `generate(do_sample=False)` through a plain loop over a static KV cache: decode is bound by
         per-step host work, and this drops generate's per-step machinery (logits processors, stopping criteria, input
-        preparation, cache concatenation). On CUDA the one-token step is compiled into a CUDA graph, so a step is a replay.
+        preparation, cache concatenation). With `compile` on CUDA the one-token step becomes a CUDA graph, so a step is
+        a replay: 3-8x the decode throughput, after about a minute of compiling per model (and once more at the first
+        new shape), which pays on long evals only (bench/BENCHMARKS.md).
 
         Pad prompts on the left. Rows that have emitted `eos_token_id` go on with `pad_token_id`; the loop stops when
         every row has. Returns the prompt ids followed by the new tokens, like `generate`.
@@ -181,7 +184,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
         logits = out.logits[:, -1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - width)], dim=1)
         position = positions[:, -1:]
-        decode = self._decode_step(input_ids.device)
+        decode = self._decode_step(input_ids.device, compile)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
@@ -208,14 +211,14 @@ class BeniForConditionalGeneration(PreTrainedModel):
         cache.reset()
         return cache
 
-    def _decode_step(self, device: torch.device):
-        """(token, position, mask, cache) -> next-token logits: on CUDA compiled once per model with mode
+    def _decode_step(self, device: torch.device, compile: bool):
+        """(token, position, mask, cache) -> next-token logits: with `compile` on CUDA compiled once per model with mode
         "reduce-overhead" (CUDA graphs), as generate compiles for static caches, and likewise not for quantizers that
-        cannot compile (bitsandbytes); elsewhere eager, where compiling costs more than it saves. Shapes are left to
+        cannot compile (bitsandbytes); otherwise eager (on CPU compiling costs more than it saves). Shapes are left to
         torch.compile's default: the first call of another batch size or cache length recompiles once with those dims
         dynamic, and from then on a new shape costs a graph capture, not a compile."""
         quantizers = [getattr(part, "hf_quantizer", None) for part in (self, self.language_model)]  # from_pretrained's, from_parts'
-        if device.type != "cuda" or any(q is not None and not q.is_compileable for q in quantizers):
+        if not compile or device.type != "cuda" or any(q is not None and not q.is_compileable for q in quantizers):
             return self._decode
         if self._compiled_decode is None:
             self._compiled_decode = torch.compile(self._decode, mode="reduce-overhead")

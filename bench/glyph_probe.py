@@ -3,11 +3,13 @@ string of `--chars` of them, to see whether letters are read in order too), the 
 (SigLIP-configured ViT from scratch -> connector -> SmolLM2-135M), trained for a few hundred steps by the real
 trainer with one thing changed per variant, then asked "What is written in the image?" on held-out characters.
 The `vit` variant is the reference: the same ViT with a linear head on its mean feature, no LLM. Variants ending
-in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv stem.
+in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv stem; variants ending in
+`ctc` add a loss that ties each character to its place in the line (`run_ctc`, one process).
 
     python bench/glyph_probe.py data --data /tmp/glyph                 # 40,000 training and 300 test images
     python bench/glyph_probe.py run  --data /tmp/glyph [--variants frozen_llm frozen_llm_patchify vit vit_patchify] [--steps 400]
     python bench/glyph_probe.py data --data /tmp/glyph3 --chars 3 && python bench/glyph_probe.py run --data /tmp/glyph3 --variants frozen_llm
+    python bench/glyph_probe.py data --data /tmp/g4 --chars 4 && python bench/glyph_probe.py run --data /tmp/g4 --steps 600 --variants frozen_llm_column_ctc
     python bench/glyph_probe.py data --data /tmp/g --samples 2000 --test 20 && python bench/glyph_probe.py run --data /tmp/g --recipe tiny --steps 5
 
 Each variant prints one JSON line (exact-match accuracy on the test strings, the share of characters right in
@@ -30,9 +32,19 @@ import torch
 from transformers import AutoConfig
 
 from beni_model.chat import IGNORE_INDEX, load_tokenizer
-from beni_model.data import DataPosition, DataSettings, image_batch, load_image, make_loader, normalization, normalize_pixels, read_samples, shard_paths
+from beni_model.data import (
+    DataPosition,
+    DataSettings,
+    image_batch,
+    load_image,
+    make_loader,
+    normalization,
+    normalize_pixels,
+    read_samples,
+    shard_paths,
+)
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
-from beni_model.train import TrainConfig, build_model, lr_factor, torchrun_command
+from beni_model.train import TrainConfig, build_model, lr_factor, param_groups, torchrun_command
 from beni_model.vision import vision_encoder_from_config
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep import synthetic as syn
@@ -48,7 +60,9 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "frozen_llm_patchify": {**FROZEN_LLM, "vision_stem": None},
     "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
     "llm_low_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
-    "frozen_llm_ctc": FROZEN_LLM,  # + a CTC loss on the image tokens (run_ctc)
+    "frozen_llm_ctc": FROZEN_LLM,  # + a CTC loss on the image tokens against the LLM's embeddings (run_ctc)
+    "frozen_llm_column_ctc": FROZEN_LLM,  # + a CTC head on the encoder's columns (run_ctc)
+    "llm_low_lr_column_ctc": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
     "vit": {"lr": 1e-3},
     "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }
@@ -118,9 +132,11 @@ def run_vlm(args, name: str, chars: int) -> dict:
 
 
 def run_ctc(args, name: str, chars: int) -> dict:
-    """`frozen_llm` plus a CTC loss over the image tokens in raster order, scored against the frozen LLM's own input
-    embeddings (a learned blank vector for "no text here"): the tokens the LLM sees are pushed to be the answer's
-    tokens, in reading order, which a pretrained LLM copies. One process, the trainer's data, model and schedule."""
+    """The variant's stage plus a CTC loss that ties each character to its place in the line, one of two kinds:
+    `_column_ctc`, a linear head of its own on the encoder's column means (the columns read left to right, as text
+    recognisers train; bench/reading_probe.py); `_ctc`, the image tokens in raster order scored against the frozen
+    LLM's own input embeddings (+ a learned blank), pushing them to be the answer's tokens for the LLM to copy. One
+    process, the trainer's data, model and schedule."""
     config = stage_config(args, name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(config.text_model)
@@ -130,36 +146,45 @@ def run_ctc(args, name: str, chars: int) -> dict:
                             tokens_per_image=beni.num_image_tokens(), max_length=config.max_length, seed=config.seed)
     batches = iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
     embed = model.get_input_embeddings()
+    columns = name.endswith("_column_ctc")
+    grid = beni.image_size // beni.patch_size
+    head = torch.nn.Linear(beni.vision_config.hidden_size, 1 + len(GLYPHS), device=device)  # CTC's blank is class 0
     blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
-    params = [p for p in model.parameters() if p.requires_grad] + [blank]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95))
+    extra = list(head.parameters()) if columns else [blank]
+    params = [p for p in model.parameters() if p.requires_grad] + extra
+    groups = param_groups(model, config) + [{"params": extra, "lr": config.part_lr.get("vision_tower", config.lr), "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))  # as the trainer schedules
     mean, std = normalization(beni.vision_config.model_type)
     losses = []
     for step in range(config.max_steps):
         batch = next(batches)
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         answers = [tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True).strip() for row in batch["labels"]]
-        targets = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
-        vocab = sorted({t for row in targets for t in row})
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            image = model.image_features(normalize_pixels(batch["pixel_values"].to(device), mean, std))
+            features = model.vision_tower(normalize_pixels(batch["pixel_values"].to(device), mean, std))
+            image = model.connector(features)
             embeds = embed(ids).masked_scatter((ids == beni.image_token_id).unsqueeze(-1), image.to(embed.weight.dtype))
             logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
-        index = {t: i + 1 for i, t in enumerate(vocab)}
-        flat = torch.tensor([index[t] for row in targets for t in row], device=device)
+        if columns:
+            targets = [[1 + GLYPHS.index(c) for c in a] for a in answers]
+            scores = head(features.float().view(len(ids), grid, grid, -1).mean(1))  # [batch, columns, 1 + glyphs]
+        else:
+            tokens = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+            vocab = sorted({t for row in tokens for t in row})
+            index = {t: i + 1 for i, t in enumerate(vocab)}
+            targets = [[index[t] for t in row] for row in tokens]
+            scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
         ctc = torch.nn.functional.ctc_loss(
-            scores.log_softmax(-1).transpose(0, 1), flat, torch.full((len(ids),), scores.shape[1], device=device),
-            torch.tensor([len(r) for r in targets], device=device), zero_infinity=True,
+            scores.log_softmax(-1).transpose(0, 1), torch.tensor([t for row in targets for t in row], device=device),
+            torch.full((len(ids),), scores.shape[1], device=device), torch.tensor([len(r) for r in targets], device=device), zero_infinity=True,
         )
-        loss = lm + ctc
         optimizer.zero_grad()
-        loss.backward()
+        (lm + ctc).backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
         optimizer.step()
+        scheduler.step()
         losses.append(lm.item())
         if step % 50 == 0:
             print(f"step {step} lm {lm.item():.3f} ctc {ctc.item():.3f}", flush=True)
@@ -238,7 +263,7 @@ def run(args) -> None:
         raise SystemExit(f"the vit variants classify one character; {args.data} holds strings of {chars}")
     for name in args.variants:
         start = time.perf_counter()
-        run_one = run_vit if name.startswith("vit") else run_ctc if name.endswith("_ctc") else run_vlm
+        run_one = run_vit if name.startswith("vit") else run_ctc if name.endswith("ctc") else run_vlm
         result = run_one(args, name) if run_one is run_vit else run_one(args, name, chars)
         row = {"variant": name, "steps": args.steps, **VARIANTS[name], **result, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)

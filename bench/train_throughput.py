@@ -8,7 +8,9 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
 - beni-full-logits: beni's model and optimizer (fp32 master weights, bf16 autocast on one GPU, fused AdamW,
   clipping) with the loss over logits at every position, as the peer computes it;
 - beni: the trainer's step as it runs (train_step: LM head only at label positions);
-- beni-compile: the same with every transformer block torch.compiled.
+- beni-compile: the same with every transformer block torch.compiled;
+- beni-cudagraphs: every block compiled with mode "reduce-overhead" (a CUDA graph each), a candidate for the trainer:
+  the compiled step is host-bound (bench/BENCHMARKS.md).
 MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
@@ -25,7 +27,7 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
+from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step, transformer_blocks
 
 VOCAB = 49152
 CONFIGS = {
@@ -161,7 +163,7 @@ def run_peer(spec: dict, batch: dict, warmup: int, steps: int, profile: bool) ->
 
 
 def run_beni(
-    spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool, profile: bool
+    spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool, profile: bool, cudagraphs: bool
 ) -> tuple[float, float | None]:
     config = BeniConfig(
         vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
@@ -175,6 +177,9 @@ def run_beni(
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = shard(model.train(), torch.device("cuda"), 1, compile=compile)
+    if cudagraphs:
+        for block in transformer_blocks(model):
+            block.compile(mode="reduce-overhead")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
     if full_logits:
@@ -191,6 +196,7 @@ def run_beni(
     else:
 
         def step():
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
             train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"))
 
     return timed(step, warmup, steps, profile)
@@ -199,7 +205,7 @@ def run_beni(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--variants", nargs="+", default=["peer", "beni-full-logits", "beni", "beni-compile"])
+    parser.add_argument("--variants", nargs="+", default=["peer", "beni-full-logits", "beni", "beni-compile", "beni-cudagraphs"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="train_throughput.json")
@@ -236,6 +242,7 @@ def main() -> None:
                             args.steps,
                             compile=variant == "beni-compile",
                             full_logits=variant == "beni-full-logits",
+                            cudagraphs=variant == "beni-cudagraphs",
                             checkpointing=checkpointing,
                             profile=args.profile,
                         )

@@ -4,7 +4,9 @@ scratch) learns to answer the string of `--chars` printed characters on an image
 
 - `lm`: the LLM's loss on the answer only, as the recipe trains;
 - `ctc`: plus a CTC loss from a linear head on the encoder's column means (the vision tower's 16 columns read left
-  to right, as text recognisers are trained), which ties each character to its place in the line.
+  to right, as text recognisers are trained), which ties each character to its place in the line;
+- `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
+  the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen.
 
     python bench/reading_probe.py --variant ctc && python bench/reading_probe.py --variant lm
 
@@ -56,6 +58,27 @@ def batch(items: list[tuple[str, np.ndarray]]) -> tuple[torch.Tensor, torch.Tens
     return pixels, ids, labels
 
 
+def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> float:
+    """Train the LLM alone to answer its context's glyphs in order: PAD everywhere but `chars` random places."""
+    optimizer = torch.optim.AdamW(llm.parameters(), lr=2e-3)
+    for _ in range(steps):
+        texts = ["".join(rng.choices(GLYPHS, k=chars)) for _ in range(64)]
+        rows = []
+        for text in texts:
+            context = [PAD] * IMAGE_TOKENS
+            for slot, c in zip(sorted(rng.sample(range(IMAGE_TOKENS), chars)), text):
+                context[slot] = 4 + GLYPHS.index(c)
+            rows.append(context + [BOS] + [4 + GLYPHS.index(c) for c in text] + [EOS])
+        ids = torch.tensor(rows)
+        labels = ids.clone()
+        labels[:, : IMAGE_TOKENS + 1] = -100
+        loss = F.cross_entropy(llm(input_ids=ids).logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def column_logits(head: torch.nn.Linear, features: torch.Tensor) -> torch.Tensor:
     """[batch, GRID * GRID, WIDTH] encoder features -> [batch, GRID columns, blank + glyphs]."""
     return head(features.view(len(features), GRID, GRID, -1).mean(1))
@@ -70,7 +93,7 @@ def ctc_read(logits: torch.Tensor) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["lm", "ctc"], required=True)
+    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm"], required=True)
     parser.add_argument("--chars", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -79,11 +102,14 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool() as pool:
         train = pool.map(render, [(f"train:{i}", args.chars) for i in range(12000)], chunksize=200)
         test = pool.map(render, [(f"test:{i}", args.chars) for i in range(200)], chunksize=50)
-    model = build()
-    head = torch.nn.Linear(WIDTH, 1 + len(GLYPHS)) if args.variant == "ctc" else None  # CTC's blank is class 0
-    params = list(model.parameters()) + (list(head.parameters()) if head else [])
+    model, rng, copy_loss = build(), random.Random(0), None
+    if args.variant == "ctc_frozen_llm":
+        copy_loss = teach_copying(model.language_model, rng, args.chars)
+        model.language_model.requires_grad_(False)
+    head = torch.nn.Linear(WIDTH, 1 + len(GLYPHS)) if args.variant != "lm" else None  # CTC's blank is class 0
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, start = random.Random(0), time.perf_counter()
+    start = time.perf_counter()
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * min(1, step / 50)
@@ -121,6 +147,7 @@ def main() -> None:
         "exact": sum(a == t for a, t in zip(answers, texts)) / len(texts),
         "right_by_position": [round(sum(a[i] == t[i] for a, t in zip(answers, texts)) / len(texts), 3) for i in range(args.chars)],
         "ctc_head_exact": ctc_exact,
+        "copy_loss": copy_loss,  # the frozen LLM's loss on copying, where it was taught to
         "seconds": round(time.perf_counter() - start),
     }
     print(json.dumps(row), flush=True)

@@ -119,10 +119,15 @@ def run_vlm(args, name: str, chars: int) -> dict:
     path.write_text(json.dumps(asdict(config)))
     subprocess.run(torchrun_command(path, 1), check=True)
     model, tokenizer = load_for_eval(Path(config.output_dir) / "final")
-    out = Path(config.output_dir) / "eval"
+    losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return score(args, model, tokenizer, Path(config.output_dir), chars, losses)
+
+
+def score(args, model, tokenizer, run_dir: Path, chars: int, losses: list[float]) -> dict:
+    """Exact matches and characters right in place on the test strings, and the mean loss of the last 50 steps."""
+    out = run_dir / "eval"
     evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
     return {
         "accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows),
@@ -148,9 +153,12 @@ def run_ctc(args, name: str, chars: int) -> dict:
     embed = model.get_input_embeddings()
     columns = name.endswith("_column_ctc")
     grid = beni.image_size // beni.patch_size
-    head = torch.nn.Linear(beni.vision_config.hidden_size, 1 + len(GLYPHS), device=device)  # CTC's blank is class 0
-    blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
-    extra = list(head.parameters()) if columns else [blank]
+    if columns:
+        head = torch.nn.Linear(beni.vision_config.hidden_size, 1 + len(GLYPHS), device=device)  # CTC's blank is class 0
+        extra = list(head.parameters())
+    else:
+        blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
+        extra = [blank]
     params = [p for p in model.parameters() if p.requires_grad] + extra
     groups = param_groups(model, config) + [{"params": extra, "lr": config.part_lr.get("vision_tower", config.lr), "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
@@ -189,15 +197,7 @@ def run_ctc(args, name: str, chars: int) -> dict:
         if step % 50 == 0:
             print(f"step {step} lm {lm.item():.3f} ctc {ctc.item():.3f}", flush=True)
     model.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
-    out = Path(config.output_dir) / "eval"
-    evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
-    return {
-        "accuracy": sum(r["prediction"].strip() == r["answers"][0] for r in rows) / len(rows),
-        "chars_in_place": round(in_place, 3),
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-    }
+    return score(args, model, tokenizer, Path(config.output_dir), chars, losses)
 
 
 class Glyphs(torch.utils.data.Dataset):

@@ -31,7 +31,12 @@ from beni_model.modeling import BeniForConditionalGeneration
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
-PAD, BOS, EOS, IMG = 0, 1, 2, 3  # the glyphs follow
+PAD, BOS, EOS, IMG = 0, 1, 2, 3
+FIRST_GLYPH = 4  # the glyphs' token ids follow the specials
+
+
+def glyph_ids(text: str) -> list[int]:
+    return [FIRST_GLYPH + GLYPHS.index(c) for c in text]
 
 
 def render(task: tuple[str, int]) -> tuple[str, np.ndarray]:
@@ -43,7 +48,7 @@ def render(task: tuple[str, int]) -> tuple[str, np.ndarray]:
 def build() -> BeniForConditionalGeneration:
     vision = {"model_type": "siglip_vision_model", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
               "num_attention_heads": 4, "image_size": SIZE, "patch_size": SIZE // GRID}
-    text = {"model_type": "llama", "vocab_size": 4 + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
+    text = {"model_type": "llama", "vocab_size": FIRST_GLYPH + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
     config = BeniConfig(vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG)
     torch.manual_seed(0)
@@ -52,7 +57,7 @@ def build() -> BeniForConditionalGeneration:
 
 def batch(items: list[tuple[str, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pixels = normalize_pixels(torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model"))
-    ids = torch.tensor([[IMG] * IMAGE_TOKENS + [BOS] + [4 + GLYPHS.index(c) for c in t] + [EOS] for t, _ in items])
+    ids = torch.tensor([[IMG] * IMAGE_TOKENS + [BOS] + glyph_ids(t) + [EOS] for t, _ in items])
     labels = ids.clone()
     labels[:, : IMAGE_TOKENS + 1] = -100
     return pixels, ids, labels
@@ -67,8 +72,8 @@ def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> floa
         for text in texts:
             context = [PAD] * IMAGE_TOKENS
             for slot, c in zip(sorted(rng.sample(range(IMAGE_TOKENS), chars)), text):
-                context[slot] = 4 + GLYPHS.index(c)
-            rows.append(context + [BOS] + [4 + GLYPHS.index(c) for c in text] + [EOS])
+                context[slot] = glyph_ids(c)[0]
+            rows.append(context + [BOS] + glyph_ids(text) + [EOS])
         ids = torch.tensor(rows)
         labels = ids.clone()
         labels[:, : IMAGE_TOKENS + 1] = -100
@@ -137,7 +142,7 @@ def main() -> None:
         seq = ids[:, : IMAGE_TOKENS + 1]
         for _ in range(args.chars):
             seq = torch.cat([seq, model(input_ids=seq, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        answers = ["".join(GLYPHS[i - 4] if i >= 4 else "?" for i in row[IMAGE_TOKENS + 1 :].tolist()) for row in seq]
+        answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[IMAGE_TOKENS + 1 :].tolist()) for row in seq]
         reads = ctc_read(column_logits(head, model.vision_tower(pixels))) if head else None
         ctc_exact = None if reads is None else sum(r == t for r, t in zip(reads, texts)) / len(texts)
     row = {

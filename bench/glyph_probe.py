@@ -4,12 +4,14 @@ string of `--chars` of them, to see whether letters are read in order too), the 
 trainer with one thing changed per variant, then asked "What is written in the image?" on held-out characters.
 The `vit` variant is the reference: the same ViT with a linear head on its mean feature, no LLM. Variants ending
 in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv stem; variants ending in
-`ctc` add a loss that ties each character to its place in the line (`run_ctc`, one process).
+`_reading` add the trainer's reading loss (`reading_weight`: CTC from the vision tower's reading head on its
+columns), which ties each character to its place in the line; `frozen_llm_ctc` instead scores the image tokens
+against the frozen LLM's embeddings with CTC (`run_ctc`, one process).
 
     python bench/glyph_probe.py data --data /tmp/glyph                 # 40,000 training and 300 test images
     python bench/glyph_probe.py run  --data /tmp/glyph [--variants frozen_llm frozen_llm_patchify vit vit_patchify] [--steps 400]
     python bench/glyph_probe.py data --data /tmp/glyph3 --chars 3 && python bench/glyph_probe.py run --data /tmp/glyph3 --variants frozen_llm
-    python bench/glyph_probe.py data --data /tmp/g4 --chars 4 && python bench/glyph_probe.py run --data /tmp/g4 --steps 600 --variants frozen_llm_column_ctc
+    python bench/glyph_probe.py data --data /tmp/g4 --chars 4 && python bench/glyph_probe.py run --data /tmp/g4 --steps 600 --variants llm_low_lr_reading
     python bench/glyph_probe.py data --data /tmp/g --samples 2000 --test 20 && python bench/glyph_probe.py run --data /tmp/g --recipe tiny --steps 5
 
 Each variant prints one JSON line (exact-match accuracy on the test strings, the share of characters right in
@@ -61,8 +63,8 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
     "llm_low_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
     "frozen_llm_ctc": FROZEN_LLM,  # + a CTC loss on the image tokens against the LLM's embeddings (run_ctc)
-    "frozen_llm_column_ctc": FROZEN_LLM,  # + a CTC head on the encoder's columns (run_ctc)
-    "llm_low_lr_column_ctc": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
+    "frozen_llm_reading": {**FROZEN_LLM, "reading_weight": 1.0},
+    "llm_low_lr_reading": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5, "reading_weight": 1.0},
     "vit": {"lr": 1e-3},
     "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }
@@ -81,7 +83,7 @@ def write_shard(task: tuple[Path, int, int]) -> dict:
     with tarfile.open(folder / name, "w") as tar:
         for i in range(k * PER_SHARD, (k + 1) * PER_SHARD):
             text, jpg = glyph(f"glyph:{i}", chars)
-            meta = {"conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": text}]}
+            meta = {"conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": text}], "transcript": text}
             for ext, data in (("json", json.dumps(meta).encode()), ("jpg", jpg)):
                 info = tarfile.TarInfo(f"{i:07d}.{ext}")
                 info.size = len(data)
@@ -109,7 +111,8 @@ def make_data(args) -> None:
 def stage_config(args, name: str) -> TrainConfig:
     stage = {**RECIPES[args.recipe](args.data / "parts")[-1], "max_steps": args.steps, "warmup_steps": min(50, args.steps // 2), "compile": False}
     stage.pop("name")
-    return TrainConfig(shards=str(args.data / "shards"), output_dir=str(args.data / "runs" / name), **{**stage, **VARIANTS[name]})
+    changes = {"reading_weight": 0.0, **VARIANTS[name]}  # the reading loss only where a variant asks for it
+    return TrainConfig(shards=str(args.data / "shards"), output_dir=str(args.data / "runs" / name), **{**stage, **changes})
 
 
 def run_vlm(args, name: str, chars: int) -> dict:
@@ -119,8 +122,17 @@ def run_vlm(args, name: str, chars: int) -> dict:
     path.write_text(json.dumps(asdict(config)))
     subprocess.run(torchrun_command(path, 1), check=True)
     model, tokenizer = load_for_eval(Path(config.output_dir) / "final")
-    losses = [json.loads(line)["loss"] for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return score(args, model, tokenizer, Path(config.output_dir), chars, losses)
+    rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    result = score(args, model, tokenizer, Path(config.output_dir), chars, [r["loss"] for r in rows])
+    if model.config.reading_head:  # what the reading head itself reads, and its loss over the last 50 steps
+        items = json.loads((args.data / "test" / "test.json").read_text())
+        mean, std = normalization(model.config.vision_config.model_type)
+        pixels = image_batch([load_image((args.data / "test" / i["image_path"]).read_bytes(), model.config.image_size) for i in items])
+        with torch.no_grad():
+            reads = [r for chunk in pixels.split(100) for r in model.vision_tower.read(normalize_pixels(chunk.to(model.device), mean, std))]
+        reading = [r["reading_loss"] for r in rows if "reading_loss" in r][-50:]
+        result |= {"head_exact": sum(r == i["answers"][0] for r, i in zip(reads, items)) / len(items), "reading_loss": sum(reading) / len(reading)}
+    return result
 
 
 def score(args, model, tokenizer, run_dir: Path, chars: int, losses: list[float]) -> dict:
@@ -137,11 +149,9 @@ def score(args, model, tokenizer, run_dir: Path, chars: int, losses: list[float]
 
 
 def run_ctc(args, name: str, chars: int) -> dict:
-    """The variant's stage plus a CTC loss that ties each character to its place in the line, one of two kinds:
-    `_column_ctc`, a linear head of its own on the encoder's column means (the columns read left to right, as text
-    recognisers train; bench/reading_probe.py); `_ctc`, the image tokens in raster order scored against the frozen
-    LLM's own input embeddings (+ a learned blank), pushing them to be the answer's tokens for the LLM to copy. One
-    process, the trainer's data, model and schedule."""
+    """The variant's stage plus a CTC loss of the image tokens in raster order scored against the frozen LLM's own
+    input embeddings (+ a learned blank), pushing them to be the answer's tokens for the LLM to copy. One process,
+    the trainer's data, model and schedule."""
     config = stage_config(args, name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(config.text_model)
@@ -151,16 +161,9 @@ def run_ctc(args, name: str, chars: int) -> dict:
                             tokens_per_image=beni.num_image_tokens(), max_length=config.max_length, seed=config.seed)
     batches = iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
     embed = model.get_input_embeddings()
-    columns = name.endswith("_column_ctc")
-    grid = beni.image_size // beni.patch_size
-    if columns:
-        head = torch.nn.Linear(beni.vision_config.hidden_size, 1 + len(GLYPHS), device=device)  # CTC's blank is class 0
-        extra = list(head.parameters())
-    else:
-        blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
-        extra = [blank]
-    params = [p for p in model.parameters() if p.requires_grad] + extra
-    groups = param_groups(model, config) + [{"params": extra, "lr": config.part_lr.get("vision_tower", config.lr), "weight_decay": 0.0}]
+    blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
+    params = [p for p in model.parameters() if p.requires_grad] + [blank]
+    groups = param_groups(model, config) + [{"params": [blank], "lr": config.part_lr.get("vision_tower", config.lr), "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))  # as the trainer schedules
     mean, std = normalization(beni.vision_config.model_type)
@@ -170,20 +173,15 @@ def run_ctc(args, name: str, chars: int) -> dict:
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         answers = [tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True).strip() for row in batch["labels"]]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            features = model.vision_tower(normalize_pixels(batch["pixel_values"].to(device), mean, std))
-            image = model.connector(features)
+            image = model.connector(model.vision_tower(normalize_pixels(batch["pixel_values"].to(device), mean, std)))
             embeds = embed(ids).masked_scatter((ids == beni.image_token_id).unsqueeze(-1), image.to(embed.weight.dtype))
             logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        if columns:
-            targets = [[1 + GLYPHS.index(c) for c in a] for a in answers]
-            scores = head(features.float().view(len(ids), grid, grid, -1).mean(1))  # [batch, columns, 1 + glyphs]
-        else:
-            tokens = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
-            vocab = sorted({t for row in tokens for t in row})
-            index = {t: i + 1 for i, t in enumerate(vocab)}
-            targets = [[index[t] for t in row] for row in tokens]
-            scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
+        tokens = [tokenizer(a, add_special_tokens=False).input_ids for a in answers]
+        vocab = sorted({t for row in tokens for t in row})
+        index = {t: i + 1 for i, t in enumerate(vocab)}
+        targets = [[index[t] for t in row] for row in tokens]
+        scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
         ctc = torch.nn.functional.ctc_loss(
             scores.log_softmax(-1).transpose(0, 1), torch.tensor([t for row in targets for t in row], device=device),
             torch.full((len(ids),), scores.shape[1], device=device), torch.tensor([len(r) for r in targets], device=device), zero_infinity=True,
@@ -263,7 +261,7 @@ def run(args) -> None:
         raise SystemExit(f"the vit variants classify one character; {args.data} holds strings of {chars}")
     for name in args.variants:
         start = time.perf_counter()
-        run_one = run_vit if name.startswith("vit") else run_ctc if name.endswith("ctc") else run_vlm
+        run_one = run_vit if name.startswith("vit") else run_ctc if name == "frozen_llm_ctc" else run_vlm
         result = run_one(args, name) if run_one is run_vit else run_one(args, name, chars)
         row = {"variant": name, "steps": args.steps, **VARIANTS[name], **result, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)

@@ -274,7 +274,7 @@ def main() -> None:
                 json.dump(results, f, indent=1)
     print(f"\n{'config':6} {'variant':17} {'samples/s':>9} {'tokens/s':>9} {'MFU':>6} {'mem GiB':>8}  vs peer")
     for row in results["runs"]:
-        peer = next(r for r in results["runs"] if r["config"] == row["config"] and r["variant"] == "peer")
+        peer = next((r for r in results["runs"] if r["config"] == row["config"] and r["variant"] == "peer"), {})
         if "samples_per_s" not in row:
             print(f"{row['config']:6} {row['variant']:17} {row.get('error')}")
             continue

@@ -36,6 +36,7 @@ class BeniConfig(PretrainedConfig):
     vision_stem: str | None = None  # "conv": a conv stack replaces the encoder's patchify (vision.ConvStem), from scratch only
     vision_feature_layer: int = -1
     keep_cls: bool = False
+    reading_head: bool = False  # a CTC head on the vision tower's columns, trained on transcripts (VisionTower.reading_loss)
     image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
     image_token: str = "<image>"
     image_token_id: int | None = None  # set by chat.load_tokenizer's token when the model is built

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
+from beni_model.vision import reading_classes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
@@ -54,6 +55,7 @@ class DataSettings:
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
+    reading: bool = False  # image batches carry the transcripts' classes for the reading head (reading_targets)
     seed: int = 0
 
 
@@ -174,16 +176,16 @@ def conversation_of(meta: dict, has_image: bool) -> list[dict]:
 
 
 def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
-    input_ids, labels, pixels = [], [], []
+    input_ids, labels, pixels, reads = [], [], [], []
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-        example = build_example(
-            conversation_of(json.loads(sample["json"]), image is not None), tokenizer, settings.tokens_per_image, settings.max_length
-        )
+        meta = json.loads(sample["json"])
+        example = build_example(conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length)
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
             pixels.append(load_image(image, settings.image_size))
+            reads.append(reading_classes(meta.get("transcript")))
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id)
     else:
@@ -192,6 +194,9 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         batch["pixel_values"] = (
             image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)
         )
+        if settings.reading:
+            batch["reading_targets"] = torch.tensor([c for r in reads for c in r], dtype=torch.long)
+            batch["reading_lengths"] = torch.tensor([len(r) for r in reads], dtype=torch.long)
     return batch
 
 

@@ -1,6 +1,8 @@
 """BeniForConditionalGeneration: vision tower -> connector -> causal LLM, with image features spliced in
 wherever the image token stands in the prompt."""
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -8,6 +10,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from beni_model.config import BeniConfig
 from beni_model.connectors import build_connector
 from beni_model.vision import VisionTower, vision_encoder_from_config, vision_encoder_from_pretrained
+
+
+@dataclass
+class BeniOutput(CausalLMOutputWithPast):
+    reading_loss: torch.FloatTensor | None = None  # the vision tower's reading head's, when given transcripts
 
 
 class BeniForConditionalGeneration(PreTrainedModel):
@@ -93,23 +100,24 @@ class BeniForConditionalGeneration(PreTrainedModel):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[num_images, 3, H, W] -> [num_images, tokens_per_image, text_hidden]."""
-        return self.connector(self.vision_tower(pixel_values))
-
     def embed(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features written over the image-token positions.
 
         `pixel_values` holds the batch's images in reading order: sample 0's images first, each sample's in the
         order its image tokens appear; text-only samples contribute none.
         """
+        has_images = pixel_values is not None and pixel_values.shape[0] > 0
+        return self.merge(input_ids, self.vision_tower(pixel_values) if has_images else None)
+
+    def merge(self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None) -> torch.Tensor:
+        """`embed` from the vision tower's output for the batch's images (None: no images)."""
         embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        if vision_features is None:
             if image_mask.any():
                 raise ValueError("The prompt has image tokens but no pixel_values were given.")
             return embeds
-        features = self.image_features(pixel_values)
+        features = self.connector(vision_features)
         if image_mask.sum() != features.shape[0] * features.shape[1]:
             raise ValueError(
                 f"The batch has {int(image_mask.sum())} image tokens but {features.shape[0]} images of "
@@ -125,11 +133,21 @@ class BeniForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        reading_targets: torch.LongTensor | None = None,
+        reading_lengths: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> "BeniOutput":
+        """The LLM's output on the merged embeddings; given `reading_targets` and `reading_lengths` (the loader's,
+        see VisionTower.reading_loss), also the reading head's loss on the same vision features."""
+        reading_loss = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            has_images = pixel_values is not None and pixel_values.shape[0] > 0
+            features = self.vision_tower(pixel_values) if has_images else None
+            if reading_lengths is not None and features is not None:
+                reading_loss = self.vision_tower.reading_loss(features, reading_targets, reading_lengths)
+            inputs_embeds = self.merge(input_ids, features)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        return BeniOutput(**out, reading_loss=reading_loss)
 
     @torch.no_grad()
     def generate(

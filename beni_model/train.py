@@ -85,6 +85,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     text_fraction: float = 0.0
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
+    reading_weight: float = 0.0  # > 0: add the vision tower's reading head and its CTC loss on samples with a transcript
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
     device: str = "auto"  # auto, cuda or cpu
@@ -115,6 +116,10 @@ class TrainConfig:
             problems.append(f"warmup_steps {self.warmup_steps} must be below max_steps {self.max_steps}")
         if not 0 <= self.text_fraction <= 1:
             problems.append("text_fraction must lie in [0, 1]")
+        if self.reading_weight < 0:
+            problems.append("reading_weight must be at least 0")
+        if self.reading_weight and (self.stage == "align" or self.lora_rank or "vision_tower" not in self.train_parts):
+            problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -167,8 +172,11 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             connector=config.connector,
             vision_stem=config.vision_stem,
             image_size=config.image_size,
+            reading_head=config.reading_weight > 0,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
+    if config.reading_weight and not model.config.reading_head:
+        raise ValueError(f"reading_weight > 0 but the model in {config.init_from} has no reading head: train its first stage with reading_weight too.")
     trained = ("connector",) if config.stage == "align" else config.train_parts
     for part in PARTS:
         getattr(model, part).requires_grad_(part in trained and not config.lora_rank)
@@ -412,17 +420,17 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed cross-entropy / num_items, with the LM head run only at the columns that predict some label:
     image and prompt positions (most of a VLM batch) never reach the vocabulary-sized logits. `labels` stay on
-    the host, where the loader left them."""
+    the host, where the loader left them. Also returns the reading head's loss where `inputs` has transcripts."""
     device = inputs["input_ids"].device
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # labels still on the host: no device sync
-    logits = model(**inputs, logits_to_keep=keep.to(device), use_cache=False).logits
+    out = model(**inputs, logits_to_keep=keep.to(device), use_cache=False)
     targets = targets[:, keep].to(device, non_blocking=True).flatten()
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / num_items
+    loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / num_items, out.reading_loss
 
 
 def samples_in(batch: dict) -> int:
@@ -433,12 +441,21 @@ def samples_in(batch: dict) -> int:
 
 
 def train_step(
-    model, micro: list[dict], optimizer, trainable: list, max_grad_norm: float, beni_config: BeniConfig, device: torch.device
+    model,
+    micro: list[dict],
+    optimizer,
+    trainable: list,
+    max_grad_norm: float,
+    beni_config: BeniConfig,
+    device: torch.device,
+    reading_weight: float = 0.0,
 ) -> dict:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
-    every rank's label tokens. A step whose gradient norm is not finite is skipped on every rank alike (the norm
-    is global), so one overflow never turns the weights into NaN. Returns the loss, grad norm, whether the step
-    was skipped and the step's global counts."""
+    every rank's label tokens, plus reading_weight times the reading head's loss (its mean over micro-batches and
+    ranks) where the batches carry transcripts. A step whose gradient norm is not finite is skipped on every rank
+    alike (the norm is global), so one overflow never turns the weights into NaN. Returns the loss (the LM's),
+    the reading loss (None without transcripts), grad norm, whether the step was skipped and the step's global
+    counts."""
     world_size = dist.get_world_size()
     counts = torch.tensor(
         [
@@ -453,7 +470,7 @@ def train_step(
     )
     dist.all_reduce(counts)
     num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients; read on the device, no sync
-    loss_sum = torch.zeros((), device=device)
+    sums = torch.zeros(2, device=device)  # LM loss, reading loss: one all-reduce and one host sync for both
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world_size == 1)  # see shard()
     for i, batch in enumerate(micro):
         if world_size > 1:
@@ -463,19 +480,27 @@ def train_step(
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", layout, "pixel_values") if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
+        if reading_weight and "reading_lengths" in batch:
+            inputs |= {k: batch[k] for k in ("reading_targets", "reading_lengths")}  # lengths stay on the host
         with autocast:
-            loss = labeled_loss(model, inputs, batch["labels"], num_items)
-        loss.backward()
-        loss_sum += loss.detach()
+            loss, reading = labeled_loss(model, inputs, batch["labels"], num_items)
+        if reading is not None:
+            (loss + reading_weight * reading / len(micro)).backward()
+            sums[1] += reading.detach() / len(micro)
+        else:
+            loss.backward()
+        sums[0] += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     if math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(loss_sum)
+    dist.all_reduce(sums)
+    lm_loss, reading_loss = (sums / world_size).tolist()
     _, tokens, samples, images, flops = counts.tolist()
     return {
-        "loss": loss_sum.item() / world_size,
+        "loss": lm_loss,
+        "reading_loss": reading_loss if reading_weight and any("reading_lengths" in b for b in micro) else None,
         "grad_norm": grad_norm,
         "skipped": not math.isfinite(grad_norm),
         "tokens": tokens,
@@ -518,6 +543,7 @@ def train(config: TrainConfig) -> dict:
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
+        reading=config.reading_weight > 0,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
@@ -526,7 +552,7 @@ def train(config: TrainConfig) -> dict:
     while step < config.max_steps:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
-        stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device)
+        stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight)
         scheduler.step()
         step += 1
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
@@ -541,6 +567,7 @@ def train(config: TrainConfig) -> dict:
                 {
                     "step": step,
                     "loss": stats["loss"],
+                    **({"reading_loss": stats["reading_loss"]} if stats["reading_loss"] is not None else {}),
                     "lr": config.lr * lr_factor(step - 1, config),  # part_lr parts scale alike
                     "grad_norm": stats["grad_norm"],
                     "skipped": int(stats["skipped"]),
@@ -562,8 +589,10 @@ def train(config: TrainConfig) -> dict:
         rows = reporter.rows
         plot_loss([(r["step"], r["loss"]) for r in rows], out / "loss.png")
         timed = rows[1:] or rows  # the first step pays for warm-up
+        reading = [r["reading_loss"] for r in rows if "reading_loss" in r]
         summary = {
             "final_loss": rows[-1]["loss"],
+            "final_reading_loss": reading[-1] if reading else None,
             "steps": step,
             "world_size": world_size,
             "device": device.type,

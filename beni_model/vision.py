@@ -1,12 +1,17 @@
 """The vision tower: any transformers image encoder that maps pixel_values to hidden states."""
 
 import inspect
+import math
+import string
 
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from beni_model.config import BeniConfig
+
+READING_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space: what the reading head emits
+READS_PER_COLUMN = 2  # a column of 16 px patches may hold more than one narrow glyph
 
 
 class ConvStem(nn.Sequential):
@@ -67,6 +72,9 @@ class VisionTower(nn.Module):
         self.patch_size = config.patch_size
         self.native_size = config.vision_config.image_size
         self.takes_interpolate_flag = "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters
+        self.num_prefix_tokens = config.num_prefix_tokens if config.keep_cls else 0
+        if config.reading_head:
+            self.reading_head = nn.Linear(config.vision_config.hidden_size, READS_PER_COLUMN * (1 + len(READING_ALPHABET)))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
@@ -80,3 +88,44 @@ class VisionTower(nn.Module):
         if self.keep_cls:
             return features
         return features[:, features.shape[1] - num_patches :]
+
+    def reading_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The reading head's logits, [batch, columns * READS_PER_COLUMN, 1 + len(READING_ALPHABET)], left to right."""
+        patches = features[:, self.num_prefix_tokens :]
+        batch, n, dim = patches.shape
+        grid = math.isqrt(n)
+        return self.reading_head(patches.reshape(batch, grid, grid, dim).mean(1)).view(batch, grid * READS_PER_COLUMN, -1)
+
+    def read(self, pixel_values: torch.Tensor) -> list[str]:
+        """The reading head's greedy transcript of each image: repeats merged, blanks dropped."""
+        reads = []
+        for row in self.reading_scores(self(pixel_values)).argmax(-1).tolist():
+            reads.append("".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])))
+        return reads
+
+    def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CTC loss of the reading head, as text recognisers train: each column of the patch grid (the mean of its
+        rows) reads READS_PER_COLUMN characters or blanks, left to right. `targets` holds the class ids
+        (`reading_classes`) of every image with `lengths` > 0, concatenated; images of length 0 have no transcript, and
+        lines longer than the head's reads are left out.
+        The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
+        alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
+        scores = self.reading_scores(features)
+        keep = (lengths > 0) & (lengths <= scores.shape[1])  # a longer line cannot be read in this many steps
+        rows = keep.nonzero().squeeze(1)
+        if len(rows) == 0:
+            return scores.sum() * 0  # a zero loss that still gives the head a gradient, as FSDP wants of every rank
+        targets = targets.to(keep.device)[keep.repeat_interleave(lengths)]
+        # Host tensors go over without a blocking copy, which would stall the host until the GPU catches up.
+        log_probs = scores[rows.to(scores.device, non_blocking=True)].float().log_softmax(-1).transpose(0, 1)
+        steps = torch.full((len(rows),), log_probs.shape[0], dtype=torch.long)
+        targets = targets.to(scores.device, non_blocking=True)
+        return nn.functional.ctc_loss(log_probs, targets, steps, lengths[rows].cpu(), zero_infinity=True)
+
+
+def reading_classes(transcript: str | None) -> list[int]:
+    """The reading head's class ids for a transcript (0 is CTC's blank); empty where there is none or a character
+    lies outside READING_ALPHABET."""
+    if not transcript or any(c not in READING_ALPHABET for c in transcript):
+        return []
+    return [1 + READING_ALPHABET.index(c) for c in transcript]

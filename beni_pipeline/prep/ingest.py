@@ -26,6 +26,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("url", pa.string()),
         ("caption", pa.string()),
         ("conversations", pa.string()),
+        ("transcript", pa.string()),  # the text the image shows on one line, where the source names it
         ("source", pa.string()),
         ("row", pa.int64()),
         ("chunk", pa.string()),
@@ -46,6 +47,9 @@ class SourceSettings(pydantic.BaseModel):
     url_column: str = "url"
     caption_column: str = "caption"
     conversations_column: str = "conversations"
+    transcript_column: str = pydantic.Field(
+        "transcript", description="optional column with the text the image shows on one line (trains the reading head)"
+    )
     image_root: str | None = pydantic.Field(
         None, description="folder that relative image paths are resolved against (default: the source's folder)"
     )
@@ -150,12 +154,14 @@ def _normalize(record: dict, root: Path, source: str, line: int) -> tuple[dict |
         return None, "bad_conversations"
     if not caption and not conversations:
         return None, "missing_text"
+    transcript = record.get("transcript")
     sample_id = hashlib.blake2b(f"{ref}\n{caption}\n{conversations}".encode(), digest_size=8).hexdigest()
     return {
         "sample_id": sample_id,
         "url": _resolve(ref, root),
         "caption": caption,
         "conversations": conversations,
+        "transcript": transcript.strip() or None if isinstance(transcript, str) else None,
         "source": source,
         "row": line,
     }, ""
@@ -180,6 +186,7 @@ def _renamed(record: dict, settings: SourceSettings) -> dict:
         "url": record.get(settings.url_column),
         "caption": record.get(settings.caption_column),
         "conversations": record.get(settings.conversations_column),
+        "transcript": record.get(settings.transcript_column),
     }
 
 
@@ -261,7 +268,7 @@ def _read_folder(path: Path) -> list[tuple[int, dict]]:
                 sidecar = json.loads(_decode(image.with_suffix(".json")))
             except json.JSONDecodeError as e:
                 raise IngestError(f"{image.with_suffix('.json')}, line {e.lineno}: not valid JSON ({e.msg}); fix the sidecar") from None
-            record.update({k: sidecar.get(k) for k in ("caption", "conversations")} if isinstance(sidecar, dict) else {})
+            record.update({k: sidecar.get(k) for k in ("caption", "conversations", "transcript")} if isinstance(sidecar, dict) else {})
         records.append((i, record))
     return records
 

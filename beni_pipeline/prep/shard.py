@@ -25,6 +25,8 @@ from beni_pipeline.prep.files import write_bytes_atomic, write_parquet_atomic
 
 BLOCK = tarfile.BLOCKSIZE
 _FORMAT_VERSION = 1
+# What a sample's .json carries (+ its token length); manifests written before transcripts existed lack that column.
+PAYLOAD_COLUMNS = ["sample_id", "caption", "conversations", "transcript", "source", "url", "width", "height"]
 
 
 class ShardSettings(pydantic.BaseModel):
@@ -71,10 +73,11 @@ def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, 
     payloads = [
         json.dumps(
             {"sample_id": r["sample_id"], "caption": r["caption"], "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
-             "source": r["source"], "url": r["url"], "width": r["width"], "height": r["height"], "length": int(n)},
+             "source": r["source"], "url": r["url"], "width": r["width"], "height": r["height"], "length": int(n),
+             **({"transcript": r["transcript"]} if r.get("transcript") else {})},
             ensure_ascii=False, sort_keys=True, separators=(",", ":"),
         ).encode()
-        for r, n in zip(rows.select(["sample_id", "caption", "conversations", "source", "url", "width", "height"]).to_pylist(), lengths)
+        for r, n in zip(rows.select([c for c in PAYLOAD_COLUMNS if c in rows.column_names]).to_pylist(), lengths)
     ]
     rows = rows.select(["sample_id", "chunk", "tar", "offset", "size", "ext"]).append_column("length", pa.array(lengths))
     rows = rows.append_column("json", pa.array(payloads, pa.binary()))

@@ -30,6 +30,7 @@ MAX_SIDE = 800
 MIN_SIDE = 160
 JPEG_QUALITY = 90
 CHUNK = 50  # samples per pool task
+FORMAT = 2  # of the corpus rows: a corpus written by another format is regenerated (2: rows name their transcript)
 BACKGROUNDS = ("plain", "textured", "photo")
 
 ADJECTIVES = """old young small large quiet bright dark happy tired clever busy lazy brave gentle
@@ -153,12 +154,14 @@ class TextStyle:
 
 @dataclass
 class Rendered:
-    """One sample before it is written: the image, its caption and its (question, answer) pairs."""
+    """One sample before it is written: the image, its caption, its (question, answer) pairs and, for an image of
+    one line of text, that text (the reading head's target)."""
 
     kind: str
     image: Image.Image
     caption: str
     qa: list[tuple[str, str]]
+    transcript: str | None = None
 
 
 # ---------------------------------------------------------------- fonts, colours, backgrounds
@@ -576,7 +579,7 @@ def text_sample(rng: random.Random, kind: str) -> Rendered:
     style = random_style(rng)
     image = render_text(rng, lines, style)
     caption = rng.choice(TEXT_CAPTIONS).format(text=text, thing=THINGS[kind], bg=BG_WORDS[style.background], font=font_words(style.font))
-    return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)])
+    return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)], None if kind == "sentence" else text)
 
 
 def render_receipt(rng: random.Random) -> tuple[Image.Image, dict]:
@@ -772,7 +775,8 @@ def drawn_sample(rng: random.Random, kind: str) -> Rendered:
         text = handwritten_text(rng, CORPUS_VOCABULARY) if kind == "handwriting" else word(rng, CORPUS_VOCABULARY)
         image = {"curved": render_irregular, "artistic": render_artistic, "handwriting": render_handwriting}[kind](rng, text)
         question = rng.choice(KIND_QUESTIONS[kind])
-    return Rendered(kind, image, rng.choice(DRAWN_CAPTIONS[kind]).format(text=text), [(question, text)])
+    transcript = None if kind == "math" else text  # a formula's answer is LaTeX, not the line as drawn
+    return Rendered(kind, image, rng.choice(DRAWN_CAPTIONS[kind]).format(text=text), [(question, text)], transcript)
 
 
 # Reading genres first: they are what OCR needs most and what most of the eval set asks.
@@ -866,6 +870,8 @@ def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tupl
             data, caption, planted = jpeg(original.image), original.caption, None
         Path(images, url.removeprefix("images/")).write_bytes(data)
         row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
+        if original.transcript:
+            row["transcript"] = original.transcript
         lines.append((json.dumps(row, ensure_ascii=False), planted))
     return lines
 
@@ -873,12 +879,12 @@ def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tupl
 def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) -> Path:
     """Writes out_dir/images/<name>.jpg, out_dir/corpus.jsonl and out_dir/planted_duplicates.jsonl; returns the
     corpus.jsonl path. Returns at once if out_dir already holds a complete corpus for the same settings
-    (corpus_settings.json, written last, marks completion); otherwise images/ is emptied and all is regenerated."""
+    (corpus_settings.json, written last with the settings and FORMAT, marks completion); otherwise images/ is emptied and all is regenerated."""
     if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1:
         raise ValueError(f"corpus settings need samples >= 1 and 0 <= duplicate_fraction < 1; got {settings}")
     out_dir = Path(out_dir)
     corpus, planted, marker = out_dir / "corpus.jsonl", out_dir / "planted_duplicates.jsonl", out_dir / "corpus_settings.json"
-    wanted = json.dumps(asdict(settings), sort_keys=True) + "\n"
+    wanted = json.dumps({**asdict(settings), "format": FORMAT}, sort_keys=True) + "\n"
     if marker.is_file() and marker.read_text() == wanted and corpus.is_file() and planted.is_file():
         return corpus
     marker.unlink(missing_ok=True)

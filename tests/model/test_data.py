@@ -18,13 +18,15 @@ from beni_model.data import (
     shard_paths,
     step_modality,
 )
+from beni_model.vision import reading_classes
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
 def write_toy_shards(root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32) -> Path:
     """Shards in the training_shards format for a learnable task: a solid-colour image captioned with its colour
-    name (every `text_every`-th sample text-only); sorted by length, as the real writer does."""
+    name (every `text_every`-th sample text-only), every other image with the name as its transcript; sorted by
+    length, as the real writer does."""
     root.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
     rows = []
@@ -32,14 +34,17 @@ def write_toy_shards(root: Path, samples: int = 96, per_shard: int = 24, text_ev
         colour = names[i % len(names)]
         text_only = text_every and i % text_every == 0
         caption = f"a {colour} square" if not text_only else f"the word {colour} repeated: {' '.join([colour] * (i % 5 + 1))}"
-        rows.append((len(caption) + (0 if text_only else 16), f"s{i:05d}", caption, None if text_only else colour))
+        rows.append((len(caption) + (0 if text_only else 16), f"s{i:05d}", caption, None if text_only else colour, i % 2 == 0))
     rows.sort()
     entries = []
     for k in range(0, samples, per_shard):
         name = f"train-{k // per_shard:06d}.tar"
         with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for length, key, caption, colour in rows[k : k + per_shard]:
-                members = {"json": json.dumps({"sample_id": key, "caption": caption, "conversations": [], "length": length}).encode()}
+            for length, key, caption, colour, transcribed in rows[k : k + per_shard]:
+                meta = {"sample_id": key, "caption": caption, "conversations": [], "length": length}
+                if colour and transcribed:
+                    meta["transcript"] = colour
+                members = {"json": json.dumps(meta).encode()}
                 if colour:
                     out = io.BytesIO()
                     Image.new("RGB", (size + 8, size), COLOURS[colour]).save(out, "JPEG")
@@ -143,3 +148,18 @@ def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, 
         assert torch.equal(a["input_ids"][a["attention_mask"].bool()], b["input_ids"][b["attention_mask"].bool()])
         if a["modality"] == "image":
             assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_path, tokenizer):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=24)
+    config = settings(shards)
+    assert "reading_lengths" not in next(iter(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False)))
+    config = settings(shards, reading=True)
+    expected = keys(raw_stream(config, 0, 1, DataPosition()), 12)  # one epoch
+    batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+    transcripts = {f"s{i:05d}": colour for i, colour in enumerate(list(COLOURS) * 12) if i % 2 == 0}
+    for batch, (_, _, samples) in zip(batches, expected):
+        lines = [transcripts.get(key, "") for key in samples]
+        assert batch["reading_lengths"].tolist() == [len(line) for line in lines]
+        assert batch["reading_targets"].tolist() == [c for line in lines for c in reading_classes(line)]
+    assert 0 < sum(int((b["reading_lengths"] > 0).sum()) for b in batches) < sum(len(b["reading_lengths"]) for b in batches)

@@ -1,3 +1,5 @@
+import itertools
+import random
 import shutil
 
 import pytest
@@ -8,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import ConvStem, conv_stem_flops
+from beni_model.vision import ConvStem, conv_stem_flops, reading_classes
 from tests.model.conftest import VISION, images
 
 TWO_IMAGES = [
@@ -179,3 +181,64 @@ def test_conv_stem_flops_match_torch_count():
     with FlopCounterMode(display=False) as counter:
         assert stem(torch.zeros(1, 3, 64, 64)).shape == (1, 48, 4, 4)
     assert counter.get_total_flops() == conv_stem_flops(16, 48, 64)
+
+
+COLOURS = {"A": (220, 30, 30), "B": (30, 200, 40), "C": (30, 40, 220), "D": (230, 220, 30)}
+
+
+def striped(line: str, size: int = 64) -> torch.Tensor:
+    """A normalized image whose vertical stripes, left to right, are the colours of `line`'s letters."""
+    image = torch.zeros(3, size, size)
+    width = size // len(line)
+    for i, letter in enumerate(line):
+        image[:, :, i * width : (i + 1) * width] = torch.tensor(COLOURS[letter]).view(3, 1, 1) / 127.5 - 1
+    return image
+
+
+def test_reading_head_learns_the_order_of_a_line_and_reloads(parts, tmp_path):
+    """Lines of 2-3 coloured stripes, with their reverse orders among them: only a head that reads the columns
+    in order can transcribe the held-out lines."""
+    vision = {**VISION, "model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128, "image_size": 64}
+    config = BeniConfig(vision_config=vision, text_model=parts["llama"], reading_head=True)
+    torch.manual_seed(0)
+    model = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"], config.image_token))
+    lines = ["".join(p) for n in (2, 3) for p in itertools.product("ABCD", repeat=n) if all(a != b for a, b in itertools.pairwise(p))]
+    random.Random(0).shuffle(lines)
+    train, held_out = lines[:-8], lines[-8:]
+    tower, rng = model.vision_tower, random.Random(0)
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
+    for _ in range(400):
+        batch = rng.sample(train, 16)
+        targets = torch.tensor([c for line in batch for c in reading_classes(line)])
+        loss = tower.reading_loss(tower(torch.stack([striped(line) for line in batch])), targets, torch.tensor([len(line) for line in batch]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pixels = torch.stack([striped(line) for line in held_out])
+    with torch.no_grad():
+        reads = model.eval().vision_tower.read(pixels)
+        assert sum(r == line for r, line in zip(reads, held_out)) >= 6, list(zip(held_out, reads))
+        model.save_pretrained(tmp_path)
+        assert BeniForConditionalGeneration.from_pretrained(tmp_path).eval().vision_tower.read(pixels) == reads
+
+
+def test_reading_loss_comes_with_the_llm_loss_and_skips_lines_without_transcript(build):
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu", reading_head=True)
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    kwargs = {"reading_targets": torch.tensor(reading_classes("open")), "reading_lengths": torch.tensor([0, 4])}
+    out = model(**batch, pixel_values=images(2), **kwargs)
+    assert out.loss is not None and out.reading_loss > 0
+    out.reading_loss.backward()
+    assert model.vision_tower.reading_head.weight.grad.abs().sum() > 0
+    assert model(**batch, pixel_values=images(2)).reading_loss is None
+    assert model(**batch, pixel_values=images(2), reading_targets=torch.zeros(0, dtype=torch.long), reading_lengths=torch.tensor([0, 0])).reading_loss == 0
+    assert reading_classes("é") == reading_classes(None) == []
+
+
+def test_lines_too_long_for_the_head_are_left_out_of_the_reading_loss(build):
+    model, _ = build("siglip", "llama", "mlp2x_gelu", reading_head=True)  # 4 columns: 8 reads
+    features = model.vision_tower(images(3))
+    short, long = reading_classes("ab"), reading_classes("a" * 9)
+    alone = model.vision_tower.reading_loss(features[2:], torch.tensor(short), torch.tensor([2]))
+    mixed = model.vision_tower.reading_loss(features, torch.tensor(long + short), torch.tensor([9, 0, 2]))
+    assert torch.allclose(alone, mixed) and alone > 0

@@ -111,6 +111,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, stage="pretrain", lora_rank=8).validate()
     with pytest.raises(ValueError, match=r"part_lr names \['vision'\]"):
         TrainConfig(**base, part_lr={"vision": 1e-3}).validate()
+    with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
+        TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
         TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
 
@@ -283,3 +285,18 @@ def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     losses = [r["loss"] for r in rows(out)]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.8
+
+
+def test_reading_weight_trains_the_reading_head_under_torchrun(tmp_path, parts):
+    shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
+    out = tmp_path / "run"
+    config = toy_run(shards, out, parts, max_steps=20, warmup_steps=2, save_every=20, workers=0, reading_weight=1.0)
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    run = subprocess.run(torchrun_command(tmp_path / "train.json", 2), check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    image_steps = [r for r in rows(out) if r["modality"] == "image"]
+    assert all("reading_loss" in r for r in image_steps) and not any("reading_loss" in r for r in rows(out) if r["modality"] == "text")
+    reading = [r["reading_loss"] for r in image_steps]
+    assert len(reading) >= 10 and sum(reading[-3:]) / 3 < sum(reading[:3]) / 3 / 2
+    model = BeniForConditionalGeneration.from_pretrained(out / "final")
+    assert model.config.reading_head and model.vision_tower.reading_head.weight.abs().sum() > 0

@@ -130,3 +130,14 @@ def test_rebuild_with_new_rows_only_adds_chunks(tmp_path):
     for row in grown.table.to_pylist():
         by_chunk.setdefault(row["chunk"], []).append(row["sample_id"])
     assert sorted(len(v) for v in by_chunk.values()) == [2, 5, 10, 10, 10]
+
+
+def test_a_transcript_column_reaches_the_manifest(tmp_path):
+    rows = [{"url": "a.jpg", "caption": "a sign", "line": " OPEN "}, {"url": "b.jpg", "caption": "a cat", "line": ""}, {"url": "c.jpg", "caption": "x"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good, _ = read_source(tmp_path / "rows.jsonl", SourceSettings(transcript_column="line"))
+    assert [r["transcript"] for r in good] == ["OPEN", None, None]
+    assert [r["sample_id"] for r in good] == [r["sample_id"] for r in read_source(tmp_path / "rows.jsonl", SourceSettings())[0]]
+    manifest = build_manifest([tmp_path / "rows.jsonl"], tmp_path / "manifest", SourceSettings(transcript_column="line"))
+    assert pq.read_table(tmp_path / "manifest" / "manifest.parquet")["transcript"].to_pylist() == ["OPEN", None, None]
+    assert manifest.table.num_rows == 3

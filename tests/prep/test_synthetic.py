@@ -54,6 +54,11 @@ def test_rows_images_and_planted_duplicates(corpus):
     assert [r["url"] for r in rows] == [f"images/{i:06d}.jpg" for i in range(SETTINGS.samples)]
     assert sorted(p.name for p in (folder / "images").iterdir()) == [r["url"].removeprefix("images/") for r in rows]
     assert {r["kind"] for r in rows} == KINDS
+    for row in rows:  # images of one line of text name it, for the reading head; the answer reads it
+        if row["kind"] in {"word", "digits", "random", "handwriting", "curved", "artistic"}:
+            assert row["transcript"] == row["conversations"][1]["value"]
+        else:
+            assert "transcript" not in row
     for row in rows:
         with Image.open(folder / row["url"]) as image:
             assert image.format == "JPEG" and image.mode == "RGB"
@@ -68,6 +73,7 @@ def test_rows_images_and_planted_duplicates(corpus):
         copy, original = by_url[p["url"]], by_url[p["duplicate_of"]]
         assert p["duplicate_of"] < p["url"] and p["duplicate_of"] not in copies
         assert copy["kind"] == original["kind"] and copy["conversations"] == original["conversations"]
+        assert copy.get("transcript") == original.get("transcript")
         assert (copy["caption"] != original["caption"]) == p["caption_edit"]
         # an edit is light and never touches the quoted text
         assert re.findall(r'"[^"]*"', copy["caption"]) == re.findall(r'"[^"]*"', original["caption"])

@@ -1,7 +1,6 @@
 """Training recipes: a list of trainer stages (TrainConfig fields) built offline.
 
-Each stage trains in its own folder; a finetune stage that follows an align stage starts from the align
-stage's final model.
+Each stage trains in its own folder and starts from the final model of the stage before it.
 """
 
 from pathlib import Path
@@ -84,15 +83,17 @@ def tiny(cache: Path) -> list[dict]:
             "save_every": 10,
             "max_length": 256,
             "workers": 1,
+            "reading_weight": 1.0,
         }
     ]
 
 
 def smollm2_siglip(cache: Path) -> list[dict]:
-    """SmolLM2-135M-Instruct + a SigLIP ViT with a conv stem trained from scratch, under ten minutes on one GPU. An
-    align stage trains the vision tower and connector under the frozen LLM (where letters are learned fastest), then
-    everything trains. Measured on an H200: 518 s of training, 0/500 held out, as in the two runs before it: the
-    answers follow each question's format, not the image (bench/BENCHMARKS.md)."""
+    """SmolLM2-135M-Instruct + a SigLIP ViT with a conv stem trained from scratch, under ten minutes on one GPU. The
+    read stage trains the vision tower and connector at 5e-4 and the LLM at 2e-5, with the reading loss (a CTC head
+    on the encoder's columns, trained on the transcripts of the corpus's one-line images): through the LLM's loss
+    alone the encoder learns which letters an image holds but not where they sit, and three runs without it read
+    nothing (bench/BENCHMARKS.md). Then everything trains at 1e-4."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
@@ -103,11 +104,12 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         "save_every": 1000,
         "compile": True,
         "workers": 12,
+        "reading_weight": 1.0,
     }
-    align = {"train_parts": ["vision_tower", "connector"], "max_steps": 2200, "lr": 3e-4, "warmup_steps": 200}
+    read = {"part_lr": {"vision_tower": 5e-4, "connector": 5e-4}, "lr": 2e-5, "max_steps": 2200, "warmup_steps": 200}
     return [
-        {"name": "align", **parts, "stage": "finetune", **align},
-        {"name": "finetune", **parts, "stage": "finetune", "max_steps": 1000, "lr": 1e-4, "warmup_steps": 100},
+        {"name": "read", **parts, **read},
+        {"name": "finetune", **parts, "max_steps": 1000, "lr": 1e-4, "warmup_steps": 100},
     ]
 
 

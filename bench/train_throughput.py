@@ -9,8 +9,7 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
   clipping) with the loss over logits at every position, as the peer computes it;
 - beni: the trainer's step as it runs (train_step: LM head only at label positions);
 - beni-compile: the same with every transformer block torch.compiled;
-- beni-cudagraphs: every block compiled with mode "reduce-overhead" (a CUDA graph each), a candidate for the trainer:
-  the compiled step is host-bound (bench/BENCHMARKS.md).
+- beni-cudagraphs: the trainer's `cuda_graphs` (every compiled block a CUDA graph): the compiled step is host-bound.
 MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
@@ -27,7 +26,7 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step, transformer_blocks
+from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
 
 VOCAB = 49152
 CONFIGS = {
@@ -176,10 +175,7 @@ def run_beni(
         model = BeniForConditionalGeneration(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = shard(model.train(), torch.device("cuda"), 1, compile=compile)
-    if cudagraphs:
-        for block in transformer_blocks(model):
-            block.compile(mode="reduce-overhead")
+    model = shard(model.train(), torch.device("cuda"), 1, compile=compile or cudagraphs, cuda_graphs=cudagraphs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
     if full_logits:

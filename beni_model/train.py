@@ -88,6 +88,7 @@ class TrainConfig:
     reading_weight: float = 0.0  # > 0: add the vision tower's reading head and its CTC loss on samples with a transcript
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
+    cuda_graphs: bool = False  # with compile, one process on a GPU: each block a CUDA graph per shape (mode "reduce-overhead")
     device: str = "auto"  # auto, cuda or cpu
     workers: int = 2  # DataLoader workers per process
     save_every: int = 200
@@ -122,6 +123,8 @@ class TrainConfig:
             problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
+        if self.cuda_graphs and not self.compile:
+            problems.append("cuda_graphs captures the compiled blocks: set compile too")
         if self.device == "cuda" and not torch.cuda.is_available():
             problems.append("device='cuda' but no CUDA GPU is visible: run on a GPU machine or set device='cpu'")
         if problems:
@@ -206,15 +209,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool = False) -> nn.Module:
+def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool = False, cuda_graphs: bool = False) -> nn.Module:
     """FSDP2 over the ranks: each transformer block its own unit, the rest (embeddings, tied lm_head,
     connector) the root unit. One process skips FSDP: there is nothing to shard, and its per-block casts and
-    copies cost a third of the step on one GPU; the fp32 module then runs under bf16 autocast (train_step)."""
+    copies cost a third of the step on one GPU; the fp32 module then runs under bf16 autocast (train_step).
+    `cuda_graphs` makes each compiled block a CUDA graph: the compiled step is bound by the host's kernel launches
+    (bench/BENCHMARKS.md), and a graph replays a block's kernels in one launch. It needs one process (FSDP's
+    collectives run between the blocks) and costs a capture per new batch shape."""
+    if cuda_graphs and world_size > 1:
+        raise ValueError(f"cuda_graphs needs one process; this run has {world_size}: leave cuda_graphs off under FSDP.")
     model.to(device)
     blocks = transformer_blocks(model)
     if compile:
         for block in blocks:
-            block.compile()
+            block.compile(mode="reduce-overhead" if cuda_graphs else None)
     if world_size == 1:
         return model
     mesh = init_device_mesh(device.type, (world_size,))
@@ -521,7 +529,7 @@ def train(config: TrainConfig) -> dict:
     tokenizer = load_tokenizer(config.init_from or config.text_model)
     model = build_model(config, tokenizer)
     beni_config = beni_of(model).config
-    model = shard(model, device, world_size, config.compile)
+    model = shard(model, device, world_size, config.compile, config.cuda_graphs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -552,6 +560,8 @@ def train(config: TrainConfig) -> dict:
     while step < config.max_steps:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
+        if config.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight)
         scheduler.step()
         step += 1

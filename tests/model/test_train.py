@@ -111,6 +111,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, stage="pretrain", lora_rank=8).validate()
     with pytest.raises(ValueError, match=r"part_lr names \['vision'\]"):
         TrainConfig(**base, part_lr={"vision": 1e-3}).validate()
+    with pytest.raises(ValueError, match="cuda_graphs captures the compiled blocks: set compile too"):
+        TrainConfig(**base, cuda_graphs=True).validate()
     with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
         TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):

@@ -56,6 +56,7 @@ from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.vision import conv_stem_flops
 
 PARTS = ("vision_tower", "connector", "language_model")
+STAGES = ("read", "align", "finetune")
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
 
@@ -70,7 +71,9 @@ class TrainConfig:
     connector: str = "mlp2x_gelu"
     vision_stem: str | None = None  # "conv": a conv stem instead of the encoder's patchify (BeniConfig.vision_stem)
     image_size: int | None = None
-    stage: str = "finetune"  # "align": the connector alone; "finetune": train_parts, or LoRA when lora_rank > 0
+    # "read": the vision tower alone on the reading loss, the LLM not run; "align": the connector alone; "finetune":
+    # train_parts, or LoRA when lora_rank > 0
+    stage: str = "finetune"
     train_parts: list[str] = field(default_factory=lambda: list(PARTS))
     lora_rank: int = 0
     max_steps: int = 1000
@@ -99,8 +102,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         problems = []
-        if self.stage not in ("align", "finetune"):
-            problems.append(f"stage {self.stage!r} is neither 'align' nor 'finetune'")
+        if self.stage not in STAGES:
+            problems.append(f"stage {self.stage!r} is not one of {STAGES}")
+        if self.stage == "read" and self.text_fraction:
+            problems.append("the read stage learns from images only: set text_fraction to 0")
         if not (self.text_model or self.init_from):
             problems.append("set text_model (an LLM folder or hub id) or init_from (a saved beni model)")
         if not (self.vision_model or self.vision_config or self.init_from):
@@ -119,7 +124,7 @@ class TrainConfig:
             problems.append("text_fraction must lie in [0, 1]")
         if self.reading_weight < 0:
             problems.append("reading_weight must be at least 0")
-        if self.reading_weight and (self.stage == "align" or self.lora_rank or "vision_tower" not in self.train_parts):
+        if self.reading_weight and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
             problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
@@ -130,6 +135,11 @@ class TrainConfig:
         if problems:
             raise ValueError("Bad training config: " + "; ".join(problems) + ".")
         shard_paths(self.shards)
+
+    @property
+    def reads(self) -> bool:
+        """Whether this stage trains the reading head (and so needs the loader's transcripts)."""
+        return self.stage == "read" or self.reading_weight > 0
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -175,12 +185,12 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             connector=config.connector,
             vision_stem=config.vision_stem,
             image_size=config.image_size,
-            reading_head=config.reading_weight > 0,
+            reading_head=config.reads,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
-    if config.reading_weight and not model.config.reading_head:
-        raise ValueError(f"reading_weight > 0 but the model in {config.init_from} has no reading head: train its first stage with reading_weight too.")
-    trained = ("connector",) if config.stage == "align" else config.train_parts
+    if config.reads and not model.config.reading_head:
+        raise ValueError(f"This stage trains the reading head, which the model in {config.init_from} lacks: train its first stage with reading_weight too.")
+    trained = {"read": ("vision_tower",), "align": ("connector",)}.get(config.stage, config.train_parts)
     for part in PARTS:
         getattr(model, part).requires_grad_(part in trained and not config.lora_rank)
     if config.lora_rank:
@@ -457,21 +467,24 @@ def train_step(
     beni_config: BeniConfig,
     device: torch.device,
     reading_weight: float = 0.0,
+    read_only: bool = False,
 ) -> dict:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
     every rank's label tokens, plus reading_weight times the reading head's loss (its mean over micro-batches and
-    ranks) where the batches carry transcripts. A step whose gradient norm is not finite is skipped on every rank
-    alike (the norm is global), so one overflow never turns the weights into NaN. Returns the loss (the LM's),
-    the reading loss (None without transcripts), grad norm, whether the step was skipped and the step's global
-    counts."""
+    ranks) where the batches carry transcripts; `read_only` (the read stage) trains on the reading loss alone and
+    never runs the LLM. A step whose gradient norm is not finite is skipped on every rank alike (the norm is
+    global), so one overflow never turns the weights into NaN. Returns the loss (the LM's; the reading loss when
+    `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped and the
+    step's global counts (no text tokens when `read_only`)."""
     world_size = dist.get_world_size()
+    text = not read_only
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-            sum(int(b["attention_mask"].sum()) for b in micro),
+            text * sum(int(b["attention_mask"].sum()) for b in micro),
             sum(samples_in(b) for b in micro),
             sum(len(b.get("pixel_values", ())) for b in micro),
-            sum(train_flops(beni_config, b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
+            sum(train_flops(beni_config, text * b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
         ],
         dtype=torch.float64,
         device=device,
@@ -488,8 +501,15 @@ def train_step(
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", layout, "pixel_values") if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
-        if reading_weight and "reading_lengths" in batch:
+        if (reading_weight or read_only) and "reading_lengths" in batch:
             inputs |= {k: batch[k] for k in ("reading_targets", "reading_lengths")}  # lengths stay on the host
+        if read_only:
+            with autocast:
+                reading = model(pixel_values=inputs["pixel_values"], reading_targets=inputs["reading_targets"],
+                                reading_lengths=inputs["reading_lengths"]).reading_loss
+            (reading / len(micro)).backward()
+            sums[1] += reading.detach() / len(micro)
+            continue
         with autocast:
             loss, reading = labeled_loss(model, inputs, batch["labels"], num_items)
         if reading is not None:
@@ -507,8 +527,8 @@ def train_step(
     lm_loss, reading_loss = (sums / world_size).tolist()
     _, tokens, samples, images, flops = counts.tolist()
     return {
-        "loss": lm_loss,
-        "reading_loss": reading_loss if reading_weight and any("reading_lengths" in b for b in micro) else None,
+        "loss": reading_loss if read_only else lm_loss,
+        "reading_loss": reading_loss if (reading_weight or read_only) and any("reading_lengths" in b for b in micro) else None,
         "grad_norm": grad_norm,
         "skipped": not math.isfinite(grad_norm),
         "tokens": tokens,
@@ -551,7 +571,7 @@ def train(config: TrainConfig) -> dict:
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
-        reading=config.reading_weight > 0,
+        reading=config.reads,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
@@ -562,7 +582,9 @@ def train(config: TrainConfig) -> dict:
         micro = [next(batches) for _ in range(config.grad_accum)]
         if config.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
-        stats = train_step(model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight)
+        stats = train_step(
+            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight, config.stage == "read"
+        )
         scheduler.step()
         step += 1
         skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0

@@ -46,6 +46,8 @@ def llava_state_dict(model: BeniForConditionalGeneration) -> dict:
     }
     state = {}
     for name, tensor in model.state_dict().items():
+        if name.startswith("vision_tower.reading_head."):
+            continue  # a training aid (VisionTower.reading_loss): LLaVA's answers never use it
         prefix = next(p for p in renames if name.startswith(p))
         state[renames[prefix] + name[len(prefix) :]] = tensor
     return state

@@ -10,9 +10,9 @@ from tests.model.conftest import VISION, images
 from tests.model.test_modeling import TEXT_ONLY, TWO_IMAGES, batch_for
 
 
-@pytest.mark.parametrize("vision, text, layer", [("clip", "llama", -2), ("siglip", "qwen2", -1)])
-def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer):
-    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer)
+@pytest.mark.parametrize("vision, text, layer, reading_head", [("clip", "llama", -2, False), ("siglip", "qwen2", -1, True)])
+def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer, reading_head):
+    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer, reading_head=reading_head)
     export_llava(model, tmp_path, tokenizer)
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     batch = batch_for(model, tokenizer, [TWO_IMAGES, TEXT_ONLY])

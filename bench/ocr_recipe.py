@@ -18,18 +18,17 @@ import multiprocessing
 import os
 import subprocess
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from transformers import AutoTokenizer
 
 from beni_model.config import BeniConfig
-from beni_model.evaluate import EvalSettings, evaluate, image_spec, is_correct, load_for_eval, pixel_values, score_line
+from beni_model.evaluate import EvalSettings, evaluate, load_for_eval, score_line
 from beni_model.train import TrainConfig, torchrun_command
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, kept_ids, write_chunk_features
@@ -139,25 +138,10 @@ def evaluate_stages(args) -> None:
         model, tokenizer = load_for_eval(root / "training" / stage["name"] / "final")
         result = evaluate(model, tokenizer, eval_json, eval_dir, root / "eval" / stage["name"], EvalSettings(batch_size=args.batch_size))
         results[stage["name"]] = result.summary
-        if model.config.reading_head:
-            results[stage["name"]]["reading_head"] = head_scores(model, tokenizer, eval_json, eval_dir)
         log(f"{stage['name']}: {score_line(result.summary)}")
     (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "results.md").write_text(results_markdown(args, results))
     log((root / "results.md").read_text())
-
-
-def head_scores(model, tokenizer, eval_json: Path, eval_dir: Path) -> dict:
-    """Accuracy by category of the reading head's own transcript scored as an answer (OCRBench's rule): whether the
-    vision tower reads, apart from whether the LLM passes it on."""
-    items, spec = json.loads(eval_json.read_text()), image_spec(model, tokenizer)
-    with torch.no_grad():
-        reads = [r for k in range(0, len(items), 100) for r in model.vision_tower.read(
-            pixel_values([eval_dir / i["image_path"] for i in items[k : k + 100]], spec).to(model.device, model.dtype))]
-    right = defaultdict(list)
-    for item, read in zip(items, reads):
-        right[item["type"]].append(is_correct(read, item["answers"], item["dataset_name"]))
-    return {category: round(sum(r) / len(r), 4) for category, r in right.items()}
 
 
 def results_markdown(args, results: dict) -> str:
@@ -181,7 +165,7 @@ def results_markdown(args, results: dict) -> str:
         ]
         lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     categories = list(next(iter(results.values()))["by_type"])
-    heads = [name for name, r in results.items() if "reading_head" in r]
+    heads = [name for name, r in results.items() if "head_accuracy" in r]
     lines += [
         "",
         "Per category: accuracy (mean similarity to the answer, 0-1), and the reading head's own transcript scored the same way.",
@@ -191,7 +175,7 @@ def results_markdown(args, results: dict) -> str:
     ]
     for category in categories:
         cells = [f"{100 * r['by_type'][category]['accuracy']:.0f}% ({r['by_type'][category]['similarity']:.2f})" for r in results.values()]
-        cells += [f"{100 * results[name]['reading_head'][category]:.0f}%" for name in heads]
+        cells += [f"{100 * results[name]['by_type'][category]['head_accuracy']:.0f}%" for name in heads]
         lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

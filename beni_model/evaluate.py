@@ -100,6 +100,10 @@ def summarize(records: list[dict]) -> dict:
             table[key][1] += 1
             table[key][2] += r["similarity"]
     correct = sum(r["correct"] for r in records)
+    heads = defaultdict(list)
+    for r in records:
+        if "head_correct" in r:
+            heads[r["type"]].append(r["head_correct"])
 
     def rows(table):
         return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "similarity": round(sim / n, 3)} for k, (c, n, sim) in sorted(table.items())}
@@ -112,6 +116,10 @@ def summarize(records: list[dict]) -> dict:
         "by_type": rows(by_type),
         "by_dataset": rows(by_dataset),
     }
+    if heads:
+        summary["head_accuracy"] = round(sum(map(sum, heads.values())) / len(records), 4)
+        for category, right in heads.items():
+            summary["by_type"][category]["head_accuracy"] = round(sum(right) / len(right), 4)
     if len(records) == OCRBENCH_SIZE:
         summary["ocrbench_score"] = correct  # out of 1000, the number papers report
     return summary
@@ -153,15 +161,18 @@ def greedy(model, compile: bool = False, **inputs) -> torch.LongTensor:
     return model.generate(**inputs, do_sample=False)
 
 
+def placement(model) -> tuple[torch.device, torch.dtype]:
+    """Where the model's inputs go: its device and its floating-point dtype (quantized weights are not floats)."""
+    return next(model.parameters()).device, next(p for p in model.parameters() if p.is_floating_point()).dtype
+
+
 def generate_tokens(
     model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
 ) -> list[list[int]]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
     prompts of similar length, left-padded, generated with the KV cache. For beni models (their lean greedy loop) and
     LLaVA exports (transformers' generate) alike."""
-    spec = image_spec(model, tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
     prompts = [prompt_ids(item["question"], tokenizer, spec) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # longest first: an out-of-memory shows at once
     answers = [[] for _ in items]
@@ -183,6 +194,17 @@ def generate_tokens(
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             answers[i] = tokens
     return answers
+
+
+@torch.no_grad()
+def head_readings(model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()) -> list[str]:
+    """The vision tower's reading head's transcript of each item's image (a beni model trained with the reading loss)."""
+    spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
+    reads = []
+    for start in range(0, len(items), settings.batch_size):
+        paths = [Path(image_root) / item["image_path"] for item in items[start : start + settings.batch_size]]
+        reads += model.vision_tower.read(pixel_values(paths, spec).to(device, dtype))
+    return reads
 
 
 # ---------------------------------------------------------------- models
@@ -241,11 +263,14 @@ def evaluate(
     title: str = "OCRBench-style evaluation",
 ) -> EvalResult:
     """Generate an answer for every item, score it with OCRBench's rule and write predictions.jsonl (one line per
-    item), summary.json and report.md into `out_dir`."""
+    item), summary.json and report.md into `out_dir`. A model with a reading head also has the head's own transcript
+    of each image scored by the same rule (`head_reading`, `head_correct`; `head_accuracy` overall and by category):
+    whether the vision tower reads, apart from whether the LLM passes it on."""
     items = load_set(json_path, image_root)
     start = time.perf_counter()
     tokens = generate_tokens(model, tokenizer, items, image_root, settings)
     seconds = time.perf_counter() - start
+    reads = head_readings(model, tokenizer, items, image_root, settings) if getattr(model.config, "reading_head", False) else None
     predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     generated = sum(len(t) for t in tokens)
     records = [
@@ -257,6 +282,9 @@ def evaluate(
         }
         for item, prediction in zip(items, predictions)
     ]
+    if reads is not None:
+        for record, read in zip(records, reads):
+            record.update(head_reading=read, head_correct=is_correct(read, record["answers"], record["dataset_name"]))
     summary = summarize(records)
     summary.update(
         eval_set=str(Path(json_path).resolve()),
@@ -285,9 +313,14 @@ def score_line(summary: dict) -> str:
 def report_markdown(summary: dict, records: list[dict], title: str, examples: int = 5) -> str:
     lines = [f"# {title}", "", f"Eval set: `{summary['eval_set']}`", "", f"**Score: {score_line(summary)}**", ""]
     lines += [f"{summary['samples_per_s']} samples/s, {summary['tokens_per_s']} generated tokens/s", ""]
+    if "head_accuracy" in summary:
+        lines += [f"The reading head's own transcripts, scored as answers: {100 * summary['head_accuracy']:.1f}%", ""]
     for heading, key, label in (("By category", "by_type", "type"), ("By dataset", "by_dataset", "dataset")):
-        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |" for k, v in summary[key].items()]
+        head = key == "by_type" and "head_accuracy" in summary
+        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |" + (" reading head |" if head else ""),
+                  "|---|---|---|---|---|" + ("---|" if head else "")]
+        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |"
+                  + (f" {100 * v.get('head_accuracy', 0):.1f}% |" if head else "") for k, v in summary[key].items()]
         lines.append("")
     for heading, correct in (("Right answers", True), ("Wrong answers", False)):
         chosen = [r for r in records if r["correct"] == correct][:examples]

@@ -20,6 +20,7 @@ from beni_model.evaluate import (
     summarize,
 )
 from beni_model.export import export_llava
+from beni_model.vision import READS_PER_COLUMN, reading_classes
 from tests.model.conftest import images
 
 # ---------------------------------------------------------------- OCRBench's rule, by hand
@@ -208,3 +209,26 @@ def test_llava_export_answers_like_the_beni_model(saved_model, tmp_path):
 def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No model at"):
         load_for_eval(tmp_path / "nothing", "cpu")
+
+
+def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_path):
+    model, tokenizer = build(reading_head=True)
+    head = model.vision_tower.reading_head
+    with torch.no_grad():  # every column reads "1", then a blank: the head's transcript is "1111" (4 columns)
+        head.weight.zero_()
+        bias = head.bias.view(READS_PER_COLUMN, -1)
+        bias.fill_(-10)
+        bias[0, reading_classes("1")[0]] = 10
+        bias[1, 0] = 10
+    (tmp_path / "img").mkdir()
+    items = []
+    for i, (answer, kind) in enumerate([("11", "Digit String Recognition"), ("2", "Regular Text Recognition")]):
+        Image.new("RGB", (64, 32), (240, 240, 230)).save(tmp_path / "img" / f"{i}.png")
+        items.append({"dataset_name": "IIIT5K", "id": i, "image_path": f"img/{i}.png", "question": "what is written?", "answers": [answer], "type": kind})
+    (tmp_path / "set.json").write_text(json.dumps(items))
+    result = evaluate(model, tokenizer, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
+    records = read_predictions(result.predictions)
+    assert [(r["head_reading"], r["head_correct"]) for r in records] == [("1111", True), ("1111", False)]
+    assert result.summary["head_accuracy"] == 0.5
+    assert [v["head_accuracy"] for v in result.summary["by_type"].values()] == [1.0, 0.0]
+    assert "reading head" in result.report.read_text()

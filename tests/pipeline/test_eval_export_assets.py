@@ -19,14 +19,15 @@ EVAL = {"per_category": 1, "batch_size": 8, "max_new_tokens": 4, "device": "cpu"
 
 
 def save_tiny_model(folder: Path) -> None:
-    """A tiny random beni model saved where trained_model leaves its final model."""
+    """A tiny random beni model with a reading head (as the CPU recipe trains) saved where trained_model leaves its
+    final model."""
     parts = folder.parent / "parts"
     torch.manual_seed(0)
     tokenizer = train_tokenizer(CHATML)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **TEXT)).save_pretrained(parts / "llama")
     tokenizer.save_pretrained(parts / "llama")
     SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(parts / "siglip")
-    config = BeniConfig(vision_model=str(parts / "siglip"), text_model=str(parts / "llama"))
+    config = BeniConfig(vision_model=str(parts / "siglip"), text_model=str(parts / "llama"), reading_head=True)
     tokenizer = load_tokenizer(str(parts / "llama"))
     BeniForConditionalGeneration.from_parts(config, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -63,6 +64,7 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     categories = {r.data["type"]: r.data for r in report["by_category"].records}
     assert set(categories) == set(CATEGORIES) and sum(c["total"] for c in categories.values()) == total
     assert sum(c["correct"] for c in categories.values()) == report["correct"]
+    assert 0 <= report["head_accuracy"] <= 1 and all(0 <= c["head_accuracy"] <= 1 for c in categories.values())
     shown = report["right_answers"].count("data:image/jpeg;base64,") + report["wrong_answers"].count("data:image/jpeg;base64,")
     assert shown == min(4, report["correct"]) + min(4, total - report["correct"])
     predictions = [json.loads(line) for line in Path(report["predictions"]).read_text().splitlines()]

@@ -77,6 +77,8 @@ def examples_md(records: list[dict], image_root: Path, correct: bool, n: int = 4
 
 def category_table(summary: dict) -> dg.TableMetadataValue:
     columns = {"correct": "int", "total": "int", "accuracy": "float", "similarity": "float"}
+    if "head_accuracy" in summary:  # the reading head's own transcripts, scored as answers
+        columns["head_accuracy"] = "float"
     return dg.MetadataValue.table(
         [dg.TableRecord({"type": k, **{c: v[c] for c in columns}}) for k, v in summary["by_type"].items()],
         schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), *(dg.TableColumn(c, t) for c, t in columns.items())]),
@@ -113,8 +115,9 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) ->
         "report": dg.MetadataValue.path(str(result.report)),
         "predictions": dg.MetadataValue.path(str(result.predictions)),
     }
-    if "ocrbench_score" in summary:
-        metadata["ocrbench_score"] = summary["ocrbench_score"]
+    for key in ("ocrbench_score", "head_accuracy"):
+        if key in summary:
+            metadata[key] = summary[key]
     if smoke_run:
         context.log.warning(f"the model was trained by the {CPU_RECIPE!r} smoke-run recipe: its score is not meaningful")
     return dg.MaterializeResult(metadata=metadata)

@@ -477,14 +477,13 @@ def train_step(
     `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped and the
     step's global counts (no text tokens when `read_only`)."""
     world_size = dist.get_world_size()
-    text = not read_only
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-            text * sum(int(b["attention_mask"].sum()) for b in micro),
+            0 if read_only else sum(int(b["attention_mask"].sum()) for b in micro),
             sum(samples_in(b) for b in micro),
             sum(len(b.get("pixel_values", ())) for b in micro),
-            sum(train_flops(beni_config, text * b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
+            sum(train_flops(beni_config, 0 if read_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
         ],
         dtype=torch.float64,
         device=device,

@@ -3,10 +3,12 @@ conv-stem SigLIP ViT of 4 x 128 at 64 px, pixel-shuffle connector, a 4 x 128 Lla
 scratch) learns to answer the string of `--chars` printed characters on an image (bench/glyph_probe.py's images):
 
 - `lm`: the LLM's loss on the answer only, as the recipe trains;
-- `ctc`: plus a CTC loss from a linear head on the encoder's column means (the vision tower's 16 columns read left
-  to right, as text recognisers are trained), which ties each character to its place in the line;
+- `ctc`: plus the vision tower's reading loss (`VisionTower.reading_loss`: CTC from a linear head on the encoder's
+  16 column means, read left to right as text recognisers are trained), which ties each character to its place;
 - `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
-  the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen.
+  the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen;
+- `read_first`: the trainer's read stage first (`--read-steps` of the reading loss alone, the LLM not run), then
+  `ctc`'s steps.
 
     python bench/reading_probe.py --variant ctc && python bench/reading_probe.py --variant lm
 
@@ -28,6 +30,7 @@ from glyph_probe import GLYPHS, glyph
 from beni_model.config import BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.vision import reading_classes
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
@@ -45,12 +48,14 @@ def render(task: tuple[str, int]) -> tuple[str, np.ndarray]:
     return text, load_image(jpg, SIZE)
 
 
-def build() -> BeniForConditionalGeneration:
+def build(reading_head: bool) -> BeniForConditionalGeneration:
     vision = {"model_type": "siglip_vision_model", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
               "num_attention_heads": 4, "image_size": SIZE, "patch_size": SIZE // GRID}
     text = {"model_type": "llama", "vocab_size": FIRST_GLYPH + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
-    config = BeniConfig(vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG)
+    config = BeniConfig(
+        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG, reading_head=reading_head
+    )
     torch.manual_seed(0)
     return BeniForConditionalGeneration(config)
 
@@ -84,51 +89,41 @@ def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> floa
     return loss.item()
 
 
-def column_logits(head: torch.nn.Linear, features: torch.Tensor) -> torch.Tensor:
-    """[batch, GRID * GRID, WIDTH] encoder features -> [batch, GRID columns, blank + glyphs]."""
-    return head(features.view(len(features), GRID, GRID, -1).mean(1))
-
-
-def ctc_read(logits: torch.Tensor) -> list[str]:
-    reads = []
-    for row in logits.argmax(-1).tolist():
-        reads.append("".join(GLYPHS[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])))
-    return reads
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm"], required=True)
+    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first"], required=True)
     parser.add_argument("--chars", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--read-steps", type=int, default=400, help="read_first: steps of the reading loss alone, before --steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/out/reading_probe.jsonl")
     args = parser.parse_args()
     with multiprocessing.get_context("spawn").Pool() as pool:
         train = pool.map(render, [(f"train:{i}", args.chars) for i in range(12000)], chunksize=200)
         test = pool.map(render, [(f"test:{i}", args.chars) for i in range(200)], chunksize=50)
-    model, rng, copy_loss = build(), random.Random(0), None
+    reads = args.variant != "lm"
+    model, rng, copy_loss = build(reads), random.Random(0), None
     if args.variant == "ctc_frozen_llm":
         copy_loss = teach_copying(model.language_model, rng, args.chars)
         model.language_model.requires_grad_(False)
-    head = torch.nn.Linear(WIDTH, 1 + len(GLYPHS)) if args.variant != "lm" else None  # CTC's blank is class 0
-    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    read_steps = args.read_steps if args.variant == "read_first" else 0
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
+    for step in range(1, read_steps + args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * min(1, step / 50)
         items = rng.sample(train, args.batch_size)
         pixels, ids, labels = batch(items)
-        features = model.vision_tower(pixels)  # once, for the LLM's image tokens and the CTC head alike
-        embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), model.connector(features))
-        logits = model.language_model(inputs_embeds=embeds).logits
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        ctc = torch.zeros(())
-        if head is not None:
-            targets = torch.tensor([[1 + GLYPHS.index(c) for c in t] for t, _ in items])
-            log_probs = column_logits(head, features).log_softmax(-1).transpose(0, 1)
-            ctc = F.ctc_loss(log_probs, targets, torch.full((len(items),), GRID), torch.full((len(items),), args.chars), zero_infinity=True)
+        features = model.vision_tower(pixels)  # once, for the LLM's image tokens and the reading head alike
+        lm = ctc = torch.zeros(())
+        if reads:
+            targets = torch.tensor([c for t, _ in items for c in reading_classes(t)])
+            ctc = model.vision_tower.reading_loss(features, targets, torch.full((len(items),), args.chars))
+        if step > read_steps:
+            embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), model.connector(features))
+            logits = model.language_model(inputs_embeds=embeds).logits
+            lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         optimizer.zero_grad()
         (lm + ctc).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -143,15 +138,15 @@ def main() -> None:
         for _ in range(args.chars):
             seq = torch.cat([seq, model(input_ids=seq, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)], 1)
         answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[IMAGE_TOKENS + 1 :].tolist()) for row in seq]
-        reads = ctc_read(column_logits(head, model.vision_tower(pixels))) if head else None
-        ctc_exact = None if reads is None else sum(r == t for r, t in zip(reads, texts)) / len(texts)
+        head = model.vision_tower.read(pixels) if reads else None
     row = {
         "variant": args.variant,
         "chars": args.chars,
         "steps": args.steps,
+        "read_steps": read_steps,
         "exact": sum(a == t for a, t in zip(answers, texts)) / len(texts),
         "right_by_position": [round(sum(a[i] == t[i] for a, t in zip(answers, texts)) / len(texts), 3) for i in range(args.chars)],
-        "ctc_head_exact": ctc_exact,
+        "ctc_head_exact": None if head is None else sum(r == t for r, t in zip(head, texts)) / len(texts),
         "copy_loss": copy_loss,  # the frozen LLM's loss on copying, where it was taught to
         "seconds": round(time.perf_counter() - start),
     }

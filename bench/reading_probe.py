@@ -7,7 +7,7 @@ scratch) learns to answer the string of `--chars` printed characters on an image
   16 column means, read left to right as text recognisers are trained), which ties each character to its place;
 - `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
   the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen;
-- `read_first`: the trainer's read stage first (`--read-steps` of the reading loss alone, the LLM not run), then
+- `read_first`: the trainer's encoder stage first (`--read-steps` of the reading loss alone, the LLM not run), then
   `ctc`'s steps.
 
     python bench/reading_probe.py --variant ctc && python bench/reading_probe.py --variant lm

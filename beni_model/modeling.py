@@ -145,7 +145,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
             features = self.vision_tower(pixel_values) if has_images else None
             if reading_lengths is not None and features is not None:
                 reading_loss = self.vision_tower.reading_loss(features, reading_targets, reading_lengths)
-            if input_ids is None:  # images and transcripts alone (the read stage): the reading loss, the LLM not run
+            if input_ids is None:  # images and transcripts alone (the encoder stage): the reading loss, the LLM not run
                 return BeniOutput(reading_loss=reading_loss)
             inputs_embeds = self.merge(input_ids, features)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)

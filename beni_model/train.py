@@ -56,7 +56,7 @@ from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.vision import conv_stem_flops
 
 PARTS = ("vision_tower", "connector", "language_model")
-STAGES = ("read", "align", "finetune")
+STAGES = ("encoder", "align", "finetune")
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
 
@@ -71,7 +71,7 @@ class TrainConfig:
     connector: str = "mlp2x_gelu"
     vision_stem: str | None = None  # "conv": a conv stem instead of the encoder's patchify (BeniConfig.vision_stem)
     image_size: int | None = None
-    # "read": the vision tower alone on the reading loss, the LLM not run; "align": the connector alone; "finetune":
+    # "encoder": the vision tower alone on the reading loss, the LLM not run; "align": the connector alone; "finetune":
     # train_parts, or LoRA when lora_rank > 0
     stage: str = "finetune"
     train_parts: list[str] = field(default_factory=lambda: list(PARTS))
@@ -104,8 +104,8 @@ class TrainConfig:
         problems = []
         if self.stage not in STAGES:
             problems.append(f"stage {self.stage!r} is not one of {STAGES}")
-        if self.stage == "read" and self.text_fraction:
-            problems.append("the read stage learns from images only: set text_fraction to 0")
+        if self.stage == "encoder" and self.text_fraction:
+            problems.append("the encoder stage learns from images only: set text_fraction to 0")
         if not (self.text_model or self.init_from):
             problems.append("set text_model (an LLM folder or hub id) or init_from (a saved beni model)")
         if not (self.vision_model or self.vision_config or self.init_from):
@@ -139,7 +139,7 @@ class TrainConfig:
     @property
     def reads(self) -> bool:
         """Whether this stage trains the reading head (and so needs the loader's transcripts)."""
-        return self.stage == "read" or self.reading_weight > 0
+        return self.stage == "encoder" or self.reading_weight > 0
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -190,7 +190,7 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
     if config.reads and not model.config.reading_head:
         raise ValueError(f"This stage trains the reading head, which the model in {config.init_from} lacks: train its first stage with reading_weight too.")
-    trained = {"read": ("vision_tower",), "align": ("connector",)}.get(config.stage, config.train_parts)
+    trained = {"encoder": ("vision_tower",), "align": ("connector",)}.get(config.stage, config.train_parts)
     for part in PARTS:
         getattr(model, part).requires_grad_(part in trained and not config.lora_rank)
     if config.lora_rank:
@@ -471,7 +471,7 @@ def train_step(
 ) -> dict:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
     every rank's label tokens, plus reading_weight times the reading head's loss (its mean over micro-batches and
-    ranks) where the batches carry transcripts; `read_only` (the read stage) trains on the reading loss alone and
+    ranks) where the batches carry transcripts; `read_only` (the encoder stage) trains on the reading loss alone and
     never runs the LLM. A step whose gradient norm is not finite is skipped on every rank alike (the norm is
     global), so one overflow never turns the weights into NaN. Returns the loss (the LM's; the reading loss when
     `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped and the
@@ -582,7 +582,7 @@ def train(config: TrainConfig) -> dict:
         if config.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(
-            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight, config.stage == "read"
+            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight, config.stage == "encoder"
         )
         scheduler.step()
         step += 1

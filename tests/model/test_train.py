@@ -113,8 +113,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, part_lr={"vision": 1e-3}).validate()
     with pytest.raises(ValueError, match="cuda_graphs captures the compiled blocks: set compile too"):
         TrainConfig(**base, cuda_graphs=True).validate()
-    with pytest.raises(ValueError, match="the read stage learns from images only"):
-        TrainConfig(**base, stage="read", text_fraction=0.25).validate()
+    with pytest.raises(ValueError, match="the encoder stage learns from images only"):
+        TrainConfig(**base, stage="encoder", text_fraction=0.25).validate()
     with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
         TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
@@ -291,22 +291,22 @@ def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.8
 
 
-def test_a_read_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
+def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
     stages = {
-        "read": toy_run(shards, tmp_path / "read", parts, stage="read", text_fraction=0.0, max_steps=12),
-        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0), "init_from": str(tmp_path / "read" / "final")},
+        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12),
+        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0), "init_from": str(tmp_path / "encoder" / "final")},
     }
     for name, config in stages.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "warmup_steps": 2, "save_every": 12, "workers": 0}))
         run = subprocess.run(torchrun_command(tmp_path / f"{name}.json", 2), check=False, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    read = rows(tmp_path / "read")
+    read = rows(tmp_path / "encoder")
     assert all(r["loss"] == r["reading_loss"] and r["tokens_per_s"] == 0 for r in read)  # the LLM never ran
     assert sum(r["loss"] for r in read[-3:]) < sum(r["loss"] for r in read[:3]) / 2
     finetune = rows(tmp_path / "finetune")
     assert all(("reading_loss" in r) == (r["modality"] == "image") for r in finetune) and any(r["modality"] == "text" for r in finetune)
     first = next(r for r in finetune if r["modality"] == "image")
-    assert first["reading_loss"] < read[0]["reading_loss"] / 2  # the head came over from the read stage
+    assert first["reading_loss"] < read[0]["reading_loss"] / 2  # the head came over from the encoder stage
     model = BeniForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
     assert model.config.reading_head and model.vision_tower.reading_head.weight.abs().sum() > 0

@@ -93,17 +93,15 @@ def similarity(prediction: str, answers: str | list[str], dataset_name: str) -> 
 
 def summarize(records: list[dict]) -> dict:
     """Total and per-category (`type`) and per-dataset counts of correct answers, with the mean similarity."""
-    by_type, by_dataset = defaultdict(lambda: [0, 0, 0.0]), defaultdict(lambda: [0, 0, 0.0])
+    by_type, by_dataset, heads = defaultdict(lambda: [0, 0, 0.0]), defaultdict(lambda: [0, 0, 0.0]), defaultdict(list)
     for r in records:
         for table, key in ((by_type, r["type"]), (by_dataset, r["dataset_name"])):
             table[key][0] += r["correct"]
             table[key][1] += 1
             table[key][2] += r["similarity"]
-    correct = sum(r["correct"] for r in records)
-    heads = defaultdict(list)
-    for r in records:
         if "head_correct" in r:
             heads[r["type"]].append(r["head_correct"])
+    correct = sum(r["correct"] for r in records)
 
     def rows(table):
         return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "similarity": round(sim / n, 3)} for k, (c, n, sim) in sorted(table.items())}
@@ -168,14 +166,16 @@ def placement(model) -> tuple[torch.device, torch.dtype]:
 
 def generate_tokens(
     model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
-) -> list[list[int]]:
+) -> tuple[list[list[int]], list[str] | None]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
     prompts of similar length, left-padded, generated with the KV cache. For beni models (their lean greedy loop) and
-    LLaVA exports (transformers' generate) alike."""
+    LLaVA exports (transformers' generate) alike. Also each image's transcript by the vision tower's reading head,
+    from the same decoded images, for a beni model that has one (else None)."""
     spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
     prompts = [prompt_ids(item["question"], tokenizer, spec) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # longest first: an out-of-memory shows at once
     answers = [[] for _ in items]
+    reads = [""] * len(items) if getattr(model.config, "reading_head", False) else None
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
         batch = pad_batch([prompts[i] for i in rows], tokenizer.pad_token_id, padding_side="left")
@@ -193,18 +193,11 @@ def generate_tokens(
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             answers[i] = tokens
-    return answers
-
-
-@torch.no_grad()
-def head_readings(model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()) -> list[str]:
-    """The vision tower's reading head's transcript of each item's image (a beni model trained with the reading loss)."""
-    spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
-    reads = []
-    for start in range(0, len(items), settings.batch_size):
-        paths = [Path(image_root) / item["image_path"] for item in items[start : start + settings.batch_size]]
-        reads += model.vision_tower.read(pixel_values(paths, spec).to(device, dtype))
-    return reads
+        if reads is not None:
+            with torch.no_grad():
+                for i, read in zip(rows, model.vision_tower.read(inputs["pixel_values"])):
+                    reads[i] = read
+    return answers, reads
 
 
 # ---------------------------------------------------------------- models
@@ -268,9 +261,8 @@ def evaluate(
     whether the vision tower reads, apart from whether the LLM passes it on."""
     items = load_set(json_path, image_root)
     start = time.perf_counter()
-    tokens = generate_tokens(model, tokenizer, items, image_root, settings)
+    tokens, reads = generate_tokens(model, tokenizer, items, image_root, settings)
     seconds = time.perf_counter() - start
-    reads = head_readings(model, tokenizer, items, image_root, settings) if getattr(model.config, "reading_head", False) else None
     predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     generated = sum(len(t) for t in tokens)
     records = [

@@ -106,8 +106,11 @@ class BeniForConditionalGeneration(PreTrainedModel):
         `pixel_values` holds the batch's images in reading order: sample 0's images first, each sample's in the
         order its image tokens appear; text-only samples contribute none.
         """
-        has_images = pixel_values is not None and pixel_values.shape[0] > 0
-        return self.merge(input_ids, self.vision_tower(pixel_values) if has_images else None)
+        return self.merge(input_ids, self.vision_features(pixel_values))
+
+    def vision_features(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
+        """The vision tower's output for the batch's images; None for a batch without images."""
+        return self.vision_tower(pixel_values) if pixel_values is not None and pixel_values.shape[0] > 0 else None
 
     def merge(self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None) -> torch.Tensor:
         """`embed` from the vision tower's output for the batch's images (None: no images)."""
@@ -141,8 +144,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
         see VisionTower.reading_loss), also the reading head's loss on the same vision features."""
         reading_loss = None
         if inputs_embeds is None:
-            has_images = pixel_values is not None and pixel_values.shape[0] > 0
-            features = self.vision_tower(pixel_values) if has_images else None
+            features = self.vision_features(pixel_values)
             if reading_lengths is not None and features is not None:
                 reading_loss = self.vision_tower.reading_loss(features, reading_targets, reading_lengths)
             if input_ids is None:  # images and transcripts alone (the encoder stage): the reading loss, the LLM not run

@@ -477,6 +477,7 @@ def train_step(
     `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped and the
     step's global counts (no text tokens when `read_only`)."""
     world_size = dist.get_world_size()
+    reads = reading_weight or read_only
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
@@ -500,7 +501,7 @@ def train_step(
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", layout, "pixel_values") if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
-        if (reading_weight or read_only) and "reading_lengths" in batch:
+        if reads and "reading_lengths" in batch:
             inputs |= {k: batch[k] for k in ("reading_targets", "reading_lengths")}  # lengths stay on the host
         if read_only:
             with autocast:
@@ -527,7 +528,7 @@ def train_step(
     _, tokens, samples, images, flops = counts.tolist()
     return {
         "loss": reading_loss if read_only else lm_loss,
-        "reading_loss": reading_loss if (reading_weight or read_only) and any("reading_lengths" in b for b in micro) else None,
+        "reading_loss": reading_loss if reads and any("reading_lengths" in b for b in micro) else None,
         "grad_norm": grad_norm,
         "skipped": not math.isfinite(grad_norm),
         "tokens": tokens,

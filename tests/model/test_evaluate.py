@@ -161,8 +161,8 @@ def test_batching_and_left_padding_change_no_token(saved_model, tmp_path):
     path = write_set(tmp_path)
     model, tokenizer = load_for_eval(saved_model, "cpu")
     items = load_set(path, tmp_path)
-    alone = [generate_tokens(model, tokenizer, [item], tmp_path, EvalSettings(1, 6))[0] for item in items]
-    together = generate_tokens(model, tokenizer, items, tmp_path, EvalSettings(len(items), 6))
+    alone = [generate_tokens(model, tokenizer, [item], tmp_path, EvalSettings(1, 6))[0][0] for item in items]
+    together = generate_tokens(model, tokenizer, items, tmp_path, EvalSettings(len(items), 6))[0]
     assert together == alone and len({tuple(t) for t in alone}) > 1  # answers that differ, so order matters
 
 

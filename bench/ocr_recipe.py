@@ -5,7 +5,7 @@ the recipe's stages under torchrun, score every stage's model on the held-out OC
     python bench/ocr_recipe.py train    --data /tmp/ocr                    # the recipe's stages, one after another
     python bench/ocr_recipe.py evaluate --data /tmp/ocr                    # results.md + results.json in --data
 
-`--override '{"read": {"max_steps": 1500}}'` changes a stage's fields for train and evaluate alike (ablations).
+`--override '{"finetune": {"max_steps": 1500}}'` changes a stage's fields for train and evaluate alike (ablations).
 
 Each step returns at once when its output is complete (the corpus, downloads and stages resume), so a run cut
 off by a machine's time limit continues where it stopped. On a CPU machine `--recipe tiny --samples 300` runs
@@ -86,8 +86,8 @@ def prepare(args) -> None:
     log(f"dedup: {times['dedup']} s, {len(kept)} kept of {manifest.table.num_rows}")
     first = stages(args)[0]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or first["text_model"])
-    model_parts = {k: first[k] for k in ("vision_config", "connector", "image_size") if k in first}
-    beni = BeniConfig(text_model=args.tokenizer or first["text_model"], **model_parts)
+    model_parts = {k: first[k] for k in ("vision_config", "connector", "image_size", "reading_tokens") if k in first}
+    beni = BeniConfig(text_model=args.tokenizer or first["text_model"], reading_head=bool(first.get("reading_tokens")), **model_parts)
     index = pa.concat_tables([read_index(root / "downloaded" / chunk) for chunk in manifest.chunks])
     shard_settings = ShardSettings(image_tokens=beni.num_image_tokens())
     plan = timed(
@@ -135,6 +135,8 @@ def evaluate_stages(args) -> None:
         raise SystemExit(f"held-out set overlaps the corpus: {overlaps[:3]}")
     results = {}
     for stage in stages(args):
+        if args.stages and stage["name"] not in args.stages:
+            continue
         model, tokenizer = load_for_eval(root / "training" / stage["name"] / "final")
         result = evaluate(model, tokenizer, eval_json, eval_dir, root / "eval" / stage["name"], EvalSettings(batch_size=args.batch_size))
         results[stage["name"]] = result.summary
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="eval batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="*", help="evaluate only these stages (default: every stage)")
     args = parser.parse_args()
     {"prepare": prepare, "train": train, "evaluate": evaluate_stages}[args.step](args)
 

@@ -8,7 +8,11 @@ scratch) learns to answer the string of `--chars` printed characters on an image
 - `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
   the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen;
 - `read_first`: the trainer's encoder stage first (`--read-steps` of the reading loss alone, the LLM not run), then
-  `ctc`'s steps.
+  `ctc`'s steps;
+- `tokens`: `read_first` with the head's transcript handed to the LLM (`BeniConfig.reading_tokens`: the reads as
+  soft tokens in the LLM's glyph embeddings, after the image tokens), as the smollm2-siglip recipe trains;
+- `tokens_collapsed`: `tokens` with CTC's collapse applied to the soft tokens: a read's character counts only where
+  the read before it is not the same character, so a glyph spread over several reads is handed over once.
 
     python bench/reading_probe.py --variant ctc && python bench/reading_probe.py --variant lm
 
@@ -27,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from glyph_probe import GLYPHS, glyph
 
-from beni_model.config import BeniConfig
+from beni_model.config import READING_ALPHABET, BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import reading_classes
+from beni_model.vision import reading_targets
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
@@ -48,23 +52,41 @@ def render(task: tuple[str, int]) -> tuple[str, np.ndarray]:
     return text, load_image(jpg, SIZE)
 
 
-def build(reading_head: bool) -> BeniForConditionalGeneration:
+def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGeneration:
     vision = {"model_type": "siglip_vision_model", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
               "num_attention_heads": 4, "image_size": SIZE, "patch_size": SIZE // GRID}
     text = {"model_type": "llama", "vocab_size": FIRST_GLYPH + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
     config = BeniConfig(
-        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG, reading_head=reading_head
+        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG, reading_head=reading_head,
+        reading_tokens=reading_tokens, reading_token_ids=[glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET],
     )
     torch.manual_seed(0)
-    return BeniForConditionalGeneration(config)
+    model = BeniForConditionalGeneration(config)
+    if reading_tokens:  # as from_parts starts it: the mean character
+        model.connector.reading_blank.data = model.get_input_embeddings()(model.reading_token_ids).mean(0).detach()
+    return model
 
 
-def batch(items: list[tuple[str, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def image_embeds(model: BeniForConditionalGeneration, features: torch.Tensor, collapsed: bool) -> torch.Tensor:
+    """What the image tokens carry: the connector's tokens, then (with reading_tokens) the head's soft reads."""
+    tokens = model.connector(features)
+    if not model.config.reading_tokens:
+        return tokens
+    if not collapsed:
+        return torch.cat([tokens, model.reading_embeddings(features)], 1)
+    chars = model.vision_tower.reading_scores(features).float().softmax(-1)[..., 1:]
+    new = chars * (1 - F.pad(chars[:, :-1], (0, 0, 1, 0)))  # a character read again at the next read is CTC's repeat
+    probs = torch.cat([1 - new.sum(-1, keepdim=True), new], -1)
+    table = torch.cat([model.connector.reading_blank[None], model.get_input_embeddings()(model.reading_token_ids)])
+    return torch.cat([tokens, probs @ table], 1)
+
+
+def batch(items: list[tuple[str, np.ndarray]], image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     pixels = normalize_pixels(torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model"))
-    ids = torch.tensor([[IMG] * IMAGE_TOKENS + [BOS] + glyph_ids(t) + [EOS] for t, _ in items])
+    ids = torch.tensor([[IMG] * image_tokens + [BOS] + glyph_ids(t) + [EOS] for t, _ in items])
     labels = ids.clone()
-    labels[:, : IMAGE_TOKENS + 1] = -100
+    labels[:, : image_tokens + 1] = -100
     return pixels, ids, labels
 
 
@@ -91,7 +113,7 @@ def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first"], required=True)
+    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first", "tokens", "tokens_collapsed"], required=True)
     parser.add_argument("--chars", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--read-steps", type=int, default=400, help="read_first: steps of the reading loss alone, before --steps")
@@ -102,26 +124,26 @@ def main() -> None:
         train = pool.map(render, [(f"train:{i}", args.chars) for i in range(12000)], chunksize=200)
         test = pool.map(render, [(f"test:{i}", args.chars) for i in range(200)], chunksize=50)
     reads = args.variant != "lm"
-    model, rng, copy_loss = build(reads), random.Random(0), None
+    model, rng, copy_loss = build(reads, args.variant.startswith("tokens")), random.Random(0), None
+    image_tokens, collapsed = model.config.num_image_tokens(), args.variant == "tokens_collapsed"
     if args.variant == "ctc_frozen_llm":
         copy_loss = teach_copying(model.language_model, rng, args.chars)
         model.language_model.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    read_steps = args.read_steps if args.variant == "read_first" else 0
+    read_steps = args.read_steps if args.variant in ("read_first", "tokens", "tokens_collapsed") else 0
     start = time.perf_counter()
     for step in range(1, read_steps + args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * min(1, step / 50)
         items = rng.sample(train, args.batch_size)
-        pixels, ids, labels = batch(items)
+        pixels, ids, labels = batch(items, image_tokens)
         features = model.vision_tower(pixels)  # once, for the LLM's image tokens and the reading head alike
         lm = ctc = torch.zeros(())
         if reads:
-            targets = torch.tensor([c for t, _ in items for c in reading_classes(t)])
-            ctc = model.vision_tower.reading_loss(features, targets, torch.full((len(items),), args.chars))
+            ctc = model.vision_tower.reading_loss(features, *reading_targets([t for t, _ in items]))
         if step > read_steps:
-            embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), model.connector(features))
+            embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), image_embeds(model, features, collapsed))
             logits = model.language_model(inputs_embeds=embeds).logits
             lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         optimizer.zero_grad()
@@ -133,11 +155,12 @@ def main() -> None:
     model.eval()
     texts = [t for t, _ in test]
     with torch.no_grad():
-        pixels, ids, _ = batch(test)
-        seq = ids[:, : IMAGE_TOKENS + 1]
+        pixels, ids, _ = batch(test, image_tokens)
+        seq, image = ids[:, : image_tokens + 1], image_embeds(model, model.vision_tower(pixels), collapsed)
         for _ in range(args.chars):
-            seq = torch.cat([seq, model(input_ids=seq, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[IMAGE_TOKENS + 1 :].tolist()) for row in seq]
+            embeds = model.get_input_embeddings()(seq).masked_scatter((seq == IMG).unsqueeze(-1), image)
+            seq = torch.cat([seq, model.language_model(inputs_embeds=embeds).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[image_tokens + 1 :].tolist()) for row in seq]
         head = model.vision_tower.read(pixels) if reads else None
     row = {
         "variant": args.variant,

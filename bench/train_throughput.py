@@ -9,7 +9,10 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
   clipping) with the loss over logits at every position, as the peer computes it;
 - beni: the trainer's step as it runs (train_step: LM head only at label positions);
 - beni-compile: the same with every transformer block torch.compiled;
-- beni-cudagraphs: the trainer's `cuda_graphs` (every compiled block a CUDA graph): the compiled step is host-bound.
+- beni-cudagraphs: the trainer's `cuda_graphs` (every compiled block a CUDA graph): the compiled step is host-bound;
+- beni-reading-loss: beni-compile plus the reading head's CTC loss (`reading_weight=1`) on a transcript of 4-12
+  characters per image; beni-reading: that plus the head's transcript as LLM tokens (`reading_tokens`, 2 per
+  patch column), as the smollm2-siglip recipe trains. Their MFU counts the longer sequence but not the head.
 MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
@@ -18,6 +21,8 @@ transformers (+ webdataset, which beni_model.data imports); no Dagster.
 import argparse
 import gc
 import json
+import random
+import string
 import time
 
 import torch
@@ -27,6 +32,7 @@ from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
+from beni_model.vision import reading_targets
 
 VOCAB = 49152
 CONFIGS = {
@@ -97,7 +103,20 @@ def matmul_peak_tflops(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
-def synthetic_batch(spec: dict, image_tokens: int) -> dict:
+def beni_config(spec: dict, variant: str) -> BeniConfig:
+    reading = variant.startswith("beni-reading")
+    return BeniConfig(
+        vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
+        text_config={"model_type": "llama", **spec["text"]},
+        connector="mlp2x_gelu",
+        image_token_id=IMAGE_TOKEN,
+        reading_head=reading,
+        reading_tokens=variant == "beni-reading",
+        reading_token_ids=list(range(95)) if variant == "beni-reading" else None,
+    )
+
+
+def synthetic_batch(spec: dict, image_tokens: int, transcripts: bool = False) -> dict:
     generator = torch.Generator().manual_seed(0)
     batch, text_len = spec["batch"], spec["text_len"]
     text = torch.randint(0, VOCAB - 1, (batch, text_len), generator=generator)
@@ -111,6 +130,10 @@ def synthetic_batch(spec: dict, image_tokens: int) -> dict:
         "labels": labels,
         "pixel_values": torch.randn(batch, 3, size, size, generator=generator),
     }
+    if transcripts:
+        rng = random.Random(0)
+        lines = ["".join(rng.choices(string.ascii_letters, k=rng.randint(4, 12))) for _ in range(len(text))]
+        batch["reading_targets"], batch["reading_lengths"] = reading_targets(lines)
     return {k: v.pin_memory() for k, v in batch.items()}  # as beni's DataLoader (pin_memory) hands batches over
 
 
@@ -162,14 +185,10 @@ def run_peer(spec: dict, batch: dict, warmup: int, steps: int, profile: bool) ->
 
 
 def run_beni(
-    spec: dict, batch: dict, warmup: int, steps: int, compile: bool, full_logits: bool, checkpointing: bool, profile: bool, cudagraphs: bool
+    spec: dict, batch: dict, warmup: int, steps: int, variant: str, checkpointing: bool, profile: bool
 ) -> tuple[float, float | None]:
-    config = BeniConfig(
-        vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
-        text_config={"model_type": "llama", **spec["text"]},
-        connector="mlp2x_gelu",
-        image_token_id=IMAGE_TOKEN,
-    )
+    config = beni_config(spec, variant)
+    compile, cudagraphs, full_logits = variant not in ("beni", "beni-full-logits"), variant == "beni-cudagraphs", variant == "beni-full-logits"
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = BeniForConditionalGeneration(config)
@@ -193,7 +212,7 @@ def run_beni(
 
         def step():
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
-            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"))
+            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"), float(config.reading_head))
 
     return timed(step, warmup, steps, profile)
 
@@ -214,16 +233,11 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "peak_tflops": peak, "runs": []}
     for name in args.configs:
         spec = CONFIGS[name]
-        beni_config = BeniConfig(
-            vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
-            text_config={"model_type": "llama", **spec["text"]},
-            connector="mlp2x_gelu",
-        )
-        image_tokens = beni_config.num_image_tokens()
-        batch = synthetic_batch(spec, image_tokens)
-        seq = image_tokens + spec["text_len"]
-        flops = train_flops(beni_config, spec["batch"] * seq, seq, spec["batch"])
         for variant in args.variants:
+            config = beni_config(spec, variant)
+            batch = synthetic_batch(spec, config.num_image_tokens(), config.reading_head)
+            seq = config.num_image_tokens() + spec["text_len"]
+            flops = train_flops(config, spec["batch"] * seq, seq, spec["batch"])
             row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq}
             for checkpointing in (False, True):
                 torch.cuda.reset_peak_memory_stats()
@@ -231,17 +245,7 @@ def main() -> None:
                     if variant == "peer":
                         seconds, busy = run_peer(spec, batch, args.warmup, args.steps, args.profile)
                     else:
-                        seconds, busy = run_beni(
-                            spec,
-                            batch,
-                            args.warmup,
-                            args.steps,
-                            compile=variant == "beni-compile",
-                            full_logits=variant == "beni-full-logits",
-                            cudagraphs=variant == "beni-cudagraphs",
-                            checkpointing=checkpointing,
-                            profile=args.profile,
-                        )
+                        seconds, busy = run_beni(spec, batch, args.warmup, args.steps, variant, checkpointing, args.profile)
                     row.update(
                         seconds_per_step=seconds,
                         samples_per_s=spec["batch"] / seconds,

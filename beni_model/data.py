@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
-from beni_model.vision import reading_classes
+from beni_model.vision import reading_targets
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
@@ -176,7 +176,7 @@ def conversation_of(meta: dict, has_image: bool) -> list[dict]:
 
 
 def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
-    input_ids, labels, pixels, reads = [], [], [], []
+    input_ids, labels, pixels, transcripts = [], [], [], []
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
@@ -185,7 +185,7 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         labels.append(example.labels)
         if example.num_images:
             pixels.append(load_image(image, settings.image_size))
-            reads.append(reading_classes(meta.get("transcript")))
+            transcripts.append(meta.get("transcript"))
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id)
     else:
@@ -195,8 +195,7 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
             image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)
         )
         if settings.reading:
-            batch["reading_targets"] = torch.tensor([c for r in reads for c in r], dtype=torch.long)
-            batch["reading_lengths"] = torch.tensor([len(r) for r in reads], dtype=torch.long)
+            batch["reading_targets"], batch["reading_lengths"] = reading_targets(transcripts)
     return batch
 
 

@@ -15,6 +15,8 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
         raise ValueError(f"LLaVA export needs a CLIP or SigLIP vision tower, not {config.vision_config.model_type!r}.")
     if config.vision_stem:
         raise ValueError(f"LLaVA export needs the encoder's own patch embedding; this model has vision_stem={config.vision_stem!r}.")
+    if config.reading_tokens:
+        raise ValueError("LLaVA export has no place for the reading head's tokens; this model has reading_tokens=True.")
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")
     if config.image_size != config.vision_config.image_size:

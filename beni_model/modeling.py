@@ -4,10 +4,11 @@ wherever the image token stands in the prompt."""
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from beni_model.config import BeniConfig
+from beni_model.config import READING_ALPHABET, BeniConfig
 from beni_model.connectors import build_connector
 from beni_model.vision import VisionTower, vision_encoder_from_config, vision_encoder_from_pretrained
 
@@ -29,6 +30,11 @@ class BeniForConditionalGeneration(PreTrainedModel):
         self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config, config.vision_stem))
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.reading_tokens:
+            if config.reading_token_ids is None:
+                raise ValueError("reading_tokens needs the LLM's token of each character: build the model with from_parts.")
+            self.connector.reading_blank = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+            self.register_buffer("reading_token_ids", torch.tensor(config.reading_token_ids))
         self._decode_cache = self._compiled_decode = None  # greedy_generate's, made on first use
         self.post_init()
         self.apply_freeze_flags()
@@ -46,6 +52,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
             raise ValueError(f"The tokenizer has no {config.image_token!r} token: load it with beni_model.chat.load_tokenizer.")
         if load_in_4bit and not torch.cuda.is_available():
             raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU; train in bf16 or with plain LoRA on this machine.")
+        if config.reading_tokens:
+            config.reading_token_ids = character_token_ids(tokenizer)
         model = cls(config)
         if config.vision_model:
             model.vision_tower.encoder = vision_encoder_from_pretrained(config.vision_model, config.vision_config)
@@ -65,6 +73,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
             model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.text_config = model.language_model.config
         config.image_token_id = image_token_id
+        if config.reading_tokens:  # a blank starts as the mean character, not as a token of its own
+            model.connector.reading_blank.data = model.get_input_embeddings()(model.reading_token_ids).mean(0).detach().float()
         if dtype is not None:
             model.vision_tower.to(dtype)
             model.connector.to(dtype)
@@ -121,6 +131,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
                 raise ValueError("The prompt has image tokens but no pixel_values were given.")
             return embeds
         features = self.connector(vision_features)
+        if self.config.reading_tokens:
+            features = torch.cat([features, self.reading_embeddings(vision_features).to(features.dtype)], dim=1)
         if image_mask.sum() != features.shape[0] * features.shape[1]:
             raise ValueError(
                 f"The batch has {int(image_mask.sum())} image tokens but {features.shape[0]} images of "
@@ -128,6 +140,14 @@ class BeniForConditionalGeneration(PreTrainedModel):
                 "to the connector's token count at this image size."
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def reading_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
+        over blank and READING_ALPHABET weigh a learned blank and the LLM's own embedding of each character, so
+        what the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt."""
+        probs = self.vision_tower.reading_scores(vision_features).float().softmax(-1)
+        table = torch.cat([self.connector.reading_blank[None], self.get_input_embeddings()(self.reading_token_ids)])
+        return probs @ table.float()
 
     def forward(
         self,
@@ -255,6 +275,14 @@ class BeniForConditionalGeneration(PreTrainedModel):
         return self.language_model(
             input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
         ).logits[:, -1]
+
+
+def character_token_ids(tokenizer) -> list[int]:
+    """The token of each READING_ALPHABET character, alone; an error if one takes more than one token."""
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in READING_ALPHABET]
+    if split := [c for c, i in zip(READING_ALPHABET, ids) if len(i) != 1]:
+        raise ValueError(f"reading_tokens needs one token per printable character; this tokenizer splits {split[:5]}: leave reading_tokens off.")
+    return [i[0] for i in ids]
 
 
 AutoModelForImageTextToText.register(BeniConfig, BeniForConditionalGeneration)

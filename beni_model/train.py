@@ -89,6 +89,7 @@ class TrainConfig:
     text_fraction: float = 0.0
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
     reading_weight: float = 0.0  # > 0: add the vision tower's reading head and its CTC loss on samples with a transcript
+    reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
     cuda_graphs: bool = False  # with compile, one process on a GPU: each block a CUDA graph per shape (mode "reduce-overhead")
@@ -126,6 +127,8 @@ class TrainConfig:
             problems.append("reading_weight must be at least 0")
         if self.reading_weight and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
             problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
+        if self.reading_tokens and not self.reads:
+            problems.append("reading_tokens comes with the reading head: set reading_weight > 0 or stage 'encoder'")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
         if self.cuda_graphs and not self.compile:
@@ -186,6 +189,7 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             vision_stem=config.vision_stem,
             image_size=config.image_size,
             reading_head=config.reads,
+            reading_tokens=config.reading_tokens,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
     if config.reads and not model.config.reading_head:

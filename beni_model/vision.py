@@ -2,16 +2,12 @@
 
 import inspect
 import math
-import string
 
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from beni_model.config import BeniConfig
-
-READING_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space: what the reading head emits
-READS_PER_COLUMN = 2  # a column of 16 px patches may hold more than one narrow glyph
+from beni_model.config import READING_ALPHABET, READS_PER_COLUMN, BeniConfig
 
 
 class ConvStem(nn.Sequential):
@@ -105,22 +101,73 @@ class VisionTower(nn.Module):
 
     def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CTC loss of the reading head, as text recognisers train: each column of the patch grid (the mean of its
-        rows) reads READS_PER_COLUMN characters or blanks, left to right. `targets` holds the class ids
-        (`reading_classes`) of every image with `lengths` > 0, concatenated; images of length 0 have no transcript, and
-        lines longer than the head's reads are left out.
+        rows) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width] holds each image's
+        class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length 0 have no transcript.
         The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
         alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
         scores = self.reading_scores(features)
-        keep = (lengths > 0) & (lengths <= scores.shape[1])  # a longer line cannot be read in this many steps
-        rows = keep.nonzero().squeeze(1)
-        if len(rows) == 0:
-            return scores.sum() * 0  # a zero loss that still gives the head a gradient, as FSDP wants of every rank
-        targets = targets.to(keep.device)[keep.repeat_interleave(lengths)]
         # Host tensors go over without a blocking copy, which would stall the host until the GPU catches up.
-        log_probs = scores[rows.to(scores.device, non_blocking=True)].float().log_softmax(-1).transpose(0, 1)
-        steps = torch.full((len(rows),), log_probs.shape[0], dtype=torch.long)
-        targets = targets.to(scores.device, non_blocking=True)
-        return nn.functional.ctc_loss(log_probs, targets, steps, lengths[rows].cpu(), zero_infinity=True)
+        targets, lengths = (t.to(scores.device, non_blocking=True) for t in (targets, lengths))
+        return ctc_loss(scores.float().log_softmax(-1), targets, lengths)
+
+
+NEVER = -1e30  # the log-probability of an impossible path: finite, so no gradient becomes NaN
+
+
+def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """CTC's loss per character (class 0 is the blank), averaged over the lines that have a transcript and fit in
+    the steps; log_probs [batch, steps, classes], targets [batch, width] padded, lengths [batch]. The values of
+    `nn.functional.ctc_loss(..., zero_infinity=True)` on those lines (and its gradients at the logits of a
+    log_softmax), computed on the device without
+    waiting on it (PyTorch's CUDA kernel copies offsets from host memory with a blocking copy in forward and in
+    backward) and with a hand-written backward: autograd through the per-step recursion cost the host more than
+    the step's GPU work (bench/BENCHMARKS.md)."""
+    return _CTC.apply(log_probs, targets, lengths)
+
+
+class _CTC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_probs, targets, lengths):
+        batch, steps, _ = log_probs.shape
+        labels = targets.new_zeros(batch, 2 * targets.shape[1] + 1)  # blank, c1, blank, c2, ..., blank
+        labels[:, 1::2] = targets
+        emit = log_probs.gather(2, labels.unsqueeze(1).expand(-1, steps, -1)).transpose(0, 1)  # [steps, batch, width]
+        may_skip = torch.zeros_like(labels, dtype=torch.bool)  # from the character two back, past the blank between
+        may_skip[:, 2:] = (labels[:, 2:] != 0) & (labels[:, 2:] != labels[:, :-2])
+        skip_cost = torch.where(may_skip, 0.0, NEVER)
+        # Log-probability of the paths up to step t that end in each position, after two positions no path reaches
+        # (so the shifts are views): four kernels a step.
+        alpha = emit.new_full((steps, batch, emit.shape[2] + 2), NEVER)
+        alpha[0, :, 2:4] = emit[0, :, :2]
+        for t in range(1, steps):
+            prev = alpha[t - 1]
+            torch.add(torch.logaddexp(torch.logaddexp(prev[:, 2:], prev[:, 1:-1]), prev[:, :-2] + skip_cost), emit[t], out=alpha[t, :, 2:])
+        alpha = alpha[:, :, 2:]
+        ends = torch.stack([2 * lengths, 2 * lengths - 1], 1).clamp(min=0)  # the last character or the blank after it
+        likelihood = alpha[-1].gather(1, ends).logsumexp(1)
+        counted = (lengths > 0) & (likelihood > NEVER / 2)
+        weight = counted / lengths.clamp(min=1) / counted.sum().clamp(min=1)
+        ctx.save_for_backward(emit, alpha, labels, skip_cost, ends, likelihood, weight)
+        ctx.classes = log_probs.shape[2]
+        return -(likelihood * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        emit, alpha, labels, skip_cost, ends, likelihood, weight = ctx.saved_tensors
+        steps, batch, width = emit.shape
+        # Log-probability of the paths from each position at step t to the end, before two positions none leaves from.
+        beta = emit.new_full((steps, batch, width + 2), NEVER)
+        beta[-1, :, :width].scatter_(1, ends, emit[-1].gather(1, ends))
+        skip_from = nn.functional.pad(skip_cost, (0, 2), value=NEVER)[:, 2:]  # whether position s + 2 may be reached from s
+        for t in range(steps - 2, -1, -1):
+            after = beta[t + 1]
+            torch.add(torch.logaddexp(torch.logaddexp(after[:, :-2], after[:, 1:-1]), after[:, 2:] + skip_from), emit[t], out=beta[t, :, :width])
+        beta = beta[:, :, :width]
+        posterior = (alpha + beta - emit - likelihood[None, :, None]).exp().transpose(0, 1)  # [batch, steps, width]
+        scale = -(grad_output * weight)[:, None, None]
+        grad = emit.new_zeros(batch, steps, ctx.classes)
+        grad.scatter_add_(2, labels.unsqueeze(1).expand(-1, steps, -1), posterior * scale)
+        return grad, None, None
 
 
 def reading_classes(transcript: str | None) -> list[int]:
@@ -129,3 +176,13 @@ def reading_classes(transcript: str | None) -> list[int]:
     if not transcript or any(c not in READING_ALPHABET for c in transcript):
         return []
     return [1 + READING_ALPHABET.index(c) for c in transcript]
+
+
+def reading_targets(transcripts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`VisionTower.reading_loss`'s targets for a batch's transcripts (None: an image without one): every image's
+    class ids padded with 0, [images, longest], and their counts."""
+    classes = [reading_classes(t) for t in transcripts]
+    targets = torch.zeros(len(classes), max(map(len, classes), default=0), dtype=torch.long)
+    for row, ids in zip(targets, classes):
+        row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return targets, torch.tensor([len(ids) for ids in classes], dtype=torch.long)

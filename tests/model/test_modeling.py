@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import ConvStem, conv_stem_flops, reading_classes
+from beni_model.vision import READING_ALPHABET, READS_PER_COLUMN, ConvStem, conv_stem_flops, ctc_loss, reading_classes, reading_targets
 from tests.model.conftest import VISION, images
 
 TWO_IMAGES = [
@@ -209,8 +209,7 @@ def test_reading_head_learns_the_order_of_a_line_and_reloads(parts, tmp_path):
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
     for _ in range(400):
         batch = rng.sample(train, 16)
-        targets = torch.tensor([c for line in batch for c in reading_classes(line)])
-        loss = tower.reading_loss(tower(torch.stack([striped(line) for line in batch])), targets, torch.tensor([len(line) for line in batch]))
+        loss = tower.reading_loss(tower(torch.stack([striped(line) for line in batch])), *reading_targets(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -225,20 +224,59 @@ def test_reading_head_learns_the_order_of_a_line_and_reloads(parts, tmp_path):
 def test_reading_loss_comes_with_the_llm_loss_and_skips_lines_without_transcript(build):
     model, tokenizer = build("siglip", "llama", "mlp2x_gelu", reading_head=True)
     batch = batch_for(model, tokenizer, [TWO_IMAGES])
-    kwargs = {"reading_targets": torch.tensor(reading_classes("open")), "reading_lengths": torch.tensor([0, 4])}
+    kwargs = dict(zip(("reading_targets", "reading_lengths"), reading_targets([None, "open"])))
     out = model(**batch, pixel_values=images(2), **kwargs)
     assert out.loss is not None and out.reading_loss > 0
     out.reading_loss.backward()
     assert model.vision_tower.reading_head.weight.grad.abs().sum() > 0
     assert model(**batch, pixel_values=images(2)).reading_loss is None
-    assert model(**batch, pixel_values=images(2), reading_targets=torch.zeros(0, dtype=torch.long), reading_lengths=torch.tensor([0, 0])).reading_loss == 0
+    assert model(**batch, pixel_values=images(2), **dict(zip(("reading_targets", "reading_lengths"), reading_targets([None, None])))).reading_loss == 0
     assert reading_classes("é") == reading_classes(None) == []
+
+
+def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddings(build, tmp_path):
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu", reading_head=True, reading_tokens=True)
+    grid = model.config.image_size // model.config.patch_size
+    assert model.config.num_image_tokens() == grid * grid + grid * READS_PER_COLUMN
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    model(**batch, pixel_values=images(2)).loss.backward()  # the answer's loss reaches the head and the blank
+    assert model.vision_tower.reading_head.weight.grad.abs().sum() > 0 and model.connector.reading_blank.grad.abs().sum() > 0
+    head = model.vision_tower.reading_head
+    with torch.no_grad():  # a head sure that every read is "a": its tokens are the LLM's embedding of "a"
+        head.weight.zero_()
+        head.bias.fill_(-30).view(READS_PER_COLUMN, -1)[:, 1 + READING_ALPHABET.index("a")] = 30
+        reads = model.reading_embeddings(model.vision_tower(images(2)))
+        a = model.get_input_embeddings().weight[tokenizer.encode("a", add_special_tokens=False)[0]]
+        torch.testing.assert_close(reads, a.expand_as(reads))
+        model.save_pretrained(tmp_path)
+        reloaded = BeniForConditionalGeneration.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(**batch, pixel_values=images(2)).logits, model(**batch, pixel_values=images(2)).logits)
+    with pytest.raises(ValueError, match="set reading_head=True too"):
+        BeniConfig(**{**model.config.to_dict(), "reading_head": False})
 
 
 def test_lines_too_long_for_the_head_are_left_out_of_the_reading_loss(build):
     model, _ = build("siglip", "llama", "mlp2x_gelu", reading_head=True)  # 4 columns: 8 reads
     features = model.vision_tower(images(3))
-    short, long = reading_classes("ab"), reading_classes("a" * 9)
-    alone = model.vision_tower.reading_loss(features[2:], torch.tensor(short), torch.tensor([2]))
-    mixed = model.vision_tower.reading_loss(features, torch.tensor(long + short), torch.tensor([9, 0, 2]))
+    alone = model.vision_tower.reading_loss(features[2:], *reading_targets(["ab"]))
+    mixed = model.vision_tower.reading_loss(features, *reading_targets(["abcdefghi", None, "ab"]))
     assert torch.allclose(alone, mixed) and alone > 0
+
+
+def test_ctc_loss_matches_pytorchs_on_lines_that_fit():
+    """Repeats (which need a blank between them), a line that just fits, one without transcript and one that cannot
+    be aligned in the steps."""
+    torch.manual_seed(0)
+    lines = ["aab", "abcabcab", None, "abcd", "aaaaa"]  # 8 steps: "aaaaa" needs 9
+    targets, lengths = reading_targets(lines)
+    logits = torch.randn(len(lines), 8, 1 + len(READING_ALPHABET), requires_grad=True)
+    log_probs = logits.log_softmax(-1)
+    fits = [0, 1, 3]
+    reference = torch.nn.functional.ctc_loss(
+        log_probs[fits].transpose(0, 1), targets[fits], torch.full((3,), 8), lengths[fits], zero_infinity=True
+    )
+    ours = ctc_loss(log_probs, targets, lengths)
+    assert torch.allclose(ours, reference)
+    # PyTorch's kernel hands back the gradient for log_softmax'd inputs, which both match at the logits
+    grad, reference_grad = (torch.autograd.grad(loss, logits, retain_graph=True)[0] for loss in (ours, reference))
+    assert torch.allclose(grad, reference_grad, atol=1e-6) and grad[[2, 4]].abs().sum() == 0

@@ -115,6 +115,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, cuda_graphs=True).validate()
     with pytest.raises(ValueError, match="the encoder stage learns from images only"):
         TrainConfig(**base, stage="encoder", text_fraction=0.25).validate()
+    with pytest.raises(ValueError, match="reading_tokens comes with the reading head"):
+        TrainConfig(**base, reading_tokens=True).validate()
     with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
         TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
@@ -292,9 +294,10 @@ def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
 
 
 def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
+    """The recipe's order, with the head's transcript handed to the LLM as tokens."""
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
     stages = {
-        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12),
+        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True),
         "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0), "init_from": str(tmp_path / "encoder" / "final")},
     }
     for name, config in stages.items():
@@ -310,3 +313,5 @@ def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torch
     assert first["reading_loss"] < read[0]["reading_loss"] / 2  # the head came over from the encoder stage
     model = BeniForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
     assert model.config.reading_head and model.vision_tower.reading_head.weight.abs().sum() > 0
+    encoder = BeniForConditionalGeneration.from_pretrained(tmp_path / "encoder" / "final")
+    assert model.config.reading_tokens and not torch.equal(model.connector.reading_blank, encoder.connector.reading_blank)

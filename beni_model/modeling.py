@@ -143,8 +143,9 @@ class BeniForConditionalGeneration(PreTrainedModel):
 
     def reading_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
-        over blank and READING_ALPHABET weigh a learned blank and the LLM's own embedding of each character, so
-        what the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt."""
+        over blank and READING_ALPHABET weigh a learned blank (the connector's `reading_blank`, so it trains with the
+        connector) and the LLM's own embedding of each character, so what the vision tower reads reaches the LLM as
+        (nearly) the text's tokens, to copy as it copies a prompt."""
         probs = self.vision_tower.reading_scores(vision_features).float().softmax(-1)
         table = torch.cat([self.connector.reading_blank[None], self.get_input_embeddings()(self.reading_token_ids)])
         return probs @ table.float()

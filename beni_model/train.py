@@ -502,11 +502,10 @@ def train_step(
             model.set_requires_gradient_sync(i == len(micro) - 1)
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         layout = "position_ids" if "position_ids" in batch else "attention_mask"
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", layout, "pixel_values") if k in batch}
+        keys = ("input_ids", layout, "pixel_values") + (("reading_targets", "reading_lengths") if reads else ())
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
-        if reads and "reading_lengths" in batch:
-            inputs |= {k: batch[k] for k in ("reading_targets", "reading_lengths")}  # lengths stay on the host
         if read_only:
             with autocast:
                 reading = model(pixel_values=inputs["pixel_values"], reading_targets=inputs["reading_targets"],

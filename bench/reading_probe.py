@@ -12,7 +12,11 @@ scratch) learns to answer the string of `--chars` printed characters on an image
 - `tokens`: `read_first` with the head's transcript handed to the LLM (`BeniConfig.reading_tokens`: the reads as
   soft tokens in the LLM's glyph embeddings, after the image tokens), as the smollm2-siglip recipe trains;
 - `tokens_collapsed`: `tokens` with CTC's collapse applied to the soft tokens: a read's character counts only where
-  the read before it is not the same character, so a glyph spread over several reads is handed over once.
+  the read before it is not the same character, so a glyph spread over several reads is handed over once;
+- `lines_whole` / `lines_banded`: two lines of `--chars` glyphs per image (top and bottom half), answered as one
+  string, on `read_first`'s schedule: the head reads the column means of the whole image (as the library's head
+  does) against both lines' transcript, or of each line's half against that line's (a reading loss per text line,
+  as documents would need); no reading tokens.
 
     python bench/reading_probe.py --variant ctc && python bench/reading_probe.py --variant lm
 
@@ -21,6 +25,7 @@ for `ctc`, the CTC head's own greedy reading); adds it to --out.
 """
 
 import argparse
+import io
 import json
 import multiprocessing
 import random
@@ -30,11 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from glyph_probe import GLYPHS, glyph
+from PIL import Image
 
-from beni_model.config import READING_ALPHABET, BeniConfig
+from beni_model.config import READING_ALPHABET, READS_PER_COLUMN, BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import reading_targets
+from beni_model.vision import ctc_loss, reading_targets
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
@@ -46,10 +52,25 @@ def glyph_ids(text: str) -> list[int]:
     return [FIRST_GLYPH + GLYPHS.index(c) for c in text]
 
 
-def render(task: tuple[str, int]) -> tuple[str, np.ndarray]:
-    seed, chars = task
-    text, jpg = glyph(seed, chars)
-    return text, load_image(jpg, SIZE)
+def render(task: tuple[str, int, int]) -> tuple[str, np.ndarray]:
+    seed, chars, lines = task
+    if lines == 1:
+        text, jpg = glyph(seed, chars)
+        return text, load_image(jpg, SIZE)
+    texts, halves = zip(*(glyph(f"{seed}:{i}", chars) for i in range(lines)))
+    return "".join(texts), np.concatenate([np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB").resize((SIZE, SIZE // lines))) for jpg in halves])
+
+
+def band_reading(model: BeniForConditionalGeneration, features: torch.Tensor, lines: int) -> torch.Tensor:
+    """The reading head's scores for each line's band of patch rows: [lines, images, reads, classes]."""
+    patches = features.reshape(len(features), GRID, GRID, -1)
+    bands = patches.reshape(len(features), lines, GRID // lines, GRID, -1).mean(2).transpose(0, 1)
+    return model.vision_tower.reading_head(bands).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
+
+
+def greedy(scores: torch.Tensor) -> list[str]:
+    """VisionTower.read's transcript from a line's scores: repeats merged, blanks dropped."""
+    return ["".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])) for row in scores.argmax(-1).tolist()]
 
 
 def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGeneration:
@@ -113,16 +134,18 @@ def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first", "tokens", "tokens_collapsed"], required=True)
+    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first", "tokens", "tokens_collapsed", "lines_whole", "lines_banded"], required=True)
     parser.add_argument("--chars", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--read-steps", type=int, default=400, help="read_first: steps of the reading loss alone, before --steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/out/reading_probe.jsonl")
     args = parser.parse_args()
+    lines = 2 if args.variant.startswith("lines") else 1
+    length, banded = args.chars * lines, args.variant == "lines_banded"
     with multiprocessing.get_context("spawn").Pool() as pool:
-        train = pool.map(render, [(f"train:{i}", args.chars) for i in range(12000)], chunksize=200)
-        test = pool.map(render, [(f"test:{i}", args.chars) for i in range(200)], chunksize=50)
+        train = pool.map(render, [(f"train:{i}", args.chars, lines) for i in range(12000)], chunksize=200)
+        test = pool.map(render, [(f"test:{i}", args.chars, lines) for i in range(200)], chunksize=50)
     reads = args.variant != "lm"
     model, rng, copy_loss = build(reads, args.variant.startswith("tokens")), random.Random(0), None
     image_tokens, collapsed = model.config.num_image_tokens(), args.variant == "tokens_collapsed"
@@ -131,7 +154,7 @@ def main() -> None:
         model.language_model.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    read_steps = args.read_steps if args.variant in ("read_first", "tokens", "tokens_collapsed") else 0
+    read_steps = args.read_steps if args.variant not in ("lm", "ctc", "ctc_frozen_llm") else 0
     start = time.perf_counter()
     for step in range(1, read_steps + args.steps + 1):
         for group in optimizer.param_groups:
@@ -140,7 +163,10 @@ def main() -> None:
         pixels, ids, labels = batch(items, image_tokens)
         features = model.vision_tower(pixels)  # once, for the LLM's image tokens and the reading head alike
         lm = ctc = torch.zeros(())
-        if reads:
+        if banded:
+            parts = [[t[i * args.chars : (i + 1) * args.chars] for t, _ in items] for i in range(lines)]
+            ctc = sum(ctc_loss(scores.float().log_softmax(-1), *reading_targets(p)) for scores, p in zip(band_reading(model, features, lines), parts)) / lines
+        elif reads:
             ctc = model.vision_tower.reading_loss(features, *reading_targets([t for t, _ in items]))
         if step > read_steps:
             embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), image_embeds(model, features, collapsed))
@@ -156,19 +182,23 @@ def main() -> None:
     texts = [t for t, _ in test]
     with torch.no_grad():
         pixels, ids, _ = batch(test, image_tokens)
-        seq, image = ids[:, : image_tokens + 1], image_embeds(model, model.vision_tower(pixels), collapsed)
-        for _ in range(args.chars):
+        features = model.vision_tower(pixels)
+        seq, image = ids[:, : image_tokens + 1], image_embeds(model, features, collapsed)
+        for _ in range(length):
             embeds = model.get_input_embeddings()(seq).masked_scatter((seq == IMG).unsqueeze(-1), image)
             seq = torch.cat([seq, model.language_model(inputs_embeds=embeds).logits[:, -1].argmax(-1, keepdim=True)], 1)
         answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[image_tokens + 1 :].tolist()) for row in seq]
         head = model.vision_tower.read(pixels) if reads else None
+        if banded:
+            head = ["".join(line) for line in zip(*map(greedy, band_reading(model, features, lines)))]
     row = {
         "variant": args.variant,
         "chars": args.chars,
+        "lines": lines,
         "steps": args.steps,
         "read_steps": read_steps,
         "exact": sum(a == t for a, t in zip(answers, texts)) / len(texts),
-        "right_by_position": [round(sum(a[i] == t[i] for a, t in zip(answers, texts)) / len(texts), 3) for i in range(args.chars)],
+        "right_by_position": [round(sum(a[i] == t[i] for a, t in zip(answers, texts)) / len(texts), 3) for i in range(length)],
         "ctc_head_exact": None if head is None else sum(r == t for r, t in zip(head, texts)) / len(texts),
         "copy_loss": copy_loss,  # the frozen LLM's loss on copying, where it was taught to
         "seconds": round(time.perf_counter() - start),

@@ -40,7 +40,7 @@ from PIL import Image
 from beni_model.config import READING_ALPHABET, READS_PER_COLUMN, BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import ctc_loss, reading_targets
+from beni_model.vision import ctc_loss, greedy_transcripts, reading_targets
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
@@ -67,10 +67,6 @@ def band_reading(model: BeniForConditionalGeneration, features: torch.Tensor, li
     bands = patches.reshape(len(features), lines, GRID // lines, GRID, -1).mean(2).transpose(0, 1)
     return model.vision_tower.reading_head(bands).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
 
-
-def greedy(scores: torch.Tensor) -> list[str]:
-    """VisionTower.read's transcript from a line's scores: repeats merged, blanks dropped."""
-    return ["".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])) for row in scores.argmax(-1).tolist()]
 
 
 def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGeneration:
@@ -190,7 +186,7 @@ def main() -> None:
         answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[image_tokens + 1 :].tolist()) for row in seq]
         head = model.vision_tower.read(pixels) if reads else None
         if banded:
-            head = ["".join(line) for line in zip(*map(greedy, band_reading(model, features, lines)))]
+            head = ["".join(line) for line in zip(*map(greedy_transcripts, band_reading(model, features, lines)))]
     row = {
         "variant": args.variant,
         "chars": args.chars,

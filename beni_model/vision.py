@@ -93,11 +93,8 @@ class VisionTower(nn.Module):
         return self.reading_head(patches.reshape(batch, grid, grid, dim).mean(1)).view(batch, grid * READS_PER_COLUMN, -1)
 
     def read(self, pixel_values: torch.Tensor) -> list[str]:
-        """The reading head's greedy transcript of each image: repeats merged, blanks dropped."""
-        reads = []
-        for row in self.reading_scores(self(pixel_values)).argmax(-1).tolist():
-            reads.append("".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])))
-        return reads
+        """The reading head's greedy transcript of each image."""
+        return greedy_transcripts(self.reading_scores(self(pixel_values)))
 
     def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CTC loss of the reading head, as text recognisers train: each column of the patch grid (the mean of its
@@ -168,6 +165,12 @@ class _CTC(torch.autograd.Function):
         grad = emit.new_zeros(batch, steps, ctx.classes)
         grad.scatter_add_(2, labels.unsqueeze(1).expand(-1, steps, -1), posterior * scale)
         return grad, None, None
+
+
+def greedy_transcripts(scores: torch.Tensor) -> list[str]:
+    """CTC's greedy decoding of reading scores [batch, reads, classes]: each read's best class, repeats merged,
+    blanks dropped."""
+    return ["".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])) for row in scores.argmax(-1).tolist()]
 
 
 def reading_classes(transcript: str | None) -> list[int]:

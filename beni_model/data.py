@@ -163,9 +163,13 @@ def image_batch(images: list[np.ndarray]) -> torch.Tensor:
 
 def normalize_pixels(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 [n, 3, h, w] -> float [0, 1], then per-channel (x - mean) / std, as the encoder's processor does."""
-    mean = torch.tensor(mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=pixels.device).view(1, 3, 1, 1)
+    mean, std = (to_device(torch.tensor(v).view(1, 3, 1, 1), pixels.device) for v in (mean, std))
     return (pixels.float() / 255 - mean) / std
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on `device`, pinned first on a GPU: a copy from pageable memory waits for the GPU."""
+    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
 
 
 def conversation_of(meta: dict, has_image: bool) -> list[dict]:

@@ -126,20 +126,21 @@ class BeniForConditionalGeneration(PreTrainedModel):
         """`embed` from the vision tower's output for the batch's images (None: no images)."""
         embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
-        if vision_features is None:
-            if image_mask.any():
-                raise ValueError("The prompt has image tokens but no pixel_values were given.")
+        features = None
+        if vision_features is not None:
+            features = self.connector(vision_features)
+            if self.config.reading_tokens:
+                features = torch.cat([features, self.reading_embeddings(vision_features).to(features.dtype)], dim=1)
+        # Counting the mask waits on the GPU, which would stall every training step: train_step checks its batches
+        # on the host instead.
+        if not (self.training and input_ids.is_cuda):
+            check_image_tokens(int(image_mask.sum()), *(features.shape[:2] if features is not None else (0, 0)))
+        if features is None:
             return embeds
-        features = self.connector(vision_features)
-        if self.config.reading_tokens:
-            features = torch.cat([features, self.reading_embeddings(vision_features).to(features.dtype)], dim=1)
-        if image_mask.sum() != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"The batch has {int(image_mask.sum())} image tokens but {features.shape[0]} images of "
-                f"{features.shape[1]} tokens each: build prompts with beni_model.chat so every image marker expands "
-                "to the connector's token count at this image size."
-            )
-        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        # Positions found with a known count and written by index: masked_scatter's backward (masked_select) waits on
+        # the GPU for its output size.
+        positions = torch.nonzero_static(image_mask.flatten(), size=features.shape[0] * features.shape[1]).squeeze(1)
+        return embeds.flatten(0, 1).index_copy(0, positions, features.flatten(0, 1).to(embeds.dtype)).view_as(embeds)
 
     def reading_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
         """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
@@ -276,6 +277,17 @@ class BeniForConditionalGeneration(PreTrainedModel):
         return self.language_model(
             input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
         ).logits[:, -1]
+
+
+def check_image_tokens(image_tokens: int, images: int, tokens_per_image: int) -> None:
+    """A clear error where a batch's image-token count does not match its images."""
+    if images == 0 and image_tokens:
+        raise ValueError("The prompt has image tokens but no pixel_values were given.")
+    if image_tokens != images * tokens_per_image:
+        raise ValueError(
+            f"The batch has {image_tokens} image tokens but {images} images of {tokens_per_image} tokens each: build "
+            "prompts with beni_model.chat so every image marker expands to the connector's token count at this image size."
+        )
 
 
 def character_token_ids(tokenizer) -> list[int]:

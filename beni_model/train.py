@@ -51,8 +51,9 @@ from beni_model.data import (
     normalization,
     normalize_pixels,
     shard_paths,
+    to_device,
 )
-from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.modeling import BeniForConditionalGeneration, check_image_tokens
 from beni_model.vision import conv_stem_flops
 
 PARTS = ("vision_tower", "connector", "language_model")
@@ -449,8 +450,8 @@ def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Ten
     device = inputs["input_ids"].device
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # labels still on the host: no device sync
-    out = model(**inputs, logits_to_keep=keep.to(device), use_cache=False)
-    targets = targets[:, keep].to(device, non_blocking=True).flatten()
+    out = model(**inputs, logits_to_keep=to_device(keep, device), use_cache=False)
+    targets = to_device(targets[:, keep], device).flatten()
     loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / num_items, out.reading_loss
 
@@ -460,6 +461,28 @@ def samples_in(batch: dict) -> int:
     if "position_ids" not in batch:
         return len(batch["input_ids"])
     return int(((batch["position_ids"] == 0) & batch["attention_mask"].bool()).sum())
+
+
+@dataclass
+class StepStats:
+    """A step's numbers, left on the device so the host can queue the next step: `host()` waits for this one."""
+
+    values: torch.Tensor  # LM loss, reading loss, grad norm, then the global tokens, samples, images, flops
+    read_only: bool
+    has_reading: bool
+
+    def host(self) -> dict:
+        lm_loss, reading_loss, grad_norm, tokens, samples, images, flops = self.values.tolist()
+        return {
+            "loss": reading_loss if self.read_only else lm_loss,
+            "reading_loss": reading_loss if self.has_reading else None,
+            "grad_norm": grad_norm,
+            "skipped": not math.isfinite(grad_norm),
+            "tokens": tokens,
+            "samples": samples,
+            "images": images,
+            "flops": flops,
+        }
 
 
 def train_step(
@@ -472,16 +495,19 @@ def train_step(
     device: torch.device,
     reading_weight: float = 0.0,
     read_only: bool = False,
-) -> dict:
+) -> StepStats:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
     every rank's label tokens, plus reading_weight times the reading head's loss (its mean over micro-batches and
     ranks) where the batches carry transcripts; `read_only` (the encoder stage) trains on the reading loss alone and
-    never runs the LLM. A step whose gradient norm is not finite is skipped on every rank alike (the norm is
-    global), so one overflow never turns the weights into NaN. Returns the loss (the LM's; the reading loss when
-    `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped and the
-    step's global counts (no text tokens when `read_only`)."""
+    never runs the LLM. The step never waits on the device: `optimizer` is a fused one (AdamW(fused=True)), which
+    skips a step whose gradient norm is not finite on the device, on every rank alike (the norm is global), so one
+    overflow never turns the weights into NaN. The stats (see StepStats.host): the loss (the LM's; the reading
+    loss when `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped
+    and the step's global counts (no text tokens when `read_only`)."""
     world_size = dist.get_world_size()
     reads = reading_weight or read_only
+    for b in micro:
+        check_image_tokens(int((b["input_ids"] == beni_config.image_token_id).sum()), len(b.get("pixel_values", ())), beni_config.num_image_tokens())
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
@@ -491,18 +517,19 @@ def train_step(
             sum(train_flops(beni_config, 0 if read_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
         ],
         dtype=torch.float64,
-        device=device,
     )
+    counts = to_device(counts, device)
     dist.all_reduce(counts)
-    num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients; read on the device, no sync
-    sums = torch.zeros(2, device=device)  # LM loss, reading loss: one all-reduce and one host sync for both
+    num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients
+    sums = torch.zeros(2, device=device)  # LM loss, reading loss: one all-reduce for both
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world_size == 1)  # see shard()
     for i, batch in enumerate(micro):
         if world_size > 1:
             model.set_requires_gradient_sync(i == len(micro) - 1)
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
-        layout = "position_ids" if "position_ids" in batch else "attention_mask"
-        keys = ("input_ids", layout, "pixel_values") + (("reading_targets", "reading_lengths") if reads else ())
+        # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
+        # never reads it, and SDPA runs its causal kernel instead of a masked one (whose mask check waits on the GPU).
+        keys = ("input_ids", "position_ids", "pixel_values") + (("reading_targets", "reading_lengths") if reads else ())
         inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
@@ -522,23 +549,13 @@ def train_step(
             loss.backward()
         sums[0] += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    if math.isfinite(grad_norm):
-        optimizer.step()
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.found_inf = (~grad_norm.isfinite()).float()  # read by a fused optimizer's step, as under a GradScaler
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(sums)
-    lm_loss, reading_loss = (sums / world_size).tolist()
-    _, tokens, samples, images, flops = counts.tolist()
-    return {
-        "loss": reading_loss if read_only else lm_loss,
-        "reading_loss": reading_loss if reads and any("reading_lengths" in b for b in micro) else None,
-        "grad_norm": grad_norm,
-        "skipped": not math.isfinite(grad_norm),
-        "tokens": tokens,
-        "samples": samples,
-        "images": images,
-        "flops": flops,
-    }
+    values = torch.cat([(sums / world_size).double(), grad_norm.double().view(1), counts[1:]])
+    return StepStats(values, read_only, bool(reads) and any("reading_lengths" in b for b in micro))
 
 
 def train(config: TrainConfig) -> dict:
@@ -554,7 +571,7 @@ def train(config: TrainConfig) -> dict:
     beni_config = beni_of(model).config
     model = shard(model, device, world_size, config.compile, config.cuda_graphs)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     step, position = 0, DataPosition()
@@ -580,6 +597,36 @@ def train(config: TrainConfig) -> dict:
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
     skipped_in_a_row = 0
+    pending = None  # the last step's stats and row, read once the next step is queued: the host never waits for the GPU
+
+    def report(stats: StepStats, row: dict) -> None:
+        nonlocal skipped_in_a_row
+        stats = stats.host()
+        skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
+        if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # every rank sees the same global norm: all stop together
+            raise RuntimeError(
+                f"{MAX_SKIPPED_IN_A_ROW} steps in a row up to step {row['step']} had non-finite gradients: lower lr or check the data."
+            )
+        if reporter:
+            seconds = row.pop("seconds")
+            reporter.step(
+                {
+                    "step": row["step"],
+                    "loss": stats["loss"],
+                    **({"reading_loss": stats["reading_loss"]} if stats["reading_loss"] is not None else {}),
+                    "lr": row["lr"],
+                    "grad_norm": stats["grad_norm"],
+                    "skipped": int(stats["skipped"]),
+                    "tokens_per_s": stats["tokens"] / seconds,
+                    "samples_per_s": stats["samples"] / seconds,
+                    "images": int(stats["images"]),
+                    "modality": row["modality"],
+                    "mfu": stats["flops"] / seconds / (world_size * config.peak_tflops * 1e12) if config.peak_tflops else None,
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "seconds": seconds,
+                }
+            )
+
     while step < config.max_steps:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
@@ -590,32 +637,16 @@ def train(config: TrainConfig) -> dict:
         )
         scheduler.step()
         step += 1
-        skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
-        if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # every rank sees the same global norm: all stop together
-            raise RuntimeError(
-                f"{MAX_SKIPPED_IN_A_ROW} steps in a row up to step {step} had non-finite gradients: lower lr or check the data."
-            )
         position = DataPosition(**micro[-1]["position"])
-        seconds = time.perf_counter() - started
-        if reporter:
-            reporter.step(
-                {
-                    "step": step,
-                    "loss": stats["loss"],
-                    **({"reading_loss": stats["reading_loss"]} if stats["reading_loss"] is not None else {}),
-                    "lr": config.lr * lr_factor(step - 1, config),  # part_lr parts scale alike
-                    "grad_norm": stats["grad_norm"],
-                    "skipped": int(stats["skipped"]),
-                    "tokens_per_s": stats["tokens"] / seconds,
-                    "samples_per_s": stats["samples"] / seconds,
-                    "images": int(stats["images"]),
-                    "modality": micro[-1]["modality"],
-                    "mfu": stats["flops"] / seconds / (world_size * config.peak_tflops * 1e12) if config.peak_tflops else None,
-                    "peak_memory_gib": peak_memory_gib(device),
-                    "seconds": seconds,
-                }
-            )
+        if pending:
+            report(*pending)
+        # part_lr parts scale alike; the step's time includes waiting for the step before it: in the steady state, one
+        # step of throughput
+        pending = stats, {"step": step, "lr": config.lr * lr_factor(step - 1, config), "modality": micro[-1]["modality"],
+                          "seconds": time.perf_counter() - started}
         if step % config.save_every == 0 or step == config.max_steps:
+            report(*pending)  # a checkpoint's step is in metrics.jsonl before the checkpoint is (a save waits anyway)
+            pending = None
             checkpoints.save(step, model, optimizer, scheduler, position, device)
 
     final = save_final(model, config, tokenizer, out, rank)

@@ -223,23 +223,25 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
         )
         batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-2, fused=True)
         weight = model.connector.state_dict()
         name = next(k for k in weight if k.endswith("weight"))
         with torch.no_grad():
             model.connector.get_parameter(name)[0, 0] = float("inf")
         before = {k: v.clone() for k, v in model.state_dict().items()}
 
-        stats = train_step(model.train(), [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"))
+        stats = train_step(model.train(), [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
         assert stats["skipped"] and not math.isfinite(stats["grad_norm"])
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # inf stays, no NaN spread
         assert all(p.grad is None for p in trainable)
+        assert all(float(state["step"]) == 0 for state in optimizer.state.values())  # skipped on the device, Adam's count too
 
         with torch.no_grad():
             model.connector.get_parameter(name)[0, 0] = 0.0
-        stats = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"))
+        stats = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
         assert not stats["skipped"] and math.isfinite(stats["grad_norm"])
         assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+        assert all(float(state["step"]) == 1 for state in optimizer.state.values())
     finally:
         dist.destroy_process_group()
 
@@ -272,9 +274,9 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
         packed = {**pack_batch(ids, labels, max_length, tokenizer.pad_token_id), "pixel_values": pixels}
         assert 1 < len(packed["input_ids"]) < len(examples)
 
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, fused=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        steps = [train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")) for b in (padded, packed)]
+        steps = [train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host() for b in (padded, packed)]
         assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)
         assert steps[1]["samples"] == steps[0]["samples"] == len(examples) and steps[1]["tokens"] == steps[0]["tokens"]
         assert steps[0]["loss"] > 1.0  # a real loss of a random model, not an empty sum

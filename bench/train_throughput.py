@@ -13,6 +13,7 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
 - beni-reading-loss: beni-compile plus the reading head's CTC loss (`reading_weight=1`) on a transcript of 4-12
   characters per image; beni-reading: that plus the head's transcript as LLM tokens (`reading_tokens`, 2 per
   patch column), as the smollm2-siglip recipe trains. Their MFU counts the longer sequence but not the head.
+Configs: small and base (issue 5's), recipe (the smollm2-siglip recipe's shapes; beni variants only).
 MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
@@ -33,6 +34,7 @@ from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
 from beni_model.vision import reading_targets
+from beni_pipeline.defs.training.recipes import SIGLIP_OCR
 
 VOCAB = 49152
 CONFIGS = {
@@ -84,7 +86,17 @@ CONFIGS = {
         "batch": 8,
         "text_len": 512,
     },
+    # the smollm2-siglip recipe's shapes (beni_pipeline/defs/training/recipes.py): its ViT of 8 x 512 at 384 px with
+    # a conv stem, pixel shuffle to 144 tokens, SmolLM2-135M, ~40 text tokens per sample; no peer (Llava has neither)
+    "recipe": {
+        "vision": {k: v for k, v in SIGLIP_OCR.items() if k != "model_type"},
+        "connector": "pixelshuffle2_mlp2x_gelu",
+        "vision_stem": "conv",
+        "batch": 64,
+        "text_len": 40,
+    },
 }
+CONFIGS["recipe"]["text"] = CONFIGS["small"]["text"]
 IMAGE_TOKEN = VOCAB - 1
 
 
@@ -108,7 +120,8 @@ def beni_config(spec: dict, variant: str) -> BeniConfig:
     return BeniConfig(
         vision_config={"model_type": "siglip_vision_model", **spec["vision"]},
         text_config={"model_type": "llama", **spec["text"]},
-        connector="mlp2x_gelu",
+        connector=spec.get("connector", "mlp2x_gelu"),
+        vision_stem=spec.get("vision_stem"),
         image_token_id=IMAGE_TOKEN,
         reading_head=reading,
         reading_tokens=variant == "beni-reading",
@@ -239,6 +252,9 @@ def main() -> None:
             seq = config.num_image_tokens() + spec["text_len"]
             flops = train_flops(config, spec["batch"] * seq, seq, spec["batch"])
             row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq}
+            if variant == "peer" and "connector" in spec:
+                print(f"{name}: no peer (Llava has no {spec['connector']} connector)", flush=True)
+                continue
             for checkpointing in (False, True):
                 torch.cuda.reset_peak_memory_stats()
                 try:

@@ -117,9 +117,12 @@ def build_prompt(
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def pad_batch(sequences: list[list[int]], pad_token_id: int, padding_side: str = "right", labels: list[list[int]] | None = None) -> dict:
-    """Pad token lists into `input_ids` / `attention_mask` (and `labels`) tensors; use left padding to generate."""
-    width = max(len(s) for s in sequences)
+def pad_batch(
+    sequences: list[list[int]], pad_token_id: int, padding_side: str = "right", labels: list[list[int]] | None = None, multiple_of: int = 1
+) -> dict:
+    """Pad token lists into `input_ids` / `attention_mask` (and `labels`) tensors, `multiple_of` tokens wide; use left
+    padding to generate."""
+    width = -(-max(len(s) for s in sequences) // multiple_of) * multiple_of
 
     def pad(rows, value):
         padded = [[value] * (width - len(r)) + r if padding_side == "left" else r + [value] * (width - len(r)) for r in rows]
@@ -143,7 +146,7 @@ def fill_rows(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
-def pack_batch(sequences: list[list[int]], labels: list[list[int]], max_length: int, pad_token_id: int) -> dict:
+def pack_batch(sequences: list[list[int]], labels: list[list[int]], max_length: int, pad_token_id: int, multiple_of: int = 1) -> dict:
     """Concatenate sequences, in order, into rows padded at the end, at the row width (at most `max_length`) that
     leaves the fewest cells, rows x width: filled to max_length, the last row can be near-empty yet as wide as the
     rest. `position_ids` restart at 0 for each sequence and for the padding, so with no attention mask the model's
@@ -163,7 +166,7 @@ def pack_batch(sequences: list[list[int]], labels: list[list[int]], max_length: 
     rows = min((fill_rows(lengths, width) for width in widths), key=cells)
     ids = [[t for i in row for t in sequences[i]] for row in rows]
     row_labels = [[t for i in row for t in [IGNORE_INDEX] + labels[i][1:]] for row in rows]
-    batch = pad_batch(ids, pad_token_id, labels=row_labels)
+    batch = pad_batch(ids, pad_token_id, labels=row_labels, multiple_of=multiple_of)
     width = batch["input_ids"].shape[1]
     positions = [[p for i in row for p in range(lengths[i])] for row in rows]
     batch["position_ids"] = torch.tensor([p + list(range(width - len(p))) for p in positions])

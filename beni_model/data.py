@@ -55,6 +55,7 @@ class DataSettings:
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
+    pad_to_multiple_of: int = 1  # rows this many tokens wide: few batch shapes, so few CUDA graph captures
     reading: bool = False  # image batches carry the transcripts' classes for the reading head (reading_targets)
     seed: int = 0
 
@@ -191,9 +192,9 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
             pixels.append(load_image(image, settings.image_size))
             transcripts.append(meta.get("transcript"))
     if settings.pack:
-        batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id)
+        batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
     else:
-        batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels)
+        batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels, multiple_of=settings.pad_to_multiple_of)
     if modality == "image":
         batch["pixel_values"] = (
             image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)

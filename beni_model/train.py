@@ -58,6 +58,7 @@ from beni_model.vision import conv_stem_flops
 
 PARTS = ("vision_tower", "connector", "language_model")
 STAGES = ("encoder", "align", "finetune")
+GRAPHED_WIDTH_MULTIPLE = 32  # cuda_graphs pads rows to a multiple of this: each batch shape costs a capture
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
 
@@ -93,7 +94,7 @@ class TrainConfig:
     reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
-    cuda_graphs: bool = False  # with compile, one process on a GPU: each block a CUDA graph per shape (mode "reduce-overhead")
+    cuda_graphs: bool = False  # with compile, one process on a GPU: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens
     device: str = "auto"  # auto, cuda or cpu
     workers: int = 2  # DataLoader workers per process
     save_every: int = 200
@@ -591,6 +592,7 @@ def train(config: TrainConfig) -> dict:
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
+        pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if config.cuda_graphs else 1,
         reading=config.reads,
         seed=config.seed,
     )

@@ -119,6 +119,8 @@ def test_pad_batch_sides(chatml):
     assert right["labels"].tolist() == [[1, 2, 3], [-100, -100, -100]]
     left = pad_batch([[1, 2, 3], [4]], 0, padding_side="left")
     assert left["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]] and left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    wide = pad_batch([[1, 2, 3], [4]], 0, labels=[[1, 2, 3], [-100]], multiple_of=4)
+    assert wide["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]] and wide["labels"][:, 3].tolist() == [-100, -100]
 
 
 def test_pack_batch_fills_rows_in_order_with_positions_restarting_per_sequence():

@@ -261,8 +261,9 @@ PACKED_CONVERSATIONS = [
 
 
 def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
-    """The same samples, packed or padded one per row, through train_step: equal losses prove the per-sample
-    attention blocks, positions and boundary labels (fp32, images in reading order across rows)."""
+    """The same samples, packed or padded one per row (to the longest, or wider), through train_step: equal losses
+    prove the per-sample attention blocks, positions and boundary labels (fp32, images in reading order across rows),
+    and that right padding needs no attention mask."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model, tokenizer = build()
@@ -272,12 +273,15 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
         max_length = max(map(len, ids))  # the longest sample fills a row, the shorter ones share rows
         padded = {**pad_batch(ids, tokenizer.pad_token_id, labels=labels), "pixel_values": pixels}
         packed = {**pack_batch(ids, labels, max_length, tokenizer.pad_token_id), "pixel_values": pixels}
+        wide = {**pad_batch(ids, tokenizer.pad_token_id, labels=labels, multiple_of=64), "pixel_values": pixels}
         assert 1 < len(packed["input_ids"]) < len(examples)
+        assert wide["input_ids"].shape[1] % 64 == 0 and wide["input_ids"].shape[1] > padded["input_ids"].shape[1]
 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0, fused=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        steps = [train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host() for b in (padded, packed)]
+        steps = [train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host() for b in (padded, packed, wide)]
         assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)
+        assert steps[2]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)  # more padding on the right changes nothing
         assert steps[1]["samples"] == steps[0]["samples"] == len(examples) and steps[1]["tokens"] == steps[0]["tokens"]
         assert steps[0]["loss"] > 1.0  # a real loss of a random model, not an empty sum
     finally:

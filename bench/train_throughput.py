@@ -1,6 +1,11 @@
-"""Training throughput on one GPU: beni's trainer step against transformers' LlavaForConditionalGeneration.
+"""Training throughput on one GPU: beni's trainer step against transformers' LlavaForConditionalGeneration; and
+FSDP's scaling over the GPUs of one host.
 
     PYTHONUNBUFFERED=1 python bench/train_throughput.py --configs small base --out train_throughput.json
+    PYTHONUNBUFFERED=1 python bench/train_throughput.py --configs small base --variants beni-compile --processes 1 2
+
+With `--processes` each count runs under torchrun (FSDP2 over the ranks, each rank its own batch of the config's
+size; the peer and CUDA graphs are one-GPU only) and the scaling efficiency is samples/s at n against n times one.
 
 Random init from real config classes, full fine-tune, synthetic batches of the same shapes for every variant
 (image tokens first, then text; labels on the second half of the text, as an assistant reply):
@@ -22,9 +27,13 @@ transformers (+ webdataset, which beni_model.data imports); no Dagster.
 import argparse
 import gc
 import json
+import os
 import random
 import string
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
@@ -207,7 +216,7 @@ def run_beni(
         model = BeniForConditionalGeneration(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = shard(model.train(), torch.device("cuda"), 1, compile=compile or cudagraphs, cuda_graphs=cudagraphs)
+    model = shard(model.train(), torch.device("cuda"), torch.distributed.get_world_size(), compile=compile or cudagraphs, cuda_graphs=cudagraphs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
     if full_logits:
@@ -230,6 +239,26 @@ def run_beni(
     return timed(step, warmup, steps, profile)
 
 
+def scaling(args) -> None:
+    """Each process count under torchrun (FSDP across the GPUs, each rank a batch of its own), then samples/s and the
+    scaling efficiency against the first count: samples/s at n / (samples/s at the first * n / first)."""
+    runs = {}
+    for n in args.processes:
+        out = f"{os.path.splitext(args.out)[0]}_{n}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__, "--out", out,
+                   "--configs", *args.configs, "--variants", *args.variants, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        subprocess.run(command, check=True)
+        runs[n] = {(r["config"], r["variant"]): r for r in json.loads(Path(out).read_text())["runs"]}
+    first = args.processes[0]
+    print(f"\n{'config':6} {'variant':17} {'GPUs':>4} {'samples/s':>9}  scaling")
+    for key, base in runs[first].items():
+        for n, rows in runs.items():
+            row = rows.get(key, {})
+            if "samples_per_s" in row and "samples_per_s" in base:
+                efficiency = row["samples_per_s"] / (base["samples_per_s"] * n / first)
+                print(f"{key[0]:6} {key[1]:17} {n:4} {row['samples_per_s']:9.1f}  {efficiency:.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -238,8 +267,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="train_throughput.json")
     parser.add_argument("--profile", action="store_true", help="also measure each variant's GPU-busy share and print its busiest kernels")
+    parser.add_argument("--processes", type=int, nargs="+", help="FSDP scaling: the beni variants under torchrun with each of these process counts (one GPU each), against the first")
     args = parser.parse_args()
+    if args.processes and "RANK" not in os.environ:
+        return scaling(args)
     setup_distributed(TrainConfig(shards="", output_dir="", device="cuda"))
+    world = torch.distributed.get_world_size()
+    if torch.distributed.get_rank():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 reports for all
     torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_peak_tflops()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
@@ -251,9 +286,9 @@ def main() -> None:
             batch = synthetic_batch(spec, config.num_image_tokens(), config.reading_head)
             seq = config.num_image_tokens() + spec["text_len"]
             flops = train_flops(config, spec["batch"] * seq, seq, spec["batch"])
-            row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq}
-            if variant == "peer" and "connector" in spec:
-                print(f"{name}: no peer (Llava has no {spec['connector']} connector)", flush=True)
+            row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq, "processes": world}
+            if variant == "peer" and ("connector" in spec or world > 1):
+                print(f"{name}: no peer ({'Llava has no ' + spec['connector'] + ' connector' if 'connector' in spec else 'one GPU only'})", flush=True)
                 continue
             for checkpointing in (False, True):
                 torch.cuda.reset_peak_memory_stats()
@@ -264,8 +299,8 @@ def main() -> None:
                         seconds, busy = run_beni(spec, batch, args.warmup, args.steps, variant, checkpointing, args.profile)
                     row.update(
                         seconds_per_step=seconds,
-                        samples_per_s=spec["batch"] / seconds,
-                        tokens_per_s=spec["batch"] * seq / seconds,
+                        samples_per_s=world * spec["batch"] / seconds,
+                        tokens_per_s=world * spec["batch"] * seq / seconds,
                         mfu=flops / seconds / (peak * 1e12),
                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                         activation_checkpointing=checkpointing,
@@ -286,7 +321,7 @@ def main() -> None:
                     torch._dynamo.reset()
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
-            with open(args.out, "w") as f:
+            with open(args.out if not torch.distributed.get_rank() else os.devnull, "w") as f:
                 json.dump(results, f, indent=1)
     print(f"\n{'config':6} {'variant':17} {'samples/s':>9} {'tokens/s':>9} {'MFU':>6} {'mem GiB':>8}  vs peer")
     for row in results["runs"]:

@@ -529,7 +529,7 @@ def train_step(
             model.set_requires_gradient_sync(i == len(micro) - 1)
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
-        # never reads it, and SDPA runs its causal kernel instead of a masked one (whose mask check waits on the GPU).
+        # never reads it, and SDPA runs its causal kernel instead of building and applying a padding mask.
         keys = ("input_ids", "position_ids", "pixel_values") + (("reading_targets", "reading_lengths") if reads else ())
         inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
         if "pixel_values" in inputs:

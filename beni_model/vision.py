@@ -103,7 +103,7 @@ class VisionTower(nn.Module):
         The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
         alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
         scores = self.reading_scores(features)
-        # Host tensors go over without a blocking copy, which would stall the host until the GPU catches up.
+        # A no-op for the trainer's targets, already on the device; pinned host tensors go over without waiting.
         targets, lengths = (t.to(scores.device, non_blocking=True) for t in (targets, lengths))
         return ctc_loss(scores.float().log_softmax(-1), targets, lengths)
 
@@ -115,10 +115,9 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tens
     """CTC's loss per character (class 0 is the blank), averaged over the lines that have a transcript and fit in
     the steps; log_probs [batch, steps, classes], targets [batch, width] padded, lengths [batch]. The values of
     `nn.functional.ctc_loss(..., zero_infinity=True)` on those lines (and its gradients at the logits of a
-    log_softmax), computed on the device without
-    waiting on it (PyTorch's CUDA kernel copies offsets from host memory with a blocking copy in forward and in
-    backward) and with a hand-written backward: autograd through the per-step recursion cost the host more than
-    the step's GPU work (bench/BENCHMARKS.md)."""
+    log_softmax), computed on the device without waiting on it (PyTorch's CUDA kernel copies offsets from host
+    memory with a blocking copy in forward and in backward) and with a hand-written backward: autograd through the
+    per-step recursion cost the host more than the step's GPU work (bench/BENCHMARKS.md)."""
     return _CTC.apply(log_probs, targets, lengths)
 
 

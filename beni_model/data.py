@@ -1,11 +1,12 @@
 """Training batches from the length-sorted WebDataset shards written by `training_shards`.
 
 Each rank reads its own shards (the shard order is shuffled per epoch from the seed, then dealt out
-round-robin); batches are cut from consecutive samples of one shard, so lengths inside a batch are close and
-padding stays small, and the batch order is shuffled inside windows of `window` batches. Every rank reads
-the modality of micro-step n (image+text or text-only) from the same seeded schedule, so no rank runs the
-connector while another skips it. Images are decoded and resized in DataLoader workers: worker w builds
-micro-steps n with n % workers == w, and the DataLoader hands them back in order.
+round-robin); batches are cut from consecutive samples (a shard's last ones completed by the next shard's
+first), so lengths inside a batch are close, padding stays small and every batch but an epoch's last is full;
+the batch order is shuffled inside windows of `window` batches. Every rank reads the modality of micro-step n
+(image+text or text-only) from the same seeded schedule, so no rank runs the connector while another skips it.
+Images are decoded and resized in DataLoader workers: worker w builds micro-steps n with n % workers == w, and
+the DataLoader hands them back in order.
 
 A stream is a pure function of (seed, rank, world size, position): `DataPosition` is all a checkpoint needs
 to resume the exact batch sequence. Streams never end (epochs roll over), so ranks never run out at
@@ -96,28 +97,27 @@ def sample_modality(sample: dict) -> str:
     return "image" if any(ext in sample for ext in IMAGE_EXTS) else "text"
 
 
-def shard_batches(path: Path, settings: DataSettings, rng: np.random.Generator, keep: set[str]):
-    """Batches of consecutive same-modality samples of one shard, order shuffled within windows."""
+def epoch_batches(paths: list[Path], settings: DataSettings, epoch: int, rank: int, keep: set[str]):
+    """(modality, samples) batches of one epoch over this rank's `paths`, in order: consecutive same-modality samples,
+    so lengths inside a batch stay close. A shard's last samples join the next shard's first, so every batch but the
+    epoch's last of each modality is full (under cuda_graphs each batch shape costs a capture). The batch order is
+    shuffled within windows of `window` batches."""
     pending = {"image": [], "text": []}
-    window = []
-
-    def flush(force: bool):
-        if window and (force or len(window) >= settings.window):
-            for i in rng.permutation(len(window)):
-                yield window[i]
-            window.clear()
-
-    for sample in read_samples(path):
-        modality = sample_modality(sample)
-        if modality not in keep:
-            continue
-        pending[modality].append(sample)
-        if len(pending[modality]) == settings.batch_size:
-            window.append((modality, pending[modality]))
-            pending[modality] = []
-            yield from flush(False)
-    window += [(m, samples) for m, samples in pending.items() if samples]
-    yield from flush(True)
+    for k, path in enumerate(paths):
+        rng, window = np.random.default_rng([settings.seed, epoch, rank, k]), []
+        for sample in read_samples(path):
+            modality = sample_modality(sample)
+            if modality not in keep:
+                continue
+            pending[modality].append(sample)
+            if len(pending[modality]) == settings.batch_size:
+                window.append((modality, pending[modality]))
+                pending[modality] = []
+                if len(window) == settings.window:
+                    yield from (window[i] for i in rng.permutation(len(window)))
+                    window = []
+        yield from (window[i] for i in rng.permutation(len(window)))
+    yield from ((m, samples) for m, samples in pending.items() if samples)
 
 
 def raw_stream(settings: DataSettings, rank: int, world_size: int, position: DataPosition):
@@ -127,12 +127,7 @@ def raw_stream(settings: DataSettings, rank: int, world_size: int, position: Dat
     epoch, epoch_start = position.epoch, position.epoch_start
     while True:
         step, fifo, produced = epoch_start, {"image": deque(), "text": deque()}, set()
-        batches = (
-            batch
-            for k, path in enumerate(rank_shards(paths, settings.seed, epoch, rank, world_size))
-            for batch in shard_batches(path, settings, np.random.default_rng([settings.seed, epoch, rank, k]), keep)
-        )
-        for modality, samples in batches:
+        for modality, samples in epoch_batches(rank_shards(paths, settings.seed, epoch, rank, world_size), settings, epoch, rank, keep):
             fifo[modality].append(samples)
             produced.add(modality)
             # Serve every micro-step whose modality is now available; the rest wait for more batches.

@@ -80,17 +80,21 @@ def test_ranks_read_disjoint_shards_in_a_per_epoch_order(tmp_path):
         rank_shards(paths[:1], 0, 0, 0, 2)
 
 
-def test_batches_stay_within_a_shard_and_every_sample_comes_once_per_epoch(tmp_path):
-    shards = write_toy_shards(tmp_path, samples=48, per_shard=12)
+def test_batches_are_full_cut_from_consecutive_shards_and_every_sample_comes_once_per_epoch(tmp_path):
+    shards = write_toy_shards(tmp_path, samples=42, per_shard=7)  # 3 shards of 7 per rank: 5 batches of 4, then 1
     members = {}
     for path in shard_paths(shards):
         with tarfile.open(path) as tar:
             members[path.name] = {m.name.split(".")[0] for m in tar.getmembers()}
     seen = []
     for rank in range(2):
-        for _, _, keys_ in keys(raw_stream(settings(shards), rank, 2, DataPosition()), 6):  # 2 shards x 3 batches
-            assert any(set(keys_) <= m for m in members.values())
-            seen += keys_
+        order = [p.name for p in rank_shards(shard_paths(shards), 0, 0, rank, 2)]
+        batches = [keys_ for _, _, keys_ in keys(raw_stream(settings(shards), rank, 2, DataPosition()), 6)]
+        assert [len(b) for b in batches] == [4] * 5 + [1]
+        for batch in batches:
+            used = [order.index(name) for name, m in members.items() if set(batch) & m]
+            assert max(used) - min(used) <= 1  # within one shard, or the end of one and the start of the next
+        seen += [key for batch in batches for key in batch]
     assert sorted(seen) == sorted(set().union(*members.values()))
 
 

@@ -94,7 +94,7 @@ class TrainConfig:
     reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
-    cuda_graphs: bool = False  # with compile, one process on a GPU: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens
+    cuda_graphs: bool = False  # with compile: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens; one process only (off under FSDP, as the log says)
     device: str = "auto"  # auto, cuda or cpu
     workers: int = 2  # DataLoader workers per process
     save_every: int = 200
@@ -570,7 +570,8 @@ def train(config: TrainConfig) -> dict:
     tokenizer = load_tokenizer(config.init_from or config.text_model)
     model = build_model(config, tokenizer)
     beni_config = beni_of(model).config
-    model = shard(model, device, world_size, config.compile, config.cuda_graphs)
+    graphs = config.cuda_graphs and world_size == 1  # a recipe's graphs, off where FSDP's collectives run between the blocks
+    model = shard(model, device, world_size, config.compile, graphs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -583,6 +584,8 @@ def train(config: TrainConfig) -> dict:
         reporter.info(
             f"{'resuming from ' + latest.name if latest else 'starting'} at step {step} of {config.max_steps} on {world_size} x {device.type}"
         )
+        if config.cuda_graphs and not graphs:
+            reporter.info(f"cuda_graphs off: they need one process, and this run has {world_size} (FSDP)")
 
     settings = DataSettings(
         shards=config.shards,
@@ -592,7 +595,7 @@ def train(config: TrainConfig) -> dict:
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
-        pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if config.cuda_graphs else 1,
+        pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if graphs else 1,
         reading=config.reads,
         seed=config.seed,
     )
@@ -632,7 +635,7 @@ def train(config: TrainConfig) -> dict:
     while step < config.max_steps:
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.grad_accum)]
-        if config.cuda_graphs:
+        if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(
             model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight, config.stage == "encoder"

@@ -300,16 +300,19 @@ def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
 
 
 def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
-    """The recipe's order, with the head's transcript handed to the LLM as tokens."""
+    """The recipe's order, with the head's transcript handed to the LLM as tokens, and the recipe's compiled blocks and
+    CUDA graphs, which FSDP's two processes turn off."""
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
+    recipe = {"compile": True, "cuda_graphs": True}
     stages = {
-        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True),
+        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True, **recipe),
         "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0), "init_from": str(tmp_path / "encoder" / "final")},
     }
     for name, config in stages.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "warmup_steps": 2, "save_every": 12, "workers": 0}))
         run = subprocess.run(torchrun_command(tmp_path / f"{name}.json", 2), check=False, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert ("cuda_graphs off: they need one process, and this run has 2 (FSDP)" in run.stdout) == (name == "encoder")
     read = rows(tmp_path / "encoder")
     assert all(r["loss"] == r["reading_loss"] and r["tokens_per_s"] == 0 for r in read)  # the LLM never ran
     assert sum(r["loss"] for r in read[-3:]) < sum(r["loss"] for r in read[:3]) / 2

@@ -1,11 +1,12 @@
 """The default GPU recipe end to end: generate the corpus, prepare it with the data assets' own functions, train
 the recipe's stages under torchrun, score every stage's model on the held-out OCRBench-style set.
 
-    python bench/ocr_recipe.py prepare  --data /tmp/ocr --samples 150000   # corpus -> manifest -> downloads -> dedup -> shards
+    python bench/ocr_recipe.py prepare  --data /tmp/ocr --samples 120000   # corpus -> manifest -> downloads -> dedup -> shards
     python bench/ocr_recipe.py train    --data /tmp/ocr                    # the recipe's stages, one after another
     python bench/ocr_recipe.py evaluate --data /tmp/ocr                    # results.md + results.json in --data
 
-`--override '{"finetune": {"max_steps": 1500}}'` changes a stage's fields for train and evaluate alike (ablations).
+`--override '{"finetune": {"max_steps": 1500}}'` changes a stage's fields for train and evaluate alike (ablations);
+`--stages finetune` trains or evaluates that stage alone, from the stage before it as already trained under --data.
 
 Each step returns at once when its output is complete (the corpus, downloads and stages resume), so a run cut
 off by a machine's time limit continues where it stopped. On a CPU machine `--recipe tiny --samples 300` runs
@@ -110,10 +111,15 @@ def prepare(args) -> None:
 
 
 def train(args) -> None:
-    root, previous, times = args.data, None, {}
+    root, previous = args.data, None
+    record = root / "train.json"  # stages trained alone keep the times of those trained before
+    times = json.loads(record.read_text())["seconds"] if args.stages and record.is_file() else {}
     for stage in stages(args):
         name = stage.pop("name")
         out = root / "training" / name
+        if args.stages and name not in args.stages:
+            previous = out / "final"
+            continue
         config = TrainConfig(shards=str(root / "shards"), output_dir=str(out), **stage)
         config.init_from = str(previous) if previous else None
         config.validate()
@@ -123,7 +129,7 @@ def train(args) -> None:
         log(f"stage {name}: {config.max_steps} steps of {config.batch_size}")
         timed(times, name, subprocess.run, torchrun_command(path, args.processes), check=True)
         previous = out / "final"
-    (root / "train.json").write_text(json.dumps({"seconds": times, "total_seconds": round(sum(times.values()), 1)}, indent=1))
+    record.write_text(json.dumps({"seconds": times, "total_seconds": round(sum(times.values()), 1)}, indent=1))
 
 
 def evaluate_stages(args) -> None:
@@ -187,7 +193,7 @@ def main() -> None:
     parser.add_argument("step", choices=["prepare", "train", "evaluate"])
     parser.add_argument("--data", type=Path, default=Path("bench/out/ocr"))
     parser.add_argument("--recipe", default="smollm2-siglip", choices=sorted(RECIPES))
-    parser.add_argument("--samples", type=int, default=150_000)
+    parser.add_argument("--samples", type=int, default=120_000)
     parser.add_argument("--chunk-size", type=int, default=10_000, help="manifest rows per download chunk")
     parser.add_argument("--tokenizer", help="folder of the recipe's LLM tokenizer and config (default: the recipe's LLM)")
     parser.add_argument("--override", default="{}", help='stage fields to change, e.g. \'{"finetune": {"max_steps": 3000}}\'')
@@ -195,7 +201,7 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="eval batch size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stages", nargs="*", help="evaluate only these stages (default: every stage)")
+    parser.add_argument("--stages", nargs="*", help="train or evaluate only these stages (default: every stage); a stage trained alone starts from the final model of the stage before it")
     args = parser.parse_args()
     {"prepare": prepare, "train": train, "evaluate": evaluate_stages}[args.step](args)
 

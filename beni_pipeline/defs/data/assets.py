@@ -30,7 +30,7 @@ from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
-GPU_CORPUS_SAMPLES = 150_000
+GPU_CORPUS_SAMPLES = 120_000
 
 
 class SourceManifestConfig(Config, SourceSettings):

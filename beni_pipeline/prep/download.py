@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 
-from beni_pipeline.prep.fetch import DownloadSettings
 from beni_pipeline.prep.files import write_parquet_atomic
+from beni_pipeline.prep.images import ImageFormat, ResizeMode
 
 log = logging.getLogger("beni.download")
 
@@ -44,6 +45,29 @@ INDEX_SCHEMA = pa.schema(
         ("ext", pa.string()),
     ]
 )
+
+
+class DownloadSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True)
+
+    workers: int = pydantic.Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    concurrency: int = pydantic.Field(64, ge=1, description="requests in flight per worker")
+    per_host: int = pydantic.Field(16, ge=1, description="requests in flight per host per worker")
+    connect_timeout: float = pydantic.Field(10.0, gt=0)
+    read_timeout: float = pydantic.Field(20.0, gt=0)
+    retries: int = pydantic.Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
+    backoff: float = pydantic.Field(0.5, ge=0, description="first retry delay in seconds, doubled each retry")
+    max_redirects: int = pydantic.Field(5, ge=0)
+    max_bytes: int = pydantic.Field(32 * 2**20, ge=1)
+    max_pixels: int = pydantic.Field(64_000_000, ge=1, description="decompression-bomb bound")
+    min_side: int = pydantic.Field(16, ge=1)
+    resize_mode: ResizeMode = "longest_edge"
+    image_size: int = pydantic.Field(512, ge=8)
+    image_format: ImageFormat = "jpg"
+    quality: int = pydantic.Field(90, ge=1, le=100)
+    schemes: list[str] = pydantic.Field(["http", "https", "file"], description="allowed URL schemes")
+    part_size: int = pydantic.Field(256, ge=1, description="rows per committed part (the resume step)")
+
 
 @dataclass(frozen=True)
 class DownloadSummary:

@@ -3,8 +3,8 @@
 It reads its job (rows, settings, part prefix) as JSON on stdin, fetches and re-encodes every row, and commits
 results in parts of `part_size` rows: it renames the part's tar into place, then prints the part's index rows as
 one JSON line for the parent, which writes the part's parquet last. Images are decoded and re-encoded on the loop:
-handing them to threads cost more CPU than it saved (bench/BENCHMARKS.md). The worker imports no pyarrow, a
-worker's biggest start-up cost (~0.25 s of CPU).
+handing them to threads cost more CPU than it saved (bench/BENCHMARKS.md). The worker imports no pyarrow (~0.25 s
+of CPU) and no pydantic (~70 ms): the parent checks the settings.
 """
 
 import asyncio
@@ -21,39 +21,21 @@ import traceback
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import httpx
-import pydantic
 import uvloop
 from httpx_aiohttp import HttpxAiohttpClient
 
-from beni_pipeline.prep.images import ImageFormat, ImageRejected, ProcessedImage, ResizeMode, process_image
+from beni_pipeline.prep.images import ImageRejected, ProcessedImage, process_image
+
+if TYPE_CHECKING:
+    from beni_pipeline.prep.download import DownloadSettings
 
 log = logging.getLogger("beni.download")
 
 MAX_RETRY_AFTER_S = 60.0  # a server asking for longer is treated as failing, not waited on
-
-
-class DownloadSettings(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(frozen=True)
-
-    workers: int = pydantic.Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    concurrency: int = pydantic.Field(64, ge=1, description="requests in flight per worker")
-    per_host: int = pydantic.Field(16, ge=1, description="requests in flight per host per worker")
-    connect_timeout: float = pydantic.Field(10.0, gt=0)
-    read_timeout: float = pydantic.Field(20.0, gt=0)
-    retries: int = pydantic.Field(3, ge=0, description="retries on connection errors, timeouts, 429 and 5xx")
-    backoff: float = pydantic.Field(0.5, ge=0, description="first retry delay in seconds, doubled each retry")
-    max_redirects: int = pydantic.Field(5, ge=0)
-    max_bytes: int = pydantic.Field(32 * 2**20, ge=1)
-    max_pixels: int = pydantic.Field(64_000_000, ge=1, description="decompression-bomb bound")
-    min_side: int = pydantic.Field(16, ge=1)
-    resize_mode: ResizeMode = "longest_edge"
-    image_size: int = pydantic.Field(512, ge=8)
-    image_format: ImageFormat = "jpg"
-    quality: int = pydantic.Field(90, ge=1, le=100)
-    schemes: list[str] = pydantic.Field(["http", "https", "file"], description="allowed URL schemes")
-    part_size: int = pydantic.Field(256, ge=1, description="rows per committed part (the resume step)")
 
 
 class _Failed(Exception):
@@ -70,8 +52,9 @@ class _Retry(Exception):
 
 def main() -> None:
     job = json.loads(sys.stdin.read())
+    settings = SimpleNamespace(**job["settings"])  # validated by the parent: pydantic's import would cost ~70 ms of CPU here
     try:
-        uvloop.run(_fetch_all(job["todo"], Path(job["out_dir"]), DownloadSettings(**job["settings"]), job["prefix"], job["parent"]))
+        uvloop.run(_fetch_all(job["todo"], Path(job["out_dir"]), settings, job["prefix"], job["parent"]))
         _say({"finished": True})
     except BaseException:
         _say({"error": traceback.format_exc()})
@@ -83,7 +66,7 @@ def _say(message: dict) -> None:
     print(json.dumps(message), flush=True)
 
 
-async def _fetch_all(todo, out_dir: Path, s: DownloadSettings, prefix: str, parent: int) -> None:
+async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, parent: int) -> None:
     writer = _PartWriter(out_dir, prefix, s)
     hosts: dict[str, _Host] = {}
     # httpx on aiohttp's transport costs about half the CPU per request of httpx's own (bench/BENCHMARKS.md).
@@ -150,7 +133,7 @@ class _Host:
             await asyncio.sleep(delay)
 
 
-async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: DownloadSettings) -> tuple[bytes, int]:
+async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: "DownloadSettings") -> tuple[bytes, int]:
     for attempt in range(s.retries + 1):
         try:
             async with host.slots:
@@ -222,7 +205,7 @@ def _read_local(url: str, max_bytes: int) -> bytes:
         raise _Failed("unreadable_file") from None
 
 
-def _process(data: bytes, s: DownloadSettings) -> ProcessedImage:
+def _process(data: bytes, s: "DownloadSettings") -> ProcessedImage:
     try:
         return process_image(
             data,
@@ -243,7 +226,7 @@ def _process(data: bytes, s: DownloadSettings) -> ProcessedImage:
 class _PartWriter:
     """Collects results into `<prefix>-<seq>.tar` + `.parquet` parts, committed every `part_size` rows."""
 
-    def __init__(self, out_dir: Path, prefix: str, s: DownloadSettings):
+    def __init__(self, out_dir: Path, prefix: str, s: "DownloadSettings"):
         self.out_dir, self.prefix, self.part_size, self.ext = out_dir, prefix, s.part_size, s.image_format
         self.seq, self.rows, self.tar, self.file = 0, [], None, None
 

@@ -57,6 +57,21 @@ def vision_encoder_from_pretrained(vision_model: str, vision_config: PretrainedC
     return encoder_class.from_pretrained(vision_model, config=vision_config, **kwargs)
 
 
+class ReadingHead(nn.Module):
+    """Reads each column of the patch grid [batch, rows, columns, dim] as READS_PER_COLUMN characters or blanks:
+    an attention pool down the column (a learned score per patch, softmax over the rows) picks the rows the text
+    is on, then a linear layer classifies. The scores start at zero, so the pool starts as the column mean."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.pool = nn.Parameter(torch.zeros(hidden_size))
+        self.classify = nn.Linear(hidden_size, READS_PER_COLUMN * (1 + len(READING_ALPHABET)))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        weights = (grid @ self.pool.to(grid.dtype)).softmax(1)
+        return self.classify((weights.unsqueeze(-1) * grid).sum(1))
+
+
 class VisionTower(nn.Module):
     """Runs the encoder, picks `vision_feature_layer`, drops the CLS/register tokens unless `keep_cls`."""
 
@@ -70,7 +85,7 @@ class VisionTower(nn.Module):
         self.takes_interpolate_flag = "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters
         self.num_prefix_tokens = config.num_prefix_tokens if config.keep_cls else 0
         if config.reading_head:
-            self.reading_head = nn.Linear(config.vision_config.hidden_size, READS_PER_COLUMN * (1 + len(READING_ALPHABET)))
+            self.reading_head = ReadingHead(config.vision_config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
@@ -90,15 +105,15 @@ class VisionTower(nn.Module):
         patches = features[:, self.num_prefix_tokens :]
         batch, n, dim = patches.shape
         grid = math.isqrt(n)
-        return self.reading_head(patches.reshape(batch, grid, grid, dim).mean(1)).view(batch, grid * READS_PER_COLUMN, -1)
+        return self.reading_head(patches.reshape(batch, grid, grid, dim)).view(batch, grid * READS_PER_COLUMN, -1)
 
     def read(self, pixel_values: torch.Tensor) -> list[str]:
         """The reading head's greedy transcript of each image."""
         return greedy_transcripts(self.reading_scores(self(pixel_values)))
 
     def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """CTC loss of the reading head, as text recognisers train: each column of the patch grid (the mean of its
-        rows) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width] holds each image's
+        """CTC loss of the reading head, as text recognisers train: each column of the patch grid (pooled over its
+        rows, see ReadingHead) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width] holds each image's
         class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length 0 have no transcript.
         The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
         alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""

@@ -213,7 +213,7 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
 
 def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_path):
     model, tokenizer = build(reading_head=True)
-    head = model.vision_tower.reading_head
+    head = model.vision_tower.reading_head.classify
     with torch.no_grad():  # every column reads "1", then a blank: the head's transcript is "1111" (4 columns)
         head.weight.zero_()
         bias = head.bias.view(READS_PER_COLUMN, -1)

@@ -10,7 +10,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import READING_ALPHABET, READS_PER_COLUMN, ConvStem, conv_stem_flops, ctc_loss, reading_classes, reading_targets
+from beni_model.vision import (
+    READING_ALPHABET,
+    READS_PER_COLUMN,
+    ConvStem,
+    ReadingHead,
+    conv_stem_flops,
+    ctc_loss,
+    reading_classes,
+    reading_targets,
+)
 from tests.model.conftest import VISION, images
 
 TWO_IMAGES = [
@@ -228,7 +237,7 @@ def test_reading_loss_comes_with_the_llm_loss_and_skips_lines_without_transcript
     out = model(**batch, pixel_values=images(2), **kwargs)
     assert out.loss is not None and out.reading_loss > 0
     out.reading_loss.backward()
-    assert model.vision_tower.reading_head.weight.grad.abs().sum() > 0
+    assert model.vision_tower.reading_head.classify.weight.grad.abs().sum() > 0
     assert model(**batch, pixel_values=images(2)).reading_loss is None
     assert model(**batch, pixel_values=images(2), **dict(zip(("reading_targets", "reading_lengths"), reading_targets([None, None])))).reading_loss == 0
     assert reading_classes("é") == reading_classes(None) == []
@@ -240,8 +249,8 @@ def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddin
     assert model.config.num_image_tokens() == grid * grid + grid * READS_PER_COLUMN
     batch = batch_for(model, tokenizer, [TWO_IMAGES])
     model(**batch, pixel_values=images(2)).loss.backward()  # the answer's loss reaches the head and the blank
-    assert model.vision_tower.reading_head.weight.grad.abs().sum() > 0 and model.connector.reading_blank.grad.abs().sum() > 0
-    head = model.vision_tower.reading_head
+    assert model.vision_tower.reading_head.classify.weight.grad.abs().sum() > 0 and model.connector.reading_blank.grad.abs().sum() > 0
+    head = model.vision_tower.reading_head.classify
     with torch.no_grad():  # a head sure that every read is "a": its tokens are the LLM's embedding of "a"
         head.weight.zero_()
         head.bias.fill_(-30).view(READS_PER_COLUMN, -1)[:, 1 + READING_ALPHABET.index("a")] = 30
@@ -253,6 +262,18 @@ def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddin
         torch.testing.assert_close(reloaded(**batch, pixel_values=images(2)).logits, model(**batch, pixel_values=images(2)).logits)
     with pytest.raises(ValueError, match="set reading_head=True too"):
         BeniConfig(**{**model.config.to_dict(), "reading_head": False})
+
+
+def test_the_reading_head_starts_as_the_column_mean_and_learns_to_read_the_rows_the_text_is_on(build):
+    model, _ = build("siglip", "llama", "mlp2x_gelu", reading_head=True)
+    head = model.vision_tower.reading_head
+    assert isinstance(head, ReadingHead) and not head.pool.any()  # transformers' weight init leaves the pool at zero
+    grid = torch.randn(2, 4, 4, head.pool.shape[0])
+    with torch.no_grad():
+        torch.testing.assert_close(head(grid), head.classify(grid.mean(1)))
+        grid[:, 2, :, 0] = 10.0  # the text's row stands out along one direction, which the pool learns to score
+        head.pool.zero_()[0] = 5.0
+        torch.testing.assert_close(head(grid), head.classify(grid[:, 2]), atol=1e-3, rtol=1e-3)
 
 
 def test_lines_too_long_for_the_head_are_left_out_of_the_reading_loss(build):

@@ -321,6 +321,6 @@ def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torch
     first = next(r for r in finetune if r["modality"] == "image")
     assert first["reading_loss"] < read[0]["reading_loss"] / 2  # the head came over from the encoder stage
     model = BeniForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
-    assert model.config.reading_head and model.vision_tower.reading_head.weight.abs().sum() > 0
+    assert model.config.reading_head and model.vision_tower.reading_head.classify.weight.abs().sum() > 0
     encoder = BeniForConditionalGeneration.from_pretrained(tmp_path / "encoder" / "final")
     assert model.config.reading_tokens and not torch.equal(model.connector.reading_blank, encoder.connector.reading_blank)

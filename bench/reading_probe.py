@@ -4,7 +4,7 @@ scratch) learns to answer the string of `--chars` printed characters on an image
 
 - `lm`: the LLM's loss on the answer only, as the recipe trains;
 - `ctc`: plus the vision tower's reading loss (`VisionTower.reading_loss`: CTC from a linear head on the encoder's
-  16 column means, read left to right as text recognisers are trained), which ties each character to its place;
+  16 columns, read left to right as text recognisers are trained), which ties each character to its place;
 - `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
   the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen;
 - `read_first`: the trainer's encoder stage first (`--read-steps` of the reading loss alone, the LLM not run), then
@@ -14,7 +14,7 @@ scratch) learns to answer the string of `--chars` printed characters on an image
 - `tokens_collapsed`: `tokens` with CTC's collapse applied to the soft tokens: a read's character counts only where
   the read before it is not the same character, so a glyph spread over several reads is handed over once;
 - `lines_whole` / `lines_banded`: two lines of `--chars` glyphs per image (top and bottom half), answered as one
-  string, on `read_first`'s schedule: the head reads the column means of the whole image (as the library's head
+  string, on `read_first`'s schedule: the head reads the columns of the whole image (as the library's head
   does) against both lines' transcript, or of each line's half against that line's (a reading loss per text line,
   as documents would need); no reading tokens.
 
@@ -63,9 +63,8 @@ def render(task: tuple[str, int, int]) -> tuple[str, np.ndarray]:
 
 def band_reading(model: BeniForConditionalGeneration, features: torch.Tensor, lines: int) -> torch.Tensor:
     """The reading head's scores for each line's band of patch rows: [lines, images, reads, classes]."""
-    patches = features.reshape(len(features), GRID, GRID, -1)
-    bands = patches.reshape(len(features), lines, GRID // lines, GRID, -1).mean(2).transpose(0, 1)
-    return model.vision_tower.reading_head(bands).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
+    bands = features.reshape(len(features), lines, GRID // lines, GRID, -1)
+    return torch.stack([model.vision_tower.reading_head(bands[:, i]) for i in range(lines)]).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
 
 
 

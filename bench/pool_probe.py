@@ -49,11 +49,8 @@ def lines(seed: int, count: int, pool) -> list[tuple[str, str, np.ndarray]]:
 
 def corpus_lines(samples: int, cache: Path) -> tuple[list, list]:
     """The training and held-out lines, rendered once and kept in `cache` (an .npz) for the other variant's run."""
-    if cache.is_file():
-        data = np.load(cache)
-        train, test = ([(str(k), str(t), im) for k, t, im in zip(data[f"{s}_kinds"], data[f"{s}_texts"], data[f"{s}_images"])] for s in ("train", "test"))
-        if len(data["train_kinds"]) and int(data["samples"]) == samples:
-            return train, test
+    if cache.is_file() and int((data := np.load(cache))["samples"]) == samples:
+        return tuple([(str(k), str(t), im) for k, t, im in zip(data[f"{s}_kinds"], data[f"{s}_texts"], data[f"{s}_images"])] for s in ("train", "test"))
     with multiprocessing.get_context("spawn").Pool() as pool:
         train, test = lines(0, samples, pool), lines(1, 500, pool)[:300]
     cache.parent.mkdir(parents=True, exist_ok=True)

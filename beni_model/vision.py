@@ -113,8 +113,9 @@ class VisionTower(nn.Module):
 
     def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CTC loss of the reading head, as text recognisers train: each column of the patch grid (pooled over its
-        rows, see ReadingHead) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width] holds each image's
-        class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length 0 have no transcript.
+        rows, see ReadingHead) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width]
+        holds each image's class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length 0
+        have no transcript.
         The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
         alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
         scores = self.reading_scores(features)

@@ -264,14 +264,14 @@ def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddin
         BeniConfig(**{**model.config.to_dict(), "reading_head": False})
 
 
-def test_the_reading_head_starts_as_the_column_mean_and_learns_to_read_the_rows_the_text_is_on(build):
+def test_the_reading_head_starts_as_the_column_mean_and_reads_the_rows_its_pool_scores(build):
     model, _ = build("siglip", "llama", "mlp2x_gelu", reading_head=True)
     head = model.vision_tower.reading_head
     assert isinstance(head, ReadingHead) and not head.pool.any()  # transformers' weight init leaves the pool at zero
     grid = torch.randn(2, 4, 4, head.pool.shape[0])
     with torch.no_grad():
         torch.testing.assert_close(head(grid), head.classify(grid.mean(1)))
-        grid[:, 2, :, 0] = 10.0  # the text's row stands out along one direction, which the pool learns to score
+        grid[:, 2, :, 0] = 10.0  # the text's row stands out along one direction, which this pool scores
         head.pool.zero_()[0] = 5.0
         torch.testing.assert_close(head(grid), head.classify(grid[:, 2]), atol=1e-3, rtol=1e-3)
 

@@ -58,6 +58,7 @@ class DataSettings:
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
     pad_to_multiple_of: int = 1  # rows this many tokens wide: few batch shapes, so few CUDA graph captures
     reading: bool = False  # image batches carry the transcripts' classes for the reading head (reading_targets)
+    spell: bool = False  # replies that are the image's transcript train one token per character (chat.build_example)
     seed: int = 0
 
 
@@ -180,7 +181,10 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
-        example = build_example(conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length)
+        spell = meta.get("transcript") if settings.spell and image is not None else None
+        example = build_example(
+            conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length, spell=spell
+        )
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:

@@ -597,6 +597,7 @@ def train(config: TrainConfig) -> dict:
         pack=config.pack,
         pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if graphs else 1,
         reading=config.reads,
+        spell=beni_config.reading_tokens,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))

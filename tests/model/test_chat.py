@@ -75,6 +75,24 @@ def test_several_images_in_one_turn_and_across_turns(chatml):
     assert trained_text(chatml, example) == "The first is red.<|im_end|>\nIt is blue.<|im_end|>\n"
 
 
+def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(chatml):
+    conversation = IMAGE_IN_SECOND_TURN
+    whole = build_example(conversation, chatml, N)
+    spelled = build_example(conversation, chatml, N, spell="hello world")
+    trained = [t for t, label in zip(spelled.input_ids, spelled.labels) if label != IGNORE_INDEX]
+    characters = [chatml.encode(c, add_special_tokens=False)[0] for c in "hello world"]
+    assert trained[: len(characters)] == characters  # the corpus tokenizer has a token for "hello": not used here
+    assert len(whole.input_ids) < len(spelled.input_ids)
+    assert trained_text(chatml, spelled) == trained_text(chatml, whole) == "hello world<|im_end|>\nThe sign says open.<|im_end|>\n"
+    assert chatml.decode(spelled.input_ids) == chatml.decode(whole.input_ids)
+    # Everything but the transcript's reply tokenizes as it does unspelled.
+    first = spelled.labels.index(characters[0])
+    word_tokens = len(chatml.encode("hello world", add_special_tokens=False))
+    assert spelled.input_ids[:first] == whole.input_ids[:first]
+    assert spelled.input_ids[first + len(characters) :] == whole.input_ids[first + word_tokens :]
+    assert build_example(conversation, chatml, N, spell="not in the conversation").input_ids == whole.input_ids
+
+
 def test_fallback_template_for_tokenizers_without_one(base):
     example = build_example(IMAGE_IN_SECOND_TURN, base, N)
     eos = base.eos_token

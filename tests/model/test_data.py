@@ -23,10 +23,12 @@ from beni_model.vision import reading_classes
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
-def write_toy_shards(root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32) -> Path:
+def write_toy_shards(
+    root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32, bare_names: bool = False
+) -> Path:
     """Shards in the training_shards format for a learnable task: a solid-colour image captioned with its colour
-    name (every `text_every`-th sample text-only), every other image with the name as its transcript; sorted by
-    length, as the real writer does."""
+    name (every `text_every`-th sample text-only), every other image with the name as its transcript (and, with
+    `bare_names`, as its whole caption); sorted by length, as the real writer does."""
     root.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
     rows = []
@@ -34,6 +36,8 @@ def write_toy_shards(root: Path, samples: int = 96, per_shard: int = 24, text_ev
         colour = names[i % len(names)]
         text_only = text_every and i % text_every == 0
         caption = f"a {colour} square" if not text_only else f"the word {colour} repeated: {' '.join([colour] * (i % 5 + 1))}"
+        if bare_names and not text_only and i % 2 == 0:
+            caption = colour
         rows.append((len(caption) + (0 if text_only else 16), f"s{i:05d}", caption, None if text_only else colour, i % 2 == 0))
     rows.sort()
     entries = []
@@ -168,3 +172,25 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
         assert [row[: len(line)] for row, line in zip(batch["reading_targets"].tolist(), lines)] == [reading_classes(line) for line in lines]
         assert batch["reading_targets"].shape[1] == max(map(len, lines)) and batch["reading_targets"].sum() == sum(map(sum, map(reading_classes, lines)))
     assert 0 < sum(int((b["reading_lengths"] > 0).sum()) for b in batches) < sum(len(b["reading_lengths"]) for b in batches)
+
+
+def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokenizer):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=24, bare_names=True)
+    whole, spelled = (
+        [b for b, _ in zip(make_loader(settings(shards, spell=spell), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+        for spell in (False, True)
+    )
+    characters = {colour: [tokenizer.encode(c, add_special_tokens=False)[0] for c in colour] for colour in COLOURS}
+    seen = 0
+    for a, b in zip(whole, spelled):
+        for row_a, row_b, labels_a, labels_b in zip(a["input_ids"], b["input_ids"], a["labels"], b["labels"]):
+            text = tokenizer.decode(row_a[labels_a != IGNORE_INDEX])
+            assert tokenizer.decode(row_b[labels_b != IGNORE_INDEX]) == text
+            trained = labels_b[labels_b != IGNORE_INDEX].tolist()
+            colour = text.removesuffix("<|im_end|>\n")
+            if colour in COLOURS:
+                assert trained[: len(colour)] == characters[colour]
+                seen += 1
+            else:
+                assert trained == labels_a[labels_a != IGNORE_INDEX].tolist()
+    assert seen == 24  # every transcribed image of the epoch

@@ -94,10 +94,11 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     Through the LLM's loss alone a ViT trained from scratch learns which letters an image holds but not where they
     sit, and four scored runs read nothing (bench/BENCHMARKS.md). So the encoder stage first trains the vision
     tower alone on the reading loss (a CTC head on its columns, each pooled over the rows its text is on, on the
-    transcripts of the corpus's one-line images), without running the LLM; then everything trains together with that loss kept on. The head's soft transcript also
-    reaches the LLM as tokens in its own character embeddings (`reading_tokens`), for it to copy. Each compiled block
-    is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP): 658 s of training on an H200
-    from a cold compile cache, 34% held out."""
+    transcripts of the corpus's one-line images), without running the LLM; then everything trains together with that
+    loss kept on. The head's soft transcript also reaches the LLM as tokens in its own character embeddings
+    (`reading_tokens`), and the replies that are an image's transcript train one token per character, so the LLM
+    copies the head token for token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel
+    launches; off under FSDP): about 500 s of training on an H200, 54.6% held out (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
@@ -115,7 +116,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 3000, "warmup_steps": 200},
         {
             "name": "finetune", **parts, "reading_weight": 1.0, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
-            "max_steps": 2600, "warmup_steps": 200,
+            "max_steps": 1800, "warmup_steps": 200,
         },
     ]
 

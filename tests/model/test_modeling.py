@@ -216,7 +216,7 @@ def test_reading_head_learns_the_order_of_a_line_and_reloads(parts, tmp_path):
     train, held_out = lines[:-8], lines[-8:]
     tower, rng = model.vision_tower, random.Random(0)
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
-    for _ in range(400):
+    for _ in range(700):  # the held-out reads take off at ~400-500 steps (seeds 0-2: 7, 8, 7 of 8 right at 700)
         batch = rng.sample(train, 16)
         loss = tower.reading_loss(tower(torch.stack([striped(line) for line in batch])), *reading_targets(batch))
         optimizer.zero_grad()

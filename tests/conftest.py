@@ -70,6 +70,10 @@ class FaultServer:
                     return self._send(200, b"<html><body>Not found, but 200</body></html>", "image/jpeg")
                 if path == "/loop":
                     return self._send(302, b"", "text/plain", {"Location": "/loop"})
+                if path == "/moved":
+                    return self._send(301, b"", "text/plain", {"Location": "img/0.jpg"})
+                if path == "/tofile":
+                    return self._send(302, b"", "text/plain", {"Location": "file:///etc/hostname"})
                 if path == "/truncated.jpg":
                     body = server.images["/img/2.jpg"]
                     self.send_response(200)

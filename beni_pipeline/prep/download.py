@@ -2,7 +2,7 @@
 
 Every row ends in exactly one index row: status "ok" with its image in a tar, or "failed" with a
 reason. The rows are split over worker processes (`fetch.py`), each with its own asyncio loop and httpx
-client. A worker commits its results in parts of `part_size` rows: it renames the part's tar into place,
+requests on aiohttp's transport. A worker commits its results in parts of `part_size` rows: it renames the part's tar into place,
 then sends the part's rows here, and the part's parquet is written last, so a killed run leaves only
 complete parts behind and the next run fetches just the rows they do not hold.
 """

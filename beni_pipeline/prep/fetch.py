@@ -1,4 +1,4 @@
-"""The download worker: one process of `download.download_chunk`, with its own asyncio loop and httpx client.
+"""The download worker: one process of `download.download_chunk`, with its own asyncio loop and HTTP transport.
 
 It reads its job (rows, settings, part prefix) as JSON on stdin, fetches and re-encodes every row, and commits
 results in parts of `part_size` rows: it renames the part's tar into place, then prints the part's index rows as
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 import uvloop
-from httpx_aiohttp import HttpxAiohttpClient
+from httpx_aiohttp import AiohttpTransport
 
 from beni_pipeline.prep.images import ImageRejected, ProcessedImage, process_image
 
@@ -69,14 +69,12 @@ def _say(message: dict) -> None:
 async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, parent: int) -> None:
     writer = _PartWriter(out_dir, prefix, s)
     hosts: dict[str, _Host] = {}
-    # httpx on aiohttp's transport costs about half the CPU per request of httpx's own (bench/BENCHMARKS.md).
+    # httpx requests sent straight to aiohttp's transport: about half the CPU per request of httpx's own transport,
+    # and ~30% less again without the client's layer (cookies, auth, hooks), whose one use here would be following
+    # redirects (bench/BENCHMARKS.md).
+    transport = AiohttpTransport(limits=httpx.Limits(max_connections=s.concurrency))
     # The transport hands httpx's pool timeout to aiohttp's `connect` (pool wait, DNS, connect and TLS): a connect timeout.
-    client = HttpxAiohttpClient(
-        timeout=httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout),
-        limits=httpx.Limits(max_connections=s.concurrency),
-        follow_redirects=True,
-        max_redirects=s.max_redirects,
-    )
+    timeout = httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout).as_dict()
 
     async def one(sample_id: str, url: str) -> None:
         status = 0
@@ -92,7 +90,7 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
                 data = _read_local(url, s.max_bytes)
             else:
                 host = hosts.setdefault(parts.netloc, _Host(s.per_host))
-                data, status = await _fetch(client, host, url, s)
+                data, status = await _fetch(transport, timeout, host, url, s)
             image = _process(data, s)
             writer.add(sample_id, status, len(data), image)
         except _Failed as f:
@@ -110,7 +108,7 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
         writer.commit()
     finally:
         watchdog.cancel()
-        await client.aclose()
+        await transport.aclose()
 
 
 async def _exit_with_parent(parent: int) -> None:
@@ -133,16 +131,14 @@ class _Host:
             await asyncio.sleep(delay)
 
 
-async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: "DownloadSettings") -> tuple[bytes, int]:
+async def _fetch(transport: AiohttpTransport, timeout: dict, host: _Host, url: str, s: "DownloadSettings") -> tuple[bytes, int]:
     for attempt in range(s.retries + 1):
         try:
             async with host.slots:
                 await host.wait()
-                return await _get(client, url, s.max_bytes)
+                return await _get(transport, timeout, httpx.URL(url), s)
         except _Retry as r:
             last = r
-        except httpx.TooManyRedirects:
-            raise _Failed("too_many_redirects") from None
         except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a redirect to a non-HTTP URL
             raise _Failed("invalid_url") from None
         except httpx.TransportError as e:
@@ -154,26 +150,42 @@ async def _fetch(client: httpx.AsyncClient, host: _Host, url: str, s: "DownloadS
     raise _Failed(last.reason, last.http_status)
 
 
-async def _get(client: httpx.AsyncClient, url: str, max_bytes: int) -> tuple[bytes, int]:
-    async with client.stream("GET", url) as response:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise _Retry("http_error", status, _retry_after(response.headers.get("retry-after")))
-        if status != 200:
-            raise _Failed("http_error", status)
-        if int(response.headers.get("content-length") or 0) > max_bytes:
-            raise _Failed("too_large", status)
-        body = bytearray()
+async def _get(transport: AiohttpTransport, timeout: dict, url: httpx.URL, s: "DownloadSettings") -> tuple[bytes, int]:
+    """The body of `url`, following up to `max_redirects` redirects, to http(s) URLs of an allowed scheme only."""
+    for _ in range(s.max_redirects + 1):
+        response = await transport.handle_async_request(httpx.Request("GET", url, extensions={"timeout": timeout}))
         try:
-            async for piece in response.aiter_bytes():
-                body += piece
-                if len(body) > max_bytes:
-                    raise _Failed("too_large", status)
-        except httpx.TransportError as e:
-            if _is_timeout(e):
-                raise
-            raise _Retry("truncated", status) from None
-        return bytes(body), status
+            if not (response.is_redirect and "location" in response.headers):
+                return await _read(response, s.max_bytes)
+            url = url.join(response.headers["location"])
+        finally:
+            await response.aclose()
+        if url.scheme not in ("http", "https"):
+            raise _Failed("invalid_url")
+        if url.scheme not in s.schemes:
+            raise _Failed("scheme_not_allowed")
+    raise _Failed("too_many_redirects")
+
+
+async def _read(response: httpx.Response, max_bytes: int) -> tuple[bytes, int]:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise _Retry("http_error", status, _retry_after(response.headers.get("retry-after")))
+    if status != 200:
+        raise _Failed("http_error", status)
+    if int(response.headers.get("content-length") or 0) > max_bytes:
+        raise _Failed("too_large", status)
+    body = bytearray()
+    try:
+        async for piece in response.aiter_bytes():
+            body += piece
+            if len(body) > max_bytes:
+                raise _Failed("too_large", status)
+    except httpx.TransportError as e:
+        if _is_timeout(e):
+            raise
+        raise _Retry("truncated", status) from None
+    return bytes(body), status
 
 
 def _is_timeout(e: httpx.TransportError) -> bool:

@@ -139,7 +139,7 @@ async def _fetch(transport: AiohttpTransport, timeout: dict, host: _Host, url: s
                 return await _get(transport, timeout, httpx.URL(url), s)
         except _Retry as r:
             last = r
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a redirect to a non-HTTP URL
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a Location that is no URL
             raise _Failed("invalid_url") from None
         except httpx.TransportError as e:
             last = _Retry("timeout" if _is_timeout(e) else "connection_error")

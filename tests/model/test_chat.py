@@ -76,9 +76,8 @@ def test_several_images_in_one_turn_and_across_turns(chatml):
 
 
 def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(chatml):
-    conversation = IMAGE_IN_SECOND_TURN
-    whole = build_example(conversation, chatml, N)
-    spelled = build_example(conversation, chatml, N, spell="hello world")
+    whole = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
+    spelled = build_example(IMAGE_IN_SECOND_TURN, chatml, N, spell="hello world")
     trained = [t for t, label in zip(spelled.input_ids, spelled.labels) if label != IGNORE_INDEX]
     characters = [chatml.encode(c, add_special_tokens=False)[0] for c in "hello world"]
     assert trained[: len(characters)] == characters  # the corpus tokenizer has a token for "hello": not used here
@@ -90,7 +89,7 @@ def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(cha
     word_tokens = len(chatml.encode("hello world", add_special_tokens=False))
     assert spelled.input_ids[:first] == whole.input_ids[:first]
     assert spelled.input_ids[first + len(characters) :] == whole.input_ids[first + word_tokens :]
-    assert build_example(conversation, chatml, N, spell="not in the conversation").input_ids == whole.input_ids
+    assert build_example(IMAGE_IN_SECOND_TURN, chatml, N, spell="not in the conversation").input_ids == whole.input_ids
 
 
 def test_fallback_template_for_tokenizers_without_one(base):

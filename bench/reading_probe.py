@@ -75,7 +75,7 @@ def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGenerat
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
     config = BeniConfig(
         vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG, reading_head=reading_head,
-        reading_tokens=reading_tokens, reading_token_ids=[glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET],
+        reading_tokens=reading_tokens, reading_token_ids=[glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET + "\n"],
     )
     torch.manual_seed(0)
     model = BeniForConditionalGeneration(config)

@@ -134,7 +134,7 @@ def beni_config(spec: dict, variant: str) -> BeniConfig:
         image_token_id=IMAGE_TOKEN,
         reading_head=reading,
         reading_tokens=variant == "beni-reading",
-        reading_token_ids=list(range(95)) if variant == "beni-reading" else None,
+        reading_token_ids=list(range(96)) if variant == "beni-reading" else None,
     )
 
 

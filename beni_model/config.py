@@ -9,6 +9,8 @@ from beni_model.connectors import ConnectorSpec, parse_connector
 
 READING_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space: what the reading head emits
 READS_PER_COLUMN = 2  # a column of 16 px patches may hold more than one narrow glyph
+LINE_READS_PER_COLUMN = 3  # documents' text is smaller: a 16 px column may hold three glyphs of a line
+LINE_TOKENS = 192  # LLM positions per image for the line head's collapsed transcript (a receipt's ~200 characters)
 
 # Encoders that put a CLS token before the patch tokens (DINOv2 with registers adds its register tokens).
 _CLS_ENCODERS = {"clip_vision_model", "dinov2", "dinov2_with_registers", "vit", "deit"}
@@ -43,7 +45,8 @@ class BeniConfig(PretrainedConfig):
     keep_cls: bool = False
     reading_head: bool = False  # a CTC head on the vision tower's columns, trained on transcripts (VisionTower.reading_loss)
     reading_tokens: bool = False  # each image's tokens end with the reading head's soft transcript (model.reading_embeddings)
-    reading_token_ids: list[int] | None = None  # the LLM's token for each READING_ALPHABET character, set by from_parts
+    reading_lines: bool = False  # a head that reads each row of patches as a text line (vision.LineReadingHead), trained on documents' lines; with reading_tokens its collapsed transcript follows (model.line_embeddings)
+    reading_token_ids: list[int] | None = None  # the LLM's token for each READING_ALPHABET character and the line break, set by from_parts
     image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
     image_token: str = "<image>"
     image_token_id: int | None = None  # set by chat.load_tokenizer's token when the model is built
@@ -82,7 +85,7 @@ class BeniConfig(PretrainedConfig):
         """LLM positions one image takes at `image_size` (default: the configured size)."""
         grid = (image_size or self.image_size) // self.patch_size
         prefix = self.num_prefix_tokens if self.keep_cls else 0
-        reads = grid * READS_PER_COLUMN if self.reading_tokens else 0
+        reads = grid * READS_PER_COLUMN + (LINE_TOKENS if self.reading_lines else 0) if self.reading_tokens else 0
         return self.connector_spec.num_tokens(grid * grid + prefix) + reads
 
     def validate_parts(self) -> None:
@@ -100,8 +103,8 @@ class BeniConfig(PretrainedConfig):
                 raise ValueError(f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding.")
             if self.patch_size & (self.patch_size - 1):
                 raise ValueError(f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}.")
-        if self.reading_tokens and not self.reading_head:
-            raise ValueError("reading_tokens hands the reading head's transcript to the LLM: set reading_head=True too.")
+        if (self.reading_tokens or self.reading_lines) and not self.reading_head:
+            raise ValueError("reading_tokens and reading_lines come with the reading head: set reading_head=True too.")
         layers = vision.num_hidden_layers
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last).")

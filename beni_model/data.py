@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
-from beni_model.vision import reading_targets
+from beni_model.vision import line_targets, reading_targets
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
@@ -58,6 +58,7 @@ class DataSettings:
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
     pad_to_multiple_of: int = 1  # rows this many tokens wide: few batch shapes, so few CUDA graph captures
     reading: bool = False  # image batches carry the transcripts' classes for the reading head (reading_targets)
+    line_rows: int = 0  # > 0: and documents' lines for a line head over this many rows of patches (line_targets)
     spell: bool = False  # replies that are the image's transcript train one token per character (chat.build_example)
     seed: int = 0
 
@@ -177,7 +178,7 @@ def conversation_of(meta: dict, has_image: bool) -> list[dict]:
 
 
 def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
-    input_ids, labels, pixels, transcripts = [], [], [], []
+    input_ids, labels, pixels, transcripts, lines = [], [], [], [], []
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
@@ -190,6 +191,7 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         if example.num_images:
             pixels.append(load_image(image, settings.image_size))
             transcripts.append(meta.get("transcript"))
+            lines.append(meta.get("lines"))
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
     else:
@@ -200,6 +202,8 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         )
         if settings.reading:
             batch["reading_targets"], batch["reading_lengths"] = reading_targets(transcripts)
+        if settings.reading and settings.line_rows:
+            batch["line_targets"], batch["line_lengths"] = line_targets(lines, settings.line_rows)
     return batch
 
 

@@ -48,8 +48,8 @@ def llava_state_dict(model: BeniForConditionalGeneration) -> dict:
     }
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith("vision_tower.reading_head."):
-            continue  # a training aid (VisionTower.reading_loss): LLaVA's answers never use it
+        if name.startswith(("vision_tower.reading_head.", "vision_tower.line_head.")):
+            continue  # training aids (VisionTower.reading_loss, line_loss): LLaVA's answers never use them
         prefix = next(p for p in renames if name.startswith(p))
         state[renames[prefix] + name[len(prefix) :]] = tensor
     return state

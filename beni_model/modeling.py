@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from beni_model.config import READING_ALPHABET, BeniConfig
+from beni_model.config import LINE_TOKENS, READING_ALPHABET, BeniConfig
 from beni_model.connectors import build_connector
 from beni_model.vision import VisionTower, vision_encoder_from_config, vision_encoder_from_pretrained
 
@@ -74,7 +74,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
         config.text_config = model.language_model.config
         config.image_token_id = image_token_id
         if config.reading_tokens:  # a blank starts as the mean character, not as a token of its own
-            model.connector.reading_blank.data = model.get_input_embeddings()(model.reading_token_ids).mean(0).detach().float()
+            characters = model.reading_token_ids[: len(READING_ALPHABET)]
+            model.connector.reading_blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()
         if dtype is not None:
             model.vision_tower.to(dtype)
             model.connector.to(dtype)
@@ -130,7 +131,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
         if vision_features is not None:
             features = self.connector(vision_features)
             if self.config.reading_tokens:
-                features = torch.cat([features, self.reading_embeddings(vision_features).to(features.dtype)], dim=1)
+                reads = [self.reading_embeddings(vision_features)] + ([self.line_embeddings(vision_features)] if self.config.reading_lines else [])
+                features = torch.cat([features, *(r.to(features.dtype) for r in reads)], dim=1)
         # Counting the mask waits on the GPU, which would stall every training step: train_step checks its batches
         # on the host instead.
         if not (self.training and input_ids.is_cuda):
@@ -148,8 +150,32 @@ class BeniForConditionalGeneration(PreTrainedModel):
         connector) and the LLM's own embedding of each character, so what the vision tower reads reaches the LLM as
         (nearly) the text's tokens, to copy as it copies a prompt."""
         probs = self.vision_tower.reading_scores(vision_features).float().softmax(-1)
-        table = torch.cat([self.connector.reading_blank[None], self.get_input_embeddings()(self.reading_token_ids)])
-        return probs @ table.float()
+        return probs @ self.reading_table()[:-1]
+
+    def line_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """The line head's transcript as LLM input, [images, LINE_TOKENS, text hidden]: each row's reads after CTC's
+        collapse (a read is kept where its best class is neither the blank nor the read before's), each row that
+        keeps one ended by a line break, packed in reading order and cut at LINE_TOKENS; a kept read enters as its
+        probabilities over the reading table (as `reading_embeddings`), the slots after the last as the blank. The
+        shapes never depend on what was read, so the step needs no sync and graphs."""
+        scores = self.vision_tower.line_scores(vision_features).float()  # [images, rows, reads, classes]
+        images, rows, _, classes = scores.shape
+        best = scores.argmax(-1)
+        kept = (best != 0) & (best != nn.functional.pad(best, (1, 0))[..., :-1])
+        kept = torch.cat([kept, kept.any(-1, keepdim=True)], dim=2).flatten(1)  # each row's reads, then its line break
+        # Slots over the table [blank, characters, line break]: the reads, a break per row, a last slot of blank.
+        one_hot = torch.eye(classes + 1, device=scores.device)
+        slots = torch.cat([nn.functional.pad(scores.softmax(-1), (0, 1)), one_hot[-1].expand(images, rows, 1, -1)], dim=2).flatten(1, 2)
+        slots = torch.cat([slots, one_hot[0].expand(images, 1, -1)], dim=1)
+        place = torch.where(kept, kept.cumsum(1) - 1, LINE_TOKENS).clamp(max=LINE_TOKENS)
+        source = torch.full((images, LINE_TOKENS + 1), slots.shape[1] - 1, device=scores.device)
+        source.scatter_(1, place, torch.arange(kept.shape[1], device=scores.device).expand(images, -1))
+        picked = slots.gather(1, source[:, :LINE_TOKENS, None].expand(-1, -1, classes + 1))
+        return picked @ self.reading_table()
+
+    def reading_table(self) -> torch.Tensor:
+        """The reads' embeddings, [blank, READING_ALPHABET's characters, line break] x text hidden (float32)."""
+        return torch.cat([self.connector.reading_blank[None], self.get_input_embeddings()(self.reading_token_ids)]).float()
 
     def forward(
         self,
@@ -160,15 +186,20 @@ class BeniForConditionalGeneration(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         reading_targets: torch.LongTensor | None = None,
         reading_lengths: torch.LongTensor | None = None,
+        line_targets: torch.LongTensor | None = None,
+        line_lengths: torch.LongTensor | None = None,
         **kwargs,
     ) -> "BeniOutput":
         """The LLM's output on the merged embeddings; given `reading_targets` and `reading_lengths` (the loader's,
-        see VisionTower.reading_loss), also the reading head's loss on the same vision features."""
+        see VisionTower.reading_loss), also the reading head's loss on the same vision features, plus the line head's
+        given `line_targets` and `line_lengths` (VisionTower.line_loss)."""
         reading_loss = None
         if inputs_embeds is None:
             features = self.vision_features(pixel_values)
             if reading_lengths is not None and features is not None:
                 reading_loss = self.vision_tower.reading_loss(features, reading_targets, reading_lengths)
+                if line_lengths is not None:
+                    reading_loss = reading_loss + self.vision_tower.line_loss(features, line_targets, line_lengths)
             if input_ids is None:  # images and transcripts alone (the encoder stage): the reading loss, the LLM not run
                 return BeniOutput(reading_loss=reading_loss)
             inputs_embeds = self.merge(input_ids, features)
@@ -291,9 +322,11 @@ def check_image_tokens(image_tokens: int, images: int, tokens_per_image: int) ->
 
 
 def character_token_ids(tokenizer) -> list[int]:
-    """The token of each READING_ALPHABET character, alone; an error if one takes more than one token."""
-    ids = [tokenizer.encode(c, add_special_tokens=False) for c in READING_ALPHABET]
-    if split := [c for c, i in zip(READING_ALPHABET, ids) if len(i) != 1]:
+    """The token of each READING_ALPHABET character and of the line break, alone; an error if one takes more than
+    one token."""
+    characters = READING_ALPHABET + "\n"
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in characters]
+    if split := [c for c, i in zip(characters, ids) if len(i) != 1]:
         raise ValueError(f"reading_tokens needs one token per printable character; this tokenizer splits {split[:5]}: leave reading_tokens off.")
     return [i[0] for i in ids]
 

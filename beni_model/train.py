@@ -92,6 +92,7 @@ class TrainConfig:
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
     reading_weight: float = 0.0  # > 0: add the vision tower's reading head and its CTC loss on samples with a transcript
     reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
+    reading_lines: bool = False  # a new model also reads each row of patches as a line, trained on documents' lines (BeniConfig.reading_lines)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU)
     cuda_graphs: bool = False  # with compile: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens; one process only (off under FSDP, as the log says)
@@ -129,8 +130,8 @@ class TrainConfig:
             problems.append("reading_weight must be at least 0")
         if self.reading_weight and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
             problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
-        if self.reading_tokens and not self.reads:
-            problems.append("reading_tokens comes with the reading head: set reading_weight > 0 or stage 'encoder'")
+        if (self.reading_tokens or self.reading_lines) and not self.reads:
+            problems.append("reading_tokens and reading_lines come with the reading head: set reading_weight > 0 or stage 'encoder'")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
         if self.cuda_graphs and not self.compile:
@@ -192,6 +193,7 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             image_size=config.image_size,
             reading_head=config.reads,
             reading_tokens=config.reading_tokens,
+            reading_lines=config.reading_lines,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
     if config.reads and not model.config.reading_head:
@@ -530,14 +532,13 @@ def train_step(
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
         # never reads it, and SDPA runs its causal kernel instead of building and applying a padding mask.
-        keys = ("input_ids", "position_ids", "pixel_values") + (("reading_targets", "reading_lengths") if reads else ())
+        keys = ("input_ids", "position_ids", "pixel_values") + (("reading_targets", "reading_lengths", "line_targets", "line_lengths") if reads else ())
         inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
         if read_only:
             with autocast:
-                reading = model(pixel_values=inputs["pixel_values"], reading_targets=inputs["reading_targets"],
-                                reading_lengths=inputs["reading_lengths"]).reading_loss
+                reading = model(**{k: v for k, v in inputs.items() if k not in ("input_ids", "position_ids")}).reading_loss
             (reading / len(micro)).backward()
             sums[1] += reading.detach() / len(micro)
             continue
@@ -597,6 +598,7 @@ def train(config: TrainConfig) -> dict:
         pack=config.pack,
         pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if graphs else 1,
         reading=config.reads,
+        line_rows=beni_config.image_size // beni_config.patch_size if beni_config.reading_lines and config.reads else 0,
         spell=beni_config.reading_tokens,
         seed=config.seed,
     )

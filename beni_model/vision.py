@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from beni_model.config import READING_ALPHABET, READS_PER_COLUMN, BeniConfig
+from beni_model.config import LINE_READS_PER_COLUMN, READING_ALPHABET, READS_PER_COLUMN, BeniConfig
 
 
 class ConvStem(nn.Sequential):
@@ -72,6 +72,26 @@ class ReadingHead(nn.Module):
         return self.classify((weights.unsqueeze(-1) * grid).sum(1))
 
 
+class LineReadingHead(nn.Module):
+    """Reads each row of the patch grid [batch, rows, columns, dim] as a text line, LINE_READS_PER_COLUMN characters
+    or blanks per column: a row's read at a column pools that patch and the ones above and below it (a learned score
+    per patch plus one per offset, softmax over the three), so a line across two rows or drifting with a tilt stays
+    in reach; then a linear layer classifies. The scores start at zero, so the pool starts as the mean."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.pool = nn.Parameter(torch.zeros(hidden_size))
+        self.offset = nn.Parameter(torch.zeros(3, 1))
+        self.classify = nn.Linear(hidden_size, LINE_READS_PER_COLUMN * (1 + len(READING_ALPHABET)))
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        batch, rows, columns, _ = grid.shape
+        padded = nn.functional.pad(grid, (0, 0, 0, 0, 1, 1))
+        window = torch.stack([padded[:, i : i + rows] for i in range(3)], dim=2)  # [batch, rows, 3, columns, dim]
+        weights = (window @ self.pool.to(grid.dtype) + self.offset.to(grid.dtype)).softmax(2)
+        return self.classify((weights.unsqueeze(-1) * window).sum(2)).view(batch, rows, columns * LINE_READS_PER_COLUMN, -1)
+
+
 class VisionTower(nn.Module):
     """Runs the encoder, picks `vision_feature_layer`, drops the CLS/register tokens unless `keep_cls`."""
 
@@ -86,6 +106,8 @@ class VisionTower(nn.Module):
         self.num_prefix_tokens = config.num_prefix_tokens if config.keep_cls else 0
         if config.reading_head:
             self.reading_head = ReadingHead(config.vision_config.hidden_size)
+        if config.reading_lines:
+            self.line_head = LineReadingHead(config.vision_config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
@@ -100,22 +122,42 @@ class VisionTower(nn.Module):
             return features
         return features[:, features.shape[1] - num_patches :]
 
-    def reading_scores(self, features: torch.Tensor) -> torch.Tensor:
-        """The reading head's logits, [batch, columns * READS_PER_COLUMN, 1 + len(READING_ALPHABET)], left to right."""
+    def patch_grid(self, features: torch.Tensor) -> torch.Tensor:
         patches = features[:, self.num_prefix_tokens :]
         batch, n, dim = patches.shape
         grid = math.isqrt(n)
-        return self.reading_head(patches.reshape(batch, grid, grid, dim)).view(batch, grid * READS_PER_COLUMN, -1)
+        return patches.reshape(batch, grid, grid, dim)
+
+    def reading_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The reading head's logits, [batch, columns * READS_PER_COLUMN, 1 + len(READING_ALPHABET)], left to right."""
+        grid = self.patch_grid(features)
+        return self.reading_head(grid).view(len(grid), grid.shape[2] * READS_PER_COLUMN, -1)
+
+    def line_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The line head's logits, [batch, rows, columns * LINE_READS_PER_COLUMN, 1 + len(READING_ALPHABET)]."""
+        return self.line_head(self.patch_grid(features))
 
     def read(self, pixel_values: torch.Tensor) -> list[str]:
-        """The reading head's greedy transcript of each image."""
-        return greedy_transcripts(self.reading_scores(self(pixel_values)))
+        """The reading head's greedy transcript of each image; with a line head, followed by each row that reads
+        something, a line break before each."""
+        features = self(pixel_values)
+        reads = greedy_transcripts(self.reading_scores(features))
+        if not hasattr(self, "line_head"):
+            return reads
+        return [read + "".join(f"\n{line}" for line in greedy_transcripts(rows) if line) for read, rows in zip(reads, self.line_scores(features))]
+
+    def line_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CTC loss of the line head, each row of each image one line (`line_targets`: targets [images, rows, width],
+        lengths [images, rows]), averaged over the rows that have a target, as `reading_loss` over images."""
+        scores = self.line_scores(features).flatten(0, 1)
+        targets, lengths = (t.to(scores.device, non_blocking=True).flatten(0, 1) for t in (targets, lengths))
+        return ctc_loss(scores.float().log_softmax(-1), targets, lengths)
 
     def reading_loss(self, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """CTC loss of the reading head, as text recognisers train: each column of the patch grid (pooled over its
         rows, see ReadingHead) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width]
-        holds each image's class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length 0
-        have no transcript.
+        holds each image's class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length -1
+        have no transcript (0: one that reads nothing).
         The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
         alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
         scores = self.reading_scores(features)
@@ -129,7 +171,8 @@ NEVER = -1e30  # the log-probability of an impossible path: finite, so no gradie
 
 def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """CTC's loss per character (class 0 is the blank), averaged over the lines that have a transcript and fit in
-    the steps; log_probs [batch, steps, classes], targets [batch, width] padded, lengths [batch]. The values of
+    the steps; log_probs [batch, steps, classes], targets [batch, width] padded, lengths [batch] (-1: no transcript,
+    so no loss; 0: an empty one, all blanks, its loss taken per step). The values of
     `nn.functional.ctc_loss(..., zero_infinity=True)` on those lines (and its gradients at the logits of a
     log_softmax), computed on the device without waiting on it (PyTorch's CUDA kernel copies offsets from host
     memory with a blocking copy in forward and in backward) and with a hand-written backward: autograd through the
@@ -155,10 +198,13 @@ class _CTC(torch.autograd.Function):
             prev = alpha[t - 1]
             torch.add(torch.logaddexp(torch.logaddexp(prev[:, 2:], prev[:, 1:-1]), prev[:, :-2] + skip_cost), emit[t], out=alpha[t, :, 2:])
         alpha = alpha[:, :, 2:]
-        ends = torch.stack([2 * lengths, 2 * lengths - 1], 1).clamp(min=0)  # the last character or the blank after it
-        likelihood = alpha[-1].gather(1, ends).logsumexp(1)
-        counted = (lengths > 0) & (likelihood > NEVER / 2)
-        weight = counted / lengths.clamp(min=1) / counted.sum().clamp(min=1)
+        # Paths end on the last character or the blank after it; an empty transcript's on the one blank.
+        ends = torch.stack([2 * lengths, 2 * lengths - 1], 1).clamp(min=0)
+        at_ends = alpha[-1].gather(1, ends)
+        at_ends[:, 1].masked_fill_(lengths <= 0, NEVER)
+        likelihood = at_ends.logsumexp(1)
+        counted = (lengths >= 0) & (likelihood > NEVER / 2)
+        weight = counted / torch.where(lengths > 0, lengths, steps) / counted.sum().clamp(min=1)
         ctx.save_for_backward(emit, alpha, labels, skip_cost, ends, likelihood, weight)
         ctx.classes = log_probs.shape[2]
         return -(likelihood * weight).sum()
@@ -188,19 +234,35 @@ def greedy_transcripts(scores: torch.Tensor) -> list[str]:
     return ["".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])) for row in scores.argmax(-1).tolist()]
 
 
-def reading_classes(transcript: str | None) -> list[int]:
-    """The reading head's class ids for a transcript (0 is CTC's blank); empty where there is none or a character
+def reading_classes(transcript: str | None) -> list[int] | None:
+    """The reading head's class ids for a transcript (0 is CTC's blank); None where there is none or a character
     lies outside READING_ALPHABET."""
-    if not transcript or any(c not in READING_ALPHABET for c in transcript):
-        return []
+    if transcript is None or any(c not in READING_ALPHABET for c in transcript):
+        return None
     return [1 + READING_ALPHABET.index(c) for c in transcript]
 
 
 def reading_targets(transcripts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`VisionTower.reading_loss`'s targets for a batch's transcripts (None: an image without one): every image's
-    class ids padded with 0, [images, longest], and their counts."""
+    """`VisionTower.reading_loss`'s targets for a batch's transcripts (None: an image without one, "": one that
+    reads nothing): every image's class ids padded with 0, [images, longest], and their counts (-1 where None)."""
     classes = [reading_classes(t) for t in transcripts]
-    targets = torch.zeros(len(classes), max(map(len, classes), default=0), dtype=torch.long)
+    targets = torch.zeros(len(classes), max((len(ids) for ids in classes if ids), default=0), dtype=torch.long)
     for row, ids in zip(targets, classes):
-        row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return targets, torch.tensor([len(ids) for ids in classes], dtype=torch.long)
+        row[: len(ids or ())] = torch.tensor(ids or [], dtype=torch.long)
+    return targets, torch.tensor([-1 if ids is None else len(ids) for ids in classes], dtype=torch.long)
+
+
+def line_targets(documents: list[list | None], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`VisionTower.line_loss`'s targets for a batch's images from their `lines` ([text, centre as a fraction of the
+    height], as the corpus gives documents'; None: an image without): each row of patches reads the line whose centre
+    lies in it, and nothing where none does; an image without lines has no target in any row, nor has a row that two
+    lines share. [images, rows, longest] and [images, rows]."""
+    transcripts = []
+    for lines in documents:
+        row_texts = [None if lines is None else ""] * rows
+        for text, centre in lines or ():
+            row = min(rows - 1, int(centre * rows))
+            row_texts[row] = text if row_texts[row] == "" else None
+        transcripts += row_texts
+    targets, lengths = reading_targets(transcripts)
+    return targets.view(len(documents), rows, -1), lengths.view(len(documents), rows)

@@ -27,6 +27,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("caption", pa.string()),
         ("conversations", pa.string()),
         ("transcript", pa.string()),  # the text the image shows on one line, where the source names it
+        ("lines", pa.string()),  # JSON [[text, centre], ...]: a document's text lines, each centre a fraction of the height
         ("source", pa.string()),
         ("row", pa.int64()),
         ("chunk", pa.string()),
@@ -49,6 +50,9 @@ class SourceSettings(pydantic.BaseModel):
     conversations_column: str = "conversations"
     transcript_column: str = pydantic.Field(
         "transcript", description="optional column with the text the image shows on one line (trains the reading head)"
+    )
+    lines_column: str = pydantic.Field(
+        "lines", description="optional column with a document's text lines as [[text, centre as a fraction of the height], ...] (trains the line head)"
     )
     image_root: str | None = pydantic.Field(
         None, description="folder that relative image paths are resolved against (default: the source's folder)"
@@ -155,6 +159,14 @@ def _normalize(record: dict, root: Path, source: str, line: int) -> tuple[dict |
     if not caption and not conversations:
         return None, "missing_text"
     transcript = record.get("transcript")
+    lines = record.get("lines")
+    if isinstance(lines, str):
+        try:
+            lines = json.loads(lines) if lines.strip() else None
+        except json.JSONDecodeError:
+            return None, "bad_lines"
+    if lines is not None and not _valid_lines(lines):
+        return None, "bad_lines"
     sample_id = hashlib.blake2b(f"{ref}\n{caption}\n{conversations}".encode(), digest_size=8).hexdigest()
     return {
         "sample_id": sample_id,
@@ -162,6 +174,7 @@ def _normalize(record: dict, root: Path, source: str, line: int) -> tuple[dict |
         "caption": caption,
         "conversations": conversations,
         "transcript": transcript.strip() or None if isinstance(transcript, str) else None,
+        "lines": json.dumps(lines, ensure_ascii=False) if lines else None,
         "source": source,
         "row": line,
     }, ""
@@ -172,6 +185,13 @@ def _valid_conversations(turns) -> bool:
         isinstance(turns, list)
         and all(isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in turns)
         and any(t["from"] == "gpt" for t in turns)
+    )
+
+
+def _valid_lines(lines) -> bool:
+    return isinstance(lines, list) and all(
+        isinstance(line, list) and len(line) == 2 and isinstance(line[0], str) and isinstance(line[1], int | float) and 0 <= line[1] <= 1
+        for line in lines
     )
 
 
@@ -187,6 +207,7 @@ def _renamed(record: dict, settings: SourceSettings) -> dict:
         "caption": record.get(settings.caption_column),
         "conversations": record.get(settings.conversations_column),
         "transcript": record.get(settings.transcript_column),
+        "lines": record.get(settings.lines_column),
     }
 
 
@@ -268,7 +289,7 @@ def _read_folder(path: Path) -> list[tuple[int, dict]]:
                 sidecar = json.loads(_decode(image.with_suffix(".json")))
             except json.JSONDecodeError as e:
                 raise IngestError(f"{image.with_suffix('.json')}, line {e.lineno}: not valid JSON ({e.msg}); fix the sidecar") from None
-            record.update({k: sidecar.get(k) for k in ("caption", "conversations", "transcript")} if isinstance(sidecar, dict) else {})
+            record.update({k: sidecar.get(k) for k in ("caption", "conversations", "transcript", "lines")} if isinstance(sidecar, dict) else {})
         records.append((i, record))
     return records
 

@@ -110,7 +110,7 @@ def key_information(rng: random.Random) -> tuple[Image.Image, str, str]:
     """A receipt or a form from the corpus's renderers; questions only on the fields whose values are drawn per
     document (amounts, dates, numbers), never on names from the corpus's word lists."""
     if rng.random() < 0.5:
-        image, info = syn.render_receipt(rng)
+        image, info, _ = syn.render_receipt(rng)
         item = rng.choice(list(info["items"]))
         question, answer = rng.choice([
             ("What is the total amount on this receipt?", info["total"]),
@@ -119,7 +119,7 @@ def key_information(rng: random.Random) -> tuple[Image.Image, str, str]:
             (f"What is the price of {item}?", info["items"][item]),
         ])
         return image, question, answer
-    image, _, fields = syn.render_form(rng)
+    image, _, fields, _ = syn.render_form(rng)
     asked = [label for label in fields if label not in ("Name", "Email", "City")]
     if not asked:
         return key_information(rng)
@@ -128,13 +128,13 @@ def key_information(rng: random.Random) -> tuple[Image.Image, str, str]:
 
 
 def document_vqa(rng: random.Random) -> tuple[Image.Image, str, str]:
-    image, header = syn.render_memo(rng, HELD_OUT)
+    image, header, _ = syn.render_memo(rng, HELD_OUT)
     key = rng.choice(list(header))
     return image, syn.MEMO_QUESTIONS[key], header[key]
 
 
 def scene_text_vqa(rng: random.Random) -> tuple[Image.Image, str, str]:
-    image, info = syn.render_sign(rng, HELD_OUT)
+    image, info, _ = syn.render_sign(rng, HELD_OUT)
     key = rng.choice(list(info))
     return image, syn.SIGN_QUESTIONS[key], info[key]
 

@@ -25,8 +25,8 @@ from beni_pipeline.prep.files import write_bytes_atomic, write_parquet_atomic
 
 BLOCK = tarfile.BLOCKSIZE
 _FORMAT_VERSION = 1
-# What a sample's .json carries (+ its token length); manifests written before transcripts existed lack that column.
-PAYLOAD_COLUMNS = ["sample_id", "caption", "conversations", "transcript", "source", "url", "width", "height"]
+# What a sample's .json carries (+ its token length); manifests written before transcripts or lines existed lack those columns.
+PAYLOAD_COLUMNS = ["sample_id", "caption", "conversations", "transcript", "lines", "source", "url", "width", "height"]
 
 
 class ShardSettings(pydantic.BaseModel):
@@ -74,7 +74,8 @@ def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, 
         json.dumps(
             {"sample_id": r["sample_id"], "caption": r["caption"], "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
              "source": r["source"], "url": r["url"], "width": r["width"], "height": r["height"], "length": int(n),
-             **({"transcript": r["transcript"]} if r.get("transcript") else {})},
+             **({"transcript": r["transcript"]} if r.get("transcript") else {}),
+             **({"lines": json.loads(r["lines"])} if r.get("lines") else {})},
             ensure_ascii=False, sort_keys=True, separators=(",", ":"),
         ).encode()
         for r, n in zip(rows.select([c for c in PAYLOAD_COLUMNS if c in rows.column_names]).to_pylist(), lengths)

@@ -30,7 +30,7 @@ MAX_SIDE = 800
 MIN_SIDE = 160
 JPEG_QUALITY = 90
 CHUNK = 50  # samples per pool task
-FORMAT = 2  # of the corpus rows: a corpus written by another format is regenerated (2: rows name their transcript)
+FORMAT = 3  # of the corpus rows: a corpus written by another format is regenerated (2: transcripts, 3: documents' lines)
 BACKGROUNDS = ("plain", "textured", "photo")
 
 ADJECTIVES = """old young small large quiet bright dark happy tired clever busy lazy brave gentle
@@ -155,13 +155,47 @@ class TextStyle:
 @dataclass
 class Rendered:
     """One sample before it is written: the image, its caption, its (question, answer) pairs and, for an image of
-    one line of text, that text (the reading head's target)."""
+    one line of text, that text (the reading head's target); for a document, every text line on it with its
+    vertical centre as a fraction of the image's height, top to bottom (the line head's targets)."""
 
     kind: str
     image: Image.Image
     caption: str
     qa: list[tuple[str, str]]
     transcript: str | None = None
+    lines: list[tuple[str, float]] | None = None
+
+
+# A text line as drawn: its text and the centre of its box in pixels. Renderers move the centres with the page, and
+# `line_fractions` turns them into the sample's `lines`.
+Line = tuple[str, float, float]
+
+
+def drawn_line(xy: tuple[float, float], text: str, font: ImageFont.FreeTypeFont, anchor: str = "la") -> Line:
+    """The Line of `draw.text(xy, text, font=font, anchor=anchor)`."""
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    return text, xy[0] + (left + right) / 2, xy[1] + (top + bottom) / 2
+
+
+def rotated_lines(lines: list[Line], size: tuple[int, int], degrees: float, rotated_size: tuple[int, int]) -> list[Line]:
+    """Where `image.rotate(degrees, expand=True)` (counter-clockwise about the centre) moves the lines' centres."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    moved = []
+    for text, x, y in lines:
+        dx, dy = x - size[0] / 2, y - size[1] / 2
+        moved.append((text, rotated_size[0] / 2 + dx * c + dy * s, rotated_size[1] / 2 - dx * s + dy * c))
+    return moved
+
+
+def shifted_lines(lines: list[Line], dx: float, dy: float) -> list[Line]:
+    return [(text, x + dx, y + dy) for text, x, y in lines]
+
+
+def line_fractions(lines: list[Line], size: tuple[int, int]) -> list[tuple[str, float]]:
+    """The sample's `lines`: each text whose centre lies in the image, with that centre's height as a fraction of
+    the image's, top to bottom."""
+    inside = [(text, y / size[1]) for text, x, y in lines if 0 <= x < size[0] and 0 <= y < size[1]]
+    return sorted(((text, round(y, 4)) for text, y in inside), key=lambda line: line[1])
 
 
 # ---------------------------------------------------------------- fonts, colours, backgrounds
@@ -340,16 +374,20 @@ def render_artistic(rng: random.Random, text: str) -> Image.Image:
     return render_text(rng, text, text_style(rng, fancy, ("photo",), rng.uniform(-8, 8), (40, 72)))
 
 
-def place_on_background(rng: random.Random, paper: Image.Image) -> Image.Image:
-    """A document as a flat scan, or photographed: slightly rotated on a textured or photo-like surface."""
+def place_on_background(rng: random.Random, paper: Image.Image, lines: list[Line]) -> tuple[Image.Image, list[Line]]:
+    """A document as a flat scan, or photographed: slightly rotated on a textured or photo-like surface; returns the
+    image and where its lines went."""
     if rng.random() < 0.4:
-        return paper
-    paper = paper.convert("RGBA").rotate(rng.uniform(-5, 5), Image.Resampling.BILINEAR, expand=True)
-    width = min(MAX_SIDE, paper.width + rng.randint(16, 160))
-    height = min(MAX_SIDE, paper.height + rng.randint(16, 160))
+        return paper, lines
+    degrees = rng.uniform(-5, 5)
+    rotated = paper.convert("RGBA").rotate(degrees, Image.Resampling.BILINEAR, expand=True)
+    lines = rotated_lines(lines, paper.size, degrees, rotated.size)
+    width = min(MAX_SIDE, rotated.width + rng.randint(16, 160))
+    height = min(MAX_SIDE, rotated.height + rng.randint(16, 160))
     canvas = background(rng, (width, height), rng.choice(("textured", "photo")))
-    canvas.paste(paper, (rng.randint(0, max(0, width - paper.width)), rng.randint(0, max(0, height - paper.height))), paper)
-    return canvas
+    x, y = rng.randint(0, max(0, width - rotated.width)), rng.randint(0, max(0, height - rotated.height))
+    canvas.paste(rotated, (x, y), rotated)
+    return canvas, shifted_lines(lines, x, y)
 
 
 # ---------------------------------------------------------------- texts
@@ -582,8 +620,9 @@ def text_sample(rng: random.Random, kind: str) -> Rendered:
     return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)], None if kind == "sentence" else text)
 
 
-def render_receipt(rng: random.Random) -> tuple[Image.Image, dict]:
-    """A till receipt; returns the image and its key information (store, date, items, subtotal, tax, total)."""
+def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[str, float]]]:
+    """A till receipt; returns the image, its key information (store, date, items, subtotal, tax, total) and its
+    lines (see Rendered.lines)."""
     fonts = [p for p in font_paths() if p and "mono" in Path(p).stem.lower()] or font_paths()
     font_path, size = rng.choice(fonts), rng.randint(MIN_FONT_SIZE, 20)
     font, head = load_font(font_path, size), load_font(font_path, size + rng.randint(2, 8))
@@ -602,28 +641,32 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict]:
     height = 2 * margin + int(head.size * 1.5) + line_h * (len(rows) + 5)
     paper = Image.new("RGB", (width, height), light_colour(rng))
     draw, ink = ImageDraw.Draw(paper), ink_colour(rng, True)
-    y = margin
-    draw.text((width / 2, y), store, font=head, fill=ink, anchor="ma")
-    y += int(head.size * 1.5)
-    draw.text((width / 2, y), f"{rng.randint(1, 200)} {rng.choice(STREETS)} Street", font=font, fill=ink, anchor="ma")
-    y += line_h
+    address, thanks = f"{rng.randint(1, 200)} {rng.choice(STREETS)} Street", rng.choice(("THANK YOU!", "Thank you for shopping", "See you soon"))
+    y, lines = margin, []
+    for text, line_font, skip in ((store, head, int(head.size * 1.5)), (address, font, line_h)):
+        draw.text((width / 2, y), text, font=line_font, fill=ink, anchor="ma")
+        lines.append(drawn_line((width / 2, y), text, line_font, "ma"))
+        y += skip
     draw.text((margin, y), info["date"], font=font, fill=ink)
+    lines.append(drawn_line((margin, y), info["date"], font))
     y += line_h
     rule = "-" * int((width - 2 * margin) / max(1, font.getlength("-")))
     for name, price in [("", "")] + rows:
-        if not name:
+        if not name:  # a rule is not text: its rows read nothing
             draw.text((margin, y), rule, font=font, fill=ink)
         else:
             draw.text((margin, y), name, font=font, fill=ink)
             draw.text((width - margin, y), price, font=font, fill=ink, anchor="ra")
+            lines.append((f"{name} {price}", width / 2, drawn_line((margin, y), name, font)[2]))
         y += line_h
-    draw.text((width / 2, y + line_h // 2), rng.choice(("THANK YOU!", "Thank you for shopping", "See you soon")), font=font, fill=ink, anchor="ma")
-    image = place_on_background(rng, paper)
-    return degrade(image, rng, *random_degradation(rng, size)), info
+    draw.text((width / 2, y + line_h // 2), thanks, font=font, fill=ink, anchor="ma")
+    lines.append(drawn_line((width / 2, y + line_h // 2), thanks, font, "ma"))
+    image, lines = place_on_background(rng, paper, lines)
+    return degrade(image, rng, *random_degradation(rng, size)), info, line_fractions(lines, image.size)
 
 
 def receipt_sample(rng: random.Random) -> Rendered:
-    image, info = render_receipt(rng)
+    image, info, lines = render_receipt(rng)
     item = rng.choice(list(info["items"]))
     qa = [
         (rng.choice(("What is the total?", "What is the total amount on this receipt?", "How much was paid in total?")), info["total"]),
@@ -633,7 +676,7 @@ def receipt_sample(rng: random.Random) -> Rendered:
         ("What is the subtotal?", info["subtotal"]),
     ]
     caption = rng.choice(RECEIPT_CAPTIONS).format(store=info["store"], total=info["total"], date=info["date"], n=len(info["items"]))
-    return Rendered("receipt", image, caption, rng.sample(qa, rng.randint(2, 3)))
+    return Rendered("receipt", image, caption, rng.sample(qa, rng.randint(2, 3)), lines=lines)
 
 
 FORM_FIELDS = {  # label on the form: (how a question names it, value generator)
@@ -652,9 +695,9 @@ FORM_TITLES = {"REGISTRATION FORM": "registration form", "APPLICATION FORM": "ap
                "CUSTOMER DETAILS": "customer details form", "INVOICE": "invoice", "DELIVERY NOTE": "delivery note"}
 
 
-def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str]]:
+def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], list[tuple[str, float]]]:
     """A filled-in form: a title, then label/value fields (values in another font and ink, on lines or in
-    boxes); returns the image, the title and the field values by label."""
+    boxes); returns the image, the title, the field values by label and the lines (see Rendered.lines)."""
     title = rng.choice(list(FORM_TITLES))
     fields = {label: FORM_FIELDS[label][1](rng) for label in ["Name"] + rng.sample(list(FORM_FIELDS)[1:], rng.randint(2, 5))}
     size = rng.randint(MIN_FONT_SIZE, 22)
@@ -671,8 +714,10 @@ def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str]]:
     draw = ImageDraw.Draw(page)
     ink, pen = ink_colour(rng, True), rng.choice(((20, 30, 140), (10, 10, 10), (30, 60, 160), (120, 20, 20)))
     draw.text((margin, margin), title, font=title_font, fill=ink)
+    lines = [drawn_line((margin, margin), title, title_font)]
     y = margin + int(title_font.size * 2)
     for label, value in fields.items():
+        lines.append((f"{label}: {value}", width / 2, y + row_h // 2))
         x = margin + label_w
         draw.text((margin, y + row_h // 2), f"{label}:", font=label_font, fill=ink, anchor="lm")
         if boxed:
@@ -681,12 +726,12 @@ def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str]]:
             draw.line((x - 4, y + row_h - 6, width - margin, y + row_h - 6), fill=ink)
         draw.text((x, y + row_h // 2), value, font=value_font, fill=pen, anchor="lm")
         y += row_h
-    image = place_on_background(rng, page)
-    return degrade(image, rng, *random_degradation(rng, size)), title, fields
+    image, lines = place_on_background(rng, page, lines)
+    return degrade(image, rng, *random_degradation(rng, size)), title, fields, line_fractions(lines, image.size)
 
 
 def form_sample(rng: random.Random) -> Rendered:
-    image, title, fields = render_form(rng)
+    image, title, fields, lines = render_form(rng)
     qa = []
     for label in rng.sample(list(fields), min(len(fields), rng.randint(2, 3))):
         phrase = FORM_FIELDS[label][0]
@@ -694,16 +739,16 @@ def form_sample(rng: random.Random) -> Rendered:
                                f"What {phrase} is given in this document?"))
         qa.append((question, fields[label]))
     caption = rng.choice(FORM_CAPTIONS).format(title=FORM_TITLES[title], name=fields["Name"], n=len(fields))
-    return Rendered("form", image, caption, qa)
+    return Rendered("form", image, caption, qa, lines=lines)
 
 
 def person(rng: random.Random, vocab: Vocabulary) -> str:
     return f"{vocab.pick(rng, vocab.first_names)} {vocab.pick(rng, vocab.last_names)}"
 
 
-def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str]]:
-    """A memo: title, To/From/Date/Subject header and a short body, scanned or photographed; returns the image and
-    the header by field (the keys of MEMO_QUESTIONS)."""
+def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str], list[tuple[str, float]]]:
+    """A memo: title, To/From/Date/Subject header and a short body, scanned or photographed; returns the image, the
+    header by field (the keys of MEMO_QUESTIONS) and the lines (see Rendered.lines)."""
     topic = rng.choice(("plan", "schedule", "update", "budget"))
     header = {"To": person(rng, vocab), "From": person(rng, vocab), "Date": date(rng),
               "Subject": f"{vocab.pick(rng, vocab.adjectives).capitalize()} {vocab.pick(rng, vocab.nouns)} {topic}"}
@@ -718,18 +763,23 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     width = int(max(font.getlength(line) for line in lines) + 2 * margin)
     height = 2 * margin + 2 * title_font.size + line_h * len(lines)
     page = Image.new("RGB", (min(width, MAX_SIDE), min(height, MAX_SIDE)), light_colour(rng))
-    draw, ink = ImageDraw.Draw(page), ink_colour(rng, True)
-    draw.text((margin, margin), rng.choice(MEMO_TITLES), font=title_font, fill=ink)
+    draw, ink, title = ImageDraw.Draw(page), ink_colour(rng, True), rng.choice(MEMO_TITLES)
+    draw.text((margin, margin), title, font=title_font, fill=ink)
+    drawn = [drawn_line((margin, margin), title, title_font)]
     y = margin + 2 * title_font.size
     for line in lines:
         draw.text((margin, y), line, font=font, fill=ink)
+        # A line the page cuts off on the right would be a transcript the image does not show.
+        if line and margin + font.getlength(line) <= page.width and y + size <= page.height:
+            drawn.append(drawn_line((margin, y), line, font))
         y += line_h
-    return degrade(place_on_background(rng, page), rng, *random_degradation(rng, size)), header
+    image, drawn = place_on_background(rng, page, drawn)
+    return degrade(image, rng, *random_degradation(rng, size)), header, line_fractions(drawn, image.size)
 
 
-def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str]]:
-    """A shop sign on a photo-like scene; returns the image and its name, founding year and opening hours (the keys
-    of SIGN_QUESTIONS)."""
+def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str], list[tuple[str, float]]]:
+    """A shop sign on a photo-like scene; returns the image, its name, founding year and opening hours (the keys
+    of SIGN_QUESTIONS) and its lines (see Rendered.lines)."""
     name = f"{vocab.pick(rng, vocab.adjectives + vocab.nouns).capitalize()} {rng.choice(vocab.shop_types)}"
     info = {"name": name, "year": str(rng.randint(1890, 2020)), "hours": f"{rng.randint(6, 10)}:00-{rng.randint(17, 23)}:00"}
     lines = [name.upper() if rng.random() < 0.5 else name, f"EST. {info['year']}", f"OPEN {info['hours']}"]
@@ -743,27 +793,32 @@ def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     sign = Image.new("RGB", (sign_w, sign_h), board)
     draw = ImageDraw.Draw(sign)
     draw.rectangle((2, 2, sign_w - 3, sign_h - 3), outline=ink, width=2)
-    draw.text((sign_w / 2, pad), lines[0], font=font, fill=ink, anchor="ma")
-    draw.text((sign_w / 2, pad + size * 1.4), lines[1], font=small, fill=ink, anchor="ma")
-    draw.text((sign_w / 2, pad + size * 1.4 + small.size * 1.4), lines[2], font=small, fill=ink, anchor="ma")
-    sign = sign.convert("RGBA").rotate(rng.uniform(-6, 6), Image.Resampling.BILINEAR, expand=True)
-    width = min(MAX_SIDE, sign.width + rng.randint(60, 300))
-    height = min(MAX_SIDE, sign.height + rng.randint(60, 300))
+    drawn = []
+    for text, line_font, y in ((lines[0], font, pad), (lines[1], small, pad + size * 1.4), (lines[2], small, pad + size * 1.4 + small.size * 1.4)):
+        draw.text((sign_w / 2, y), text, font=line_font, fill=ink, anchor="ma")
+        drawn.append(drawn_line((sign_w / 2, y), text, line_font, "ma"))
+    degrees = rng.uniform(-6, 6)
+    rotated = sign.convert("RGBA").rotate(degrees, Image.Resampling.BILINEAR, expand=True)
+    drawn = rotated_lines(drawn, sign.size, degrees, rotated.size)
+    width = min(MAX_SIDE, rotated.width + rng.randint(60, 300))
+    height = min(MAX_SIDE, rotated.height + rng.randint(60, 300))
     scene = background(rng, (width, height), "photo")
-    scene.paste(sign, (rng.randint(0, max(0, width - sign.width)), rng.randint(0, max(0, height - sign.height))), sign)
-    return degrade(scene, rng, *random_degradation(rng, size)), info
+    x, y = rng.randint(0, max(0, width - rotated.width)), rng.randint(0, max(0, height - rotated.height))
+    scene.paste(rotated, (x, y), rotated)
+    return degrade(scene, rng, *random_degradation(rng, size)), info, line_fractions(shifted_lines(drawn, x, y), scene.size)
 
 
 def memo_sample(rng: random.Random) -> Rendered:
-    image, header = render_memo(rng, CORPUS_VOCABULARY)
+    image, header, lines = render_memo(rng, CORPUS_VOCABULARY)
     caption = rng.choice(MEMO_CAPTIONS).format(by=header["From"], to=header["To"], subject=header["Subject"].lower(), date=header["Date"])
-    return Rendered("memo", image, caption, [(MEMO_QUESTIONS[k], header[k]) for k in rng.sample(list(header), rng.randint(2, 3))])
+    qa = [(MEMO_QUESTIONS[k], header[k]) for k in rng.sample(list(header), rng.randint(2, 3))]
+    return Rendered("memo", image, caption, qa, lines=lines)
 
 
 def sign_sample(rng: random.Random) -> Rendered:
-    image, info = render_sign(rng, CORPUS_VOCABULARY)
+    image, info, lines = render_sign(rng, CORPUS_VOCABULARY)
     caption = rng.choice(SIGN_CAPTIONS).format(**info)
-    return Rendered("sign", image, caption, [(SIGN_QUESTIONS[k], info[k]) for k in rng.sample(list(info), rng.randint(2, 3))])
+    return Rendered("sign", image, caption, [(SIGN_QUESTIONS[k], info[k]) for k in rng.sample(list(info), rng.randint(2, 3))], lines=lines)
 
 
 def drawn_sample(rng: random.Random, kind: str) -> Rendered:
@@ -781,7 +836,7 @@ def drawn_sample(rng: random.Random, kind: str) -> Rendered:
 
 # Reading genres first: they are what OCR needs most and what most of the eval set asks.
 KINDS = {"word": 14, "digits": 10, "random": 10, "sentence": 8, "handwriting": 14, "curved": 10, "artistic": 6, "math": 8,
-         "receipt": 6, "form": 6, "memo": 4, "sign": 4}
+         "receipt": 7, "form": 7, "memo": 6, "sign": 6}
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 
@@ -872,6 +927,8 @@ def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tupl
         row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
         if original.transcript:
             row["transcript"] = original.transcript
+        if original.lines:
+            row["lines"] = original.lines
         lines.append((json.dumps(row, ensure_ascii=False), planted))
     return lines
 

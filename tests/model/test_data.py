@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from beni_model.chat import IGNORE_INDEX, load_tokenizer
+from beni_model.config import READING_ALPHABET
 from beni_model.data import (
     DataPosition,
     DataSettings,
@@ -24,11 +25,12 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), 
 
 
 def write_toy_shards(
-    root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32, bare_names: bool = False
+    root: Path, samples: int = 96, per_shard: int = 24, text_every: int = 0, size: int = 32, bare_names: bool = False, lines: bool = False
 ) -> Path:
     """Shards in the training_shards format for a learnable task: a solid-colour image captioned with its colour
     name (every `text_every`-th sample text-only), every other image with the name as its transcript (and, with
-    `bare_names`, as its whole caption); sorted by length, as the real writer does."""
+    `bare_names`, as its whole caption; with `lines`, every third image with it as a line at 60% of its height);
+    sorted by length, as the real writer does."""
     root.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
     rows = []
@@ -48,6 +50,8 @@ def write_toy_shards(
                 meta = {"sample_id": key, "caption": caption, "conversations": [], "length": length}
                 if colour and transcribed:
                     meta["transcript"] = colour
+                if colour and lines and int(key[1:]) % 3 == 0:
+                    meta["lines"] = [[colour, 0.6]]
                 members = {"json": json.dumps(meta).encode()}
                 if colour:
                     out = io.BytesIO()
@@ -167,10 +171,11 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
     batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
     transcripts = {f"s{i:05d}": colour for i, colour in enumerate(list(COLOURS) * 12) if i % 2 == 0}
     for batch, (_, _, samples) in zip(batches, expected):
-        lines = [transcripts.get(key, "") for key in samples]
-        assert batch["reading_lengths"].tolist() == [len(line) for line in lines]
-        assert [row[: len(line)] for row, line in zip(batch["reading_targets"].tolist(), lines)] == [reading_classes(line) for line in lines]
-        assert batch["reading_targets"].shape[1] == max(map(len, lines)) and batch["reading_targets"].sum() == sum(map(sum, map(reading_classes, lines)))
+        lines = [transcripts.get(key) for key in samples]
+        assert batch["reading_lengths"].tolist() == [len(line) if line else -1 for line in lines]  # -1: no transcript
+        classes = [reading_classes(line) or [] for line in lines]
+        assert [row[: len(ids)] for row, ids in zip(batch["reading_targets"].tolist(), classes)] == classes
+        assert batch["reading_targets"].shape[1] == max(map(len, classes)) and batch["reading_targets"].sum() == sum(map(sum, classes))
     assert 0 < sum(int((b["reading_lengths"] > 0).sum()) for b in batches) < sum(len(b["reading_lengths"]) for b in batches)
 
 
@@ -194,3 +199,19 @@ def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokeni
             else:
                 assert trained == labels_a[labels_a != IGNORE_INDEX].tolist()
     assert seen == 24  # every transcribed image of the epoch
+
+
+def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, tokenizer):
+    shards = write_toy_shards(tmp_path, samples=48, per_shard=24, lines=True)
+    batches = [b for b, _ in zip(make_loader(settings(shards, reading=True, line_rows=4), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+    documents = 0
+    for batch in batches:
+        lengths, targets = batch["line_lengths"], batch["line_targets"]
+        assert lengths.shape == (len(batch["pixel_values"]), 4) == targets.shape[:2]
+        for rows, target in zip(lengths.tolist(), targets):
+            if rows == [-1] * 4:
+                continue
+            documents += 1
+            assert rows[:2] + rows[3:] == [0, 0, 0]  # the line's centre lies in row 2 of 4; the other rows read nothing
+            assert "".join(READING_ALPHABET[k - 1] for k in target[2, : rows[2]].tolist()) in COLOURS
+    assert documents == 16  # every third image of the epoch

@@ -12,7 +12,7 @@ from tests.model.test_modeling import TEXT_ONLY, TWO_IMAGES, batch_for
 
 @pytest.mark.parametrize("vision, text, layer, reading_head", [("clip", "llama", -2, False), ("siglip", "qwen2", -1, True)])
 def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer, reading_head):
-    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer, reading_head=reading_head)
+    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer, reading_head=reading_head, reading_lines=reading_head)
     export_llava(model, tmp_path, tokenizer)
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     batch = batch_for(model, tokenizer, [TWO_IMAGES, TEXT_ONLY])

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
 
 from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
-from beni_model.config import BeniConfig
+from beni_model.config import LINE_READS_PER_COLUMN, LINE_TOKENS, BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.vision import (
     READING_ALPHABET,
@@ -17,6 +17,7 @@ from beni_model.vision import (
     ReadingHead,
     conv_stem_flops,
     ctc_loss,
+    line_targets,
     reading_classes,
     reading_targets,
 )
@@ -240,7 +241,7 @@ def test_reading_loss_comes_with_the_llm_loss_and_skips_lines_without_transcript
     assert model.vision_tower.reading_head.classify.weight.grad.abs().sum() > 0
     assert model(**batch, pixel_values=images(2)).reading_loss is None
     assert model(**batch, pixel_values=images(2), **dict(zip(("reading_targets", "reading_lengths"), reading_targets([None, None])))).reading_loss == 0
-    assert reading_classes("é") == reading_classes(None) == []
+    assert reading_classes("é") is reading_classes(None) is None and reading_classes("") == []
 
 
 def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddings(build, tmp_path):
@@ -262,6 +263,49 @@ def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddin
         torch.testing.assert_close(reloaded(**batch, pixel_values=images(2)).logits, model(**batch, pixel_values=images(2)).logits)
     with pytest.raises(ValueError, match="set reading_head=True too"):
         BeniConfig(**{**model.config.to_dict(), "reading_head": False})
+
+
+def test_the_line_head_reads_rows_and_hands_the_llm_their_collapsed_transcript(build):
+    """Rows 1 and 3 of a 16 x 16 grid carry text (feature 0), which the head reads as one "a" per column between
+    blanks: the LLM gets each of those rows as 16 a's and a line break, then blanks. A head reading "ab" at every
+    column of every row fills all LINE_TOKENS slots, cut in the middle of a row."""
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu", image_size=128, reading_head=True, reading_tokens=True, reading_lines=True)
+    grid, classes = 16, 1 + len(READING_ALPHABET)
+    assert model.config.num_image_tokens() == grid * grid + grid * READS_PER_COLUMN + LINE_TOKENS
+    head, table = model.vision_tower.line_head, model.reading_table()
+    token = {c: table[1 + READING_ALPHABET.index(c)] for c in "ab"} | {"\n": table[-1], "": table[0]}
+    features = torch.zeros(1, grid * grid, head.pool.shape[0])
+    features.view(1, grid, grid, -1)[:, [1, 3], :, 0] = 100.0
+    with torch.no_grad():
+        head.offset.copy_(torch.tensor([[-100.0], [0.0], [-100.0]]))  # each row's read is its own patch
+        head.classify.weight.zero_()
+        head.classify.weight.view(LINE_READS_PER_COLUMN, classes, -1)[0, 1 + READING_ALPHABET.index("a"), 0] = 1.0
+        head.classify.bias.zero_().view(LINE_READS_PER_COLUMN, classes)[0, 1 + READING_ALPHABET.index("a")] = -50
+        expected = ["a"] * grid + ["\n"] + ["a"] * grid + ["\n"] + [""] * (LINE_TOKENS - 2 * grid - 2)
+        torch.testing.assert_close(model.line_embeddings(features)[0], torch.stack([token[c] for c in expected]))
+        head.classify.bias.fill_(-30).view(LINE_READS_PER_COLUMN, classes)[[0, 2], [1 + READING_ALPHABET.index(c) for c in "ab"]] = 30
+        head.classify.bias.view(LINE_READS_PER_COLUMN, classes)[1, 0] = 30
+        expected = (["a", "b"] * grid + ["\n"]) * (LINE_TOKENS // (2 * grid + 1) + 1)
+        torch.testing.assert_close(model.line_embeddings(features)[0], torch.stack([token[c] for c in expected[:LINE_TOKENS]]))
+        assert model.vision_tower.read(images(1, 128))[0].split("\n")[1:] == ["ab" * grid] * grid
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    out = model(**batch, pixel_values=images(2, 128), **dict(zip(("reading_targets", "reading_lengths"), reading_targets([None, "open"]))),
+                **dict(zip(("line_targets", "line_lengths"), line_targets([[["open", 0.3], ["now", 0.7]], None], grid))))
+    (out.loss + out.reading_loss).backward()
+    assert head.classify.weight.grad.abs().sum() > 0 and head.offset.grad.abs().sum() > 0
+
+
+def test_line_targets_give_each_row_its_line_and_leave_shared_rows_out():
+    targets, lengths = line_targets([[["ab", 0.1], ["c", 0.6], ["d", 0.65]], [["e", 0.99]], None], rows=4)
+    assert lengths.tolist() == [[2, 0, -1, 0], [0, 0, 0, 1], [-1] * 4]
+    assert targets[0, 0, :2].tolist() == reading_classes("ab") and targets[1, 3, 0].item() == reading_classes("e")[0]
+
+
+def test_ctc_loss_of_an_empty_transcript_is_the_all_blank_path():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 1 + len(READING_ALPHABET))
+    loss = ctc_loss(logits.log_softmax(-1), *reading_targets([""]))
+    torch.testing.assert_close(loss, -logits.log_softmax(-1)[0, :, 0].mean())
 
 
 def test_the_reading_head_starts_as_the_column_mean_and_reads_the_rows_its_pool_scores(build):

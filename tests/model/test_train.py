@@ -115,8 +115,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, cuda_graphs=True).validate()
     with pytest.raises(ValueError, match="the encoder stage learns from images only"):
         TrainConfig(**base, stage="encoder", text_fraction=0.25).validate()
-    with pytest.raises(ValueError, match="reading_tokens comes with the reading head"):
-        TrainConfig(**base, reading_tokens=True).validate()
+    with pytest.raises(ValueError, match="reading_tokens and reading_lines come with the reading head"):
+        TrainConfig(**base, reading_lines=True).validate()
     with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
         TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
@@ -300,13 +300,13 @@ def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
 
 
 def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
-    """The recipe's order, with the head's transcript handed to the LLM as tokens, and the recipe's compiled blocks and
-    CUDA graphs, which FSDP's two processes turn off."""
-    shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
+    """The recipe's order, with the heads' transcripts handed to the LLM as tokens (the line head's trained on the
+    documents' lines), and the recipe's compiled blocks and CUDA graphs, which FSDP's two processes turn off."""
+    shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4, lines=True)
     recipe = {"compile": True, "cuda_graphs": True}
     stages = {
-        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True, **recipe),
-        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0), "init_from": str(tmp_path / "encoder" / "final")},
+        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True, reading_lines=True, max_length=320, **recipe),
+        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0, max_length=320), "init_from": str(tmp_path / "encoder" / "final")},
     }
     for name, config in stages.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "warmup_steps": 2, "save_every": 12, "workers": 0}))
@@ -324,3 +324,5 @@ def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torch
     assert model.config.reading_head and model.vision_tower.reading_head.classify.weight.abs().sum() > 0
     encoder = BeniForConditionalGeneration.from_pretrained(tmp_path / "encoder" / "final")
     assert model.config.reading_tokens and not torch.equal(model.connector.reading_blank, encoder.connector.reading_blank)
+    lines = [m.vision_tower.line_head.classify.weight for m in (BeniForConditionalGeneration(encoder.config), encoder, model)]
+    assert model.config.reading_lines and not torch.equal(lines[0], lines[1]) and not torch.equal(lines[1], lines[2])

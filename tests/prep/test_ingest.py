@@ -141,3 +141,12 @@ def test_a_transcript_column_reaches_the_manifest(tmp_path):
     manifest = build_manifest([tmp_path / "rows.jsonl"], tmp_path / "manifest", SourceSettings(transcript_column="line"))
     assert pq.read_table(tmp_path / "manifest" / "manifest.parquet")["transcript"].to_pylist() == ["OPEN", None, None]
     assert manifest.table.num_rows == 3
+
+
+def test_a_documents_lines_reach_the_manifest_and_bad_ones_are_rejected(tmp_path):
+    rows = [{"url": "a.jpg", "caption": "a memo", "lines": [["To: Ann", 0.2], ["From: Bo", 0.3]]}, {"url": "b.jpg", "caption": "a cat"},
+            {"url": "c.jpg", "caption": "x", "lines": [["To: Ann", 1.5]]}, {"url": "d.jpg", "caption": "y", "lines": "not json"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    good, bad = read_source(tmp_path / "rows.jsonl", SourceSettings())
+    assert [r["lines"] for r in good] == ['[["To: Ann", 0.2], ["From: Bo", 0.3]]', None]
+    assert [(r["row"], r["reason"]) for r in bad] == [(3, "bad_lines"), (4, "bad_lines")]

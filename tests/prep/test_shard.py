@@ -61,7 +61,8 @@ def staged_corpus(root: Path, n: int, chunks: int = 2, seed: int = 0):
                 else:
                     caption, conversations = words, ""
                 manifest.append({"sample_id": sample_id, "url": f"file:///img/{i}.jpg", "caption": caption, "conversations": conversations,
-                                 "transcript": words if i % 3 == 0 else None, "source": "test", "row": i, "chunk": chunk})
+                                 "transcript": words if i % 3 == 0 else None, "lines": json.dumps([[words, 0.5]]) if i % 5 == 0 else None,
+                                 "source": "test", "row": i, "chunk": chunk})
                 index.append({"sample_id": sample_id, "status": "ok", "reason": "", "http_status": 200, "bytes": info.size,
                               "width": side, "height": side, "content_sha256": "", "phash": "", "tar": "part-00000.tar",
                               "offset": tar.offset - -(-info.size // 512) * 512, "size": info.size, "ext": "jpg"})
@@ -104,11 +105,12 @@ def test_shards_read_back_with_webdataset_and_wids(staged, tmp_path):
     assert len(entries) > 200 // 32  # the byte bound split some shards early
 
     urls = [str(tmp_path / e["url"]) for e in entries]
-    seen, transcripts = [], {r["sample_id"]: r["transcript"] for r in manifest.to_pylist()}
+    seen, by_id = [], {r["sample_id"]: r for r in manifest.to_pylist()}
     for sample in wds.WebDataset(urls, shardshuffle=False).decode("pil"):
         meta = sample["json"]
         assert sample["__key__"] == meta["sample_id"] and isinstance(sample["jpg"], Image.Image)
-        assert meta.get("transcript") == transcripts[meta["sample_id"]]
+        row = by_id[meta["sample_id"]]
+        assert meta.get("transcript") == row["transcript"] and meta.get("lines") == (json.loads(row["lines"]) if row["lines"] else None)
         assert (sample["jpg"].width, sample["jpg"].height) == (meta["width"], meta["height"])
         seen.append((meta["sample_id"], meta["length"]))
     assert [s for s, _ in seen] == plan["sample_id"].to_pylist()

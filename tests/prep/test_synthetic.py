@@ -59,6 +59,7 @@ def test_rows_images_and_planted_duplicates(corpus):
             assert row["transcript"] == row["conversations"][1]["value"]
         else:
             assert "transcript" not in row
+        assert ("lines" in row) == (row["kind"] in DOCUMENT_KINDS)  # documents name their lines, for the line head
     for row in rows:
         with Image.open(folder / row["url"]) as image:
             assert image.format == "JPEG" and image.mode == "RGB"
@@ -73,7 +74,7 @@ def test_rows_images_and_planted_duplicates(corpus):
         copy, original = by_url[p["url"]], by_url[p["duplicate_of"]]
         assert p["duplicate_of"] < p["url"] and p["duplicate_of"] not in copies
         assert copy["kind"] == original["kind"] and copy["conversations"] == original["conversations"]
-        assert copy.get("transcript") == original.get("transcript")
+        assert copy.get("transcript") == original.get("transcript") and copy.get("lines") == original.get("lines")
         assert (copy["caption"] != original["caption"]) == p["caption_edit"]
         # an edit is light and never touches the quoted text
         assert re.findall(r'"[^"]*"', copy["caption"]) == re.findall(r'"[^"]*"', original["caption"])
@@ -154,7 +155,7 @@ def test_renders_without_any_font_files(monkeypatch):
         assert np.asarray(sample.image.convert("L")).std() > 1
     answers = [synthetic.latex(synthetic.math_expression(random.Random(i))) for i in range(30)]
     assert not any(letter in answer for answer in answers for letter in synthetic.GREEK)  # the built-in font has no Greek
-    image, info = synthetic.render_receipt(random.Random(0))
+    image, info, _ = synthetic.render_receipt(random.Random(0))
     assert image.width >= 160 and info["total"]
 
 
@@ -212,3 +213,29 @@ def test_the_corpus_makes_up_half_its_words_and_the_held_out_set_none():
     corpus = listed(synthetic.CORPUS_VOCABULARY)
     assert 0.35 < corpus.count(False) / len(corpus) < 0.65
     assert all(listed(HELD_OUT))
+
+
+def test_rotated_lines_follow_the_pixels_pillow_rotates():
+    image = Image.new("L", (200, 100))
+    image.paste(255, (146, 16, 154, 24))  # a dot centred at (150, 20)
+    for degrees in (-25.0, 5.0, 40.0):
+        rotated = image.rotate(degrees, Image.Resampling.BILINEAR, expand=True)
+        ys, xs = np.nonzero(np.asarray(rotated) > 100)
+        [(_, x, y)] = synthetic.rotated_lines([("dot", 150, 20)], image.size, degrees, rotated.size)
+        assert abs(x - xs.mean()) < 1.5 and abs(y - ys.mean()) < 1.5
+
+
+@pytest.mark.parametrize("kind", sorted(DOCUMENT_KINDS))
+def test_documents_name_their_lines_top_to_bottom_where_their_text_is(kind):
+    """Each line's centre lies on a band of ink (darker or lighter than the page around it), in reading order, and
+    the answers are on the lines."""
+    for seed in range(4):
+        sample = synthetic.DOCUMENTS[kind](random.Random(f"{kind}:{seed}"))
+        pixels = np.asarray(sample.image.convert("L")).astype(float)
+        centres = [y for _, y in sample.lines]
+        assert len(sample.lines) >= 3 and centres == sorted(centres) and all(0 < y < 1 for y in centres)
+        for text, y in sample.lines:
+            band = pixels[max(0, int(y * len(pixels)) - 2) : int(y * len(pixels)) + 3]
+            assert band.std() > 8, (kind, seed, text)
+        for _, answer in sample.qa:
+            assert any(answer.lower() in text.lower() for text, _ in sample.lines), (kind, answer)  # signs may be upper-case

@@ -94,17 +94,19 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     Through the LLM's loss alone a ViT trained from scratch learns which letters an image holds but not where they
     sit, and four scored runs read nothing (bench/BENCHMARKS.md). So the encoder stage first trains the vision
     tower alone on the reading loss (a CTC head on its columns, each pooled over the rows its text is on, on the
-    transcripts of the corpus's one-line images), without running the LLM; then everything trains together with that
-    loss kept on. The head's soft transcript also reaches the LLM as tokens in its own character embeddings
-    (`reading_tokens`), and the replies that are an image's transcript train one token per character, so the LLM
-    copies the head token for token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel
-    launches; off under FSDP): about 500 s of training on an H200, 54.6% held out (bench/BENCHMARKS.md)."""
+    transcripts of the corpus's one-line images; and a line head reading each row of patches, on the documents'
+    lines), without running the LLM; then everything trains together with that loss kept on. What the heads read
+    also reaches the LLM as tokens in its own character embeddings (`reading_tokens`, `reading_lines`), and the
+    replies that are an image's transcript train one token per character, so the LLM copies the heads token for
+    token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP):
+    about 515 s of training on an H200, 58.2% held out (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
         "connector": "pixelshuffle2_mlp2x_gelu",
         "vision_stem": "conv",
         "reading_tokens": True,
+        "reading_lines": True,
         "max_length": 512,
         "batch_size": 64,
         "save_every": 1000,
@@ -116,7 +118,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 3000, "warmup_steps": 200},
         {
             "name": "finetune", **parts, "reading_weight": 1.0, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
-            "max_steps": 1800, "warmup_steps": 200,
+            "max_steps": 1600, "warmup_steps": 200,
         },
     ]
 

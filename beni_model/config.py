@@ -85,8 +85,10 @@ class BeniConfig(PretrainedConfig):
         """LLM positions one image takes at `image_size` (default: the configured size)."""
         grid = (image_size or self.image_size) // self.patch_size
         prefix = self.num_prefix_tokens if self.keep_cls else 0
-        reads = grid * READS_PER_COLUMN + (LINE_TOKENS if self.reading_lines else 0) if self.reading_tokens else 0
-        return self.connector_spec.num_tokens(grid * grid + prefix) + reads
+        tokens = self.connector_spec.num_tokens(grid * grid + prefix)
+        if self.reading_tokens:
+            tokens += grid * READS_PER_COLUMN + (LINE_TOKENS if self.reading_lines else 0)
+        return tokens
 
     def validate_parts(self) -> None:
         spec = parse_connector(self.connector)

@@ -59,6 +59,7 @@ from beni_model.vision import conv_stem_flops
 PARTS = ("vision_tower", "connector", "language_model")
 STAGES = ("encoder", "align", "finetune")
 GRAPHED_WIDTH_MULTIPLE = 32  # cuda_graphs pads rows to a multiple of this: each batch shape costs a capture
+READING_KEYS = ("reading_targets", "reading_lengths", "line_targets", "line_lengths")  # the loader's targets for the heads
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 
 
@@ -532,13 +533,13 @@ def train_step(
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
         # never reads it, and SDPA runs its causal kernel instead of building and applying a padding mask.
-        keys = ("input_ids", "position_ids", "pixel_values") + (("reading_targets", "reading_lengths", "line_targets", "line_lengths") if reads else ())
+        keys = ("input_ids", "position_ids", "pixel_values") + (READING_KEYS if reads else ())
         inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
         if read_only:
             with autocast:
-                reading = model(**{k: v for k, v in inputs.items() if k not in ("input_ids", "position_ids")}).reading_loss
+                reading = model(pixel_values=inputs["pixel_values"], **{k: inputs[k] for k in READING_KEYS if k in inputs}).reading_loss
             (reading / len(micro)).backward()
             sums[1] += reading.detach() / len(micro)
             continue

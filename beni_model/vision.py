@@ -246,9 +246,9 @@ def reading_targets(transcripts: list[str | None]) -> tuple[torch.Tensor, torch.
     """`VisionTower.reading_loss`'s targets for a batch's transcripts (None: an image without one, "": one that
     reads nothing): every image's class ids padded with 0, [images, longest], and their counts (-1 where None)."""
     classes = [reading_classes(t) for t in transcripts]
-    targets = torch.zeros(len(classes), max((len(ids) for ids in classes if ids), default=0), dtype=torch.long)
-    for row, ids in zip(targets, classes):
-        row[: len(ids or ())] = torch.tensor(ids or [], dtype=torch.long)
+    width = max((len(ids) for ids in classes if ids), default=0)
+    rows = [(ids or []) + [0] * (width - len(ids or [])) for ids in classes]
+    targets = torch.tensor(rows, dtype=torch.long).view(len(classes), width)  # one copy, not one per row
     return targets, torch.tensor([-1 if ids is None else len(ids) for ids in classes], dtype=torch.long)
 
 

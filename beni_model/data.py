@@ -2,9 +2,10 @@
 
 Each rank reads its own shards (the shard order is shuffled per epoch from the seed, then dealt out
 round-robin); batches are cut from consecutive samples (a shard's last ones completed by the next shard's
-first), so lengths inside a batch are close, padding stays small and every batch but an epoch's last is full;
-the batch order is shuffled inside windows of `window` batches. Every rank reads the modality of micro-step n
-(image+text or text-only) from the same seeded schedule, so no rank runs the connector while another skips it.
+first), so lengths inside a batch are close and padding stays small, and an epoch's last batch is topped up
+with its first samples, so every batch is full; the batch order is shuffled inside windows of `window` batches.
+Every rank reads the modality of micro-step n (image+text or text-only) from the same seeded schedule, so no
+rank runs the connector while another skips it.
 Images are decoded and resized in DataLoader workers: worker w builds micro-steps n with n % workers == w, and
 the DataLoader hands them back in order.
 
@@ -101,10 +102,10 @@ def sample_modality(sample: dict) -> str:
 
 def epoch_batches(paths: list[Path], settings: DataSettings, epoch: int, rank: int, keep: set[str]):
     """(modality, samples) batches of one epoch over this rank's `paths`, in order: consecutive same-modality samples,
-    so lengths inside a batch stay close. A shard's last samples join the next shard's first, so every batch but the
-    epoch's last of each modality is full (under cuda_graphs each batch shape costs a capture). The batch order is
-    shuffled within windows of `window` batches."""
-    pending = {"image": [], "text": []}
+    so lengths inside a batch stay close. A shard's last samples join the next shard's first, and the epoch's last
+    batch of each modality is topped up with the epoch's first samples, so every batch is full (under cuda_graphs
+    each batch shape costs a capture: seconds). The batch order is shuffled within windows of `window` batches."""
+    pending, first = {"image": [], "text": []}, {"image": [], "text": []}
     for k, path in enumerate(paths):
         rng, window = np.random.default_rng([settings.seed, epoch, rank, k]), []
         for sample in read_samples(path):
@@ -112,6 +113,8 @@ def epoch_batches(paths: list[Path], settings: DataSettings, epoch: int, rank: i
             if modality not in keep:
                 continue
             pending[modality].append(sample)
+            if len(first[modality]) < settings.batch_size:
+                first[modality].append(sample)
             if len(pending[modality]) == settings.batch_size:
                 window.append((modality, pending[modality]))
                 pending[modality] = []
@@ -119,7 +122,7 @@ def epoch_batches(paths: list[Path], settings: DataSettings, epoch: int, rank: i
                     yield from (window[i] for i in rng.permutation(len(window)))
                     window = []
         yield from (window[i] for i in rng.permutation(len(window)))
-    yield from ((m, samples) for m, samples in pending.items() if samples)
+    yield from ((m, samples + first[m][: settings.batch_size - len(samples)]) for m, samples in pending.items() if samples)
 
 
 def raw_stream(settings: DataSettings, rank: int, world_size: int, position: DataPosition):

@@ -780,7 +780,7 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
 def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str], list[tuple[str, float]]]:
     """A shop sign on a photo-like scene; returns the image, its name, founding year and opening hours (the keys
     of SIGN_QUESTIONS) and its lines (see Rendered.lines)."""
-    name = f"{vocab.pick(rng, vocab.adjectives + vocab.nouns).capitalize()} {rng.choice(vocab.shop_types)}"
+    name = f"{vocab.pick(rng, vocab.adjectives + vocab.nouns).capitalize()} {vocab.pick(rng, vocab.shop_types)}"
     info = {"name": name, "year": str(rng.randint(1890, 2020)), "hours": f"{rng.randint(6, 10)}:00-{rng.randint(17, 23)}:00"}
     lines = [name.upper() if rng.random() < 0.5 else name, f"EST. {info['year']}", f"OPEN {info['hours']}"]
     size = rng.randint(24, 44)

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import tarfile
@@ -88,8 +89,8 @@ def test_ranks_read_disjoint_shards_in_a_per_epoch_order(tmp_path):
         rank_shards(paths[:1], 0, 0, 0, 2)
 
 
-def test_batches_are_full_cut_from_consecutive_shards_and_every_sample_comes_once_per_epoch(tmp_path):
-    shards = write_toy_shards(tmp_path, samples=42, per_shard=7)  # 3 shards of 7 per rank: 5 batches of 4, then 1
+def test_batches_are_full_cut_from_consecutive_shards_and_every_sample_comes_in_each_epoch(tmp_path):
+    shards = write_toy_shards(tmp_path, samples=42, per_shard=7)  # 3 shards of 7 per rank: 5 batches of 4, then 1 + 3
     members = {}
     for path in shard_paths(shards):
         with tarfile.open(path) as tar:
@@ -98,11 +99,13 @@ def test_batches_are_full_cut_from_consecutive_shards_and_every_sample_comes_onc
     for rank in range(2):
         order = [p.name for p in rank_shards(shard_paths(shards), 0, 0, rank, 2)]
         batches = [keys_ for _, _, keys_ in keys(raw_stream(settings(shards), rank, 2, DataPosition()), 6)]
-        assert [len(b) for b in batches] == [4] * 5 + [1]
-        for batch in batches:
+        assert [len(b) for b in batches] == [4] * 6
+        epoch_order = [key for _, _, keys_ in keys(raw_stream(dataclasses.replace(settings(shards), window=1), rank, 2, DataPosition()), 6) for key in keys_]
+        assert batches[-1][1:] == epoch_order[:3]  # the last batch: the epoch's one leftover, then its first samples
+        for batch in batches[:-1]:
             used = [order.index(name) for name, m in members.items() if set(batch) & m]
             assert max(used) - min(used) <= 1  # within one shard, or the end of one and the start of the next
-        seen += [key for batch in batches for key in batch]
+        seen += [key for batch in batches[:-1] for key in batch] + batches[-1][:1]
     assert sorted(seen) == sorted(set().union(*members.values()))
 
 

@@ -89,7 +89,7 @@ def tiny(cache: Path) -> list[dict]:
 
 
 def smollm2_siglip(cache: Path) -> list[dict]:
-    """SmolLM2-135M-Instruct + a SigLIP ViT with a conv stem trained from scratch, under ten minutes on one GPU.
+    """SmolLM2-135M-Instruct + a SigLIP ViT with a conv stem trained from scratch, sized for ten minutes on one GPU.
 
     Through the LLM's loss alone a ViT trained from scratch learns which letters an image holds but not where they
     sit, and four scored runs read nothing (bench/BENCHMARKS.md). So the encoder stage first trains the vision
@@ -99,7 +99,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     also reaches the LLM as tokens in its own character embeddings (`reading_tokens`, `reading_lines`), and the
     replies that are an image's transcript train one token per character, so the LLM copies the heads token for
     token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP):
-    about 515 s of training on an H200, 58.2% held out (bench/BENCHMARKS.md)."""
+    about 625 s of training on an H200, 59.6% held out (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
@@ -118,7 +118,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 3000, "warmup_steps": 200},
         {
             "name": "finetune", **parts, "reading_weight": 1.0, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
-            "max_steps": 1600, "warmup_steps": 200,
+            "max_steps": 1800, "warmup_steps": 200,
         },
     ]
 

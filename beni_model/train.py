@@ -62,6 +62,7 @@ GRAPHED_WIDTH_MULTIPLE = 32  # cuda_graphs pads rows to a multiple of this: each
 READING_KEYS = ("reading_targets", "reading_lengths", "line_targets", "line_lengths")  # the loader's targets for the heads
 CHECKPOINT_WRITE_THREADS = 4  # a 2 GB checkpoint: 4.4-5.2 s with one writer thread, 2.3-2.5 s with 4 (2-core VM)
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
+PROFILE_AFTER = 10  # profile_steps start after this many steps of a launch: the first ones compile and capture
 
 
 @dataclass
@@ -96,13 +97,14 @@ class TrainConfig:
     reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
     reading_lines: bool = False  # a new model also reads each row of patches as a line, trained on documents' lines (BeniConfig.reading_lines)
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (GPU)
+    compile: bool = False  # torch.compile each transformer block and a conv stem (GPU)
     cuda_graphs: bool = False  # with compile: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens; one process only (off under FSDP, as the log says)
     device: str = "auto"  # auto, cuda or cpu
     workers: int = 2  # DataLoader workers per process
     save_every: int = 200
     keep_checkpoints: int = 2
     peak_tflops: float = 0.0  # bf16 peak of one device, for MFU (0: not reported)
+    profile_steps: int = 0  # > 0: rank 0 runs this many steps after the first PROFILE_AFTER under torch.profiler (see step_profiler)
     wandb: bool = False
     seed: int = 0
 
@@ -122,6 +124,8 @@ class TrainConfig:
             problems.append(f"part_lr names {sorted(unknown)}, which are not among {PARTS}")
         if self.lora_rank and self.stage != "finetune":
             problems.append("LoRA (lora_rank > 0) belongs to the finetune stage")
+        if self.profile_steps < 0:
+            problems.append("profile_steps must be at least 0")
         if min(self.max_steps, self.batch_size, self.grad_accum, self.save_every) < 1:
             problems.append("max_steps, batch_size, grad_accum and save_every must be at least 1")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -243,6 +247,9 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
     if compile:
         for block in blocks:
             block.compile(mode="reduce-overhead" if cuda_graphs else None)
+        beni_of(model).vision_tower.compile_stem()
+    if device.type == "cuda":
+        beni_of(model).vision_tower.graph_ctc()
     if world_size == 1:
         return model
     mesh = init_device_mesh(device.type, (world_size,))
@@ -357,6 +364,25 @@ class Checkpoints:
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
         return trainer["step"], DataPosition(**extra["position"])
+
+
+def step_profiler(steps: int, out: Path) -> torch.profiler.profile:
+    """torch.profiler over `steps` training steps after the first PROFILE_AFTER: writes profile.txt (the ops by
+    device time and by host time, with the kernel time per step) and profile_trace.json.gz (a timeline for Perfetto)."""
+    cuda = torch.cuda.is_available()
+
+    def write(prof: torch.profiler.profile) -> None:
+        ops = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in ops if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
+        tables = ([ops.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)] if cuda else [])
+        tables.append(ops.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+        header = f"steps {PROFILE_AFTER + 1}-{PROFILE_AFTER + steps} of this launch: {kernels / steps / 1e3:.1f} ms of GPU kernels per step (its wall time: metrics.jsonl)"
+        (out / "profile.txt").write_text("\n\n".join([header, *tables]) + "\n")
+        prof.export_chrome_trace(str(out / "profile_trace.json.gz"))
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    schedule = torch.profiler.schedule(wait=PROFILE_AFTER - 1, warmup=1, active=steps, repeat=1)
+    return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -609,6 +635,9 @@ def train(config: TrainConfig) -> dict:
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
+    profiler = step_profiler(config.profile_steps, out) if config.profile_steps and rank == 0 else None
+    if profiler:
+        profiler.start()
     skipped_in_a_row = 0
     pending = None  # the last step's stats and row, read once the next step is queued: the host never waits for the GPU
 
@@ -664,7 +693,11 @@ def train(config: TrainConfig) -> dict:
             saved = checkpoints.save(step, model, optimizer, scheduler, position, device)
             if reporter:
                 reporter.info(f"checkpoint {saved.name} written in {time.perf_counter() - saving:.1f} s")
+        if profiler:
+            profiler.step()
 
+    if profiler:
+        profiler.stop()
     saving = time.perf_counter()
     final = save_final(model, config, tokenizer, out, rank)
     if reporter:

@@ -14,8 +14,11 @@ from beni_model.vision import (
     READING_ALPHABET,
     READS_PER_COLUMN,
     ConvStem,
+    CudaGraphed,
     ReadingHead,
     conv_stem_flops,
+    ctc_backward,
+    ctc_forward,
     ctc_loss,
     line_targets,
     reading_classes,
@@ -345,3 +348,20 @@ def test_ctc_loss_matches_pytorchs_on_lines_that_fit():
     # PyTorch's kernel hands back the gradient for log_softmax'd inputs, which both match at the logits
     grad, reference_grad = (torch.autograd.grad(loss, logits, retain_graph=True)[0] for loss in (ours, reference))
     assert torch.allclose(grad, reference_grad, atol=1e-6) and grad[[2, 4]].abs().sum() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_ctc_passes_replayed_as_cuda_graphs_give_the_eager_loss_and_gradient():
+    """Two shapes (the reading head's and the line head's), each captured on first use, then replayed on new values."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    passes = (CudaGraphed(ctc_forward), CudaGraphed(ctc_backward))
+    for batch, steps in ((4, 8), (6, 12), (4, 8), (6, 12)):
+        lines = ["".join(rng.choices("abc", k=rng.randint(0, steps))) for _ in range(batch - 1)] + [None]
+        targets, lengths = (t.cuda() for t in reading_targets(lines))
+        logits = torch.randn(batch, steps, 1 + len(READING_ALPHABET), device="cuda", requires_grad=True)
+        losses = [ctc_loss(logits.log_softmax(-1), targets, lengths, p) for p in (None, passes)]
+        grads = [torch.autograd.grad(loss, logits)[0] for loss in losses]
+        torch.testing.assert_close(losses[1], losses[0])
+        torch.testing.assert_close(grads[1], grads[0])
+    assert len(passes[0].graphs) == len(passes[1].graphs) == 2

@@ -1,5 +1,6 @@
 """The trainer under real torchrun (2 gloo ranks, FSDP2) on a tiny SigLIP + tied-Llama model over real shards."""
 
+import gzip
 import itertools
 import json
 import math
@@ -17,7 +18,17 @@ from beni_model.chat import build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import PARTS, Reporter, TrainConfig, lr_factor, param_groups, read_metrics, torchrun_command, train_step
+from beni_model.train import (
+    PARTS,
+    PROFILE_AFTER,
+    Reporter,
+    TrainConfig,
+    lr_factor,
+    param_groups,
+    read_metrics,
+    torchrun_command,
+    train_step,
+)
 from tests.model.test_data import write_toy_shards
 
 
@@ -288,15 +299,20 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
         dist.destroy_process_group()
 
 
-def test_packed_training_under_torchrun_lowers_the_loss(tmp_path, parts):
+def test_packed_training_under_torchrun_lowers_the_loss_and_profiles_its_steps(tmp_path, parts):
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4)
     out = tmp_path / "run"
-    config = toy_run(shards, out, parts, max_steps=20, warmup_steps=2, save_every=20, workers=0, pack=True)
+    config = toy_run(shards, out, parts, max_steps=20, warmup_steps=2, save_every=20, workers=0, pack=True, profile_steps=3)
     (tmp_path / "train.json").write_text(json.dumps(config))
     run = subprocess.run(torchrun_command(tmp_path / "train.json", 2), check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     losses = [r["loss"] for r in rows(out)]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.8
+    profile = (out / "profile.txt").read_text()
+    assert profile.startswith(f"steps {PROFILE_AFTER + 1}-{PROFILE_AFTER + 3} of this launch") and "aten::mm" in profile
+    with gzip.open(out / "profile_trace.json.gz") as f:
+        steps = [e for e in json.load(f)["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")]
+    assert [e["name"] for e in steps] == [f"ProfilerStep#{PROFILE_AFTER + i}" for i in range(3)]
 
 
 def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -257,7 +258,13 @@ class CudaGraphed:
     def __call__(self, *args):
         key = tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(args)
+            try:
+                self.graphs[key] = self.capture(args)
+            except RuntimeError as error:  # a capture CUDA refuses costs launches, not the run
+                warnings.warn(f"{self.fn.__name__} runs eagerly at {key}: its CUDA graph capture failed: {error}", stacklevel=2)
+                self.graphs[key] = None
+        if self.graphs[key] is None:
+            return self.fn(*args)
         graph, inputs, outputs = self.graphs[key]
         for buffer, arg in zip(inputs, args):
             if isinstance(arg, torch.Tensor):

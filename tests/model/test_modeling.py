@@ -365,3 +365,18 @@ def test_ctc_passes_replayed_as_cuda_graphs_give_the_eager_loss_and_gradient():
         torch.testing.assert_close(losses[1], losses[0])
         torch.testing.assert_close(grads[1], grads[0])
     assert len(passes[0].graphs) == len(passes[1].graphs) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the capture fails: one without CUDA")
+def test_a_pass_whose_cuda_graph_capture_fails_runs_eagerly_and_says_so():
+    torch.manual_seed(0)
+    targets, lengths = reading_targets(["ab", "c", None])
+    logits = torch.randn(3, 6, 1 + len(READING_ALPHABET), requires_grad=True)
+    passes = (CudaGraphed(ctc_forward), CudaGraphed(ctc_backward))
+    with pytest.warns(UserWarning, match="ctc_forward runs eagerly .* CUDA graph capture failed"):
+        loss = ctc_loss(logits.log_softmax(-1), targets, lengths, passes)
+    with pytest.warns(UserWarning, match="ctc_backward runs eagerly"):
+        grad = torch.autograd.grad(loss, logits)[0]
+    eager = ctc_loss(logits.log_softmax(-1), targets, lengths)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, torch.autograd.grad(eager, logits)[0])

@@ -112,11 +112,11 @@ class VisionTower(nn.Module):
             self.reading_head = ReadingHead(config.vision_config.hidden_size)
         if config.reading_lines:
             self.line_head = LineReadingHead(config.vision_config.hidden_size)
-        self.ctc_passes = None  # ctc_loss's default
+        self.ctc_passes = (ctc_forward, ctc_backward)  # graph_ctc swaps in CUDA graphs of them
 
     def compile_stem(self) -> None:
         """torch.compile a conv stem, as the trainer compiles the transformer blocks: eager, its BatchNorms, ReLUs and
-        pools were a sixth of the encoder stage's GPU time (bench/BENCHMARKS.md)."""
+        pools were 18 of the encoder step's 46 GPU ms, compiled the step's GPU time is 38 ms (bench/BENCHMARKS.md)."""
         stem = getattr(getattr(self.encoder, "embeddings", None), "patch_embedding", None)
         if isinstance(stem, ConvStem):
             stem.compile()

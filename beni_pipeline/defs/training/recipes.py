@@ -99,7 +99,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     also reaches the LLM as tokens in its own character embeddings (`reading_tokens`, `reading_lines`), and the
     replies that are an image's transcript train one token per character, so the LLM copies the heads token for
     token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP):
-    about 625 s of training on an H200, 59.6% held out (bench/BENCHMARKS.md)."""
+    about 590 s of training on an H200, 61.4% held out (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,
@@ -115,7 +115,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         "workers": 12,
     }
     return [
-        {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 3000, "warmup_steps": 200},
+        {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 4000, "warmup_steps": 200},
         {
             "name": "finetune", **parts, "reading_weight": 1.0, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
             "max_steps": 1800, "warmup_steps": 200,

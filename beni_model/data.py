@@ -104,7 +104,8 @@ def epoch_batches(paths: list[Path], settings: DataSettings, epoch: int, rank: i
     """(modality, samples) batches of one epoch over this rank's `paths`, in order: consecutive same-modality samples,
     so lengths inside a batch stay close. A shard's last samples join the next shard's first, and the epoch's last
     batch of each modality is topped up with the epoch's first samples, so every batch is full unless the epoch
-    holds fewer samples of that modality than a batch (under cuda_graphs each batch shape costs a capture: seconds). The batch order is shuffled within windows of `window` batches."""
+    holds fewer samples of that modality than a batch (under cuda_graphs each batch shape costs a capture: seconds).
+    The batch order is shuffled within windows of `window` batches."""
     pending, first = {"image": [], "text": []}, {"image": [], "text": []}
     for k, path in enumerate(paths):
         rng, window = np.random.default_rng([settings.seed, epoch, rank, k]), []

@@ -366,10 +366,10 @@ class Checkpoints:
         return trainer["step"], DataPosition(**extra["position"])
 
 
-def step_profiler(steps: int, out: Path) -> torch.profiler.profile:
+def step_profiler(steps: int, out: Path, cuda: bool) -> torch.profiler.profile:
     """torch.profiler over `steps` training steps after the first PROFILE_AFTER: writes profile.txt (the ops by
-    device time and by host time, with the kernel time per step) and profile_trace.json.gz (a timeline for Perfetto)."""
-    cuda = torch.cuda.is_available()
+    device time and by host time, with the kernel time per step) and profile_trace.json.gz (a timeline for Perfetto);
+    `cuda`: the steps run on a GPU, whose kernels it records too."""
 
     def write(prof: torch.profiler.profile) -> None:
         ops = prof.key_averages()
@@ -635,7 +635,7 @@ def train(config: TrainConfig) -> dict:
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
-    profiler = step_profiler(config.profile_steps, out) if config.profile_steps and rank == 0 else None
+    profiler = step_profiler(config.profile_steps, out, device.type == "cuda") if config.profile_steps and rank == 0 else None
     if profiler:
         profiler.start()
     skipped_in_a_row = 0

@@ -364,7 +364,7 @@ def test_ctc_passes_replayed_as_cuda_graphs_give_the_eager_loss_and_gradient():
         grads = [torch.autograd.grad(loss, logits)[0] for loss in losses]
         torch.testing.assert_close(losses[1], losses[0])
         torch.testing.assert_close(grads[1], grads[0])
-    assert len(passes[0].graphs) == len(passes[1].graphs) == 2
+    assert [sum(graph is not None for graph in p.graphs.values()) for p in passes] == [2, 2]  # captured, not run eagerly
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the capture fails: one without CUDA")

@@ -10,9 +10,9 @@ size; the peer and CUDA graphs are one-GPU only) and the scaling efficiency is s
 Random init from real config classes, full fine-tune, synthetic batches of the same shapes for every variant
 (image tokens first, then text; labels on the second half of the text, as an assistant reply):
 - peer: Llava, bf16 weights, fused AdamW, SDPA, a plain loop (logits at every position);
-- beni-full-logits: beni's model and optimizer (fp32 master weights, bf16 autocast on one GPU, fused AdamW,
-  clipping) with the loss over logits at every position, as the peer computes it;
-- beni: the trainer's step as it runs (train_step: LM head only at label positions);
+- beni-full-logits: beni's model and optimizer (fp32 master weights, bf16 autocast and bf16 block inputs on one GPU,
+  fused AdamW, clipping) with the loss over logits at every position, as the peer computes it;
+- beni: the trainer's step as it runs (train_step: LM head only at label positions, the loss compiled);
 - beni-compile: the same with every transformer block torch.compiled;
 - beni-cudagraphs: the trainer's `cuda_graphs` (every compiled block a CUDA graph): the compiled step is host-bound;
 - beni-reading-loss: beni-compile plus the reading head's CTC loss (`reading_weight=1`) on a transcript of 4-12

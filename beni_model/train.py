@@ -4,12 +4,12 @@
 
 FSDP2 shards every transformer block of the vision tower and the LLM as its own unit; the root unit holds the
 rest (embeddings, the tied lm_head, the connector, norms), so tied weights always share a unit. bf16 compute
-with fp32 master weights and reductions on GPU (NCCL), fp32 on CPU (gloo); a single process trains the plain
-module under bf16 autocast. Checkpoints (model, optimizer, scheduler, data
-position, RNG) are written with torch.distributed.checkpoint into a temp folder that rank 0 renames once
-every rank is done, and a new launch resumes from the newest one. Rank 0 logs to metrics.jsonl, draws
-loss.png, optionally mirrors to wandb (offline unless WANDB_MODE says otherwise) and, when started by
-Dagster Pipes, streams its logs and the final metadata back.
+with fp32 master weights and reductions on GPU (NCCL), fp32 on CPU (gloo); a single GPU trains the plain
+module under bf16 autocast, each block's inputs cast to bf16 as FSDP's policy casts them. Checkpoints (model,
+optimizer, scheduler, data position, RNG) are written with torch.distributed.checkpoint into a temp folder that
+rank 0 renames once every rank is done, and a new launch resumes from the newest one. Rank 0 logs to
+metrics.jsonl, draws loss.png, optionally mirrors to wandb (offline unless WANDB_MODE says otherwise) and, when
+started by Dagster Pipes, streams its logs and the final metadata back.
 """
 
 import argparse
@@ -236,7 +236,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool = False, cuda_graphs: bool = False) -> nn.Module:
     """FSDP2 over the ranks: each transformer block its own unit, the rest (embeddings, tied lm_head,
     connector) the root unit. One process skips FSDP: there is nothing to shard, and its per-block casts and
-    copies cost a third of the step on one GPU; the fp32 module then runs under bf16 autocast (train_step).
+    copies cost a third of the step on one GPU; the fp32 module then runs under bf16 autocast (train_step), each
+    block's floating inputs cast to bf16 as FSDP's policy casts them (`bf16_inputs`).
     `cuda_graphs` makes each compiled block a CUDA graph: the compiled step is bound by the host's kernel launches
     (bench/BENCHMARKS.md), and a graph replays a block's kernels in one launch. It needs one process (FSDP's
     collectives run between the blocks) and costs a capture per new batch shape."""
@@ -244,6 +245,9 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
         raise ValueError(f"cuda_graphs needs one process; this run has {world_size}: leave cuda_graphs off under FSDP.")
     model.to(device)
     blocks = transformer_blocks(model)
+    if device.type == "cuda" and world_size == 1:
+        for block in blocks:
+            block.register_forward_pre_hook(bf16_inputs, with_kwargs=True)
     if compile:
         for block in blocks:
             block.compile(mode="reduce-overhead" if cuda_graphs else None)
@@ -261,6 +265,17 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def bf16_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's floating-point inputs in bf16. Autocast casts only a matmul's inputs, so without this the residual
+    stream between the blocks (and the rotary tables) would stay fp32 and double the traffic of every norm, add and
+    activation: 5.7% of the small config's GPU time per step on an H200 (bench/BENCHMARKS.md)."""
+
+    def cast(x):
+        return x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}
 
 
 def train_flops(beni_config: BeniConfig, tokens: int, seq_len: int, images: int) -> float:
@@ -484,8 +499,18 @@ def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Ten
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # labels still on the host: no device sync
     out = model(**inputs, logits_to_keep=to_device(keep, device), use_cache=False)
     targets = to_device(targets[:, keep], device).flatten()
-    loss = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = (fused_cross_entropy if device.type == "cuda" else cross_entropy)(out.logits.flatten(0, 1), targets)
     return loss / num_items, out.reading_loss
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the targets that are not IGNORE_INDEX, computed in fp32."""
+    return nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+# Compiled, on the GPU: one fused pass each way over the bf16 logits instead of an fp32 copy of them, its softmax and
+# their gradient in fp32 (the vocabulary is wide: 4.7 of the small config's 90.7 GPU ms per step).
+fused_cross_entropy = torch.compile(cross_entropy, dynamic=True)
 
 
 def samples_in(batch: dict) -> int:

@@ -1,5 +1,6 @@
 """The trainer under real torchrun (2 gloo ranks, FSDP2) on a tiny SigLIP + tied-Llama model over real shards."""
 
+import copy
 import gzip
 import itertools
 import json
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from beni_model.chat import build_example, load_tokenizer, pack_batch, pad_batch
+from beni_model.chat import IGNORE_INDEX, build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
@@ -23,11 +24,15 @@ from beni_model.train import (
     PROFILE_AFTER,
     Reporter,
     TrainConfig,
+    cross_entropy,
+    fused_cross_entropy,
     lr_factor,
     param_groups,
     read_metrics,
+    shard,
     torchrun_command,
     train_step,
+    transformer_blocks,
 )
 from tests.model.test_data import write_toy_shards
 
@@ -256,6 +261,46 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
     finally:
         dist.destroy_process_group()
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 block inputs and the compiled loss are the GPU's")
+def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tmp_path, build):
+    dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for rows in (300, 123):  # a second row count: the compiled loss takes any number of label tokens
+            logits = torch.randn(rows, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            targets = torch.randint(0, 1000, (rows,), device="cuda")
+            targets[::7] = IGNORE_INDEX
+            losses = [fn(logits, targets) for fn in (cross_entropy, fused_cross_entropy)]
+            grads = [torch.autograd.grad(loss, logits)[0] for loss in losses]
+            assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+            torch.testing.assert_close(grads[1], grads[0])
+
+        model, tokenizer = build()
+        shards = write_toy_shards(tmp_path / "shards", samples=8, per_shard=8)
+        settings = DataSettings(
+            shards=str(shards), batch_size=8, image_size=32, tokens_per_image=model.config.num_image_tokens(), max_length=64
+        )
+        batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+        on_cpu = copy.deepcopy(model).train()
+        model = shard(model.train(), torch.device("cuda"), 1)
+        seen = []
+
+        def record(block, args, kwargs):  # registered after shard's own hook: sees what the block gets
+            seen.extend(x.dtype for x in (*args, *kwargs.values()) if torch.is_tensor(x) and x.is_floating_point())
+
+        for block in transformer_blocks(model):
+            block.register_forward_pre_hook(record, with_kwargs=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.0, fused=True)
+        gpu = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cuda")).host()
+        assert len(seen) >= len(transformer_blocks(model)) and set(seen) == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
+        cpu_trainable = [p for p in on_cpu.parameters() if p.requires_grad]
+        cpu = train_step(on_cpu, [batch], torch.optim.SGD(cpu_trainable, lr=0.0, fused=True), cpu_trainable, 1.0, on_cpu.config, torch.device("cpu")).host()
+        assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2) and cpu["loss"] > 1.0
+    finally:
+        dist.destroy_process_group()
 
 PACKED_CONVERSATIONS = [
     [{"from": "human", "value": "<image>\nWhat is written in the image?"}, {"from": "gpt", "value": "The sign says open."}],

@@ -99,7 +99,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     also reaches the LLM as tokens in its own character embeddings (`reading_tokens`, `reading_lines`), and the
     replies that are an image's transcript train one token per character, so the LLM copies the heads token for
     token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP):
-    about 590 s of training on an H200, 61.4% held out (bench/BENCHMARKS.md)."""
+    about 530 s of training on an H200, 64.0% held out (bench/BENCHMARKS.md)."""
     parts = {
         "text_model": str(smollm2_instruct()),
         "vision_config": SIGLIP_OCR,

@@ -245,7 +245,7 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
         raise ValueError(f"cuda_graphs needs one process; this run has {world_size}: leave cuda_graphs off under FSDP.")
     model.to(device)
     blocks = transformer_blocks(model)
-    if device.type == "cuda" and world_size == 1:
+    if under_autocast(device, world_size):
         for block in blocks:
             block.register_forward_pre_hook(bf16_inputs, with_kwargs=True)
     if compile:
@@ -265,6 +265,12 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def under_autocast(device: torch.device, world_size: int) -> bool:
+    """Whether the step runs the fp32 module under bf16 autocast, its blocks fed bf16 (`bf16_inputs`): on one GPU.
+    FSDP casts for itself on several, and the CPU trains in fp32."""
+    return device.type == "cuda" and world_size == 1
 
 
 def bf16_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -579,7 +585,7 @@ def train_step(
     dist.all_reduce(counts)
     num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients
     sums = torch.zeros(2, device=device)  # LM loss, reading loss: one all-reduce for both
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world_size == 1)  # see shard()
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=under_autocast(device, world_size))
     for i, batch in enumerate(micro):
         if world_size > 1:
             model.set_requires_gradient_sync(i == len(micro) - 1)

@@ -262,7 +262,6 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
         dist.destroy_process_group()
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 block inputs and the compiled loss are the GPU's")
 def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tmp_path, build):
     dist.init_process_group("cpu:gloo,cuda:nccl", store=dist.HashStore(), rank=0, world_size=1)
@@ -301,6 +300,7 @@ def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tm
         assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2) and cpu["loss"] > 1.0
     finally:
         dist.destroy_process_group()
+
 
 PACKED_CONVERSATIONS = [
     [{"from": "human", "value": "<image>\nWhat is written in the image?"}, {"from": "gpt", "value": "The sign says open."}],

@@ -2,8 +2,9 @@
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
+
+from beni_model.files import atomic_path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,10 +42,7 @@ def smollm2_instruct(cache_dir: str | Path | None = None) -> Path:
     # The weights are already dequantized to float32; drop the GGUF marker that forbids saving them.
     model.hf_quantizer = None
     del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.replace(target)  # a killed conversion never leaves a folder that looks complete
+    with atomic_path(target) as partial:  # a killed conversion never leaves a folder that looks complete
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target

@@ -4,9 +4,9 @@ import argparse
 import sys
 
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from beni_pipeline.definitions import defs
+from beni_pipeline.defs.config import partition_range_tags
 
 
 def materialize_all(
@@ -27,7 +27,7 @@ def materialize_all(
             partition_keys = partitions.get_partition_keys(dynamic_partitions_store=instance)
             if not partition_keys:
                 raise RuntimeError(f"{keys[0].to_user_string()} has no partitions yet; materialize its upstream assets first")
-            tags = {ASSET_PARTITION_RANGE_START_TAG: partition_keys[0], ASSET_PARTITION_RANGE_END_TAG: partition_keys[-1]}
+            tags = partition_range_tags(partition_keys[0], partition_keys[-1])
         names = {key.to_python_identifier() for key in keys}
         config = {"ops": {name: {"config": c} for name, c in (op_config or {}).items() if name in names}}
         result = dg.materialize(

@@ -2,6 +2,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from beni_pipeline.defs.layout import DataLayout
+
+RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout()}
+
 
 @dg.definitions
 def defs() -> dg.Definitions:
@@ -9,5 +13,5 @@ def defs() -> dg.Definitions:
         dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
         # One process per run: a process per step would import torch and transformers again for each step
         # (seconds each), and the heavy steps run their own worker processes anyway.
-        dg.Definitions(resources={"pipes": dg.PipesSubprocessClient()}, executor=dg.in_process_executor),
+        dg.Definitions(resources=RESOURCES, executor=dg.in_process_executor),
     )

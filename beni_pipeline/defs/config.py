@@ -24,3 +24,10 @@ def _problems(error: pydantic.ValidationError) -> str:
         message = e["msg"].removeprefix("Value error, ")
         problems.append(f"{field}: {message} (got {e['input']!r})" if field else message)
     return "; ".join(problems)
+
+
+def partition_range_tags(first: str, last: str) -> dict[str, str]:
+    """Run tags that make one run cover the partitions first..last (a single-run backfill). These are the documented
+    tag names that `dagster asset materialize --partition-range` sets; Dagster exports their constants only from its
+    private modules."""
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}

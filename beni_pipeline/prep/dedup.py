@@ -21,10 +21,15 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
+import os
 import re
 import tempfile
+import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,6 +107,7 @@ class DedupSettings(pydantic.BaseModel):
     thumb_max_diff: int = 12
     max_group_pairs: int = 64
     buckets: int = 8
+    workers: int = pydantic.Field(default_factory=lambda: os.cpu_count() or 1, description="processes hashing chunks in parallel")
 
     def model_post_init(self, _context) -> None:
         if self.policy not in POLICIES:
@@ -119,8 +125,8 @@ class DedupSettings(pydantic.BaseModel):
             raise ValueError(f"DedupSettings.phash_max_distance must be 0..15 (bits of 64), got {self.phash_max_distance}")
         if not 0 <= self.thumb_max_diff <= 255:
             raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
-        if self.max_group_pairs < 1 or self.buckets < 1:
-            raise ValueError("DedupSettings.max_group_pairs and buckets must be at least 1")
+        if min(self.max_group_pairs, self.buckets, self.workers) < 1:
+            raise ValueError("DedupSettings.max_group_pairs, buckets and workers must be at least 1")
 
 
 # ---- MinHash -------------------------------------------------------------------------------------
@@ -237,6 +243,30 @@ def write_chunk_features(manifest_rows: pa.Table, chunk_dir: Path, out_path: Pat
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(table, out_path)
     return out_path
+
+
+def hash_chunks(
+    chunks: list[tuple[Path, Path, Path]], settings: DedupSettings = DedupSettings(), done: Callable[[Path, float], None] = lambda path, s: None
+) -> list[Path]:
+    """Hash every (chunk manifest parquet, download dir, features path) whose features are not cached, up to
+    `settings.workers` chunks at a time in their own processes (hashing decodes every image: CPU-bound Python).
+    `done(features_path, seconds)` is called as each chunk finishes. Returns the features paths hashed."""
+    todo = [c for c in chunks if not cached_features(c[2], c[1], settings)]
+    if len(todo) <= 1 or settings.workers == 1:
+        for job in todo:
+            done(*_hash_chunk(*job, settings))
+        return [job[2] for job in todo]
+    # spawn: the caller (a Dagster run, a torch process) holds threads that a fork would copy mid-flight.
+    with ProcessPoolExecutor(min(settings.workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(_hash_chunk, *job, settings) for job in todo]):
+            done(*future.result())
+    return [job[2] for job in todo]
+
+
+def _hash_chunk(manifest_chunk: Path, chunk_dir: Path, out_path: Path, settings: DedupSettings) -> tuple[Path, float]:
+    start = time.perf_counter()
+    write_chunk_features(pq.read_table(manifest_chunk), chunk_dir, out_path, settings)
+    return out_path, time.perf_counter() - start
 
 
 def cached_features(out_path: Path, chunk_dir: Path, settings: DedupSettings = DedupSettings()) -> bool:

@@ -1,23 +1,23 @@
-"""Atomic writes: a file appears complete under its name, or not at all, whenever the writer is killed."""
+"""Atomic writes of the data formats the assets use, through the project's one helper (`beni_model.files`)."""
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+from beni_model.files import atomic_path
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = temp_name(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = temp_name(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -57,7 +57,7 @@ class SourceSettings(pydantic.BaseModel):
     image_root: str | None = pydantic.Field(
         None, description="folder that relative image paths are resolved against (default: the source's folder)"
     )
-    chunk_size: int = pydantic.Field(1000, ge=1, description="manifest rows per download partition")
+    chunk_size: int = pydantic.Field(10_000, ge=1, description="manifest rows per download partition")
 
 
 @dataclass(frozen=True)

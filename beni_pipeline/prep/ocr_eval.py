@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from beni_pipeline.prep import synthetic as syn
+from beni_pipeline.prep.files import write_text_atomic
 
 MAX_ATTEMPTS = 100  # draws of one item before giving up on finding an answer the corpus lacks
 RECOGNITION_QUESTION = "what is written in the image?"  # OCRBench's own wording for recognition items
@@ -200,9 +201,7 @@ def generate_eval_set(out_dir: str | Path, settings: EvalSetSettings = EvalSetSe
             (out_dir / name).write_bytes(syn.jpeg(image))
             items.append({"dataset_name": dataset_name, "id": len(items), "image_path": name, "question": question, "answers": [answer], "type": category})
     path = out_dir / "ocr_eval.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
     return path
 
 

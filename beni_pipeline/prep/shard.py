@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pydantic
 
+from beni_model.files import atomic_path
 from beni_pipeline.prep.dedup import sample_text
 from beni_pipeline.prep.files import write_bytes_atomic, write_parquet_atomic
 
@@ -161,16 +162,14 @@ def _write_shard(rows: pa.Table, k: int, staging: "_Staging", out_dir: Path, set
         entry = json.loads(sidecar.read_text())
         if entry.get("fingerprint") == fingerprint and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]:
             return {key: value for key, value in entry.items() if key != "fingerprint"}
-    tmp = out_dir / f".{name}.tmp{os.getpid()}"
     digest = hashlib.sha256()
-    with open(tmp, "wb") as raw:
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
         with tarfile.open(fileobj=_Hashing(raw, digest), mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for r in rows.select(["sample_id", "chunk", "tar", "offset", "size", "ext", "json"]).to_pylist():
                 _add(tar, f"{r['sample_id']}.{r['ext']}", staging.read(r["chunk"], r["tar"], r["offset"], r["size"]))
                 _add(tar, f"{r['sample_id']}.json", r["json"])
         raw.flush()
         os.fsync(raw.fileno())
-    os.replace(tmp, path)
     lengths = rows["length"].to_numpy()
     entry = {"url": name, "nsamples": rows.num_rows, "min_length": int(lengths.min()), "max_length": int(lengths.max()),
              "mean_length": round(float(lengths.mean()), 3), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}

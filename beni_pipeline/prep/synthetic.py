@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
 
+from beni_model.files import atomic_path, remove_leftovers
+from beni_pipeline.prep.files import write_text_atomic
+
 FONT_GLOB = "/usr/share/fonts/**/*.ttf"
 MIN_FONT_SIZE = 16  # smallest text we render; below it OCR labels stop being trustworthy
 MAX_SIDE = 800
@@ -945,6 +948,8 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     if marker.is_file() and marker.read_text() == wanted and corpus.is_file() and planted.is_file():
         return corpus
     marker.unlink(missing_ok=True)
+    for path in (corpus, planted, marker):
+        remove_leftovers(path)
     images = out_dir / "images"
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
@@ -954,9 +959,10 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     for start in range(0, settings.samples, CHUNK):
         indices = range(start, min(start + CHUNK, settings.samples))
         tasks.append((settings.seed, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
-    corpus_tmp, planted_tmp = corpus.with_name("corpus.jsonl.tmp"), planted.with_name("planted_duplicates.jsonl.tmp")
     with (
         multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
+        atomic_path(corpus) as corpus_tmp,
+        atomic_path(planted) as planted_tmp,
         corpus_tmp.open("w") as rows,
         planted_tmp.open("w") as dups,
     ):
@@ -965,9 +971,5 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
                 rows.write(row + "\n")
                 if dup:
                     dups.write(dup + "\n")
-    os.replace(corpus_tmp, corpus)
-    os.replace(planted_tmp, planted)
-    marker_tmp = marker.with_name("corpus_settings.json.tmp")
-    marker_tmp.write_text(wanted)
-    os.replace(marker_tmp, marker)
+    write_text_atomic(marker, wanted)  # last: the marker says the corpus is complete
     return corpus

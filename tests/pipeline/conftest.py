@@ -4,6 +4,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from beni_pipeline.definitions import RESOURCES
+
 REPO = Path(__file__).parents[2]
 
 
@@ -17,3 +19,8 @@ def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("BENI_DATA", str(tmp_path / "data"))
     with dg.DagsterInstance.get() as instance:
         yield instance
+
+
+def materialize(assets: list, **kwargs) -> dg.ExecuteInProcessResult:
+    """dg.materialize with the project's resources (the data layout, the Pipes client), as the code location has them."""
+    return dg.materialize(assets, resources=RESOURCES, **kwargs)

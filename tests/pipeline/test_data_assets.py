@@ -14,6 +14,7 @@ from beni_pipeline.cli import materialize_all
 from beni_pipeline.definitions import defs as definitions
 from beni_pipeline.defs.data.assets import downloaded, manifest_chunks, source_manifest
 from beni_pipeline.defs.data.checks import every_row_has_one_status
+from tests.pipeline.conftest import materialize
 
 REPO = Path(__file__).parents[2]
 
@@ -56,14 +57,14 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
         assert "data:image/jpeg;base64" in meta["preview"]
 
     hits = sum(len(v) for v in fault_server.hits.values())
-    result = dg.materialize([source_manifest, downloaded], instance=instance, selection=[downloaded], partition_key="00001")
+    result = materialize([source_manifest, downloaded], instance=instance, selection=[downloaded], partition_key="00001")
     assert result.success
     assert latest_metadata(instance, "downloaded", "00001")["fetched_this_run"] == 0
     assert sum(len(v) for v in fault_server.hits.values()) == hits
 
     index_path = tmp_path / "data" / "downloaded" / "00002" / "index.parquet"
     pq.write_table(pq.read_table(index_path).slice(1), index_path)  # a status row goes missing
-    result = dg.materialize(
+    result = materialize(
         [downloaded, every_row_has_one_status], instance=instance, selection=dg.AssetSelection.checks(every_row_has_one_status)
     )
     (evaluation,) = result.get_asset_check_evaluations()
@@ -71,7 +72,7 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
 
 
 def test_bad_source_fails_with_one_sentence(instance, tmp_path):
-    result = dg.materialize(
+    result = materialize(
         [source_manifest],
         instance=instance,
         run_config={"ops": {"source_manifest": {"config": {"sources": [str(tmp_path / "missing.csv")]}}}},

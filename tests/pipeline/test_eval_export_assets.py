@@ -9,13 +9,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, Sigl
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_pipeline.defs.evaluation.assets import EvalSetConfig, ocr_eval_report, report_covers_every_sample
+from beni_pipeline.defs.evaluation.assets import EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
+from tests.pipeline.conftest import materialize
 
-EVAL = {"per_category": 1, "batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
+EVAL_SET = {"per_category": 1}
+EVAL = {"batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
 
 
 def save_tiny_model(folder: Path) -> None:
@@ -46,12 +48,13 @@ def metadata_of(result, key: str) -> dict:
 def test_eval_report_and_exports_of_the_trained_model(data):
     save_tiny_model(data / "model" / "final")
     run_config = {"ops": {
+        "heldout_eval_set": {"config": EVAL_SET},
         "ocr_eval_report": {"config": EVAL},
         "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
     }}
     with dg.DagsterInstance.get() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization("trained_model", metadata={"recipe": CPU_RECIPE}))
-        result = dg.materialize([ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
+        result = materialize([heldout_eval_set, ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_covers_every_sample": True}
@@ -82,29 +85,36 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     lines = (report_dir / "predictions.jsonl").read_text().splitlines()
     (report_dir / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     with dg.DagsterInstance.get() as instance:
-        check = dg.materialize([ocr_eval_report, report_covers_every_sample], instance=instance, selection=dg.AssetSelection.checks(report_covers_every_sample), raise_on_error=False)
+        check = materialize([ocr_eval_report, report_covers_every_sample], instance=instance, selection=dg.AssetSelection.checks(report_covers_every_sample), raise_on_error=False)
     [evaluation] = check.get_asset_check_evaluations()
     assert not evaluation.passed and evaluation.metadata["missing"].value == 1
 
 
 def test_without_a_trained_model_the_assets_say_so(data):
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
+        result = materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "No trained model at" in str(failure.event_specific_data.error) and "materialize trained_model first" in str(failure.event_specific_data.error)
 
 
-def test_half_configured_ocrbench_is_refused(data):
+def test_without_an_eval_set_the_report_says_so(data):
     save_tiny_model(data / "model" / "final")
-    config = {**EVAL, "ocrbench_json": "/nowhere/OCRBench.json"}
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": config}}})
+        result = materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "materialize heldout_eval_set first" in str(failure.event_specific_data.error)
+
+
+def test_half_configured_ocrbench_is_refused(data):
+    config = {"ocrbench_json": "/nowhere/OCRBench.json"}
+    with dg.DagsterInstance.get() as instance:
+        result = materialize([heldout_eval_set], instance=instance, raise_on_error=False, run_config={"ops": {"heldout_eval_set": {"config": config}}})
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "Set both ocrbench_json and ocrbench_images" in str(failure.event_specific_data.error)
 
 
 def test_eval_batch_size_follows_the_device_unless_set():
-    assert EvalSetConfig(device="cpu").eval_settings().batch_size == 16
-    assert EvalSetConfig(device="cuda:0").eval_settings().batch_size == 256
-    assert EvalSetConfig(device="cuda", batch_size=8).eval_settings().batch_size == 8
+    assert EvalConfig(device="cpu").eval_settings().batch_size == 16
+    assert EvalConfig(device="cuda:0").eval_settings().batch_size == 256
+    assert EvalConfig(device="cuda", batch_size=8).eval_settings().batch_size == 8

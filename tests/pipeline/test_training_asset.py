@@ -1,18 +1,17 @@
 import base64
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from beni_pipeline.defs.training.assets import TRAINING_TAGS, trained_model, training_job
 from tests.model.test_data import write_toy_shards
+from tests.pipeline.conftest import materialize
 
 
-def materialize(instance, **config):
-    return dg.materialize(
+def train(instance, **config):
+    return materialize(
         [trained_model],
         instance=instance,
-        resources={"pipes": dg.PipesSubprocessClient()},
         run_config={"ops": {"trained_model": {"config": {"recipe": "tiny", **config}}}},
     )
 
@@ -24,7 +23,7 @@ def logs(instance, result) -> str:
 @pytest.mark.slow
 def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path):
     write_toy_shards(tmp_path / "data" / "shards", samples=96, per_shard=24)
-    first = materialize(instance, max_steps=12, save_every=6)
+    first = train(instance, max_steps=12, save_every=6)
     assert first.success
     metadata = {k: v.value for k, v in first.asset_materializations_for_node("trained_model")[0].metadata.items()}
     assert metadata["steps"] == 12 and metadata["world_size"] == 2 and metadata["device"] == "cpu"
@@ -35,7 +34,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     streamed = logs(instance, first)
     assert "step=12 loss=" in streamed and "starting at step 0 of 12 on 2 x cpu" in streamed
 
-    second = materialize(instance, max_steps=16, save_every=6)  # a longer run picks up the 12 steps done
+    second = train(instance, max_steps=16, save_every=6)  # a longer run picks up the 12 steps done
     assert second.success
     streamed = logs(instance, second)
     assert "resuming from step_0000012 at step 12 of 16" in streamed and "step=1 loss=" not in streamed
@@ -51,10 +50,9 @@ def test_training_runs_are_queued_one_per_gpu_set_with_a_time_limit():
 
 def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
     write_toy_shards(tmp_path / "data" / "shards", samples=8, per_shard=8)
-    result = dg.materialize(
+    result = materialize(
         [trained_model],
         instance=instance,
-        resources={"pipes": dg.PipesSubprocessClient()},
         raise_on_error=False,
         run_config={"ops": {"trained_model": {"config": {"recipe": "huge"}}}},
     )

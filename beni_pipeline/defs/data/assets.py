@@ -13,16 +13,8 @@ from transformers import AutoTokenizer
 from beni_model.smollm2 import smollm2_instruct
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
-from beni_pipeline.paths import data_root
-from beni_pipeline.prep.dedup import (
-    DedupSettings,
-    cached_features,
-    find_duplicates,
-    kept_ids,
-    sample_text,
-    write_chunk_features,
-    write_result,
-)
+from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, hash_chunks, kept_ids, sample_text, write_result
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
@@ -50,20 +42,19 @@ class DownloadConfig(Config, DownloadSettings):
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, owners=["team:data"])
-def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestConfig) -> dg.MaterializeResult:
+def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestConfig, layout: DataLayout) -> dg.MaterializeResult:
     """Every url+text row of the configured sources (or the generated rendered-text corpus), normalized
     into one parquet manifest with stable sample ids and cut into chunks: the partitions of `downloaded`."""
-    root = data_root()
     if config.sources:
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
         corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed)
-        context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {root / 'corpus'} (kept when already complete)")
+        context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()
-        sources = [generate_corpus(root / "corpus", corpus)]
+        sources = [generate_corpus(layout.corpus, corpus)]
         context.log.info(f"corpus ready in {time.perf_counter() - start:.1f} s")
     try:
-        manifest = build_manifest(sources, root / "manifest", config)
+        manifest = build_manifest(sources, layout.manifest, config)
     except IngestError as e:
         raise dg.Failure(str(e), allow_retries=False) from None
     context.instance.add_dynamic_partitions(manifest_chunks.name, manifest.chunks)
@@ -80,7 +71,7 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
             "chunks": len(manifest.chunks),
             "new_chunks": len(manifest.new_chunks),
             "sources": dg.MetadataValue.json([str(s) for s in sources]),
-            "path": dg.MetadataValue.path(str(root / "manifest" / "manifest.parquet")),
+            "path": dg.MetadataValue.path(str(layout.manifest_parquet)),
             "preview": rows_md(preview),
         }
     )
@@ -94,14 +85,13 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     kinds={"httpx", "tar"},
     owners=["team:data"],
 )
-def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig) -> dg.MaterializeResult:
+def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout: DataLayout) -> dg.MaterializeResult:
     """Each manifest chunk fetched (http, https, file), validated, re-encoded and staged as tar parts with a
     parquet index that gives every row exactly one status: ok, or failed with its reason."""
-    root = data_root()
     counts, fetched, seconds, bytes_in, previews = Counter(), 0, 0.0, 0, []
     for key in context.partition_keys:
-        chunk = read_chunk(root / "manifest", key)
-        out_dir = root / "downloaded" / key
+        chunk = read_chunk(layout.manifest, key)
+        out_dir = layout.download_dir(key)
         summary = download_chunk(chunk, out_dir, config)
         context.log.info(f"chunk {key}: {summary.fetched} fetched in {summary.seconds:.1f} s, {dict(summary.counts)}")
         counts.update(summary.counts)
@@ -118,7 +108,7 @@ def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig) -> dg.
             "fetched_this_run": fetched,
             "images_per_s": round(fetched / seconds, 1) if seconds else 0.0,
             "megabytes_downloaded": round(bytes_in / 1e6, 2),
-            "path": dg.MetadataValue.path(str(root / "downloaded")),
+            "path": dg.MetadataValue.path(str(layout.downloaded)),
             "preview": preview_md(previews) if previews else dg.MetadataValue.md("no images"),
         }
     )
@@ -143,28 +133,23 @@ class ShardConfig(Config, ShardSettings):
 
 
 @dg.asset(group_name="data", deps=[downloaded], kinds={"datasketch", "parquet"}, owners=["team:data"])
-def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig) -> dg.MaterializeResult:
+def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout: DataLayout) -> dg.MaterializeResult:
     """Near-duplicate clusters over every downloaded image (exact bytes, perceptual hash) and its text
     (MinHash); one sample per cluster is kept. Features are cached per chunk, so a rebuild hashes only new chunks."""
-    root = data_root()
-    chunks = _downloaded_chunks(root)
-    features, hashed, start = [], 0, time.perf_counter()
-    for i, chunk in enumerate(chunks, 1):
-        path = root / "dedup" / "features" / f"{chunk}.parquet"
-        if not cached_features(path, root / "downloaded" / chunk, config):
-            chunk_start = time.perf_counter()
-            rows = read_chunk(root / "manifest", chunk)
-            write_chunk_features(rows, root / "downloaded" / chunk, path, config)
-            rate = rows.num_rows / (time.perf_counter() - chunk_start)
-            context.log.info(f"chunk {chunk} ({i}/{len(chunks)}): hashed {rows.num_rows} rows ({rate:.0f} rows/s)")
-            hashed += 1
-        features.append(path)
-    context.log.info(f"hashed {hashed} of {len(chunks)} chunks ({len(chunks) - hashed} cached); clustering")
+    chunks = _downloaded_chunks(layout)
+    features = [layout.dedup_features(chunk) for chunk in chunks]
+    start = time.perf_counter()
+
+    def done(path: Path, seconds: float) -> None:
+        context.log.info(f"chunk {path.stem}: hashed in {seconds:.1f} s")
+
+    hashed = hash_chunks([(layout.manifest_chunk(c), layout.download_dir(c), f) for c, f in zip(chunks, features)], config, done)
+    context.log.info(f"hashed {len(hashed)} of {len(chunks)} chunks ({len(chunks) - len(hashed)} cached) in {time.perf_counter() - start:.1f} s; clustering")
     cluster_start = time.perf_counter()
-    result = find_duplicates(features, config, work_dir=root / "dedup")
-    write_result(result, root / "dedup")
+    result = find_duplicates(features, config, work_dir=layout.dedup)
+    write_result(result, layout.dedup)
     kept = pa.concat_arrays([kept_ids(path, result) for path in features])
-    write_parquet_atomic(pa.table({"sample_id": kept}), root / "dedup" / "kept.parquet")
+    write_parquet_atomic(pa.table({"sample_id": kept}), layout.kept)
     stats = result.stats()
     seconds = time.perf_counter() - start
     context.log.info(
@@ -177,32 +162,31 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig) -> dg.M
             "dropped": stats["dropped"],
             "duplicate_rate": round(stats["duplicate_rate"], 4),
             "clusters": stats["clusters"],
-            "chunks_hashed_this_run": hashed,
+            "chunks_hashed_this_run": len(hashed),
             "samples_per_s": round(stats["rows"] / seconds, 1),
             "dropped_by_reason": counts_table(stats["dropped_by_reason"], "reason"),
             "cluster_sizes": counts_table(stats["cluster_size_histogram"], "size"),
-            "clusters_preview": _clusters_md(root, result.clusters.slice(0, 5).to_pylist()),
-            "path": dg.MetadataValue.path(str(root / "dedup")),
+            "clusters_preview": _clusters_md(layout, result.clusters.slice(0, 5).to_pylist()),
+            "path": dg.MetadataValue.path(str(layout.dedup)),
         }
     )
 
 
 @dg.asset(group_name="data", deps=[deduplicated], kinds={"webdataset"}, owners=["team:data"])
-def training_shards(context: dg.AssetExecutionContext, config: ShardConfig) -> dg.MaterializeResult:
+def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout) -> dg.MaterializeResult:
     """The kept samples as WebDataset tars sorted by token length (text tokens of the target LLM's tokenizer
     plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
     the same inputs; a killed run keeps its finished shards."""
-    root = data_root()
-    index = pa.concat_tables([read_index(root / "downloaded" / chunk) for chunk in _downloaded_chunks(root)])
-    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
-    kept = pq.read_table(_upstream(root / "dedup" / "kept.parquet", "deduplicated")).column("sample_id")
+    index = pa.concat_tables([read_index(layout.download_dir(chunk)) for chunk in _downloaded_chunks(layout)])
+    manifest = pq.read_table(layout.manifest_parquet)
+    kept = pq.read_table(_upstream(layout.kept, "deduplicated")).column("sample_id")
     tokenizer = _tokenizer(config.tokenizer or str(smollm2_instruct()))
     start = time.perf_counter()
     plan = plan_shards(manifest, index, kept, tokenizer, config)
     seconds = time.perf_counter() - start
     context.log.info(f"measured the token length of {plan.num_rows} samples in {seconds:.1f} s ({plan.num_rows / seconds:.0f} samples/s)")
     start = time.perf_counter()
-    shard_index = write_shards(plan, root / "downloaded", root / "shards", config)
+    shard_index = write_shards(plan, layout.downloaded, layout.shards, config)
     shards = shard_index["shardlist"]
     megabytes = sum(s["bytes"] for s in shards) / 1e6
     context.log.info(f"{plan.num_rows} samples in {len(shards)} shards ({megabytes:.1f} MB) after {time.perf_counter() - start:.1f} s")
@@ -216,7 +200,7 @@ def training_shards(context: dg.AssetExecutionContext, config: ShardConfig) -> d
             "length_min_mean_max": f"{lengths.min()} / {lengths.mean():.1f} / {lengths.max()}",
             "length_histogram": length_histogram_md(lengths),
             "shard_table": rows_md([{k: s[k] for k in ("url", "nsamples", "min_length", "max_length", "bytes")} for s in shards[:20]]),
-            "index": dg.MetadataValue.path(str(root / "shards" / "index.json")),
+            "index": dg.MetadataValue.path(str(layout.shards / "index.json")),
         }
     )
 
@@ -237,10 +221,10 @@ def _tokenizer(name: str):
         ) from None
 
 
-def _downloaded_chunks(root: Path) -> list[str]:
-    manifest = _upstream(root / "manifest" / "manifest.parquet", "source_manifest")
+def _downloaded_chunks(layout: DataLayout) -> list[str]:
+    manifest = _upstream(layout.manifest_parquet, "source_manifest")
     chunks = sorted(set(pq.read_table(manifest, columns=["chunk"]).column("chunk").to_pylist()))
-    missing = [c for c in chunks if not (root / "downloaded" / c / "index.parquet").exists()]
+    missing = [c for c in chunks if not layout.download_index(c).exists()]
     if missing:
         raise dg.Failure(
             f"{len(missing)} manifest chunks are not downloaded yet (first: {missing[0]}); materialize every partition of `downloaded` first",
@@ -249,22 +233,22 @@ def _downloaded_chunks(root: Path) -> list[str]:
     return chunks
 
 
-def _clusters_md(root: Path, clusters: list[dict]) -> dg.MarkdownMetadataValue:
+def _clusters_md(layout: DataLayout, clusters: list[dict]) -> dg.MarkdownMetadataValue:
     """Each cluster's kept sample beside what was dropped as its duplicate, thumbnails and text."""
     ids = {c["kept_id"] for c in clusters} | {d for c in clusters for d in c["dropped_ids"]}
-    manifest = pq.read_table(root / "manifest" / "manifest.parquet")
+    manifest = pq.read_table(layout.manifest_parquet)
     rows = {r["sample_id"]: r for r in manifest.filter(pc.is_in(manifest.column("sample_id"), pa.array(sorted(ids)))).to_pylist()}
     lines = []
     for cluster in clusters:
         lines.append(f"**cluster {cluster['cluster_id']}** ({', '.join(cluster['reasons'])})\n")
         samples = [cluster["kept_id"]] + list(cluster["dropped_ids"])
-        images = [_image(root, rows[s]) for s in samples]
+        images = [_image(layout, rows[s]) for s in samples]
         lines.append(preview_md([(image, ("KEPT: " if s == cluster["kept_id"] else "dropped: ") + sample_text(rows[s]["caption"], rows[s]["conversations"]))
                                  for s, image in zip(samples, images)]).value + "\n")
     return dg.MetadataValue.md("\n".join(lines) or "no duplicates")
 
 
-def _image(root: Path, row: dict) -> bytes:
-    index = read_index(root / "downloaded" / row["chunk"])
+def _image(layout: DataLayout, row: dict) -> bytes:
+    index = read_index(layout.download_dir(row["chunk"]))
     (hit,) = index.filter(pc.equal(index.column("sample_id"), row["sample_id"])).to_pylist()
-    return read_member(root / "downloaded" / row["chunk"] / hit["tar"], hit["offset"], hit["size"])
+    return read_member(layout.download_dir(row["chunk"]) / hit["tar"], hit["offset"], hit["size"])

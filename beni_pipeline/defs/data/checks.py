@@ -7,7 +7,7 @@ import pydantic
 
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.assets import deduplicated, downloaded, training_shards
-from beni_pipeline.paths import data_root
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.prep.shard import read_index as read_shard_index
 from beni_pipeline.prep.shard import verify_shards
 
@@ -17,11 +17,10 @@ class CeilingConfig(Config):
 
 
 @dg.asset_check(asset=downloaded, description="Every manifest row of every downloaded chunk has exactly one status row.")
-def every_row_has_one_status() -> dg.AssetCheckResult:
-    root = data_root()
+def every_row_has_one_status(layout: DataLayout) -> dg.AssetCheckResult:
     checked, problems = 0, []
-    for chunk in sorted((root / "manifest" / "chunks").glob("*.parquet")):
-        index_path = root / "downloaded" / chunk.stem / "index.parquet"
+    for chunk in sorted(layout.manifest_chunks.glob("*.parquet")):
+        index_path = layout.download_index(chunk.stem)
         if not index_path.exists():
             continue
         expected = pq.read_table(chunk, columns=["sample_id"]).column("sample_id").to_pylist()
@@ -35,9 +34,9 @@ def every_row_has_one_status() -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=downloaded, description="The share of rows that failed to download stays under a ceiling.")
-def failed_download_rate(config: CeilingConfig) -> dg.AssetCheckResult:
+def failed_download_rate(config: CeilingConfig, layout: DataLayout) -> dg.AssetCheckResult:
     counts = Counter()
-    for index_path in (data_root() / "downloaded").glob("*/index.parquet"):
+    for index_path in layout.download_indexes():
         counts.update(pq.read_table(index_path, columns=["status"]).column("status").to_pylist())
     total = sum(counts.values())
     rate = counts["failed"] / total if total else 0.0
@@ -49,10 +48,9 @@ def failed_download_rate(config: CeilingConfig) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=deduplicated, description="The share of downloaded samples dropped as duplicates stays under a ceiling.")
-def duplicate_rate(config: CeilingConfig) -> dg.AssetCheckResult:
-    root = data_root() / "dedup"
-    dropped = pq.read_metadata(root / "duplicates.parquet").num_rows
-    kept = pq.read_metadata(root / "kept.parquet").num_rows
+def duplicate_rate(config: CeilingConfig, layout: DataLayout) -> dg.AssetCheckResult:
+    dropped = pq.read_metadata(layout.duplicates).num_rows
+    kept = pq.read_metadata(layout.kept).num_rows
     rate = dropped / max(1, dropped + kept)
     return dg.AssetCheckResult(
         passed=rate <= config.ceiling,
@@ -66,18 +64,17 @@ def duplicate_rate(config: CeilingConfig) -> dg.AssetCheckResult:
     description="Counts add up from manifest to shards: each row downloaded or failed, each download kept or a duplicate, "
     "each kept sample in exactly one shard under one key.",
 )
-def counts_conserve() -> dg.AssetCheckResult:
-    root = data_root()
-    manifest = set(pq.read_table(root / "manifest" / "manifest.parquet", columns=["sample_id"]).column("sample_id").to_pylist())
+def counts_conserve(layout: DataLayout) -> dg.AssetCheckResult:
+    manifest = set(pq.read_table(layout.manifest_parquet, columns=["sample_id"]).column("sample_id").to_pylist())
     status = {}
-    for index_path in (root / "downloaded").glob("*/index.parquet"):
+    for index_path in layout.download_indexes():
         status.update(zip(*pq.read_table(index_path, columns=["sample_id", "status"]).to_pydict().values()))
     ok = {s for s, v in status.items() if v == "ok" and s in manifest}
-    kept = set(pq.read_table(root / "dedup" / "kept.parquet").column("sample_id").to_pylist())
-    dropped = set(pq.read_table(root / "dedup" / "duplicates.parquet", columns=["sample_id"]).column("sample_id").to_pylist())
+    kept = set(pq.read_table(layout.kept).column("sample_id").to_pylist())
+    dropped = set(pq.read_table(layout.duplicates, columns=["sample_id"]).column("sample_id").to_pylist())
     keys = Counter()
-    for entry in read_shard_index(root / "shards")["shardlist"]:
-        with tarfile.open(root / "shards" / entry["url"]) as tar:
+    for entry in read_shard_index(layout.shards)["shardlist"]:
+        with tarfile.open(layout.shards / entry["url"]) as tar:
             keys.update({name.split(".", 1)[0] for name in tar.getnames()})
     problems = {
         "manifest rows without a download status": len(manifest - status.keys()),
@@ -94,6 +91,6 @@ def counts_conserve() -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=training_shards, description="Every shard exists with the size and sha256 its index records.")
-def shards_match_checksums() -> dg.AssetCheckResult:
-    bad = verify_shards(data_root() / "shards")
+def shards_match_checksums(layout: DataLayout) -> dg.AssetCheckResult:
+    bad = verify_shards(layout.shards)
     return dg.AssetCheckResult(passed=not bad, metadata={"mismatched": dg.MetadataValue.json(bad)})

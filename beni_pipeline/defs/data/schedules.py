@@ -1,6 +1,6 @@
 import dagster as dg
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from beni_pipeline.defs.config import partition_range_tags
 from beni_pipeline.defs.data.assets import deduplicated, downloaded, manifest_chunks, source_manifest, training_shards
 
 dataset_source = dg.define_asset_job(
@@ -31,5 +31,5 @@ def build_dataset_after_manifest(context: dg.RunStatusSensorContext) -> dg.RunRe
     chunks = context.instance.get_dynamic_partitions(manifest_chunks.name)
     return dg.RunRequest(
         run_key=context.dagster_run.run_id,
-        tags={ASSET_PARTITION_RANGE_START_TAG: chunks[0], ASSET_PARTITION_RANGE_END_TAG: chunks[-1]},
+        tags=partition_range_tags(chunks[0], chunks[-1]),
     )

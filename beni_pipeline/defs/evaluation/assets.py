@@ -7,11 +7,13 @@ import pydantic
 from beni_model.evaluate import FIELDS, EvalSettings, default_device, evaluate, load_for_eval, read_predictions, score_line
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
-from beni_pipeline.paths import data_root, trained_model_dir
+from beni_pipeline.prep.files import write_text_atomic
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
+EVAL_SET = dg.AssetKey("heldout_eval_set")
 
 
 class EvalSetConfig(Config):
@@ -19,6 +21,9 @@ class EvalSetConfig(Config):
     ocrbench_images: str = pydantic.Field("", description="the folder OCRBench's image_path entries are relative to")
     per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (10 categories)")
     seed: int = pydantic.Field(0, description="seed of the held-out set")
+
+
+class EvalConfig(Config):
     batch_size: int | None = pydantic.Field(None, ge=1, description="items per generate call; empty: 256 on a GPU, 16 on a CPU")
     max_new_tokens: int = pydantic.Field(32, ge=1)
     device: str = pydantic.Field("", description="cuda, cpu, ...; empty: cuda when there is one")
@@ -36,31 +41,47 @@ def trained_by(instance: dg.DagsterInstance) -> str | None:
     return recipe.value if recipe else None
 
 
-def model_dir_or_fail() -> Path:
-    model_dir = trained_model_dir()
+def model_dir_or_fail(layout: DataLayout) -> Path:
+    model_dir = layout.final_model
     if not (model_dir / "config.json").is_file():
         raise dg.Failure(f"No trained model at {model_dir}: materialize trained_model first.", allow_retries=False)
     return model_dir
 
 
-def prepare_eval_set(config: EvalSetConfig, out_dir: Path, log) -> tuple[Path, Path, str]:
-    """(json, image root, name) of the real OCRBench when configured, else of the held-out set generated into
-    `out_dir`, checked against the generated training corpus when there is one."""
+@dg.asset(group_name="evaluation", deps=[dg.AssetKey("source_manifest")], kinds={"json"}, owners=["team:model"])
+def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, layout: DataLayout) -> dg.MaterializeResult:
+    """The OCRBench-format set every model is scored on: the real OCRBench when configured, else a set generated
+    with held-out seeds and vocabulary and checked to share no image or answer with the generated training corpus.
+    Made once; the eval report and the exports read it."""
     if config.ocrbench_json or config.ocrbench_images:
         if not (config.ocrbench_json and config.ocrbench_images):
             raise dg.Failure("Set both ocrbench_json and ocrbench_images to evaluate on the real OCRBench (or neither for the held-out set).", allow_retries=False)
-        return Path(config.ocrbench_json), Path(config.ocrbench_images), "OCRBench"
-    corpus = data_root() / "corpus" / "corpus.jsonl"
-    exclude = corpus_answers(corpus) if corpus.is_file() else set()
-    eval_json = generate_eval_set(out_dir, EvalSetSettings(config.per_category, config.seed), exclude)
-    if corpus.is_file():
-        overlaps = find_overlaps(eval_json, out_dir, corpus)
-        if overlaps:
-            raise dg.Failure(f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.", allow_retries=False)
-        log.info(f"held-out set checked against {corpus}: no shared image or answer")
+        eval_set = {"name": "OCRBench", "json": config.ocrbench_json, "images": config.ocrbench_images}
     else:
-        log.warning(f"no generated corpus at {corpus} to check the held-out set against")
-    return eval_json, out_dir, "held-out set"
+        corpus = layout.corpus_jsonl
+        exclude = corpus_answers(corpus) if corpus.is_file() else set()
+        eval_json = generate_eval_set(layout.heldout, EvalSetSettings(config.per_category, config.seed), exclude)
+        if corpus.is_file():
+            overlaps = find_overlaps(eval_json, layout.heldout, corpus)
+            if overlaps:
+                raise dg.Failure(f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.", allow_retries=False)
+            context.log.info(f"held-out set checked against {corpus}: no shared image or answer")
+        else:
+            context.log.warning(f"no generated corpus at {corpus} to check the held-out set against")
+        eval_set = {"name": "held-out set", "json": str(eval_json), "images": str(layout.heldout)}
+    write_text_atomic(layout.eval_set, json.dumps(eval_set, indent=1))
+    items = json.loads(Path(eval_set["json"]).read_text())
+    return dg.MaterializeResult(
+        metadata={"eval_set": eval_set["name"], "items": len(items), "categories": len({i["type"] for i in items}), "path": dg.MetadataValue.path(eval_set["json"])}
+    )
+
+
+def eval_set_or_fail(layout: DataLayout) -> tuple[Path, Path, str]:
+    """(json, image root, name) of the set `heldout_eval_set` made."""
+    if not layout.eval_set.is_file():
+        raise dg.Failure(f"No eval set at {layout.eval_set}: materialize heldout_eval_set first.", allow_retries=False)
+    eval_set = json.loads(layout.eval_set.read_text())
+    return Path(eval_set["json"]), Path(eval_set["images"]), eval_set["name"]
 
 
 def examples_md(records: list[dict], image_root: Path, correct: bool, n: int = 4) -> str:
@@ -85,18 +106,17 @@ def category_table(summary: dict) -> dg.TableMetadataValue:
     )
 
 
-@dg.asset(group_name="evaluation", deps=[TRAINED_MODEL], kinds={"pytorch"}, owners=["team:model"])
-def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) -> dg.MaterializeResult:
-    """The trained model scored with OCRBench's rule on the real OCRBench (when configured) or on a held-out
-    generated OCRBench-format set: predictions.jsonl, summary.json and report.md under <data>/ocr_eval."""
-    model_dir = model_dir_or_fail()
-    out_dir = data_root() / "ocr_eval"
-    eval_json, image_root, set_name = prepare_eval_set(config, out_dir / "heldout_set", context.log)
+@dg.asset(group_name="evaluation", deps=[TRAINED_MODEL, EVAL_SET], kinds={"pytorch"}, owners=["team:model"])
+def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layout: DataLayout) -> dg.MaterializeResult:
+    """The trained model scored with OCRBench's rule on `heldout_eval_set` (the real OCRBench when configured, else
+    the held-out generated set): predictions.jsonl, summary.json and report.md in the data root's ocr_eval/report."""
+    model_dir = model_dir_or_fail(layout)
+    eval_json, image_root, set_name = eval_set_or_fail(layout)
     title = f"OCR eval of {model_dir} on the {set_name}"
     if smoke_run := trained_by(context.instance) == CPU_RECIPE:
         title += f" ({CPU_RECIPE!r} recipe, a CPU smoke run: the score is not meaningful)"
     model, tokenizer = load_for_eval(model_dir, config.device or None)
-    result = evaluate(model, tokenizer, eval_json, image_root, out_dir / "report", config.eval_settings(), title=title)
+    result = evaluate(model, tokenizer, eval_json, image_root, layout.ocr_eval, config.eval_settings(), title=title)
     summary, records = result.summary, read_predictions(result.predictions)
     context.log.info(f"score {score_line(summary)}")
     metadata = {
@@ -124,8 +144,8 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalSetConfig) ->
 
 
 @dg.asset_check(asset=ocr_eval_report, description="The report has exactly one scored prediction for every item of the eval set, in its order.")
-def report_covers_every_sample() -> dg.AssetCheckResult:
-    report = data_root() / "ocr_eval" / "report"
+def report_covers_every_sample(layout: DataLayout) -> dg.AssetCheckResult:
+    report = layout.ocr_eval
     summary = json.loads((report / "summary.json").read_text())
 
     def key(item: dict) -> tuple:  # OCRBench's ids repeat across its source datasets

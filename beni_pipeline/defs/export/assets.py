@@ -2,28 +2,28 @@ import dagster as dg
 import pydantic
 
 from beni_model.quantize import SCHEMES, ExportError, QuantizeSettings, export_all
-from beni_pipeline.defs.evaluation.assets import TRAINED_MODEL, EvalSetConfig, model_dir_or_fail, prepare_eval_set
-from beni_pipeline.paths import data_root
+from beni_pipeline.defs.evaluation.assets import EVAL_SET, TRAINED_MODEL, EvalConfig, eval_set_or_fail, model_dir_or_fail
+from beni_pipeline.defs.layout import DataLayout
 
 COLUMNS = {"name": "string", "size_mb": "float", "size_ratio": "float", "load_s": "float", "tokens_per_s": "float",
            "samples_per_s": "float", "correct": "int", "total": "int", "score_delta": "int"}
 
 
-class ExportsConfig(EvalSetConfig):
+class ExportsConfig(EvalConfig):
     schemes: list[str] = pydantic.Field(list(SCHEMES), description=f"quantization schemes, from {list(SCHEMES)}")
     llava: bool = pydantic.Field(True, description="also export to transformers' LlavaForConditionalGeneration layout where the model allows")
 
 
-@dg.asset(group_name="export", deps=[TRAINED_MODEL], kinds={"pytorch", "safetensors"}, owners=["team:model"])
-def quantized_exports(context: dg.AssetExecutionContext, config: ExportsConfig) -> dg.MaterializeResult:
+@dg.asset(group_name="export", deps=[TRAINED_MODEL, EVAL_SET], kinds={"pytorch", "safetensors"}, owners=["team:model"])
+def quantized_exports(context: dg.AssetExecutionContext, config: ExportsConfig, layout: DataLayout) -> dg.MaterializeResult:
     """The trained model quantized with each scheme (and in LLaVA's layout), every export loaded back in a fresh
     process and re-scored on the eval set against the unquantized model: size, load time, tokens/s, score delta."""
     unknown = sorted(set(config.schemes) - set(SCHEMES))
     if unknown:
         raise dg.Failure(f"Unknown quantization schemes {unknown}: choose from {list(SCHEMES)}.", allow_retries=False)
-    model_dir = model_dir_or_fail()
-    out_dir = data_root() / "exports"
-    eval_json, image_root, _ = prepare_eval_set(config, out_dir / "heldout_set", context.log)
+    model_dir = model_dir_or_fail(layout)
+    out_dir = layout.exports
+    eval_json, image_root, _ = eval_set_or_fail(layout)
     settings = QuantizeSettings(tuple(config.schemes), config.llava, config.eval_settings())
     try:
         report = export_all(model_dir, out_dir, eval_json, image_root, settings, config.device or None)

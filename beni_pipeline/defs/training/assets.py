@@ -1,6 +1,5 @@
 import base64
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -8,10 +7,11 @@ import dagster as dg
 import pydantic
 import torch
 
+from beni_model.files import atomic_path
 from beni_model.train import TrainConfig, torchrun_command
 from beni_pipeline.defs.config import Config
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.recipes import CPU_RECIPE, RECIPES
-from beni_pipeline.paths import data_root, trained_model_dir
 
 # The run queue (dagster_home/dagster.yaml) runs one run per beni/gpu value at a time: all local GPUs are one set.
 TRAINING_TAGS = {"beni/gpu": "local", "dagster/max_runtime": str(3 * 24 * 3600)}
@@ -39,7 +39,9 @@ class TrainedModelConfig(Config):
     owners=["team:training"],
     pool="gpu",
 )
-def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, pipes: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+def trained_model(
+    context: dg.AssetExecutionContext, config: TrainedModelConfig, pipes: dg.PipesSubprocessClient, layout: DataLayout
+) -> dg.MaterializeResult:
     """The recipe's stages trained one after another by torchrun (FSDP2) on the training shards; logs and step
     metrics stream back through Dagster Pipes. A re-materialization resumes each stage from its last checkpoint
     (a finished stage only re-saves its final model)."""
@@ -51,13 +53,13 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
             allow_retries=False,
         )
     processes = config.processes_per_node or torch.cuda.device_count() or 2
-    root = data_root() / "training" / config.recipe
+    root = layout.training(config.recipe)
     overrides = {k: v for k, v in config.model_dump().items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     previous = None
-    for stage in RECIPES[config.recipe](data_root() / "training" / "parts"):
+    for stage in RECIPES[config.recipe](layout.model_parts):
         name = stage.pop("name")
         out = root / name
-        train_config = TrainConfig(shards=str(data_root() / "shards"), output_dir=str(out), **{**stage, **overrides})
+        train_config = TrainConfig(shards=str(layout.shards), output_dir=str(out), **{**stage, **overrides})
         if previous:
             train_config.init_from = str(previous)
         try:
@@ -70,7 +72,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         context.log.info(f"stage {name}: {processes} processes, {train_config.max_steps} steps, output {out}")
         result = pipes.run(command=torchrun_command(config_path, processes), context=context).get_materialize_result()
         previous = out / "final"
-    publish(out / "final", trained_model_dir())
+    publish(out / "final", layout.final_model)
     summary = json.loads((out / "summary.json").read_text())
     png = (out / "loss.png").read_bytes()
     return dg.MaterializeResult(
@@ -88,10 +90,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
 def publish(model: Path, link: Path) -> None:
     """Point `link` at the newest final model, switching atomically."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(link.name + ".new")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(model.resolve(), target_is_directory=True)
-    os.replace(tmp, link)
+    with atomic_path(link, replace=False) as tmp:  # a link replaces a link in one rename
+        tmp.symlink_to(model.resolve(), target_is_directory=True)
 
 
 training_job = dg.define_asset_job(

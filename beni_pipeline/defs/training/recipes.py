@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from beni_model.files import atomic_path
 from beni_model.smollm2 import smollm2_instruct
 
 CHATML = (
@@ -63,10 +64,9 @@ def tiny_llm(folder: Path) -> Path:
             tie_word_embeddings=True,
         )
     )
-    tmp = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(folder)
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return folder
 
 

@@ -1,0 +1,115 @@
+"""DataLayout: the one owner of the paths under the data root. Assets, checks, the CLI and the benchmarks ask it."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import pydantic
+
+
+class DataLayout(dg.ConfigurableResource):
+    """Where every asset keeps its files under one data root.
+
+    Data passes between assets as files at these paths; nothing else spells them out, so moving a folder is a change
+    here alone."""
+
+    root: str = pydantic.Field("", description="the data root; empty: $BENI_DATA, else ./data")
+
+    @property
+    def base(self) -> Path:
+        return Path(self.root or os.environ.get("BENI_DATA", "data")).resolve()
+
+    # data
+    @property
+    def corpus(self) -> Path:
+        """The generated rendered-text corpus (the default source)."""
+        return self.base / "corpus"
+
+    @property
+    def corpus_jsonl(self) -> Path:
+        return self.corpus / "corpus.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        """manifest.parquet, chunks/<key>.parquet, rejected.parquet."""
+        return self.base / "manifest"
+
+    @property
+    def manifest_parquet(self) -> Path:
+        return self.manifest / "manifest.parquet"
+
+    @property
+    def manifest_chunks(self) -> Path:
+        return self.manifest / "chunks"
+
+    def manifest_chunk(self, chunk: str) -> Path:
+        """One chunk's manifest rows: the input of one partition of `downloaded`."""
+        return self.manifest_chunks / f"{chunk}.parquet"
+
+    @property
+    def downloaded(self) -> Path:
+        return self.base / "downloaded"
+
+    def download_dir(self, chunk: str) -> Path:
+        return self.downloaded / chunk
+
+    def download_index(self, chunk: str) -> Path:
+        return self.download_dir(chunk) / "index.parquet"
+
+    def download_indexes(self) -> list[Path]:
+        """The index of every chunk downloaded so far."""
+        return sorted(self.downloaded.glob("*/index.parquet"))
+
+    @property
+    def dedup(self) -> Path:
+        """kept.parquet, duplicates.parquet, clusters.parquet and features/<chunk>.parquet."""
+        return self.base / "dedup"
+
+    def dedup_features(self, chunk: str) -> Path:
+        return self.dedup / "features" / f"{chunk}.parquet"
+
+    @property
+    def kept(self) -> Path:
+        return self.dedup / "kept.parquet"
+
+    @property
+    def duplicates(self) -> Path:
+        return self.dedup / "duplicates.parquet"
+
+    @property
+    def shards(self) -> Path:
+        return self.base / "shards"
+
+    # training
+    def training(self, recipe: str) -> Path:
+        """One folder per stage of the recipe, with the stage's config beside it."""
+        return self.base / "training" / recipe
+
+    @property
+    def model_parts(self) -> Path:
+        """Parts the recipes build offline once (e.g. the tiny LLM), shared by every recipe."""
+        return self.base / "training" / "parts"
+
+    @property
+    def final_model(self) -> Path:
+        """The save_pretrained folder of the latest trained model: what `trained_model` publishes, the rest reads."""
+        return self.base / "model" / "final"
+
+    # evaluation and export
+    @property
+    def heldout(self) -> Path:
+        """The held-out generated OCRBench-format set (OCRBench.json and its images)."""
+        return self.base / "heldout"
+
+    @property
+    def eval_set(self) -> Path:
+        """Which set `heldout_eval_set` made: {"name", "json", "images"} (the generated set, or the real OCRBench)."""
+        return self.heldout / "eval_set.json"
+
+    @property
+    def ocr_eval(self) -> Path:
+        return self.base / "ocr_eval" / "report"
+
+    @property
+    def exports(self) -> Path:
+        return self.base / "exports"

@@ -1,6 +1,7 @@
 """Atomic writes: a file appears complete under its name, or not at all, whenever the writer is killed."""
 
 import os
+import secrets
 from pathlib import Path
 
 import pyarrow as pa
@@ -8,7 +9,8 @@ import pyarrow.parquet as pq
 
 
 def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # the pid alone is shared by a process's threads: two writers of one path must never share a temp file
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

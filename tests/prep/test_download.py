@@ -177,17 +177,21 @@ download_chunk(rows, out, DownloadSettings(workers=2, concurrency=4, part_size=1
 """
 
 
-def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_path):
+@pytest.mark.parametrize("victim", ["parent", "worker"])
+def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_path, victim):
     fault_server.delay = 0.01
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, fault_server.url, str(out)], cwd=Path(__file__).parents[2])
+    cmd = [sys.executable, "-c", KILL_SCRIPT, fault_server.url, str(out)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*-*-*.parquet"))) < 3:
         assert time.monotonic() < deadline and proc.poll() is None, "the download finished or hung before it could be killed"
         time.sleep(0.05)
     workers = psutil.Process(proc.pid).children()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid if victim == "parent" else workers[0].pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)
+    if victim == "worker":  # the parent stops the other workers and fails with the worker's exit code
+        assert proc.returncode == 1 and "a download worker failed" in stderr and "(exit code -9)" in stderr, stderr
     psutil.wait_procs(workers, timeout=10)
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE], "workers outlived their parent"
     assert not (out / "index.parquet").exists()

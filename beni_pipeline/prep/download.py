@@ -5,12 +5,16 @@ reason. The rows are split over worker processes (`fetch.py`), each with its own
 requests on aiohttp's transport. A worker commits its results in parts of `part_size` rows: it renames the part's tar into place,
 then sends the part's rows here, and the part's parquet is written last, so a killed run leaves only
 complete parts behind and the next run fetches just the rows they do not hold.
+
+One run at a time holds a chunk (an flock on its `.lock`), and every run names its parts and temp files with its
+own random token, so two runs never share a file and a run cleans up only what dead runs left.
 """
 
 import json
 import logging
 import os
 import queue
+import secrets
 import subprocess
 import sys
 import threading
@@ -20,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pydantic
 
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.images import ImageFormat, ResizeMode
+from beni_pipeline.prep.locks import exclusive
 
 log = logging.getLogger("beni.download")
 
@@ -67,6 +73,7 @@ class DownloadSettings(pydantic.BaseModel):
     quality: int = pydantic.Field(90, ge=1, le=100)
     schemes: list[str] = pydantic.Field(["http", "https", "file"], description="allowed URL schemes")
     part_size: int = pydantic.Field(256, ge=1, description="rows per committed part (the resume step)")
+    lock_wait_s: float = pydantic.Field(60.0, ge=0, description="seconds to wait for another run holding the same chunk, then fail")
 
 
 @dataclass(frozen=True)
@@ -82,16 +89,24 @@ class DownloadSummary:
 
 
 def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = DownloadSettings()) -> DownloadSummary:
-    """Fetch `rows` (columns sample_id, url) into `out_dir`; a complete chunk returns at once."""
+    """Fetch `rows` (columns sample_id, url) into `out_dir`; a complete chunk returns at once.
+
+    The call holds the chunk from start to end: another call on the same folder waits up to `lock_wait_s`
+    for it, then raises locks.Busy, without writing anything."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_uncommitted(out_dir)
-    done = set(_read_index_parts(out_dir).column("sample_id").to_pylist())
-    todo = [(s, u) for s, u in zip(rows.column("sample_id").to_pylist(), rows.column("url").to_pylist()) if s not in done]
-    start = time.perf_counter()
-    if todo:
-        _run_workers(todo, out_dir, settings)
-    seconds = time.perf_counter() - start
-    index = _consolidate(out_dir, rows.column("sample_id").to_pylist())
+    busy = (
+        f"chunk {out_dir.name} is being downloaded by another run (pid {{pid}}) into {out_dir}, still after "
+        f"{settings.lock_wait_s:g} s; let that run finish and materialize again (it resumes), or raise lock_wait_s"
+    )
+    with exclusive(out_dir / ".lock", settings.lock_wait_s, busy) as lock:
+        _remove_uncommitted(out_dir)
+        done = set(_staged_index(out_dir).column("sample_id").to_pylist())
+        todo = [(s, u) for s, u in zip(rows.column("sample_id").to_pylist(), rows.column("url").to_pylist()) if s not in done]
+        start = time.perf_counter()
+        if todo:
+            _run_workers(todo, out_dir, settings, lock)
+        seconds = time.perf_counter() - start
+        index = _consolidate(out_dir, rows.column("sample_id").to_pylist())
     fetched = {s for s, _ in todo}
     return DownloadSummary(
         counts=dict(Counter(r if r else "ok" for r in index.column("reason").to_pylist())),
@@ -105,11 +120,13 @@ def read_index(out_dir: Path) -> pa.Table:
     return pq.read_table(out_dir / "index.parquet")
 
 
-def _run_workers(todo: list[tuple[str, str]], out_dir: Path, settings: DownloadSettings) -> None:
+def _run_workers(todo: list[tuple[str, str]], out_dir: Path, settings: DownloadSettings, lock: int) -> None:
     """Run `python -m beni_pipeline.prep.fetch` workers: a plain subprocess imports only that module,
-    where a multiprocessing spawn would re-import the caller's whole program (Dagster) in every worker."""
+    where a multiprocessing spawn would re-import the caller's whole program (Dagster) in every worker.
+    The workers inherit the chunk's lock, so a worker outliving a killed parent (until its watchdog stops
+    it) still keeps the next run out."""
     n = min(settings.workers, len(todo))
-    attempt = 1 + max((int(p.name.split("-")[0]) for p in out_dir.glob("*-*-*.*")), default=0)
+    token = secrets.token_hex(4)
     messages: queue.Queue = queue.Queue()
     procs = []
     try:
@@ -118,10 +135,16 @@ def _run_workers(todo: list[tuple[str, str]], out_dir: Path, settings: DownloadS
                 "todo": todo[i::n],
                 "out_dir": str(out_dir),
                 "settings": settings.model_dump(),
-                "prefix": f"{attempt:03d}-{i:02d}",
+                "prefix": f"{token}-{i:02d}",
                 "parent": os.getpid(),
             }
-            proc = subprocess.Popen([sys.executable, "-m", "beni_pipeline.prep.fetch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "beni_pipeline.prep.fetch"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                pass_fds=(lock,),
+            )
             threading.Thread(target=_relay, args=(proc, json.dumps(job), messages), daemon=True).start()
             procs.append(proc)
         progress = _Progress(len(todo))
@@ -184,27 +207,37 @@ def _part_indexes(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob("*-*-*.parquet"))
 
 
-def _read_index_parts(out_dir: Path) -> pa.Table:
-    tables = [pq.read_table(p) for p in _part_indexes(out_dir)]
-    if (out_dir / "index.parquet").exists():
-        tables.append(read_index(out_dir))
-    return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+def _staged_index(out_dir: Path) -> pa.Table:
+    """The rows of index.parquet and of the committed parts. A part whose rows index.parquet already holds as they
+    are is one that a merge was killed before removing: it counts once."""
+    index = read_index(out_dir) if (out_dir / "index.parquet").exists() else INDEX_SCHEMA.empty_table()
+    tables = [index]
+    for path in _part_indexes(out_dir):
+        part = pq.read_table(path)
+        merged = index.filter(pc.is_in(index.column("sample_id"), part.column("sample_id")))
+        if not merged.sort_by("sample_id").equals(part.sort_by("sample_id")):
+            tables.append(part)
+    return pa.concat_tables(tables)
 
 
 def _remove_uncommitted(out_dir: Path) -> None:
-    """Drop what a killed run left half-written: temp files, and tars whose parquet never landed."""
+    """Drop what a killed run left half-written: temp files, and tars whose parquet never landed. Called only
+    under the chunk's lock, so no live run owns any of them."""
     for tmp in out_dir.glob("*.tmp"):
         tmp.unlink()
-    referenced = set(_read_index_parts(out_dir).column("tar").to_pylist())
+    referenced = set(_staged_index(out_dir).column("tar").to_pylist())
     for tar in out_dir.glob("*-*-*.tar"):
         if tar.name not in referenced:
             tar.unlink()
 
 
 def _consolidate(out_dir: Path, expected_ids: list[str]) -> pa.Table:
-    """Merge committed parts into one index.parquet sorted by sample_id and check that no row is lost."""
+    """Merge committed parts into one index.parquet sorted by sample_id and check that no row is lost.
+
+    A kill may stop the merge between any two of its steps (write index.parquet atomically, remove each part's
+    parquet): every state in between reads back as the same rows, and the next run writes the same index again."""
     parts = _part_indexes(out_dir)
-    index = _read_index_parts(out_dir).sort_by("sample_id")
+    index = _staged_index(out_dir).sort_by("sample_id")
     ids = index.column("sample_id").to_pylist()
     if len(ids) != len(set(ids)) or set(ids) != set(expected_ids):
         raise RuntimeError(

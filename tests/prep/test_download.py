@@ -1,18 +1,25 @@
+import functools
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
+from beni_pipeline.prep.images import process_image
+from beni_pipeline.prep.locks import Busy
 from tests.conftest import jpeg_bytes
 
 FAST = DownloadSettings(workers=2, retries=2, backoff=0.05, read_timeout=0.5, connect_timeout=1.0, max_bytes=300_000, part_size=8)
@@ -151,12 +158,12 @@ def test_resize_modes(tmp_path, mode, size, expected):
 def test_complete_chunk_is_a_noop(fault_server, tmp_path):
     urls = {f"id{i}": f"{fault_server.url}/img/{i}.jpg" for i in range(10)}
     download_chunk(rows_for(urls), tmp_path / "out", FAST)
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name != ".lock"}  # the lock names its holder
     hits = sum(len(v) for v in fault_server.hits.values())
     summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
     assert summary.fetched == 0 and summary.ok == 10
     assert sum(len(v) for v in fault_server.hits.values()) == hits
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir() if p.name != ".lock"} == before
 
 
 KILL_SCRIPT = """
@@ -170,17 +177,21 @@ download_chunk(rows, out, DownloadSettings(workers=2, concurrency=4, part_size=1
 """
 
 
-def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_path):
+@pytest.mark.parametrize("victim", ["parent", "worker"])
+def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_path, victim):
     fault_server.delay = 0.01
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, fault_server.url, str(out)], cwd=Path(__file__).parents[2])
+    cmd = [sys.executable, "-c", KILL_SCRIPT, fault_server.url, str(out)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(list(out.glob("*-*-*.parquet"))) < 3:
         assert time.monotonic() < deadline and proc.poll() is None, "the download finished or hung before it could be killed"
         time.sleep(0.05)
     workers = psutil.Process(proc.pid).children()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid if victim == "parent" else workers[0].pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=30)
+    if victim == "worker":  # the parent stops the other workers and fails with the worker's exit code
+        assert proc.returncode == 1 and "a download worker failed" in stderr and "(exit code -9)" in stderr, stderr
     psutil.wait_procs(workers, timeout=10)
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE], "workers outlived their parent"
     assert not (out / "index.parquet").exists()
@@ -189,7 +200,7 @@ def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_pa
     fault_server.delay = 0.0
     hits_before = sum(len(v) for v in fault_server.hits.values())
     rows = pa.table({"sample_id": [f"{i:04d}" for i in range(400)], "url": [f"{fault_server.url}/img/{i % 40}.jpg" for i in range(400)]})
-    summary = download_chunk(rows, out, DownloadSettings(workers=2, part_size=10))
+    summary = download_chunk(rows, out, DownloadSettings(workers=2, part_size=10, lock_wait_s=0))  # the kill released the lock
     index = read_index(out)
     ids = index.column("sample_id").to_pylist()
     assert sorted(ids) == sorted(set(ids)) == rows.column("sample_id").to_pylist()
@@ -211,3 +222,131 @@ def test_center_crop_of_any_shape(tmp_path, width, height):
     summary = download_chunk(rows_for({"x": str(src)}), tmp_path / "out", settings)
     row = read_index(tmp_path / "out").to_pylist()[0]
     assert summary.ok == 1 and (row["width"], row["height"]) == (256, 256)
+
+
+def test_two_runs_of_one_chunk_never_share_it(fault_server, tmp_path):
+    """Two calls on one chunk at the same moment: one downloads, the other waits and finds it complete, or fails
+    with the sentence; every ok row holds the very image its URL served, fetched once."""
+    fault_server.delay = 0.005
+    fault_server.images.update({f"/u/{i}.jpg": jpeg_bytes(64 + i, 48, seed=i) for i in range(120)})
+    urls = {f"s{i:03d}": f"{fault_server.url}/u/{i}.jpg" for i in range(120)}
+    refused = 0
+    for round, wait in enumerate([0, 0, 0, 30, 30]):
+        out = tmp_path / f"round{round}"
+        settings = DownloadSettings(workers=2, concurrency=4, part_size=16, lock_wait_s=wait)
+        results = _race(functools.partial(download_chunk, rows_for(urls), out, settings))
+        assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, Busy)], results
+        done = [r for r in results if not isinstance(r, Busy)]
+        busy = [str(r) for r in results if isinstance(r, Busy)]
+        assert sorted(r.fetched for r in done) == ([120] if busy else [0, 120]), results
+        assert all(r.ok == 120 for r in done), results
+        assert not (busy and wait), busy
+        refused += len(busy)
+        for message in busy:
+            assert re.fullmatch(
+                rf"chunk round{round} is being downloaded by another run \(pid {os.getpid()}\) into .*raise lock_wait_s", message
+            )
+
+        hits = {path: len(times) for path, times in fault_server.hits.items() if path.startswith("/u/")}
+        assert hits == {f"/u/{i}.jpg": 1 for i in range(120)}
+        fault_server.hits.clear()
+        index = by_id(read_index(out))
+        assert sorted(index) == sorted(urls)
+        for sample_id, url in urls.items():
+            row = index[sample_id]
+            expected = process_image(fault_server.images[url.removeprefix(fault_server.url)], **_image_settings(settings)).data
+            with tarfile.open(out / row["tar"]) as tar:
+                member = tar.getmember(f"{sample_id}.jpg")
+                assert (member.offset_data, member.size) == (row["offset"], row["size"])
+                assert tar.extractfile(member).read() == expected
+    assert refused  # a caller that would not wait was refused at least once: the calls did overlap
+
+
+def _race(call) -> list:
+    """Start `call` on two threads at the same moment; each one's result or exception."""
+    start, results = threading.Barrier(2), [None, None]
+
+    def run(k):
+        start.wait()
+        try:
+            results[k] = call()
+        except Exception as e:  # noqa: BLE001 - the caller checks what each raised
+            results[k] = e
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _image_settings(s: DownloadSettings) -> dict:
+    names = ["resize_mode", "image_size", "image_format", "quality", "min_side", "max_pixels"]
+    return {name: getattr(s, name) for name in names}
+
+
+# Runs download_chunk and SIGKILLs itself right before the merge's k-th file operation (write, rename or delete).
+KILL_MERGE_SCRIPT = """
+import os, pathlib, signal, sys
+import pyarrow.parquet as pq
+from beni_pipeline.prep import download
+out, step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+ops = 0
+
+def killed_before_step(fn):
+    def op(*args, **kwargs):
+        global ops
+        ops += 1
+        if ops == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return op
+
+consolidate = download._consolidate
+
+def consolidate_then_die(*args):
+    os.replace, pathlib.Path.unlink, pq.write_table = map(killed_before_step, (os.replace, pathlib.Path.unlink, pq.write_table))
+    return consolidate(*args)
+
+download._consolidate = consolidate_then_die
+rows = pq.read_table(sys.argv[3])
+download.download_chunk(rows, out, download.DownloadSettings(workers=2, concurrency=4, part_size=20, lock_wait_s=0))
+"""
+
+
+def test_merge_killed_at_each_step_resumes_to_the_same_bytes(fault_server, tmp_path):
+    urls = {f"m{i:03d}": f"{fault_server.url}/img/{i % 40}.jpg" for i in range(60)}
+    urls["m999"] = f"{fault_server.url}/nothing.jpg"
+    pq.write_table(rows_for(urls), tmp_path / "rows.parquet")
+
+    def merge_killed_at(out: Path, step: int) -> int:
+        cmd = [sys.executable, "-c", KILL_MERGE_SCRIPT, str(out), str(step), str(tmp_path / "rows.parquet")]
+        return subprocess.run(cmd, check=False, cwd=Path(__file__).parents[2], timeout=120).returncode
+
+    staged = tmp_path / "staged"
+    assert merge_killed_at(staged, 1) == -signal.SIGKILL  # fetched and committed every part, then died before merging
+    assert not (staged / "index.parquet").exists() and len(list(staged.glob("*-*-*.parquet"))) >= 4
+
+    clean = tmp_path / "clean"
+    shutil.copytree(staged, clean)
+    hits = sum(len(v) for v in fault_server.hits.values())
+    expected = download_chunk(rows_for(urls), clean, FAST)
+    assert expected.fetched == 0 and expected.ok == 60 and sum(len(v) for v in fault_server.hits.values()) == hits
+
+    step = 1
+    while True:
+        out = tmp_path / f"killed{step}"
+        shutil.copytree(staged, out)
+        if merge_killed_at(out, step) == 0:
+            break
+        summary = download_chunk(rows_for(urls), out, FAST)
+        assert (summary.counts, summary.fetched) == (expected.counts, 0)
+        assert _files(out) == _files(clean), f"killed before step {step} of the merge"
+        step += 1
+    assert step == 1 + 2 + len(list(staged.glob("*-*-*.parquet")))  # write the index, rename it, delete each part
+    assert _files(out) == _files(clean)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}

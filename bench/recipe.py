@@ -67,7 +67,10 @@ def main() -> None:
         for result in results:
             for event in result.get_asset_materialization_events():
                 m = event.materialization
-                metadata[m.asset_key.to_user_string()] = {k: v.value for k, v in m.metadata.items() if isinstance(v.value, int | float | str)}
+                # numbers and short texts: the previews and thumbnails stay in the instance
+                metadata[m.asset_key.to_user_string()] = {
+                    k: v.value for k, v in m.metadata.items() if isinstance(v.value, int | float) or (isinstance(v.value, str) and len(v.value) < 200)
+                }
         checks = {e.check_name: e.passed for result in results for e in result.get_asset_check_evaluations()}
     total = round(time.perf_counter() - start, 1)
     summary = json.loads((DataLayout().ocr_eval / "summary.json").read_text())

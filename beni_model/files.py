@@ -23,18 +23,23 @@ def atomic_path(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
-        if replace and _folder(tmp) and _folder(path):
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if _folder(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if replace and _folder(tmp) and _folder(path):
+        old = tmp.with_name(tmp.name + ".old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if _folder(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _folder(path: Path) -> bool:
@@ -47,7 +52,4 @@ def remove_leftovers(path: str | Path) -> None:
     `path` can be running (under the writer's lock, or where the caller is the only writer)."""
     path = Path(path)
     for tmp in path.parent.glob(f".{path.name}.*.tmp*"):
-        if _folder(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)

@@ -3,6 +3,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,8 @@ class FaultServer:
                     return self._send(302, b"", "text/plain", {"Location": "/loop"})
                 if path == "/moved":
                     return self._send(301, b"", "text/plain", {"Location": "img/0.jpg"})
+                if path.startswith("/redirect?to="):  # to any URL, another host's too
+                    return self._send(302, b"", "text/plain", {"Location": urllib.parse.unquote(path.split("=", 1)[1])})
                 if path == "/tofile":
                     return self._send(302, b"", "text/plain", {"Location": "file:///etc/hostname"})
                 if path == "/truncated.jpg":

@@ -10,6 +10,7 @@ One run at a time holds a chunk (an flock on its `.lock`), and every run names i
 own random token, so two runs never share a file and a run cleans up only what dead runs left.
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -71,9 +72,37 @@ class DownloadSettings(pydantic.BaseModel):
     image_size: int = pydantic.Field(512, ge=8)
     image_format: ImageFormat = "jpg"
     quality: int = pydantic.Field(90, ge=1, le=100)
-    schemes: list[str] = pydantic.Field(["http", "https", "file"], description="allowed URL schemes")
+    schemes: list[str] = pydantic.Field(["http", "https"], description="URL schemes fetched, from http and https")
+    allow_private_networks: bool = pydantic.Field(
+        False, description="fetch from loopback, link-local, private and reserved addresses too (refused by default)"
+    )
+    allowed_networks: list[str] = pydantic.Field(
+        [], description="networks fetched from although not public, as CIDR (e.g. 10.20.0.0/16 for an image server of your own)"
+    )
     part_size: int = pydantic.Field(256, ge=1, description="rows per committed part (the resume step)")
     lock_wait_s: float = pydantic.Field(60.0, ge=0, description="seconds to wait for another run holding the same chunk, then fail")
+
+    @pydantic.field_validator("schemes")
+    @classmethod
+    def _web_schemes(cls, schemes: list[str]) -> list[str]:
+        if not set(schemes) <= {"http", "https"}:
+            raise ValueError(
+                f"schemes may hold only http and https, not {sorted(set(schemes) - {'http', 'https'})}; local paths need no scheme: "
+                "they are read inside their source's folder or its image_root"
+            )
+        return schemes
+
+    @pydantic.field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allowed_networks: {network!r} is not an IP network; write it as CIDR, e.g. 10.20.0.0/16 or fd00::/8"
+                ) from None
+        return networks
 
 
 @dataclass(frozen=True)
@@ -89,10 +118,11 @@ class DownloadSummary:
 
 
 def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = DownloadSettings()) -> DownloadSummary:
-    """Fetch `rows` (columns sample_id, url) into `out_dir`; a complete chunk returns at once.
+    """Fetch `rows` (columns sample_id, url and, for local files, local_root) into `out_dir`; a complete chunk returns at once.
 
-    The call holds the chunk from start to end: another call on the same folder waits up to `lock_wait_s`
-    for it, then raises locks.Busy, without writing anything."""
+    A row's local file is read only from inside its `local_root` (the manifest's: the source's folder or image_root);
+    a row without one reads no local file. The call holds the chunk from start to end: another call on the same
+    folder waits up to `lock_wait_s` for it, then raises locks.Busy, without writing anything."""
     out_dir.mkdir(parents=True, exist_ok=True)
     busy = (
         f"chunk {out_dir.name} is being downloaded by another run (pid {{pid}}) into {out_dir}, still after "
@@ -101,13 +131,15 @@ def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = D
     with exclusive(out_dir / ".lock", settings.lock_wait_s, busy) as lock:
         _remove_uncommitted(out_dir)
         done = set(_staged_index(out_dir).column("sample_id").to_pylist())
-        todo = [(s, u) for s, u in zip(rows.column("sample_id").to_pylist(), rows.column("url").to_pylist()) if s not in done]
+        ids, urls = rows.column("sample_id").to_pylist(), rows.column("url").to_pylist()
+        roots = rows.column("local_root").to_pylist() if "local_root" in rows.column_names else [None] * len(ids)
+        todo = [(s, u, r) for s, u, r in zip(ids, urls, roots) if s not in done]
         start = time.perf_counter()
         if todo:
             _run_workers(todo, out_dir, settings, lock)
         seconds = time.perf_counter() - start
         index = _consolidate(out_dir, rows.column("sample_id").to_pylist())
-    fetched = {s for s, _ in todo}
+    fetched = {s for s, _, _ in todo}
     return DownloadSummary(
         counts=dict(Counter(r if r else "ok" for r in index.column("reason").to_pylist())),
         fetched=len(todo),
@@ -120,7 +152,7 @@ def read_index(out_dir: Path) -> pa.Table:
     return pq.read_table(out_dir / "index.parquet")
 
 
-def _run_workers(todo: list[tuple[str, str]], out_dir: Path, settings: DownloadSettings, lock: int) -> None:
+def _run_workers(todo: list[tuple[str, str, str | None]], out_dir: Path, settings: DownloadSettings, lock: int) -> None:
     """Run `python -m beni_pipeline.prep.fetch` workers: a plain subprocess imports only that module,
     where a multiprocessing spawn would re-import the caller's whole program (Dagster) in every worker.
     The workers inherit the chunk's lock, so a worker outliving a killed parent (until its watchdog stops

@@ -9,11 +9,16 @@ of CPU) and no pydantic (~70 ms): the parent checks the settings.
 
 import asyncio
 import email.utils
+import errno
+import functools
 import io
+import ipaddress
 import json
 import logging
 import os
 import random
+import ssl
+import stat
 import sys
 import tarfile
 import time
@@ -24,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+import aiohttp
 import httpx
 import uvloop
 from httpx_aiohttp import AiohttpTransport
@@ -69,14 +75,16 @@ def _say(message: dict) -> None:
 async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, parent: int) -> None:
     writer = _PartWriter(out_dir, prefix, s)
     hosts: dict[str, _Host] = {}
+    guard = None if s.allow_private_networks else _AddressGuard(s.allowed_networks)
     # httpx requests sent straight to aiohttp's transport: about half the CPU per request of httpx's own transport,
     # and ~30% less again without the client's layer (cookies, auth, hooks), whose one use here would be following
     # redirects (bench/BENCHMARKS.md).
-    transport = AiohttpTransport(limits=httpx.Limits(max_connections=s.concurrency))
+    ssl_context = httpx.create_ssl_context()
+    transport = AiohttpTransport(verify=ssl_context, client=functools.partial(_session, s, guard, ssl_context))
     # The transport hands httpx's pool timeout to aiohttp's `connect` (pool wait, DNS, connect and TLS): a connect timeout.
     timeout = httpx.Timeout(s.read_timeout, connect=s.connect_timeout, pool=s.connect_timeout).as_dict()
 
-    async def one(sample_id: str, url: str) -> None:
+    async def one(sample_id: str, url: str, root: str | None) -> None:
         status = 0
         try:
             try:
@@ -84,13 +92,13 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
             except ValueError:
                 raise _Failed("invalid_url") from None
             scheme = parts.scheme.lower()
-            if (scheme or "file") not in s.schemes:
-                raise _Failed("scheme_not_allowed")
             if scheme in ("", "file"):
-                data = _read_local(url, s.max_bytes)
+                data = _read_local(parts, url, root, s.max_bytes)
+            elif scheme not in s.schemes:
+                raise _Failed("scheme_not_allowed")
             else:
                 host = hosts.setdefault(parts.netloc, _Host(s.per_host))
-                data, status = await _fetch(transport, timeout, host, url, s)
+                data, status = await _fetch(transport, timeout, guard, host, url, s)
             image = _process(data, s)
             writer.add(sample_id, status, len(data), image)
         except _Failed as f:
@@ -99,8 +107,8 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
     pending = iter(todo)
 
     async def run() -> None:  # `concurrency` of these bound the requests in flight
-        for sample_id, url in pending:
-            await one(sample_id, url)
+        for sample_id, url, root in pending:
+            await one(sample_id, url, root)
 
     watchdog = asyncio.create_task(_exit_with_parent(parent))
     try:
@@ -109,6 +117,53 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
     finally:
         watchdog.cancel()
         await transport.aclose()
+
+
+def _session(s: "DownloadSettings", guard: "_AddressGuard | None", ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+    """The session the transport would make, but for the resolver; the transport makes it on the loop at the first request."""
+    resolver = guard or aiohttp.DefaultResolver()
+    connector = aiohttp.TCPConnector(limit=s.concurrency, keepalive_timeout=5.0, ssl=ssl_context, resolver=resolver)
+    return aiohttp.ClientSession(connector=connector)
+
+
+class _AddressGuard(aiohttp.abc.AbstractResolver):
+    """Refuses hosts whose addresses are not public (loopback, link-local, private, multicast, reserved, ...).
+
+    As aiohttp's resolver it sees every address of every host name before aiohttp connects, and aiohttp connects only
+    to the addresses it returns, so a name cannot resolve to a public address for the check and a private one for the
+    connection. aiohttp resolves no IP literal: `check_host` refuses those before each request and redirect.
+    """
+
+    def __init__(self, allowed_networks: list[str]):
+        self.allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_networks]
+        self.dns = aiohttp.DefaultResolver()
+        self.literals: dict[str, bool] = {}  # host -> refused, for the hosts that are IP literals
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list:
+        addresses = await self.dns.resolve(host, port, family)
+        if not all(self.allows(a["host"]) for a in addresses):
+            raise _Failed("private_address")
+        return addresses
+
+    async def close(self) -> None:
+        await self.dns.close()
+
+    def check_host(self, host: str) -> None:
+        refused = self.literals.get(host)
+        if refused is None:
+            try:
+                refused = not self.allows(host)
+            except ValueError:  # a host name: the resolver checks its addresses
+                refused = False
+            self.literals[host] = refused
+        if refused:
+            raise _Failed("private_address")
+
+    def allows(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6:  # an IPv4 address inside IPv6 is judged as itself
+            ip = ip.ipv4_mapped or ip.sixtofour or ip
+        return (ip.is_global and not ip.is_multicast) or any(ip in network for network in self.allowed)
 
 
 async def _exit_with_parent(parent: int) -> None:
@@ -131,12 +186,14 @@ class _Host:
             await asyncio.sleep(delay)
 
 
-async def _fetch(transport: AiohttpTransport, timeout: dict, host: _Host, url: str, s: "DownloadSettings") -> tuple[bytes, int]:
+async def _fetch(
+    transport: AiohttpTransport, timeout: dict, guard: _AddressGuard | None, host: _Host, url: str, s: "DownloadSettings"
+) -> tuple[bytes, int]:
     for attempt in range(s.retries + 1):
         try:
             async with host.slots:
                 await host.wait()
-                return await _get(transport, timeout, httpx.URL(url), s)
+                return await _get(transport, timeout, guard, httpx.URL(url), s)
         except _Retry as r:
             last = r
         except (httpx.InvalidURL, httpx.UnsupportedProtocol):  # no host, control characters, a Location that is no URL
@@ -150,9 +207,13 @@ async def _fetch(transport: AiohttpTransport, timeout: dict, host: _Host, url: s
     raise _Failed(last.reason, last.http_status)
 
 
-async def _get(transport: AiohttpTransport, timeout: dict, url: httpx.URL, s: "DownloadSettings") -> tuple[bytes, int]:
-    """The body of `url`, following up to `max_redirects` redirects, to http(s) URLs of an allowed scheme only."""
+async def _get(
+    transport: AiohttpTransport, timeout: dict, guard: _AddressGuard | None, url: httpx.URL, s: "DownloadSettings"
+) -> tuple[bytes, int]:
+    """The body of `url`, following up to `max_redirects` redirects, to http(s) URLs of an allowed scheme and address only."""
     for _ in range(s.max_redirects + 1):
+        if guard:
+            guard.check_host(url.host)
         response = await transport.handle_async_request(httpx.Request("GET", url, extensions={"timeout": timeout}))
         try:
             if not (response.is_redirect and "location" in response.headers):
@@ -205,16 +266,57 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
-def _read_local(url: str, max_bytes: int) -> bytes:
-    path = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url)
+def _read_local(parts: urllib.parse.SplitResult, url: str, root: str | None, max_bytes: int) -> bytes:
+    """A regular file inside `root` (after `..` and symlinks), at most `max_bytes` long.
+
+    The file is opened without blocking (a FIFO would wait for a writer) and checked through its descriptor: the path
+    checked could change before the open, the file opened cannot.
+    """
+    if parts.scheme and parts.netloc not in ("", "localhost"):  # file://host/ names another machine's file
+        raise _Failed("invalid_url")
+    path = urllib.request.url2pathname(parts.path) if parts.scheme else url
     try:
-        if path.stat().st_size > max_bytes:
-            raise _Failed("too_large")
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        real = os.path.realpath(path)
+    except ValueError:  # a NUL byte
+        raise _Failed("invalid_url") from None
+    if root is None or not _inside(real, _real_root(root)):
+        raise _Failed("outside_allowed_roots")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         raise _Failed("missing_file") from None
-    except PermissionError:
+    except OSError as e:  # ELOOP: the file became a symlink after the check; ENXIO: a socket
+        raise _Failed({errno.ELOOP: "outside_allowed_roots", errno.ENXIO: "not_a_regular_file"}.get(e.errno, "unreadable_file")) from None
+    try:
+        if not _inside(os.readlink(f"/proc/self/fd/{fd}"), _real_root(root)):
+            raise _Failed("outside_allowed_roots")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a device's size says nothing of what it yields (/dev/zero: 0, endless)
+            raise _Failed("not_a_regular_file")
+        return _read_at_most(fd, max_bytes)
+    except OSError:
         raise _Failed("unreadable_file") from None
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _read_at_most(fd: int, max_bytes: int) -> bytes:
+    """The file's bytes, or `too_large` as soon as more than `max_bytes` were read, whatever size the file claims."""
+    pieces, size = [], 0
+    while piece := os.read(fd, min(2**20, max_bytes + 1 - size)):
+        pieces.append(piece)
+        size += len(piece)
+        if size > max_bytes:
+            raise _Failed("too_large")
+    return b"".join(pieces)
 
 
 def _process(data: bytes, s: "DownloadSettings") -> ProcessedImage:

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("transcript", pa.string()),  # the text the image shows on one line, where the source names it
         ("lines", pa.string()),  # JSON [[text, centre], ...]: a document's text lines, each centre a fraction of the height
         ("source", pa.string()),
+        ("local_root", pa.string()),  # the folder this row's local image must lie in: its source's folder, or image_root
         ("row", pa.int64()),
         ("chunk", pa.string()),
     ]
@@ -126,7 +128,7 @@ def read_source(path: Path, settings: SourceSettings) -> tuple[list[dict], list[
         records = reader(path, settings)
     if not records:
         raise IngestError(f"{path} holds no rows; point `sources` at a file with data")
-    root = Path(settings.image_root) if settings.image_root else (path if path.is_dir() else path.parent)
+    root = (Path(settings.image_root) if settings.image_root else (path if path.is_dir() else path.parent)).resolve()
     good, bad = [], []
     for line, record in records:
         row, reason = _normalize(record, root, str(path), line)
@@ -176,6 +178,7 @@ def _normalize(record: dict, root: Path, source: str, line: int) -> tuple[dict |
         "transcript": transcript.strip() or None if isinstance(transcript, str) else None,
         "lines": json.dumps(lines, ensure_ascii=False) if lines else None,
         "source": source,
+        "local_root": str(root),
         "row": line,
     }, ""
 
@@ -196,7 +199,7 @@ def _valid_lines(lines) -> bool:
 
 
 def _resolve(ref: str, root: Path) -> str:
-    if "://" in ref or os.path.isabs(ref):
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", ref) or os.path.isabs(ref):  # a URL of any scheme (data:, javascript:) is no path
         return ref
     return str((root / ref).resolve())
 

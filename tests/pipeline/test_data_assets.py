@@ -42,7 +42,7 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
     source = write_source(tmp_path / "rows.jsonl", fault_server.url, local)
     config = {
         "source_manifest": {"sources": [str(source)], "chunk_size": 10},
-        "downloaded": {"workers": 2, "retries": 0},
+        "downloaded": {"workers": 2, "retries": 0, "allow_private_networks": True},  # the test server is on 127.0.0.1
     }
     results = materialize_all(instance, config, dg.AssetSelection.assets(source_manifest, downloaded))
     checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
@@ -95,7 +95,9 @@ def test_cli_materializes_manifest_and_a_partition(instance, fault_server, tmp_p
     base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "beni_pipeline.definitions"]
     manifest_config = {"ops": {"source_manifest": {"config": {"sources": [str(source)], "chunk_size": 20}}}}
     subprocess.run(base + ["--select", "source_manifest", "--config-json", json.dumps(manifest_config)], check=True, env=env, cwd=REPO)
-    subprocess.run(base + ["--select", "downloaded", "--partition", "00001"], check=True, env=env, cwd=REPO)
+    download_config = {"ops": {"downloaded": {"config": {"allow_private_networks": True}}}}
+    download = ["--select", "downloaded", "--partition", "00001", "--config-json", json.dumps(download_config)]
+    subprocess.run(base + download, check=True, env=env, cwd=REPO)
     meta = latest_metadata(instance, "downloaded", "00001")
     assert meta["rows"] == 8 and meta["ok"] == 5
 

@@ -1,4 +1,8 @@
+import base64
+import concurrent.futures
+import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -9,24 +13,31 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 import pytest
 from PIL import Image
 
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
 from beni_pipeline.prep.images import process_image
+from beni_pipeline.prep.ingest import build_manifest, read_chunk
 from beni_pipeline.prep.locks import Busy
 from tests.conftest import jpeg_bytes
 
-FAST = DownloadSettings(workers=2, retries=2, backoff=0.05, read_timeout=0.5, connect_timeout=1.0, max_bytes=300_000, part_size=8)
+FAST = DownloadSettings(
+    workers=2, retries=2, backoff=0.05, read_timeout=0.5, connect_timeout=1.0, max_bytes=300_000, part_size=8, allow_private_networks=True
+)
 
 
-def rows_for(urls: dict[str, str]) -> pa.Table:
-    return pa.table({"sample_id": list(urls), "url": list(urls.values())})
+def rows_for(urls: dict[str, str], root: Path | None = None) -> pa.Table:
+    """Download rows; `root` is the folder their local files may be read from, as the manifest gives it."""
+    roots = pa.array([str(root) if root else None] * len(urls), pa.string())
+    return pa.table({"sample_id": list(urls), "url": list(urls.values()), "local_root": roots})
 
 
 def by_id(index: pa.Table) -> dict[str, dict]:
@@ -95,7 +106,7 @@ def test_every_fault_lands_in_its_status(fault_server, tmp_path):
         "badipv6": "http://[::1/x.jpg",
         "ctrlchar": "http://exa\x00mple.org/x.jpg",
     }
-    summary = download_chunk(rows_for(urls), tmp_path / "out", FAST)
+    summary = download_chunk(rows_for(urls, tmp_path), tmp_path / "out", FAST)
     for sock in [listener, *backlog]:
         sock.close()
     index = by_id(read_index(tmp_path / "out"))
@@ -148,7 +159,7 @@ def test_resize_modes(tmp_path, mode, size, expected):
     src = tmp_path / "a.jpg"
     src.write_bytes(jpeg_bytes(400, 200))
     settings = DownloadSettings(workers=1, resize_mode=mode, image_size=size, image_format="webp", quality=80)
-    download_chunk(rows_for({"x": str(src)}), tmp_path / "out", settings)
+    download_chunk(rows_for({"x": str(src)}, tmp_path), tmp_path / "out", settings)
     row = read_index(tmp_path / "out").to_pylist()[0]
     assert (row["width"], row["height"]) == expected and row["ext"] == "webp"
     with tarfile.open(tmp_path / "out" / row["tar"]) as tar:
@@ -173,7 +184,7 @@ from beni_pipeline.prep.download import DownloadSettings, download_chunk
 base, out = sys.argv[1], Path(sys.argv[2])
 ids = [f"{i:04d}" for i in range(400)]
 rows = pa.table({"sample_id": ids, "url": [f"{base}/img/{i % 40}.jpg" for i in range(400)]})
-download_chunk(rows, out, DownloadSettings(workers=2, concurrency=4, part_size=10))
+download_chunk(rows, out, DownloadSettings(workers=2, concurrency=4, part_size=10, allow_private_networks=True))
 """
 
 
@@ -200,7 +211,8 @@ def test_killed_download_resumes_without_loss_or_duplicates(fault_server, tmp_pa
     fault_server.delay = 0.0
     hits_before = sum(len(v) for v in fault_server.hits.values())
     rows = pa.table({"sample_id": [f"{i:04d}" for i in range(400)], "url": [f"{fault_server.url}/img/{i % 40}.jpg" for i in range(400)]})
-    summary = download_chunk(rows, out, DownloadSettings(workers=2, part_size=10, lock_wait_s=0))  # the kill released the lock
+    # lock_wait_s=0: the kill released the lock
+    summary = download_chunk(rows, out, DownloadSettings(workers=2, part_size=10, lock_wait_s=0, allow_private_networks=True))
     index = read_index(out)
     ids = index.column("sample_id").to_pylist()
     assert sorted(ids) == sorted(set(ids)) == rows.column("sample_id").to_pylist()
@@ -219,7 +231,7 @@ def test_center_crop_of_any_shape(tmp_path, width, height):
     src = tmp_path / "a.jpg"
     src.write_bytes(jpeg_bytes(width, height))
     settings = DownloadSettings(workers=1, resize_mode="center_crop", image_size=256)
-    summary = download_chunk(rows_for({"x": str(src)}), tmp_path / "out", settings)
+    summary = download_chunk(rows_for({"x": str(src)}, tmp_path), tmp_path / "out", settings)
     row = read_index(tmp_path / "out").to_pylist()[0]
     assert summary.ok == 1 and (row["width"], row["height"]) == (256, 256)
 
@@ -233,7 +245,7 @@ def test_two_runs_of_one_chunk_never_share_it(fault_server, tmp_path):
     refused = 0
     for round, wait in enumerate([0, 0, 0, 30, 30]):
         out = tmp_path / f"round{round}"
-        settings = DownloadSettings(workers=2, concurrency=4, part_size=16, lock_wait_s=wait)
+        settings = DownloadSettings(workers=2, concurrency=4, part_size=16, lock_wait_s=wait, allow_private_networks=True)
         results = _race(functools.partial(download_chunk, rows_for(urls), out, settings))
         assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, Busy)], results
         done = [r for r in results if not isinstance(r, Busy)]
@@ -311,7 +323,7 @@ def consolidate_then_die(*args):
 
 download._consolidate = consolidate_then_die
 rows = pq.read_table(sys.argv[3])
-download.download_chunk(rows, out, download.DownloadSettings(workers=2, concurrency=4, part_size=20, lock_wait_s=0))
+download.download_chunk(rows, out, download.DownloadSettings(workers=2, concurrency=4, part_size=20, lock_wait_s=0, allow_private_networks=True))
 """
 
 
@@ -350,3 +362,141 @@ def test_merge_killed_at_each_step_resumes_to_the_same_bytes(fault_server, tmp_p
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
+def reasons(out: Path) -> dict[str, str]:
+    return {r["sample_id"]: r["reason"] or r["status"] for r in read_index(out).to_pylist()}
+
+
+def test_local_files_are_read_only_inside_their_root(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "in.jpg").write_bytes(jpeg_bytes(64, 64))
+    secret = outside / "secret.jpg"
+    secret.write_bytes(jpeg_bytes(64, 64, seed=1))
+    (root / "link.jpg").symlink_to(secret)
+    (root / "linkdir").symlink_to(outside)
+    urls = {
+        "inside": str(root / "in.jpg"),
+        "inside_url": (root / "in.jpg").as_uri(),
+        "absolute": str(secret),
+        "file_url": secret.as_uri(),
+        "dotdot": f"{root}/../outside/secret.jpg",
+        "symlink": str(root / "link.jpg"),
+        "symlinked_folder": str(root / "linkdir" / "secret.jpg"),
+        "other_host": f"file://example.org{root}/in.jpg",
+        "nul": f"{root}/in\0.jpg",
+        "javascript": "javascript:alert(1)",
+        "data": "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(64, 64)).decode(),
+    }
+    rows = pa.concat_tables([rows_for(urls, root), rows_for({"no_root": str(root / "in.jpg")})])
+    download_chunk(rows, tmp_path / "out", DownloadSettings(workers=1))
+    assert reasons(tmp_path / "out") == {
+        "inside": "ok",
+        "inside_url": "ok",
+        "absolute": "outside_allowed_roots",
+        "file_url": "outside_allowed_roots",
+        "dotdot": "outside_allowed_roots",
+        "symlink": "outside_allowed_roots",
+        "symlinked_folder": "outside_allowed_roots",
+        "other_host": "invalid_url",
+        "nul": "invalid_url",
+        "javascript": "scheme_not_allowed",
+        "data": "scheme_not_allowed",
+        "no_root": "outside_allowed_roots",
+    }
+
+
+def download_within(seconds: float, rows: pa.Table, out: Path, settings: DownloadSettings, fifos=()) -> None:
+    """download_chunk, failing the test when it takes over `seconds`; a worker blocked on one of `fifos` is let go."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(download_chunk, rows, out, settings)
+        try:
+            future.result(timeout=seconds)
+        except TimeoutError:
+            for fifo in fifos:
+                with contextlib.suppress(OSError):  # no reader: nothing blocks on it
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"the download took over {seconds} s: a worker blocked")
+
+
+def test_only_regular_files_are_read_and_never_past_the_byte_cap(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "big.jpg").write_bytes(jpeg_bytes(64, 64) + b"\0" * 400_000)
+    (tmp_path / "small.jpg").write_bytes(jpeg_bytes(64, 64))
+    urls = {n: str(tmp_path / f"{n}.jpg") for n in ["fifo", "folder", "big", "small"]} | {"zero_outside": "/dev/zero"}
+    rows = pa.concat_tables([rows_for(urls, tmp_path), rows_for({"zero": "/dev/zero", "urandom": "/dev/urandom"}, Path("/dev"))])
+    download_within(60, rows, tmp_path / "out", FAST, fifos=[tmp_path / "fifo.jpg"])
+    assert reasons(tmp_path / "out") == {
+        "fifo": "not_a_regular_file",
+        "folder": "not_a_regular_file",
+        "big": "too_large",
+        "small": "ok",
+        "zero_outside": "outside_allowed_roots",
+        "zero": "not_a_regular_file",
+        "urandom": "not_a_regular_file",
+    }
+
+
+def test_private_addresses_are_refused_unless_allowed(fault_server, tmp_path):
+    port = fault_server.httpd.server_address[1]
+    urls = {
+        "loopback": f"{fault_server.url}/img/0.jpg",
+        "by_name": f"http://localhost:{port}/img/1.jpg",
+        "mapped": f"http://[::ffff:127.0.0.1]:{port}/img/2.jpg",
+        "unspecified": f"http://0.0.0.0:{port}/img/3.jpg",
+        "short_form": f"http://127.1:{port}/img/4.jpg",
+        "decimal": f"http://2130706433:{port}/img/5.jpg",
+        "link_local": "http://[fe80::1]:9/x.jpg",
+        "multicast": "http://224.0.0.1:9/x.jpg",
+    }
+    download_chunk(rows_for(urls), tmp_path / "default", DownloadSettings(**{**FAST.model_dump(), "allow_private_networks": False}))
+    numeric = {"short_form": "invalid_url", "decimal": "invalid_url"}  # aiohttp takes no legacy form of an IPv4 address
+    assert reasons(tmp_path / "default") == dict.fromkeys(urls, "private_address") | numeric
+    assert not fault_server.hits  # refused before a request was sent
+
+    download_chunk(rows_for(urls), tmp_path / "allowed", FAST)
+    allowed = reasons(tmp_path / "allowed")
+    assert allowed["loopback"] == allowed["by_name"] == "ok"
+
+
+def test_every_redirect_hop_is_checked(fault_server, tmp_path):
+    port, u = fault_server.httpd.server_address[1], fault_server.url
+    settings = DownloadSettings(**{**FAST.model_dump(), "allow_private_networks": False, "allowed_networks": ["127.0.0.1/32"]})
+    urls = {
+        "allowed": f"{u}/img/0.jpg",
+        "redirect_allowed": f"{u}/redirect?to=" + urllib.parse.quote(f"{u}/img/1.jpg"),
+        "redirect_private": f"{u}/redirect?to=" + urllib.parse.quote(f"http://127.0.0.2:{port}/img/2.jpg"),
+    }
+    download_chunk(rows_for(urls), tmp_path / "out", settings)
+    assert reasons(tmp_path / "out") == {"allowed": "ok", "redirect_allowed": "ok", "redirect_private": "private_address"}
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ({"schemes": ["http", "file"]}, r"schemes may hold only http and https, not \['file'\]; local paths need no scheme"),
+        ({"allowed_networks": ["10.0.0.0/8", "intranet"]}, r"allowed_networks: 'intranet' is not an IP network; write it as CIDR"),
+    ],
+)
+def test_unsafe_or_unknown_settings_fail_with_a_sentence(setting, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        DownloadSettings(**setting)
+
+
+def test_a_sources_local_images_are_read_only_inside_its_folder(tmp_path):
+    """A LLaVA file names images relative to its folder; one that climbs out of it, or names any other file, is refused."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.jpg").write_bytes(jpeg_bytes(64, 64))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.png").write_bytes(jpeg_bytes(64, 64, seed=2))
+    images = ["images/a.jpg", "../outside/secret.png", str(tmp_path / "outside" / "secret.png"), "file:///etc/hostname", "javascript:a.jpg"]
+    answer = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a gradient"}]
+    items = [{"id": str(i), "image": image, "conversations": answer} for i, image in enumerate(images)]
+    (data / "llava.json").write_text(json.dumps(items))
+    manifest = build_manifest([data / "llava.json"], tmp_path / "manifest")
+    download_chunk(read_chunk(tmp_path / "manifest", "00000"), tmp_path / "out", DownloadSettings(workers=1))
+    got = reasons(tmp_path / "out")
+    by_row = {r["row"]: got[r["sample_id"]] for r in manifest.table.to_pylist()}
+    assert by_row == {1: "ok", 2: "outside_allowed_roots", 3: "outside_allowed_roots", 4: "outside_allowed_roots", 5: "scheme_not_allowed"}

@@ -150,3 +150,13 @@ def test_a_documents_lines_reach_the_manifest_and_bad_ones_are_rejected(tmp_path
     good, bad = read_source(tmp_path / "rows.jsonl", SourceSettings())
     assert [r["lines"] for r in good] == ['[["To: Ann", 0.2], ["From: Bo", 0.3]]', None]
     assert [(r["row"], r["reason"]) for r in bad] == [(3, "bad_lines"), (4, "bad_lines")]
+
+
+def test_urls_stay_urls_and_each_row_names_its_local_root(tmp_path):
+    refs = ["a.jpg", "javascript:alert(1)", "data:image/png;base64,iVBORw0KGgo=", "mailto:x@example.org", "https://example.org/b.jpg"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"url": ref, "caption": f"c{i}"}) + "\n" for i, ref in enumerate(refs)))
+    good, _ = read_source(tmp_path / "rows.jsonl", SourceSettings())
+    assert [r["url"] for r in good] == [str(tmp_path / "a.jpg"), *refs[1:]]
+    assert {r["local_root"] for r in good} == {str(tmp_path)}
+    good, _ = read_source(tmp_path / "rows.jsonl", SourceSettings(image_root=str(tmp_path / "images")))
+    assert good[0]["url"] == str(tmp_path / "images" / "a.jpg") and {r["local_root"] for r in good} == {str(tmp_path / "images")}

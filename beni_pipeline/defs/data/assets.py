@@ -86,8 +86,9 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     owners=["team:data"],
 )
 def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout: DataLayout) -> dg.MaterializeResult:
-    """Each manifest chunk fetched (http, https, file), validated, re-encoded and staged as tar parts with a
-    parquet index that gives every row exactly one status: ok, or failed with its reason."""
+    """Each manifest chunk fetched (http(s) from public addresses, local files inside their source's folder or image_root),
+    validated, re-encoded and staged as tar parts with a parquet index that gives every row exactly one status: ok, or
+    failed with its reason."""
     counts, fetched, seconds, bytes_in, previews = Counter(), 0, 0.0, 0, []
     for key in context.partition_keys:
         chunk = read_chunk(layout.manifest, key)

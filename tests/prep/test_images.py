@@ -68,7 +68,9 @@ def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     fy = (lightness + 16) / 116
     f = np.stack([fy + a / 500, fy, fy - b / 200], axis=-1)
     xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.96422, 1.0, 0.82521])
-    bradford_d50_to_srgb = np.array([[3.1338561, -1.6168667, -0.4906146], [-0.9787684, 1.9161415, 0.0334540], [0.0719453, -0.2289914, 1.4052427]])
+    bradford_d50_to_srgb = np.array(
+        [[3.1338561, -1.6168667, -0.4906146], [-0.9787684, 1.9161415, 0.0334540], [0.0719453, -0.2289914, 1.4052427]]
+    )
     linear = np.clip(xyz @ bradford_d50_to_srgb.T, 0, 1)
     return 255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
 
@@ -172,7 +174,8 @@ def case_rgb16_png():
 
 
 def case_rgba16_png():
-    v = np.round(np.stack([unit(), unit()[::-1], 1 - unit(), np.linspace(0, 1, H)[:, None] * np.ones(W)], axis=-1) * 65535).astype(np.uint16)
+    opacity = np.linspace(0, 1, H)[:, None] * np.ones(W)
+    v = np.round(np.stack([unit(), unit()[::-1], 1 - unit(), opacity], axis=-1) * 65535).astype(np.uint16)
     return png16(v), over_white(v[..., :3] / 257, v[..., 3] / 257)
 
 

@@ -108,6 +108,14 @@ def build_manifest(sources: list[Path], out_dir: Path, settings: SourceSettings 
             seen.add(row["sample_id"])
             unique.append(row)
 
+    if not unique:  # nothing to download: say so here, not as a download step with no partitions
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(pa.Table.from_pylist(rejected, REJECTED_SCHEMA), out_dir / "rejected.parquet")
+        reasons = ", ".join(f"{reason} {n}" for reason, n in Counter(r["reason"] for r in rejected).most_common(3))
+        raise IngestError(
+            f"none of the {len(rejected)} rows of the sources is usable ({reasons}); "
+            f"{out_dir / 'rejected.parquet'} gives each row's line and reason: fix those rows"
+        )
     chunk_dir = out_dir / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     assigned = _assigned_chunks(chunk_dir)

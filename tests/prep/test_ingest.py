@@ -84,6 +84,14 @@ def test_unusable_rows_are_counted_with_a_reason(tmp_path):
     assert sorted(r["row"] for r in rejected) == [2, 3, 4, 5, 6]
 
 
+def test_a_source_with_no_usable_row_fails_with_its_reasons(tmp_path):
+    rows = [{"url": f"{i}.jpg", "caption": ""} for i in range(3)] + [{"url": "", "caption": "no image"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(IngestError, match=r"none of the 4 rows of the sources is usable \(missing_text 3, missing_url 1\); .*rejected\.parquet"):
+        build_manifest([tmp_path / "rows.jsonl"], tmp_path / "manifest")
+    assert pq.read_table(tmp_path / "manifest" / "rejected.parquet")["row"].to_pylist() == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize(
     "name,content,expected",
     [

@@ -202,7 +202,7 @@ def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instanc
     result = dg.materialize(
         list(defs.assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), resources=defs.resources, raise_on_error=False
     )
-    error = [e for e in result.all_events if e.is_step_failure][0].step_failure_data.error
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert error.cls_name == "Failure" and error.cause is None
     assert "No sample to shard: none of the 30 manifest rows downloaded (failures: " in error.message
     assert error.message.strip().endswith("re-materialize downloaded.")
@@ -214,7 +214,7 @@ def test_a_source_with_no_usable_row_fails_the_manifest_with_one_sentence(instan
     result = dg.materialize(
         [source_manifest], instance=instance, run_config={"ops": {"source_manifest": {"config": {"sources": [str(source)]}}}}, raise_on_error=False
     )
-    error = [e for e in result.all_events if e.is_step_failure][0].step_failure_data.error
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert error.cls_name == "Failure" and error.cause is None
     assert "none of the 30 rows of the sources is usable (missing_text 30)" in error.message
     assert instance.get_dynamic_partitions(manifest_chunks.name) == []

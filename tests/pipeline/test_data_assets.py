@@ -198,10 +198,7 @@ def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instanc
     dedup = latest_metadata(instance, "deduplicated")
     assert (dedup["rows"], dedup["kept"], dedup["clusters"], dedup["clusters_preview"]) == (0, 0, 0, "no duplicates")
 
-    defs = definitions()
-    result = dg.materialize(
-        list(defs.assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), resources=defs.resources, raise_on_error=False
-    )
+    result = materialize(list(definitions().assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), raise_on_error=False)
     error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert error.cls_name == "Failure" and error.cause is None
     assert "No sample to shard: none of the 30 manifest rows downloaded (failures: " in error.message
@@ -211,7 +208,7 @@ def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instanc
 def test_a_source_with_no_usable_row_fails_the_manifest_with_one_sentence(instance, tmp_path):
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"url": f"{i}.jpg", "caption": " "}) + "\n" for i in range(30)))
-    result = dg.materialize(
+    result = materialize(
         [source_manifest], instance=instance, run_config={"ops": {"source_manifest": {"config": {"sources": [str(source)]}}}}, raise_on_error=False
     )
     error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error

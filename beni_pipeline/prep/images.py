@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 ResizeMode = Literal["keep", "center_crop", "pad", "longest_edge"]
@@ -83,8 +84,12 @@ def process_image(
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ImageRejected("decode_error") from None
+    try:
+        rgb = _to_rgb(image)
+    except (OSError, ValueError):  # a mode or palette Pillow cannot convert
+        raise ImageRejected("decode_error") from None
     # Every resize mode is symmetric under rotation, so the small result is turned upright, not the source.
-    image = _resize(_to_rgb(image), resize_mode, image_size)
+    image = _resize(rgb, resize_mode, image_size)
     if orientation in _TRANSPOSE:
         image = image.transpose(_TRANSPOSE[orientation])
     out = io.BytesIO()
@@ -105,12 +110,53 @@ def _scale(width: int, height: int, mode: ResizeMode, size: int) -> float:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    """8-bit RGB with every pixel's value kept: deep samples scaled by `_unit_grey`, transparency composited over white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        grey, opaque = _unit_grey(image)
+        grey = np.where(opaque, grey, 1.0)  # transparent pixels show the white background
+        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "La":  # grey with premultiplied alpha (a TIFF's associated alpha): Pillow converts only the RGB form
+        grey, alpha = image.split()
+        image = Image.merge("RGBa", (grey, grey, grey, alpha))
+    if image.mode.endswith(("A", "a")) or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _unit_grey(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A grey image of more than 8 bits (I;16*, I, F) as floats in [0, 1], and where it is opaque.
+
+    Pillow's own convert clips these samples at 255, which turns a 16-bit image white and a float one black.
+    Integer samples are scaled by the full scale of their bit depth, because that is where the format puts
+    white: 65535 for 16 bits (PNG; Pillow already rescales a PGM's maxval to 16 bits), the declared
+    BitsPerSample of a TIFF (a 12-bit scan is white at 4095), offset by half the range when the TIFF
+    says the samples are signed. Integers wider than 16 bits and floats have no white a format agrees
+    on (they hold counts, depths, radiance): floats already in [0, 1] are taken as they are, which is
+    the convention of float images; anything else is stretched from its smallest to its largest
+    finite value, the only scale that keeps its content visible. NaN shows as black.
+    """
+    values = np.asarray(image).astype(np.float32)  # exact for 16-bit samples, half the memory of float64
+    opaque = values != image.info["transparency"] if isinstance(image.info.get("transparency"), int) else np.ones(values.shape, bool)
+    bits, signed = _bit_depth(image)
+    if image.mode != "F" and 0 < bits <= 16:
+        low = -(2 ** (bits - 1)) if signed else 0
+        return np.clip((values - low) / (2**bits - 1), 0, 1), opaque
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    if image.mode == "F" and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (values.astype(np.float64) - low) / (high - low) if high > low else values  # float64: a float32 range can overflow
+    return np.nan_to_num(np.clip(scaled, 0, 1), nan=0.0), opaque
+
+
+def _bit_depth(image: Image.Image) -> tuple[int, bool]:
+    """Bits per sample and whether they are signed, as a TIFF declares them (tags 258 and 339); otherwise 16-bit
+    unsigned, since Pillow's PNG and PPM readers hold every deeper integer sample in 16 bits."""
+    tags = getattr(image, "tag_v2", None) or {}
+    return int((tags.get(258) or (16,))[0]), (tags.get(339) or (1,))[0] == 2
 
 
 def _resize(image: Image.Image, mode: ResizeMode, size: int) -> Image.Image:

@@ -3,11 +3,17 @@
 Each row gets a stable id (a hash of its image reference and text). The manifest is cut into
 chunks that become the partitions of the download step; a row keeps its chunk for good, so a
 rebuild with new rows only adds chunks.
+
+Every input row ends as one manifest row or one rejected row (reason and line number in rejected.parquet);
+a bad row never fails the file, and is never merged into a neighbour or trimmed. A row is: in csv/tsv, a
+record (one physical line, or several when a quoted field holds line breaks); in jsonl, a non-blank line;
+in LLaVA json, an item of the list; in a folder, an image. Lines are split at "\n" only. A whole-file
+problem (unknown format, no url column, an unreadable header, no row readable at all) is one IngestError.
 """
 
+import codecs
 import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -38,6 +44,24 @@ MANIFEST_SCHEMA = pa.schema(
 REJECTED_SCHEMA = pa.schema([("source", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("url", pa.string())])
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 FORMATS = "parquet, csv, tsv, jsonl, LLaVA .json, or a folder of images with .txt/.json sidecars"
+# A row longer than this is rejected (row_too_large) rather than parsed: far past any caption, and it bounds
+# what an unclosed quote can gather before it is given up on.
+MAX_ROW_CHARS = 16 * 2**20
+# A quoted csv field may hold this many line breaks; a quote still open past them is taken as never closed.
+MAX_RECORD_LINES = 256
+# What a rejected row's reason means and how to fix it, for the one sentence a wholly unreadable file gets.
+PROBLEMS = {
+    "bad_encoding": ("not valid UTF-8 text", "re-save the file as UTF-8"),
+    "unclosed_quote": ("a quoted field is never closed", "close the quote, or double a quote that is part of the text"),
+    "malformed_row": (
+        "not valid csv (text after a closing quote, or a carriage return outside quotes)",
+        "quote the whole field and double every quote inside it",
+    ),
+    "wrong_field_count": ("the row has more or fewer fields than the header", "quote fields that contain the delimiter"),
+    "row_too_large": (f"the row is longer than {MAX_ROW_CHARS} characters", "shorten it"),
+    "bad_json": ("not valid JSON", "write one JSON object per line"),
+    "not_an_object": ("not a JSON object", "write one JSON object per line"),
+}
 
 
 class IngestError(ValueError):
@@ -86,6 +110,14 @@ def build_manifest(sources: list[Path], out_dir: Path, settings: SourceSettings 
             seen.add(row["sample_id"])
             unique.append(row)
 
+    if not unique:  # nothing to download: say so here, not as a download step with no partitions
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(pa.Table.from_pylist(rejected, REJECTED_SCHEMA), out_dir / "rejected.parquet")
+        reasons = ", ".join(f"{reason} {n}" for reason, n in Counter(r["reason"] for r in rejected).most_common(3))
+        raise IngestError(
+            f"none of the {len(rejected)} rows of the sources is usable ({reasons}); "
+            f"{out_dir / 'rejected.parquet'} gives each row's line and reason: fix those rows"
+        )
     chunk_dir = out_dir / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     assigned = _assigned_chunks(chunk_dir)
@@ -131,9 +163,10 @@ def read_source(path: Path, settings: SourceSettings) -> tuple[list[dict], list[
     root = (Path(settings.image_root) if settings.image_root else (path if path.is_dir() else path.parent)).resolve()
     good, bad = [], []
     for line, record in records:
-        row, reason = _normalize(record, root, str(path), line)
+        row, reason = (None, record) if isinstance(record, str) else _normalize(record, root, str(path), line)
         if reason:
-            bad.append({"source": str(path), "row": line, "reason": reason, "url": str(record.get("url") or "")})
+            url = "" if isinstance(record, str) else str(record.get("url") or "")
+            bad.append({"source": str(path), "row": line, "reason": reason, "url": url.encode(errors="replace").decode()})
         else:
             good.append(row)
     return good, bad
@@ -169,14 +202,23 @@ def _normalize(record: dict, root: Path, source: str, line: int) -> tuple[dict |
             return None, "bad_lines"
     if lines is not None and not _valid_lines(lines):
         return None, "bad_lines"
-    sample_id = hashlib.blake2b(f"{ref}\n{caption}\n{conversations}".encode(), digest_size=8).hexdigest()
+    lines = json.dumps(lines, ensure_ascii=False) if lines else None
+    transcript = transcript.strip() or None if isinstance(transcript, str) else None
+    try:  # a JSON escape of half a surrogate pair is valid JSON but not text
+        key = f"{ref}\n{caption}\n{conversations}".encode()
+        f"{transcript}{lines}".encode()
+    except UnicodeEncodeError:
+        return None, "bad_encoding"
+    if "\0" in ref:
+        return None, "bad_url"  # no path or URL holds one
+    sample_id = hashlib.blake2b(key, digest_size=8).hexdigest()
     return {
         "sample_id": sample_id,
         "url": _resolve(ref, root),
         "caption": caption,
         "conversations": conversations,
-        "transcript": transcript.strip() or None if isinstance(transcript, str) else None,
-        "lines": json.dumps(lines, ensure_ascii=False) if lines else None,
+        "transcript": transcript,
+        "lines": lines,
         "source": source,
         "local_root": str(root),
         "row": line,
@@ -243,31 +285,124 @@ def _decode(path: Path) -> str:
         raise IngestError(f"{path}, line {line}: not valid UTF-8 text; re-save the file as UTF-8") from None
 
 
-def _read_csv(path: Path, settings: SourceSettings) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    try:
-        _check_columns(path, reader.fieldnames or [], settings)
-        return [(reader.line_num, _renamed(r, settings)) for r in reader]
-    except csv.Error as e:
-        raise IngestError(f"{path}, line {reader.line_num}: malformed {path.suffix[1:]} ({e}); fix that line") from None
+def _text_lines(path: Path) -> tuple[list[str], set[int]]:
+    """The file's physical lines, ends kept (a quoted csv field keeps its line breaks), and the indices of those
+    that are not UTF-8. Those are decoded with surrogateescape so a parser still sees where their row ends, and
+    only that row is rejected. Split at "\n" alone: a caption may hold U+2028 or a form feed."""
+    parts = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
+    raw = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    lines, undecodable = [], set()
+    for i, line in enumerate(raw):
+        try:
+            lines.append(line.decode())
+        except UnicodeDecodeError:
+            lines.append(line.decode(errors="surrogateescape"))
+            undecodable.add(i)
+    return lines, undecodable
 
 
-def _read_jsonl(path: Path, settings: SourceSettings) -> list[tuple[int, dict]]:
-    records, columns = [], set()
-    for line, text in enumerate(_decode(path).splitlines(), start=1):
-        if not text.strip():
+class _Lines:
+    """Physical lines handed to csv.reader one at a time, from `next`. A record still open after MAX_RECORD_LINES
+    lines or MAX_ROW_CHARS characters is cut off as if the file ended there (`cut` says why), so the reader
+    reports it instead of gathering the rest of the file into one field."""
+
+    def __init__(self, lines: list[str]):
+        self.lines, self.next = lines, 0
+        self.begin()
+
+    def begin(self) -> None:
+        self.start, self.chars, self.cut = self.next, 0, ""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.next >= len(self.lines) or self.next - self.start >= MAX_RECORD_LINES:
+            self.cut = "unclosed_quote"
+            raise StopIteration
+        line = self.lines[self.next]
+        if self.chars + len(line) > MAX_ROW_CHARS:
+            self.cut = "row_too_large"
+            raise StopIteration
+        self.next, self.chars = self.next + 1, self.chars + len(line)
+        return line
+
+
+def _read_csv(path: Path, settings: SourceSettings) -> list[tuple[int, dict | str]]:
+    """Rows as (first line, record or reason). csv's strict mode turns what it would silently repair (text after a
+    closing quote, a quote left open) into errors. A row that fails to parse is rejected as its first line alone
+    and parsing resumes on the next line, so an unclosed quote costs one row, not the rows it would swallow; a
+    row that parses is one row however many lines it spans, kept or rejected whole (wrong_field_count,
+    bad_encoding). A quote inside an unquoted field is kept as written: csv gives it no meaning, and `5" screen`
+    is text. Empty lines are not rows."""
+    lines, undecodable = _text_lines(path)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_CHARS))  # the default 128 KiB would fail a long caption
+    feed = _Lines(lines)
+    reader = csv.reader(feed, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
+    header, records = None, []
+    while feed.next < len(lines):
+        feed.begin()
+        if not lines[feed.start].strip("\r\n"):  # as csv sees it: a line of spaces or tabs is a row of blank fields
+            feed.next += 1
             continue
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise IngestError(f"{path}, line {line}: not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(record, dict):
-            raise IngestError(f"{path}, line {line}: expected a JSON object per line, got {type(record).__name__}")
-        columns.update(record)
-        records.append((line, _renamed(record, settings)))
+            fields = next(reader)
+        except (csv.Error, StopIteration):  # StopIteration: the row's first line alone is too long
+            fields = None
+        line = feed.start + 1
+        reason = ""
+        if fields is None:  # past its first line, a row fails only because that line left a quote open
+            reason = feed.cut or ("unclosed_quote" if feed.next - feed.start > 1 else "malformed_row")
+            feed.next = feed.start + 1  # the lines it ran into are read again as rows of their own
+        elif header is not None and len(fields) != len(header):
+            reason = "wrong_field_count"  # valid csv, so the row is all of its lines
+        elif undecodable and not undecodable.isdisjoint(range(feed.start, feed.next)):
+            reason = "bad_encoding"
+        if header is None:
+            if reason:
+                cause, fix = PROBLEMS[reason]
+                raise IngestError(f"{path}, line {line}: the header row is unreadable ({cause}); {fix}")
+            header = fields
+            _check_columns(path, header, settings)
+        else:
+            records.append((line, reason or _renamed(dict(zip(header, fields)), settings)))
+    _fail_if_all_rejected(path, records)
+    return records
+
+
+def _read_jsonl(path: Path, settings: SourceSettings) -> list[tuple[int, dict | str]]:
+    records, columns = [], set()
+    lines, undecodable = _text_lines(path)
+    for i, text in enumerate(lines):
+        if not text.strip():
+            continue
+        if i in undecodable:
+            records.append((i + 1, "bad_encoding"))
+        elif len(text) > MAX_ROW_CHARS:
+            records.append((i + 1, "row_too_large"))
+        else:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                records.append((i + 1, "bad_json"))
+                continue
+            if not isinstance(record, dict):
+                records.append((i + 1, "not_an_object"))
+                continue
+            columns.update(record)
+            records.append((i + 1, _renamed(record, settings)))
+    _fail_if_all_rejected(path, records)
     if records:
         _check_columns(path, sorted(columns), settings)
     return records
+
+
+def _fail_if_all_rejected(path: Path, records: list[tuple[int, dict | str]]) -> None:
+    """No row of the file parsed: the file is not what its name says (another format, another encoding)."""
+    if records and all(isinstance(record, str) for _, record in records):
+        line, reason = records[0]
+        cause, fix = PROBLEMS[reason]
+        raise IngestError(f"{path}, line {line}: {cause}, and no row of the file could be read; {fix}")
 
 
 def _read_llava(path: Path, settings: SourceSettings) -> list[tuple[int, dict]]:
@@ -280,19 +415,23 @@ def _read_llava(path: Path, settings: SourceSettings) -> list[tuple[int, dict]]:
     return [(i + 1, {"url": item.get("image"), "conversations": item.get("conversations")} if isinstance(item, dict) else {}) for i, item in enumerate(items)]
 
 
-def _read_folder(path: Path) -> list[tuple[int, dict]]:
+def _read_folder(path: Path) -> list[tuple[int, dict | str]]:
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     records = []
     for i, image in enumerate(images, start=1):
         record = {"url": str(image.relative_to(path))}
-        if image.with_suffix(".txt").exists():
-            record["caption"] = _decode(image.with_suffix(".txt"))
-        elif image.with_suffix(".json").exists():
-            try:
-                sidecar = json.loads(_decode(image.with_suffix(".json")))
-            except json.JSONDecodeError as e:
-                raise IngestError(f"{image.with_suffix('.json')}, line {e.lineno}: not valid JSON ({e.msg}); fix the sidecar") from None
-            record.update({k: sidecar.get(k) for k in ("caption", "conversations", "transcript", "lines")} if isinstance(sidecar, dict) else {})
+        text_sidecar, json_sidecar = image.with_suffix(".txt"), image.with_suffix(".json")
+        try:
+            if text_sidecar.exists():
+                record["caption"] = text_sidecar.read_bytes().decode("utf-8-sig")
+            elif json_sidecar.exists():
+                sidecar = json.loads(json_sidecar.read_bytes().decode("utf-8-sig"))
+                if isinstance(sidecar, dict):
+                    record.update({k: sidecar.get(k) for k in ("caption", "conversations", "transcript", "lines")})
+        except UnicodeDecodeError:
+            record = "bad_encoding"
+        except json.JSONDecodeError:
+            record = "bad_json"
         records.append((i, record))
     return records
 

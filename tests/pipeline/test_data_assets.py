@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 import webdataset
 import wids
+from PIL import Image
 
 from beni_pipeline.cli import materialize_all
 from beni_pipeline.definitions import defs as definitions
@@ -159,3 +161,59 @@ def test_rebuild_schedule_and_sensor(instance, tmp_path):
     build = sensor(context)
     assert build.tags["dagster/asset_partition_range_start"] == "00000" and build.tags["dagster/asset_partition_range_end"] == "00002"
     assert sensor.job_name == "dataset_build"
+
+
+DATA_CHECKS = ["every_row_has_one_status", "failed_download_rate", "duplicate_rate", "counts_conserve", "shards_match_checksums"]
+
+
+def distinct_images(folder: Path, n: int) -> Path:
+    """A folder of n noise images, each with its own caption: nothing in it is a duplicate of anything."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"noise picture {i} in shade {rng.integers(1000)}")
+    return folder
+
+
+def test_a_clean_dataset_runs_to_shards_with_nothing_failed_or_dropped(instance, tmp_path):
+    source = distinct_images(tmp_path / "images", 30)
+    results = materialize_all(instance, {"source_manifest": {"sources": [str(source)], "chunk_size": 10}}, dg.AssetSelection.groups("data"))
+    assert {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()} == dict.fromkeys(DATA_CHECKS, True)
+    assert latest_metadata(instance, "source_manifest")["rejected"] == 0
+    downloaded_meta = latest_metadata(instance, "downloaded", "00002")
+    assert (downloaded_meta["rows"], downloaded_meta["ok"], downloaded_meta["failed"]) == (30, 30, 0)
+    dedup = latest_metadata(instance, "deduplicated")
+    assert (dedup["rows"], dedup["kept"], dedup["dropped"], dedup["clusters"]) == (30, 30, 0, 0)
+    assert dedup["clusters_preview"] == "no duplicates"
+    assert latest_metadata(instance, "training_shards")["samples"] == 30
+
+
+def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instance, fault_server, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"url": f"{fault_server.url}/gone/{i}.jpg", "caption": f"gone {i}"}) + "\n" for i in range(30)))
+    config = {"source_manifest": {"sources": [str(source)], "chunk_size": 10}, "downloaded": {"retries": 0}}
+    results = materialize_all(instance, config, dg.AssetSelection.assets("source_manifest", "downloaded", "deduplicated"))
+    checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
+    assert checks == {"every_row_has_one_status": True, "failed_download_rate": False, "duplicate_rate": True}
+    assert latest_metadata(instance, "downloaded", "00000")["failed"] == 30
+    dedup = latest_metadata(instance, "deduplicated")
+    assert (dedup["rows"], dedup["kept"], dedup["clusters"], dedup["clusters_preview"]) == (0, 0, 0, "no duplicates")
+
+    result = materialize(list(definitions().assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), raise_on_error=False)
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None
+    assert "No sample to shard: none of the 30 manifest rows downloaded (failures: " in error.message
+    assert error.message.strip().endswith("re-materialize downloaded.")
+
+
+def test_a_source_with_no_usable_row_fails_the_manifest_with_one_sentence(instance, tmp_path):
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"url": f"{i}.jpg", "caption": " "}) + "\n" for i in range(30)))
+    result = materialize(
+        [source_manifest], instance=instance, run_config={"ops": {"source_manifest": {"config": {"sources": [str(source)]}}}}, raise_on_error=False
+    )
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None
+    assert "none of the 30 rows of the sources is usable (missing_text 30)" in error.message
+    assert instance.get_dynamic_partitions(manifest_chunks.name) == []

@@ -181,6 +181,14 @@ def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layo
     index = pa.concat_tables([read_index(layout.download_dir(chunk)) for chunk in _downloaded_chunks(layout)])
     manifest = pq.read_table(layout.manifest_parquet)
     kept = pq.read_table(_upstream(layout.kept, "deduplicated")).column("sample_id")
+    if len(kept) == 0:  # an empty training set would only fail later, in the trainer, far from the cause
+        failed = Counter(r["reason"] for r in index.select(["status", "reason"]).to_pylist() if r["status"] != "ok")
+        raise dg.Failure(
+            f"No sample to shard: none of the {index.num_rows} manifest rows downloaded (failures: "
+            f"{', '.join(f'{reason} {n}' for reason, n in failed.most_common(3))}); fix the sources' URLs or the network "
+            "and re-materialize downloaded.",
+            allow_retries=False,
+        )
     tokenizer = _tokenizer(config.tokenizer or str(smollm2_instruct()))
     start = time.perf_counter()
     plan = plan_shards(manifest, index, kept, tokenizer, config)
@@ -236,6 +244,8 @@ def _downloaded_chunks(layout: DataLayout) -> list[str]:
 
 def _clusters_md(layout: DataLayout, clusters: list[dict]) -> dg.MarkdownMetadataValue:
     """Each cluster's kept sample beside what was dropped as its duplicate, thumbnails and text."""
+    if not clusters:
+        return dg.MetadataValue.md("no duplicates")
     ids = {c["kept_id"] for c in clusters} | {d for c in clusters for d in c["dropped_ids"]}
     manifest = pq.read_table(layout.manifest_parquet)
     rows = {r["sample_id"]: r for r in manifest.filter(pc.is_in(manifest.column("sample_id"), pa.array(sorted(ids)))).to_pylist()}

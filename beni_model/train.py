@@ -59,7 +59,6 @@ from beni_model.vision import conv_stem_flops
 PARTS = ("vision_tower", "connector", "language_model")
 STAGES = ("encoder", "align", "finetune")
 GRAPHED_WIDTH_MULTIPLE = 32  # cuda_graphs pads rows to a multiple of this: each batch shape costs a capture
-READING_KEYS = ("reading_targets", "reading_lengths", "line_targets", "line_lengths")  # the loader's targets for the heads
 CHECKPOINT_WRITE_THREADS = 4  # a 2 GB checkpoint: 4.4-5.2 s with one writer thread, 2.3-2.5 s with 4 (2-core VM)
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
 PROFILE_AFTER = 10  # profile_steps start after this many steps of a launch: the first ones compile and capture
@@ -76,8 +75,8 @@ class TrainConfig:
     connector: str = "mlp2x_gelu"
     vision_stem: str | None = None  # "conv": a conv stem instead of the encoder's patchify (BeniConfig.vision_stem)
     image_size: int | None = None
-    # "encoder": the vision tower alone on the reading loss, the LLM not run; "align": the connector alone; "finetune":
-    # train_parts, or LoRA when lora_rank > 0
+    # "encoder": the vision tower alone on the extensions' losses, the LLM not run; "align": the connector alone;
+    # "finetune": train_parts, or LoRA when lora_rank > 0
     stage: str = "finetune"
     train_parts: list[str] = field(default_factory=lambda: list(PARTS))
     lora_rank: int = 0
@@ -93,9 +92,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     text_fraction: float = 0.0
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
-    reading_weight: float = 0.0  # > 0: add the vision tower's reading head and its CTC loss on samples with a transcript
-    reading_tokens: bool = False  # a new model hands the head's transcript to the LLM (BeniConfig.reading_tokens)
-    reading_lines: bool = False  # a new model also reads each row of patches as a line, trained on documents' lines (BeniConfig.reading_lines)
+    # Extension name -> its settings for a new model (BeniConfig.extensions), plus "weight": its loss's weight in this
+    # stage (default 1; 0: the extension runs but its loss does not train). An init_from model keeps its own settings.
+    extensions: dict[str, dict] = field(default_factory=dict)
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block and a conv stem (GPU)
     cuda_graphs: bool = False  # with compile: each block a CUDA graph per shape (mode "reduce-overhead"), rows padded to a multiple of GRAPHED_WIDTH_MULTIPLE tokens; one process only (off under FSDP, as the log says)
@@ -132,12 +131,12 @@ class TrainConfig:
             problems.append(f"warmup_steps {self.warmup_steps} must be below max_steps {self.max_steps}")
         if not 0 <= self.text_fraction <= 1:
             problems.append("text_fraction must lie in [0, 1]")
-        if self.reading_weight < 0:
-            problems.append("reading_weight must be at least 0")
-        if self.reading_weight and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
-            problems.append("reading_weight > 0 trains the vision tower's reading head: use stage 'finetune' with vision_tower in train_parts, no LoRA")
-        if (self.reading_tokens or self.reading_lines) and not self.reads:
-            problems.append("reading_tokens and reading_lines come with the reading head: set reading_weight > 0 or stage 'encoder'")
+        if any(self.weight(name) < 0 for name in self.extensions):
+            problems.append("an extension's weight must be at least 0")
+        if self.stage == "encoder" and not self.trained_extensions:
+            problems.append("the encoder stage trains the vision tower on the extensions' losses: name one in extensions, with a weight above 0")
+        if self.trained_extensions and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
+            problems.append("an extension's loss trains the vision tower: use stage 'finetune' with vision_tower in train_parts, no LoRA, or weight 0")
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
         if self.cuda_graphs and not self.compile:
@@ -148,10 +147,18 @@ class TrainConfig:
             raise ValueError("Bad training config: " + "; ".join(problems) + ".")
         shard_paths(self.shards)
 
+    def weight(self, name: str) -> float:
+        return self.extensions[name].get("weight", 1.0)
+
     @property
-    def reads(self) -> bool:
-        """Whether this stage trains the reading head (and so needs the loader's transcripts)."""
-        return self.stage == "encoder" or self.reading_weight > 0
+    def trained_extensions(self) -> dict[str, float]:
+        """The extensions whose losses this stage trains (so the loader builds their targets), with their weights."""
+        return {name: self.weight(name) for name in self.extensions if self.weight(name) > 0}
+
+    @property
+    def model_extensions(self) -> dict[str, dict]:
+        """BeniConfig.extensions of a new model: the settings without the trainer's weight."""
+        return {name: {k: v for k, v in settings.items() if k != "weight"} for name, settings in self.extensions.items()}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -168,7 +175,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     """AdamW groups per part (its lr from part_lr, else lr) and per kind: no weight decay on biases and norms."""
     groups = []
     for part in PARTS:
-        params = [p for p in getattr(beni_of(model), part).parameters() if p.requires_grad]
+        params = [p for p in beni_of(model).part_parameters(part) if p.requires_grad]
         lr = config.part_lr.get(part, config.lr)
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
@@ -197,16 +204,15 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             connector=config.connector,
             vision_stem=config.vision_stem,
             image_size=config.image_size,
-            reading_head=config.reads,
-            reading_tokens=config.reading_tokens,
-            reading_lines=config.reading_lines,
+            extensions=config.model_extensions,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
-    if config.reads and not model.config.reading_head:
-        raise ValueError(f"This stage trains the reading head, which the model in {config.init_from} lacks: train its first stage with reading_weight too.")
+    if missing := set(config.extensions) - set(model.config.extensions):
+        raise ValueError(f"This stage names the extensions {sorted(missing)}, which the model in {config.init_from} lacks: add them in its first stage.")
     trained = {"encoder": ("vision_tower",), "align": ("connector",)}.get(config.stage, config.train_parts)
     for part in PARTS:
-        getattr(model, part).requires_grad_(part in trained and not config.lora_rank)
+        for param in model.part_parameters(part):
+            param.requires_grad_(part in trained and not config.lora_rank)
     if config.lora_rank:
         from beni_model.adapters import add_lora  # peft (and bitsandbytes) take seconds to import
 
@@ -252,8 +258,8 @@ def shard(model: nn.Module, device: torch.device, world_size: int, compile: bool
         for block in blocks:
             block.compile(mode="reduce-overhead" if cuda_graphs else None)
         beni_of(model).vision_tower.compile_stem()
-    if device.type == "cuda":
-        beni_of(model).vision_tower.graph_ctc()
+    for extension in beni_of(model).extensions.values():
+        extension.to_device(device, compile)
     if world_size == 1:
         return model
     mesh = init_device_mesh(device.type, (world_size,))
@@ -496,17 +502,17 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
     """Summed cross-entropy / num_items, with the LM head run only at the columns that predict some label:
     image and prompt positions (most of a VLM batch) never reach the vocabulary-sized logits. `labels` stay on
-    the host, where the loader left them. Also returns the reading head's loss where `inputs` has transcripts."""
+    the host, where the loader left them. Also returns the extensions' losses where `inputs` has their targets."""
     device = inputs["input_ids"].device
     targets = labels[:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # labels still on the host: no device sync
     out = model(**inputs, logits_to_keep=to_device(keep, device), use_cache=False)
     targets = to_device(targets[:, keep], device).flatten()
     loss = (fused_cross_entropy if device.type == "cuda" else cross_entropy)(out.logits.flatten(0, 1), targets)
-    return loss / num_items, out.reading_loss
+    return loss / num_items, out.extension_losses
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -530,15 +536,15 @@ def samples_in(batch: dict) -> int:
 class StepStats:
     """A step's numbers, left on the device so the host can queue the next step: `host()` waits for this one."""
 
-    values: torch.Tensor  # LM loss, reading loss, grad norm, then the global tokens, samples, images, flops
-    read_only: bool
-    has_reading: bool
+    values: torch.Tensor  # LM loss, extensions' loss, grad norm, then the global tokens, samples, images, flops
+    extensions_only: bool
+    has_extension_loss: bool
 
     def host(self) -> dict:
-        lm_loss, reading_loss, grad_norm, tokens, samples, images, flops = self.values.tolist()
+        lm_loss, extension_loss, grad_norm, tokens, samples, images, flops = self.values.tolist()
         return {
-            "loss": reading_loss if self.read_only else lm_loss,
-            "reading_loss": reading_loss if self.has_reading else None,
+            "loss": extension_loss if self.extensions_only else lm_loss,
+            "extension_loss": extension_loss if self.has_extension_loss else None,
             "grad_norm": grad_norm,
             "skipped": not math.isfinite(grad_norm),
             "tokens": tokens,
@@ -556,35 +562,36 @@ def train_step(
     max_grad_norm: float,
     beni_config: BeniConfig,
     device: torch.device,
-    reading_weight: float = 0.0,
-    read_only: bool = False,
+    weights: dict[str, float] | None = None,
+    extensions_only: bool = False,
 ) -> StepStats:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
-    every rank's label tokens, plus reading_weight times the reading head's loss (its mean over micro-batches and
-    ranks) where the batches carry transcripts; `read_only` (the encoder stage) trains on the reading loss alone and
+    every rank's label tokens, plus the extensions' losses by their `weights` (the sum's mean over micro-batches and
+    ranks) where the batches carry their targets; `extensions_only` (the encoder stage) trains on that sum alone and
     never runs the LLM. The step never waits on the device: `optimizer` is a fused one (AdamW(fused=True)), which
     skips a step whose gradient norm is not finite on the device, on every rank alike (the norm is global), so one
-    overflow never turns the weights into NaN. The stats (see StepStats.host): the loss (the LM's; the reading
-    loss when `read_only`), the reading loss (None without transcripts), grad norm, whether the step was skipped
-    and the step's global counts (no text tokens when `read_only`)."""
+    overflow never turns the weights into NaN. The stats (see StepStats.host): the loss (the LM's; the extensions'
+    when `extensions_only`), the extensions' weighted loss (None without targets), grad norm, whether the step was
+    skipped and the step's global counts (no text tokens when `extensions_only`)."""
     world_size = dist.get_world_size()
-    reads = reading_weight or read_only
+    weights = weights or {}
+    target_keys = tuple(k for e in beni_of(model).extensions.values() for k in e.batch_keys) if weights else ()
     for b in micro:
         check_image_tokens(int((b["input_ids"] == beni_config.image_token_id).sum()), len(b.get("pixel_values", ())), beni_config.num_image_tokens())
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-            0 if read_only else sum(int(b["attention_mask"].sum()) for b in micro),
+            0 if extensions_only else sum(int(b["attention_mask"].sum()) for b in micro),
             sum(samples_in(b) for b in micro),
             sum(len(b.get("pixel_values", ())) for b in micro),
-            sum(train_flops(beni_config, 0 if read_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
+            sum(train_flops(beni_config, 0 if extensions_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
         ],
         dtype=torch.float64,
     )
     counts = to_device(counts, device)
     dist.all_reduce(counts)
     num_items = counts[0].float() / world_size  # FSDP averages the ranks' gradients
-    sums = torch.zeros(2, device=device)  # LM loss, reading loss: one all-reduce for both
+    sums = torch.zeros(2, device=device)  # LM loss, extensions' loss: one all-reduce for both
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=under_autocast(device, world_size))
     for i, batch in enumerate(micro):
         if world_size > 1:
@@ -592,21 +599,22 @@ def train_step(
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
         # never reads it, and SDPA runs its causal kernel instead of building and applying a padding mask.
-        keys = ("input_ids", "position_ids", "pixel_values") + (READING_KEYS if reads else ())
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
+        if targets := {k: batch[k].to(device, non_blocking=True) for k in target_keys if k in batch}:
+            inputs["extension_targets"] = targets
         if "pixel_values" in inputs:
             inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
-        if read_only:
+        if extensions_only:
             with autocast:
-                reading = model(pixel_values=inputs["pixel_values"], **{k: inputs[k] for k in READING_KEYS if k in inputs}).reading_loss
-            (reading / len(micro)).backward()
-            sums[1] += reading.detach() / len(micro)
+                extra = weighted(model(pixel_values=inputs["pixel_values"], extension_targets=targets).extension_losses, weights)
+            (extra / len(micro)).backward()
+            sums[1] += extra.detach() / len(micro)
             continue
         with autocast:
-            loss, reading = labeled_loss(model, inputs, batch["labels"], num_items)
-        if reading is not None:
-            (loss + reading_weight * reading / len(micro)).backward()
-            sums[1] += reading.detach() / len(micro)
+            loss, losses = labeled_loss(model, inputs, batch["labels"], num_items)
+        if (extra := weighted(losses, weights)) is not None:
+            (loss + extra / len(micro)).backward()
+            sums[1] += extra.detach() / len(micro)
         else:
             loss.backward()
         sums[0] += loss.detach()
@@ -617,7 +625,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(sums)
     values = torch.cat([(sums / world_size).double(), grad_norm.double().view(1), counts[1:]])
-    return StepStats(values, read_only, bool(reads) and any("reading_lengths" in b for b in micro))
+    return StepStats(values, extensions_only, any(k in b for b in micro for k in target_keys))
+
+
+def weighted(losses: dict[str, torch.Tensor] | None, weights: dict[str, float]) -> torch.Tensor | None:
+    """The sum of the extensions' losses by their weights; None where none has a loss this step."""
+    terms = [weights[name] * loss for name, loss in (losses or {}).items() if name in weights]
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def train(config: TrainConfig) -> dict:
@@ -634,7 +648,8 @@ def train(config: TrainConfig) -> dict:
     beni_config = beni_of(model).config
     graphs = config.cuda_graphs and world_size == 1  # a recipe's graphs, off where FSDP's collectives run between the blocks
     model = shard(model, device, world_size, config.compile, graphs)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Part by part, each extension's weights with the part they follow: the gradient norm sums them in this order.
+    trainable = [p for part in PARTS for p in beni_of(model).part_parameters(part) if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(0.9, 0.95), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
@@ -659,9 +674,9 @@ def train(config: TrainConfig) -> dict:
         text_fraction=config.text_fraction,
         pack=config.pack,
         pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if graphs else 1,
-        reading=config.reads,
-        line_rows=beni_config.image_size // beni_config.patch_size if beni_config.reading_lines and config.reads else 0,
-        spell=beni_config.reading_tokens,
+        extensions=beni_config.extensions,
+        targets=tuple(config.trained_extensions),
+        grid=beni_config.image_size // beni_config.patch_size,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
@@ -686,7 +701,7 @@ def train(config: TrainConfig) -> dict:
                 {
                     "step": row["step"],
                     "loss": stats["loss"],
-                    **({"reading_loss": stats["reading_loss"]} if stats["reading_loss"] is not None else {}),
+                    **({"extension_loss": stats["extension_loss"]} if stats["extension_loss"] is not None else {}),
                     "lr": row["lr"],
                     "grad_norm": stats["grad_norm"],
                     "skipped": int(stats["skipped"]),
@@ -706,7 +721,7 @@ def train(config: TrainConfig) -> dict:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(
-            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.reading_weight, config.stage == "encoder"
+            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.trained_extensions, config.stage == "encoder"
         )
         scheduler.step()
         step += 1
@@ -738,10 +753,10 @@ def train(config: TrainConfig) -> dict:
         rows = reporter.rows
         plot_loss([(r["step"], r["loss"]) for r in rows], out / "loss.png")
         timed = rows[1:] or rows  # the first step pays for warm-up
-        reading = [r["reading_loss"] for r in rows if "reading_loss" in r]
+        extension = [r["extension_loss"] for r in rows if "extension_loss" in r]
         summary = {
             "final_loss": rows[-1]["loss"],
-            "final_reading_loss": reading[-1] if reading else None,
+            "final_extension_loss": extension[-1] if extension else None,
             "steps": step,
             "world_size": world_size,
             "device": device.type,

@@ -87,8 +87,9 @@ def prepare(args) -> None:
     log(f"dedup: {times['dedup']} s, {len(kept)} kept of {manifest.table.num_rows}")
     first = stages(args)[0]
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or first["text_model"])
-    model_parts = {k: first[k] for k in ("vision_config", "connector", "image_size", "reading_tokens") if k in first}
-    beni = BeniConfig(text_model=args.tokenizer or first["text_model"], reading_head=bool(first.get("reading_tokens")), **model_parts)
+    model_parts = {k: first[k] for k in ("vision_config", "connector", "image_size") if k in first}
+    extensions = {name: {k: v for k, v in s.items() if k != "weight"} for name, s in first.get("extensions", {}).items()}
+    beni = BeniConfig(text_model=args.tokenizer or first["text_model"], extensions=extensions, **model_parts)
     index = pa.concat_tables([read_index(root / "downloaded" / chunk) for chunk in manifest.chunks])
     shard_settings = ShardSettings(image_tokens=beni.num_image_tokens())
     plan = timed(

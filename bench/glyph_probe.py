@@ -46,7 +46,10 @@ from beni_model.data import (
     shard_paths,
 )
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
-from beni_model.train import TrainConfig, build_model, lr_factor, param_groups, torchrun_command
+from beni_model.train import torchrun_command
+from beni_model.training.config import TrainConfig
+from beni_model.training.model import build_model
+from beni_model.training.optim import lr_factor, param_groups
 from beni_model.vision import vision_encoder_from_config
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep import synthetic as syn

@@ -30,7 +30,8 @@ from transformers import AutoTokenizer
 
 from beni_model.config import BeniConfig
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval, score_line
-from beni_model.train import TrainConfig, torchrun_command
+from beni_model.train import torchrun_command
+from beni_model.training.config import TrainConfig
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, kept_ids, write_chunk_features
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index

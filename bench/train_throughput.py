@@ -19,7 +19,7 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
   characters per image; beni-reading: that plus the head's transcript as LLM tokens (the extension's `tokens`, 2 per
   patch column), as the smollm2-siglip recipe trains. Their MFU counts the longer sequence but not the head.
 Configs: small and base (issue 5's), recipe (the smollm2-siglip recipe's shapes; beni variants only).
-MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
+MFU counts beni_model.training.metrics.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
 """
@@ -42,7 +42,10 @@ from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.ocr.heads import reading_targets
-from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
+from beni_model.training.config import TrainConfig
+from beni_model.training.metrics import train_flops
+from beni_model.training.parallel import setup_distributed, shard
+from beni_model.training.step import train_step
 from beni_pipeline.defs.training.recipes import SIGLIP_OCR
 
 VOCAB = 49152

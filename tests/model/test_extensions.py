@@ -14,7 +14,9 @@ from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.extensions import Extension, register
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import TrainConfig, read_metrics, train
+from beni_model.training.config import TrainConfig
+from beni_model.training.loop import train
+from beni_model.training.metrics import read_metrics
 from tests.model.test_data import COLOURS, write_toy_shards
 
 

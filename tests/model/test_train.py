@@ -19,21 +19,12 @@ from beni_model.chat import IGNORE_INDEX, build_example, load_tokenizer, pack_ba
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import (
-    PARTS,
-    PROFILE_AFTER,
-    Reporter,
-    TrainConfig,
-    cross_entropy,
-    fused_cross_entropy,
-    lr_factor,
-    param_groups,
-    read_metrics,
-    shard,
-    torchrun_command,
-    train_step,
-    transformer_blocks,
-)
+from beni_model.train import torchrun_command
+from beni_model.training.config import PARTS, TrainConfig
+from beni_model.training.metrics import PROFILE_AFTER, Reporter, read_metrics
+from beni_model.training.optim import lr_factor, param_groups
+from beni_model.training.parallel import shard, transformer_blocks
+from beni_model.training.step import cross_entropy, fused_cross_entropy, train_step
 from tests.model.test_data import write_toy_shards
 
 

@@ -8,7 +8,8 @@ import dagster as dg
 import pydantic
 import torch
 
-from beni_model.train import TrainConfig, torchrun_command
+from beni_model.train import torchrun_command
+from beni_model.training.config import TrainConfig
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.training.recipes import CPU_RECIPE, RECIPES
 from beni_pipeline.paths import data_root, trained_model_dir

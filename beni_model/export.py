@@ -16,7 +16,8 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
         raise ValueError(f"LLaVA export needs a CLIP or SigLIP vision tower, not {config.vision_config.model_type!r}.")
     if config.vision_stem:
         raise ValueError(f"LLaVA export needs the encoder's own patch embedding; this model has vision_stem={config.vision_stem!r}.")
-    if adding := [name for name, settings in config.extensions.items() if extension_class(name).image_tokens(settings, config.image_size // config.patch_size)]:
+    grid = config.image_size // config.patch_size
+    if adding := [name for name, settings in config.extensions.items() if extension_class(name).image_tokens(settings, grid)]:
         raise ValueError(f"LLaVA export has no place for the image tokens that the extensions {adding} add; export a model without them.")
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")

@@ -36,7 +36,8 @@ class Extension(nn.Module):
 
     @classmethod
     def check(cls, settings: dict, config) -> None:
-        """Raise a one-sentence ValueError for settings this extension cannot build."""
+        """Raise a one-sentence ValueError for settings this extension cannot build (`config`: the model's
+        BeniConfig, or None where a training config is checked before there is a model)."""
 
     @classmethod
     def image_tokens(cls, settings: dict, grid: int) -> int:

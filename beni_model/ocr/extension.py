@@ -131,7 +131,8 @@ class OcrExtension(Extension):
         reads = greedy_transcripts(self.reading_scores(model, features))
         if not self.options.lines:
             return reads
-        return [read + "".join(f"\n{line}" for line in greedy_transcripts(rows) if line) for read, rows in zip(reads, self.line_scores(model, features))]
+        rows = self.line_scores(model, features)
+        return [read + "".join(f"\n{line}" for line in greedy_transcripts(lines) if line) for read, lines in zip(reads, rows)]
 
     # ------------------------------------------------------------ the heads
 
@@ -204,5 +205,7 @@ def character_token_ids(tokenizer) -> list[int]:
     characters = READING_ALPHABET + "\n"
     ids = [tokenizer.encode(c, add_special_tokens=False) for c in characters]
     if split := [c for c, i in zip(characters, ids) if len(i) != 1]:
-        raise ValueError(f"The ocr extension's tokens need one token per printable character; this tokenizer splits {split[:5]}: set tokens=False.")
+        raise ValueError(
+            f"The ocr extension's tokens need one token per printable character; this tokenizer splits {split[:5]}: set tokens off."
+        )
     return [i[0] for i in ids]

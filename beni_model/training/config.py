@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from beni_model.data import shard_paths
+from beni_model.extensions import extension_class
 
 PARTS = ("vision_tower", "connector", "language_model")
 STAGES = ("encoder", "align", "finetune")
@@ -83,10 +84,18 @@ class TrainConfig:
             problems.append("text_fraction must lie in [0, 1]")
         if any(self.weight(name) < 0 for name in self.extensions):
             problems.append("an extension's weight must be at least 0")
+        for name, settings in self.model_extensions.items():  # here, not after torchrun has started every rank
+            try:
+                extension_class(name).check(settings, None)
+            except ValueError as error:
+                problems.append(str(error).rstrip("."))
         if self.stage == "encoder" and not self.trained_extensions:
-            problems.append("the encoder stage trains the vision tower on the extensions' losses: name one in extensions, with a weight above 0")
-        if self.trained_extensions and (self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)):
-            problems.append("an extension's loss trains the vision tower: use stage 'finetune' with vision_tower in train_parts, no LoRA, or weight 0")
+            problems.append("the encoder stage trains the vision tower on the extensions' losses: name one in extensions, weight above 0")
+        tower_frozen = self.stage == "align" or self.lora_rank or (self.stage == "finetune" and "vision_tower" not in self.train_parts)
+        if self.trained_extensions and tower_frozen:
+            problems.append(
+                "an extension's loss trains the vision tower: use stage 'finetune' with vision_tower in train_parts, no LoRA, or weight 0"
+            )
         if self.device not in ("auto", "cuda", "cpu"):
             problems.append(f"device {self.device!r} is not auto, cuda or cpu")
         if self.cuda_graphs and not self.compile:

@@ -108,7 +108,8 @@ def train(config: TrainConfig) -> dict:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(
-            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device, config.trained_extensions, config.stage == "encoder"
+            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device,
+            config.trained_extensions, extensions_only=config.stage == "encoder",
         )
         scheduler.step()
         step += 1

@@ -24,7 +24,9 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)
     if missing := set(config.extensions) - set(model.config.extensions):
-        raise ValueError(f"This stage names the extensions {sorted(missing)}, which the model in {config.init_from} lacks: add them in its first stage.")
+        raise ValueError(
+            f"This stage names extensions {sorted(missing)} that the model in {config.init_from} lacks: add them in its first stage."
+        )
     trained = {"encoder": ("vision_tower",), "align": ("connector",)}.get(config.stage, config.train_parts)
     for part in PARTS:
         for param in model.part_parameters(part):

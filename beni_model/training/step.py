@@ -11,6 +11,9 @@ from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.data import normalization, normalize_pixels, to_device
 from beni_model.modeling import check_image_tokens
+from beni_model.training.metrics import train_flops
+from beni_model.training.model import beni_of
+from beni_model.training.parallel import under_autocast
 
 
 def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -24,9 +27,6 @@ def labeled_loss(model, inputs: dict, labels: torch.Tensor, num_items: torch.Ten
     targets = to_device(targets[:, keep], device).flatten()
     loss = (fused_cross_entropy if device.type == "cuda" else cross_entropy)(out.logits.flatten(0, 1), targets)
     return loss / num_items, out.extension_losses
-from beni_model.training.metrics import train_flops
-from beni_model.training.model import beni_of
-from beni_model.training.parallel import under_autocast
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ def train_in_process(monkeypatch, **config) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+    one = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in one.items():
         monkeypatch.setenv(name, value)
     threads = torch.get_num_threads()
     try:
@@ -94,9 +95,10 @@ def test_a_toy_extension_trains_through_the_trainer_and_reloads_with_identical_l
     assert torch.equal(embeds[0], embeds[1]) and not torch.equal(embeds[1], embeds[2])
 
     tokenizer = load_tokenizer(str(tmp_path / "finetune" / "final"))
-    settings = DataSettings(shards=str(shards), batch_size=8, image_size=32, tokens_per_image=final.config.num_image_tokens(), max_length=128)
+    settings = DataSettings(str(shards), batch_size=8, image_size=32, tokens_per_image=final.config.num_image_tokens(), max_length=128)
     batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")} | {"pixel_values": normalize_pixels(batch["pixel_values"], (0.5,) * 3, (0.5,) * 3)}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    inputs["pixel_values"] = normalize_pixels(batch["pixel_values"], (0.5,) * 3, (0.5,) * 3)
     final.save_pretrained(tmp_path / "again")
     reloaded = BeniForConditionalGeneration.from_pretrained(tmp_path / "again")
     with torch.no_grad():

@@ -126,6 +126,8 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, stage="encoder", extensions={"ocr": {"weight": 0.0}}).validate()
     with pytest.raises(ValueError, match="an extension's loss trains the vision tower: use stage 'finetune' with vision_tower"):
         TrainConfig(**base, extensions={"ocr": {}}, train_parts=["connector", "language_model"]).validate()
+    with pytest.raises(ValueError, match=r"The ocr extension has no settings \['colour'\]: use .*; Unknown extension 'glyphs'"):
+        TrainConfig(**base, extensions={"ocr": {"colour": True}, "glyphs": {}}).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
         TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
 

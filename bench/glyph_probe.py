@@ -4,7 +4,7 @@ string of `--chars` of them, to see whether letters are read in order too), the 
 trainer with one thing changed per variant, then asked "What is written in the image?" on held-out characters.
 The `vit` variant is the reference: the same ViT with a linear head on its mean feature, no LLM. Variants ending
 in `_patchify` use the encoder's own linear patch embedding instead of the recipe's conv stem; variants ending in
-`_reading` add the trainer's reading loss (`reading_weight`: CTC from the vision tower's reading head on its
+`_reading` add the trainer's reading loss (the ocr extension's `weight`: CTC from its reading head on the vision tower's
 columns), which ties each character to its place in the line; `frozen_llm_ctc` instead scores the image tokens
 against the frozen LLM's embeddings with CTC (`run_ctc`, one process).
 
@@ -46,7 +46,10 @@ from beni_model.data import (
     shard_paths,
 )
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
-from beni_model.train import TrainConfig, build_model, lr_factor, param_groups, torchrun_command
+from beni_model.train import torchrun_command
+from beni_model.training.config import TrainConfig
+from beni_model.training.model import build_model
+from beni_model.training.optim import lr_factor, param_groups
 from beni_model.vision import vision_encoder_from_config
 from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep import synthetic as syn
@@ -63,8 +66,8 @@ VARIANTS = {  # TrainConfig fields changed from the recipe's finetune stage
     "frozen_llm_low_lr": {**FROZEN_LLM, "lr": 3e-4},
     "llm_low_lr": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5},
     "frozen_llm_ctc": FROZEN_LLM,  # + a CTC loss on the image tokens against the LLM's embeddings (run_ctc)
-    "frozen_llm_reading": {**FROZEN_LLM, "reading_weight": 1.0},
-    "llm_low_lr_reading": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5, "reading_weight": 1.0},
+    "frozen_llm_reading": {**FROZEN_LLM, "extensions": {"ocr": {"weight": 1.0}}},
+    "llm_low_lr_reading": {"part_lr": {"vision_tower": 1e-3, "connector": 1e-3}, "lr": 2e-5, "extensions": {"ocr": {"weight": 1.0}}},
     "vit": {"lr": 1e-3},
     "vit_patchify": {"lr": 1e-3, "vision_stem": None},
 }
@@ -111,7 +114,7 @@ def make_data(args) -> None:
 def stage_config(args, name: str) -> TrainConfig:
     stage = {**RECIPES[args.recipe](args.data / "parts")[-1], "max_steps": args.steps, "warmup_steps": min(50, args.steps // 2), "compile": False}
     stage.pop("name")
-    changes = {"reading_weight": 0.0, **VARIANTS[name]}  # the reading loss only where a variant asks for it
+    changes = {"extensions": {}, **VARIANTS[name]}  # the ocr extension only where a variant asks for it
     return TrainConfig(shards=str(args.data / "shards"), output_dir=str(args.data / "runs" / name), **{**stage, **changes})
 
 
@@ -124,7 +127,7 @@ def run_vlm(args, name: str, chars: int) -> dict:
     model, tokenizer = load_for_eval(Path(config.output_dir) / "final")
     rows = [json.loads(line) for line in (Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     result = score(args, model, tokenizer, Path(config.output_dir), chars, [r["loss"] for r in rows])
-    if reading := [r["reading_loss"] for r in rows if "reading_loss" in r][-50:]:
+    if reading := [r["extension_loss"] for r in rows if "extension_loss" in r][-50:]:
         result["reading_loss"] = sum(reading) / len(reading)
     return result
 
@@ -141,8 +144,8 @@ def score(args, model, tokenizer, run_dir: Path, chars: int, losses: list[float]
         "chars_in_place": round(in_place, 3),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
     }
-    if "head_reading" in rows[0]:
-        result["head_exact"] = sum(r["head_reading"] == r["answers"][0] for r in rows) / len(rows)
+    if "head_answer" in rows[0]:
+        result["head_exact"] = sum(r["head_answer"] == r["answers"][0] for r in rows) / len(rows)
     return result
 
 

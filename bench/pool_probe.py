@@ -1,5 +1,5 @@
 """How fast does the reading head learn on the corpus's own one-line images, pooling each column of the patch grid
-by attention (the library's `vision.ReadingHead`) or by its mean (the pool held at zero)? The trainer's encoder stage
+by attention (the library's `ocr.heads.ReadingHead`) or by its mean (the pool held at zero)? The trainer's encoder stage
 at CPU size: a conv-stem SigLIP ViT of 4 x 128 at 128 px (16 x 16 patches of 8 px, 32 reads), the reading loss
 alone, AdamW at 1e-3 with warmup and cosine, on the transcribed samples of `synthetic.make_sample` (words, digit and
 random strings, sentences, handwriting, curved and artistic text) that fit the reads, 300 held out from another seed.
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beni_model.config import READS_PER_COLUMN, BeniConfig
+from beni_model.config import BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import reading_classes, reading_targets
+from beni_model.ocr.heads import READS_PER_COLUMN, reading_classes, reading_targets
 from beni_pipeline.prep import synthetic as syn
 
 SIZE, PATCH = 128, 8
@@ -75,12 +75,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("bench/out/pool_probe_lines.npz"))
     args = parser.parse_args()
     train, test = corpus_lines(args.samples, args.cache)
-    config = BeniConfig(vision_config=VISION, text_config=TEXT, vision_stem="conv", reading_head=True, image_token_id=7)
+    config = BeniConfig(vision_config=VISION, text_config=TEXT, vision_stem="conv", extensions={"ocr": {}}, image_token_id=7)
     torch.manual_seed(0)
-    tower = BeniForConditionalGeneration(config).vision_tower
+    model = BeniForConditionalGeneration(config)
+    tower, ocr = model.vision_tower, model.extensions["ocr"]
     if args.pool == "mean":
-        tower.reading_head.pool.requires_grad_(False)  # zero scores: every row weighs the same
-    params = [p for p in tower.parameters() if p.requires_grad]
+        ocr.reading_head.pool.requires_grad_(False)  # zero scores: every row weighs the same
+    params = [p for p in [*tower.parameters(), *ocr.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     rng, losses, start = np.random.default_rng(0), [], time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -89,7 +90,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * min(1, step / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         items = [train[i] for i in rng.choice(len(train), args.batch_size, replace=False)]
-        loss = tower.reading_loss(tower(pixels(items)), *reading_targets([t for _, t, _ in items]))
+        loss = ocr.reading_loss(model, tower(pixels(items)), *reading_targets([t for _, t, _ in items]))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -97,9 +98,9 @@ def main() -> None:
         losses.append(loss.item())
         if step % 100 == 0:
             print(f"step {step} reading loss {np.mean(losses[-100:]):.3f} {time.perf_counter() - start:.0f} s", flush=True)
-    tower.eval()
+    model.eval()
     with torch.no_grad():
-        reads = [r for i in range(0, len(test), 100) for r in tower.read(pixels(test[i : i + 100]))]
+        reads = [r for i in range(0, len(test), 100) for r in model.extension_answers(pixels(test[i : i + 100]))]
     right, seen = Counter(), Counter()
     for (kind, text, _), read in zip(test, reads):
         seen[kind] += 1

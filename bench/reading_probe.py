@@ -3,13 +3,13 @@ conv-stem SigLIP ViT of 4 x 128 at 64 px, pixel-shuffle connector, a 4 x 128 Lla
 scratch) learns to answer the string of `--chars` printed characters on an image (bench/glyph_probe.py's images):
 
 - `lm`: the LLM's loss on the answer only, as the recipe trains;
-- `ctc`: plus the vision tower's reading loss (`VisionTower.reading_loss`: CTC from a linear head on the encoder's
+- `ctc`: plus the vision tower's reading loss (`OcrExtension.reading_loss`: CTC from a linear head on the encoder's
   16 columns, read left to right as text recognisers are trained), which ties each character to its place;
 - `ctc_frozen_llm`: `ctc` under a frozen LLM, as the recipe's align stage trains: the Llama is first taught to copy
   the glyphs of a context of padding in order (a pretrained LLM's way with text it is shown), then frozen;
 - `read_first`: the trainer's encoder stage first (`--read-steps` of the reading loss alone, the LLM not run), then
   `ctc`'s steps;
-- `tokens`: `read_first` with the head's transcript handed to the LLM (`BeniConfig.reading_tokens`: the reads as
+- `tokens`: `read_first` with the head's transcript handed to the LLM (the ocr extension's `tokens`: the reads as
   soft tokens in the LLM's glyph embeddings, after the image tokens), as the smollm2-siglip recipe trains;
 - `tokens_collapsed`: `tokens` with CTC's collapse applied to the soft tokens: a read's character counts only where
   the read before it is not the same character, so a glyph spread over several reads is handed over once;
@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from glyph_probe import GLYPHS, glyph
 from PIL import Image
 
-from beni_model.config import READING_ALPHABET, READS_PER_COLUMN, BeniConfig
+from beni_model.config import BeniConfig
 from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.vision import ctc_loss, greedy_transcripts, reading_targets
+from beni_model.ocr.ctc import ctc_loss
+from beni_model.ocr.heads import READING_ALPHABET, READS_PER_COLUMN, greedy_transcripts, reading_targets
 
 SIZE, GRID, WIDTH = 64, 16, 128  # image px, patches per side (4 px patches), encoder width
 IMAGE_TOKENS = (GRID // 2) ** 2  # after the 2x pixel shuffle
@@ -64,7 +65,7 @@ def render(task: tuple[str, int, int]) -> tuple[str, np.ndarray]:
 def band_reading(model: BeniForConditionalGeneration, features: torch.Tensor, lines: int) -> torch.Tensor:
     """The reading head's scores for each line's band of patch rows: [lines, images, reads, classes]."""
     bands = features.reshape(len(features), lines, GRID // lines, GRID, -1)
-    return torch.stack([model.vision_tower.reading_head(bands[:, i]) for i in range(lines)]).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
+    return torch.stack([model.extensions["ocr"].reading_head(bands[:, i]) for i in range(lines)]).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
 
 
 
@@ -74,27 +75,28 @@ def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGenerat
     text = {"model_type": "llama", "vocab_size": FIRST_GLYPH + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
     config = BeniConfig(
-        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG, reading_head=reading_head,
-        reading_tokens=reading_tokens, reading_token_ids=[glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET + "\n"],
+        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG,
+        extensions={"ocr": {"tokens": reading_tokens, "token_ids": [glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET + "\n"]}} if reading_head else {},
     )
     torch.manual_seed(0)
     model = BeniForConditionalGeneration(config)
     if reading_tokens:  # as from_parts starts it: the mean character
-        model.connector.reading_blank.data = model.get_input_embeddings()(model.reading_token_ids).mean(0).detach()
+        model.extensions["ocr"].blank.data = model.get_input_embeddings()(model.extensions["ocr"].token_ids).mean(0).detach()
     return model
 
 
 def image_embeds(model: BeniForConditionalGeneration, features: torch.Tensor, collapsed: bool) -> torch.Tensor:
     """What the image tokens carry: the connector's tokens, then (with reading_tokens) the head's soft reads."""
     tokens = model.connector(features)
-    if not model.config.reading_tokens:
+    if not model.config.extensions.get("ocr", {}).get("tokens"):
         return tokens
+    ocr = model.extensions["ocr"]
     if not collapsed:
-        return torch.cat([tokens, model.reading_embeddings(features)], 1)
-    chars = model.vision_tower.reading_scores(features).float().softmax(-1)[..., 1:]
+        return torch.cat([tokens, ocr.reading_embeddings(model, features)], 1)
+    chars = ocr.reading_scores(model, features).float().softmax(-1)[..., 1:]
     new = chars * (1 - F.pad(chars[:, :-1], (0, 0, 1, 0)))  # a character read again at the next read is CTC's repeat
     probs = torch.cat([1 - new.sum(-1, keepdim=True), new], -1)
-    table = torch.cat([model.connector.reading_blank[None], model.get_input_embeddings()(model.reading_token_ids)])
+    table = torch.cat([ocr.blank[None], model.get_input_embeddings()(ocr.token_ids)])
     return torch.cat([tokens, probs @ table], 1)
 
 
@@ -162,7 +164,7 @@ def main() -> None:
             parts = [[t[i * args.chars : (i + 1) * args.chars] for t, _ in items] for i in range(lines)]
             ctc = sum(ctc_loss(scores.float().log_softmax(-1), *reading_targets(p)) for scores, p in zip(band_reading(model, features, lines), parts)) / lines
         elif reads:
-            ctc = model.vision_tower.reading_loss(features, *reading_targets([t for t, _ in items]))
+            ctc = model.extensions["ocr"].reading_loss(model, features, *reading_targets([t for t, _ in items]))
         if step > read_steps:
             embeds = model.get_input_embeddings()(ids).masked_scatter((ids == IMG).unsqueeze(-1), image_embeds(model, features, collapsed))
             logits = model.language_model(inputs_embeds=embeds).logits
@@ -183,7 +185,7 @@ def main() -> None:
             embeds = model.get_input_embeddings()(seq).masked_scatter((seq == IMG).unsqueeze(-1), image)
             seq = torch.cat([seq, model.language_model(inputs_embeds=embeds).logits[:, -1].argmax(-1, keepdim=True)], 1)
         answers = ["".join(GLYPHS[i - FIRST_GLYPH] if i >= FIRST_GLYPH else "?" for i in row[image_tokens + 1 :].tolist()) for row in seq]
-        head = model.vision_tower.read(pixels) if reads else None
+        head = model.extension_answers(pixels) if reads else None
         if banded:
             head = ["".join(line) for line in zip(*map(greedy_transcripts, band_reading(model, features, lines)))]
     row = {

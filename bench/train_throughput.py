@@ -15,11 +15,11 @@ Random init from real config classes, full fine-tune, synthetic batches of the s
 - beni: the trainer's step as it runs (train_step: LM head only at label positions, the loss compiled);
 - beni-compile: the same with every transformer block torch.compiled;
 - beni-cudagraphs: the trainer's `cuda_graphs` (every compiled block a CUDA graph): the compiled step is host-bound;
-- beni-reading-loss: beni-compile plus the reading head's CTC loss (`reading_weight=1`) on a transcript of 4-12
-  characters per image; beni-reading: that plus the head's transcript as LLM tokens (`reading_tokens`, 2 per
+- beni-reading-loss: beni-compile plus the ocr extension's CTC loss (weight 1) on a transcript of 4-12
+  characters per image; beni-reading: that plus the head's transcript as LLM tokens (the extension's `tokens`, 2 per
   patch column), as the smollm2-siglip recipe trains. Their MFU counts the longer sequence but not the head.
 Configs: small and base (issue 5's), recipe (the smollm2-siglip recipe's shapes; beni variants only).
-MFU counts beni.train.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
+MFU counts beni_model.training.metrics.train_flops against a bf16 matmul peak measured in the same run. `--profile` adds each
 variant's GPU-busy share (kernel time / wall time of a step) and its busiest kernels. Needs torch and
 transformers (+ webdataset, which beni_model.data imports); no Dagster.
 """
@@ -41,8 +41,11 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import TrainConfig, setup_distributed, shard, train_flops, train_step
-from beni_model.vision import reading_targets
+from beni_model.ocr.heads import reading_targets
+from beni_model.training.config import TrainConfig
+from beni_model.training.metrics import train_flops
+from beni_model.training.parallel import setup_distributed, shard
+from beni_model.training.step import train_step
 from beni_pipeline.defs.training.recipes import SIGLIP_OCR
 
 VOCAB = 49152
@@ -132,9 +135,7 @@ def beni_config(spec: dict, variant: str) -> BeniConfig:
         connector=spec.get("connector", "mlp2x_gelu"),
         vision_stem=spec.get("vision_stem"),
         image_token_id=IMAGE_TOKEN,
-        reading_head=reading,
-        reading_tokens=variant == "beni-reading",
-        reading_token_ids=list(range(96)) if variant == "beni-reading" else None,
+        extensions={"ocr": {"tokens": variant == "beni-reading", "token_ids": list(range(96)) if variant == "beni-reading" else None}} if reading else {},
     )
 
 
@@ -234,7 +235,7 @@ def run_beni(
 
         def step():
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
-            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"), float(config.reading_head))
+            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"), {"ocr": 1.0} if "ocr" in config.extensions else None)
 
     return timed(step, warmup, steps, profile)
 
@@ -283,7 +284,7 @@ def main() -> None:
         spec = CONFIGS[name]
         for variant in args.variants:
             config = beni_config(spec, variant)
-            batch = synthetic_batch(spec, config.num_image_tokens(), config.reading_head)
+            batch = synthetic_batch(spec, config.num_image_tokens(), "ocr" in config.extensions)
             seq = config.num_image_tokens() + spec["text_len"]
             flops = train_flops(config, spec["batch"] * seq, seq, spec["batch"])
             row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq, "processes": world}

@@ -7,6 +7,7 @@ token) carry labels.
 """
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +67,10 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generat
     )
 
 
-def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, spell: str | None) -> tuple[list[int], list[int]]:
+def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, reply_ids: Callable | None) -> tuple[list[int], list[int]]:
     text = render(tokenizer, messages)
     reply_spans = []  # character ranges of assistant replies: after the generation prompt, through end of turn
-    cuts = [0]  # the text's pieces, alternately tokenized as a whole and spelled
+    cuts, given = [0], []  # the text's pieces, alternately tokenized as a whole and given by reply_ids (their ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -78,16 +79,18 @@ def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, spe
         if not (text.startswith(with_prompt) and text.startswith(through_reply)):
             raise ValueError("The chat template renders earlier turns differently once later turns follow, so reply labels cannot be placed; use a prefix-stable template.")
         reply_spans.append((len(with_prompt), len(through_reply)))
-        if spell and message["content"] == spell and text.startswith(spell, len(with_prompt)):
-            cuts += [len(with_prompt), len(with_prompt) + len(spell)]
+        reply = message["content"]
+        ids = reply_ids(reply) if reply_ids and text.startswith(reply, len(with_prompt)) else None
+        if ids is not None:
+            cuts += [len(with_prompt), len(with_prompt) + len(reply)]
+            given.append(ids)
     cuts.append(len(text))
     input_ids, offsets = [], []
     for piece, (lo, hi) in enumerate(itertools.pairwise(cuts)):
         if piece % 2:
-            for at in range(lo, hi):
-                ids = tokenizer.encode(text[at], add_special_tokens=False)
-                input_ids += ids
-                offsets += [(at, at + 1)] * len(ids)
+            ids = given[piece // 2]
+            input_ids += ids
+            offsets += [(lo, hi)] * len(ids)
         else:
             encoded = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
             input_ids += encoded["input_ids"]
@@ -106,23 +109,21 @@ def build_example(
     tokens_per_image: int,
     max_length: int | None = None,
     image_token: str = IMAGE_MARKER,
-    spell: str | None = None,
+    reply_ids: Callable[[str], list[int] | None] | None = None,
 ) -> Example:
     """Tokens and labels for one conversation. When it is longer than `max_length`, whole trailing turns are
     dropped (never part of an image block; the result says how many); raises SampleTooLong when even the first
     exchange does not fit.
 
-    A reply that is exactly `spell` (the image's transcript) is tokenized one character at a time, as the reading
-    head hands the LLM its transcript (`BeniConfig.reading_tokens`): copying it is then token for token, where a
-    word token asks the LLM to know how it is spelled. The model still writes any tokens it likes at inference;
-    they decode to the same text."""
+    `reply_ids(reply)` may give an assistant reply's token ids itself (an extension's label hook,
+    Extension.reply_ids); None leaves the reply to be tokenized with the rest of the text. Its ids all carry labels."""
     messages = to_messages(conversation, image_token, tokens_per_image)
     # Cut points: after each assistant reply, longest first.
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"][::-1]
     if not ends:
         raise ValueError("The conversation has no assistant ('gpt') turn, so it has nothing to learn from.")
     for end in ends:
-        input_ids, labels = _tokenize_with_labels(tokenizer, messages[:end], image_token, spell)
+        input_ids, labels = _tokenize_with_labels(tokenizer, messages[:end], image_token, reply_ids)
         if max_length is None or len(input_ids) <= max_length:
             num_images = sum(turn["value"].count(IMAGE_MARKER) for turn in conversation[:end])
             return Example(input_ids, labels, num_images, dropped_turns=len(messages) - end)

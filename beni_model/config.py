@@ -1,16 +1,10 @@
 """BeniConfig: a vision encoder, a connector and a causal LLM, checked when the config is made."""
 
-import string
-
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from beni_model.connectors import ConnectorSpec, parse_connector
-
-READING_ALPHABET = string.printable[:95]  # digits, letters, punctuation, space: what the reading head emits
-READS_PER_COLUMN = 2  # a column of 16 px patches may hold more than one narrow glyph
-LINE_READS_PER_COLUMN = 3  # documents' text is smaller: a 16 px column may hold three glyphs of a line
-LINE_TOKENS = 192  # LLM positions per image for the line head's collapsed transcript (a receipt's ~200 characters)
+from beni_model.extensions import extension_class
 
 # Encoders that put a CLS token before the patch tokens (DINOv2 with registers adds its register tokens).
 _CLS_ENCODERS = {"clip_vision_model", "dinov2", "dinov2_with_registers", "vit", "deit"}
@@ -43,10 +37,7 @@ class BeniConfig(PretrainedConfig):
     vision_stem: str | None = None  # "conv": a conv stack replaces the encoder's patchify (vision.ConvStem), from scratch only
     vision_feature_layer: int = -1
     keep_cls: bool = False
-    reading_head: bool = False  # a CTC head on the vision tower's columns, trained on transcripts (VisionTower.reading_loss)
-    reading_tokens: bool = False  # each image's tokens end with the reading head's soft transcript (model.reading_embeddings)
-    reading_lines: bool = False  # a head that reads each row of patches as a text line (vision.LineReadingHead), trained on documents' lines; with reading_tokens its collapsed transcript follows (model.line_embeddings)
-    reading_token_ids: list[int] | None = None  # the LLM's token for each READING_ALPHABET character and the line break, set by from_parts
+    extensions: dict[str, dict] | None = None  # extension name -> its own settings (beni_model.extensions)
     image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
     image_token: str = "<image>"
     image_token_id: int | None = None  # set by chat.load_tokenizer's token when the model is built
@@ -64,6 +55,7 @@ class BeniConfig(PretrainedConfig):
         # Tying lives in the LLM; mirror it so transformers' checks on the composite config agree.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.image_size = self.image_size or self.vision_config.image_size
+        self.extensions = dict(self.extensions or {})
         self.validate_parts()
 
     @property
@@ -86,9 +78,7 @@ class BeniConfig(PretrainedConfig):
         grid = (image_size or self.image_size) // self.patch_size
         prefix = self.num_prefix_tokens if self.keep_cls else 0
         tokens = self.connector_spec.num_tokens(grid * grid + prefix)
-        if self.reading_tokens:
-            tokens += grid * READS_PER_COLUMN + (LINE_TOKENS if self.reading_lines else 0)
-        return tokens
+        return tokens + sum(extension_class(name).image_tokens(settings, grid) for name, settings in self.extensions.items())
 
     def validate_parts(self) -> None:
         spec = parse_connector(self.connector)
@@ -105,8 +95,8 @@ class BeniConfig(PretrainedConfig):
                 raise ValueError(f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding.")
             if self.patch_size & (self.patch_size - 1):
                 raise ValueError(f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}.")
-        if (self.reading_tokens or self.reading_lines) and not self.reading_head:
-            raise ValueError("reading_tokens and reading_lines come with the reading head: set reading_head=True too.")
+        for name, settings in self.extensions.items():
+            extension_class(name).check(settings, self)
         layers = vision.num_hidden_layers
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last).")

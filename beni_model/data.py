@@ -18,7 +18,7 @@ import io
 import json
 import random
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
-from beni_model.vision import line_targets, reading_targets
+from beni_model.extensions import extension_class
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
@@ -58,9 +58,9 @@ class DataSettings:
     window: int = 16  # batches shuffled together inside a shard
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
     pad_to_multiple_of: int = 1  # rows this many tokens wide: few batch shapes, so few CUDA graph captures
-    reading: bool = False  # image batches carry the transcripts' classes for the reading head (reading_targets)
-    line_rows: int = 0  # > 0: and documents' lines for a line head over this many rows of patches (line_targets)
-    spell: bool = False  # replies that are the image's transcript train one token per character (chat.build_example)
+    extensions: dict[str, dict] = field(default_factory=dict)  # the model's (BeniConfig.extensions): their reply_ids hooks
+    targets: tuple[str, ...] = ()  # extensions whose targets image batches carry (Extension.collate)
+    grid: int = 0  # the image's patch grid side, for the extensions' targets
     seed: int = 0
 
 
@@ -181,21 +181,32 @@ def conversation_of(meta: dict, has_image: bool) -> list[dict]:
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": meta["caption"]}]
 
 
+def reply_hook(settings: DataSettings, meta: dict, tokenizer):
+    """The extensions' reply_ids for one image sample's replies: the first that gives ids."""
+    hooks = [(extension_class(name), options) for name, options in settings.extensions.items()]
+    if not hooks:
+        return None
+
+    def reply_ids(reply: str) -> list[int] | None:
+        return next((ids for cls, options in hooks if (ids := cls.reply_ids(options, meta, reply, tokenizer)) is not None), None)
+
+    return reply_ids
+
+
 def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
-    input_ids, labels, pixels, transcripts, lines = [], [], [], [], []
+    input_ids, labels, pixels, metas = [], [], [], []
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
-        spell = meta.get("transcript") if settings.spell and image is not None else None
+        hook = reply_hook(settings, meta, tokenizer) if image is not None else None
         example = build_example(
-            conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length, spell=spell
+            conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length, reply_ids=hook
         )
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
             pixels.append(load_image(image, settings.image_size))
-            transcripts.append(meta.get("transcript"))
-            lines.append(meta.get("lines"))
+            metas.append(meta)
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
     else:
@@ -204,10 +215,8 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         batch["pixel_values"] = (
             image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)
         )
-        if settings.reading:
-            batch["reading_targets"], batch["reading_lengths"] = reading_targets(transcripts)
-        if settings.reading and settings.line_rows:
-            batch["line_targets"], batch["line_lengths"] = line_targets(lines, settings.line_rows)
+        for name in settings.targets:
+            batch.update(extension_class(name).collate(settings.extensions[name], settings.grid, metas))
     return batch
 
 

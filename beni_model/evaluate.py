@@ -169,13 +169,13 @@ def generate_tokens(
 ) -> tuple[list[list[int]], list[str] | None]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
     prompts of similar length, left-padded, generated with the KV cache. For beni models (their lean greedy loop) and
-    LLaVA exports (transformers' generate) alike. Also each image's transcript by the vision tower's reading head,
-    from the same decoded images, for a beni model that has one (else None)."""
+    LLaVA exports (transformers' generate) alike. Also each image's answer by the model's extensions
+    (`extension_answers`), from the same decoded images, for a beni model whose extensions answer (else None)."""
     spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
     prompts = [prompt_ids(item["question"], tokenizer, spec) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # longest first: an out-of-memory shows at once
     answers = [[] for _ in items]
-    reads = [""] * len(items) if getattr(model.config, "reading_head", False) else None
+    heads = [""] * len(items) if isinstance(model, BeniForConditionalGeneration) and len(model.extensions) else None
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
         batch = pad_batch([prompts[i] for i in rows], tokenizer.pad_token_id, padding_side="left")
@@ -193,11 +193,13 @@ def generate_tokens(
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
             answers[i] = tokens
-        if reads is not None:
-            with torch.no_grad():
-                for i, read in zip(rows, model.vision_tower.read(inputs["pixel_values"])):
-                    reads[i] = read
-    return answers, reads
+        if heads is not None:
+            if (own := model.extension_answers(inputs["pixel_values"])) is None:
+                heads = None
+            else:
+                for i, answer in zip(rows, own):
+                    heads[i] = answer
+    return answers, heads
 
 
 # ---------------------------------------------------------------- models
@@ -256,12 +258,13 @@ def evaluate(
     title: str = "OCRBench-style evaluation",
 ) -> EvalResult:
     """Generate an answer for every item, score it with OCRBench's rule and write predictions.jsonl (one line per
-    item), summary.json and report.md into `out_dir`. A model with a reading head also has the head's own transcript
-    of each image scored by the same rule (`head_reading`, `head_correct`; `head_accuracy` overall and by category):
-    whether the vision tower reads, apart from whether the LLM passes it on."""
+    item), summary.json and report.md into `out_dir`. A model whose extensions answer (Extension.answers, e.g. a
+    head's transcript) also has that answer scored by the same rule (`head_answer`, `head_correct`;
+    `head_accuracy` overall and by category): whether the vision tower's head gets it, apart from whether the LLM
+    passes it on."""
     items = load_set(json_path, image_root)
     start = time.perf_counter()
-    tokens, reads = generate_tokens(model, tokenizer, items, image_root, settings)
+    tokens, heads = generate_tokens(model, tokenizer, items, image_root, settings)
     seconds = time.perf_counter() - start
     predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     generated = sum(len(t) for t in tokens)
@@ -274,9 +277,9 @@ def evaluate(
         }
         for item, prediction in zip(items, predictions)
     ]
-    if reads is not None:
-        for record, read in zip(records, reads):
-            record.update(head_reading=read, head_correct=is_correct(read, record["answers"], record["dataset_name"]))
+    if heads is not None:
+        for record, answer in zip(records, heads):
+            record.update(head_answer=answer, head_correct=is_correct(answer, record["answers"], record["dataset_name"]))
     summary = summarize(records)
     summary.update(
         eval_set=str(Path(json_path).resolve()),
@@ -306,10 +309,10 @@ def report_markdown(summary: dict, records: list[dict], title: str, examples: in
     lines = [f"# {title}", "", f"Eval set: `{summary['eval_set']}`", "", f"**Score: {score_line(summary)}**", ""]
     lines += [f"{summary['samples_per_s']} samples/s, {summary['tokens_per_s']} generated tokens/s", ""]
     if "head_accuracy" in summary:
-        lines += [f"The reading head's own transcripts, scored as answers: {100 * summary['head_accuracy']:.1f}%", ""]
+        lines += [f"The extension head's own answers, scored the same way: {100 * summary['head_accuracy']:.1f}%", ""]
     for heading, key, label in (("By category", "by_type", "type"), ("By dataset", "by_dataset", "dataset")):
         head = key == "by_type" and "head_accuracy" in summary
-        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |" + (" reading head |" if head else ""),
+        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |" + (" extension head |" if head else ""),
                   "|---|---|---|---|---|" + ("---|" if head else "")]
         lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |"
                   + (f" {100 * v.get('head_accuracy', 0):.1f}% |" if head else "") for k, v in summary[key].items()]

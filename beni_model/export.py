@@ -4,6 +4,7 @@ from pathlib import Path
 
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from beni_model.extensions import extension_class
 from beni_model.modeling import BeniForConditionalGeneration
 
 LLAVA_ENCODERS = {"clip_vision_model", "siglip_vision_model"}
@@ -15,8 +16,9 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
         raise ValueError(f"LLaVA export needs a CLIP or SigLIP vision tower, not {config.vision_config.model_type!r}.")
     if config.vision_stem:
         raise ValueError(f"LLaVA export needs the encoder's own patch embedding; this model has vision_stem={config.vision_stem!r}.")
-    if config.reading_tokens:
-        raise ValueError("LLaVA export has no place for the reading head's tokens; this model has reading_tokens=True.")
+    grid = config.image_size // config.patch_size
+    if adding := [name for name, settings in config.extensions.items() if extension_class(name).image_tokens(settings, grid)]:
+        raise ValueError(f"LLaVA export has no place for the image tokens that the extensions {adding} add; export a model without them.")
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")
     if config.image_size != config.vision_config.image_size:
@@ -48,8 +50,8 @@ def llava_state_dict(model: BeniForConditionalGeneration) -> dict:
     }
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.startswith(("vision_tower.reading_head.", "vision_tower.line_head.")):
-            continue  # training aids (VisionTower.reading_loss, line_loss): LLaVA's answers never use them
+        if name.startswith("extensions."):
+            continue  # extensions that add no image tokens are training aids or heads of their own: LLaVA's answers never use them
         prefix = next(p for p in renames if name.startswith(p))
         state[renames[prefix] + name[len(prefix) :]] = tensor
     return state

@@ -8,14 +8,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from beni_model.config import LINE_TOKENS, READING_ALPHABET, BeniConfig
+from beni_model.config import BeniConfig
 from beni_model.connectors import build_connector
+from beni_model.extensions import extension_class
 from beni_model.vision import VisionTower, vision_encoder_from_config, vision_encoder_from_pretrained
 
 
 @dataclass
 class BeniOutput(CausalLMOutputWithPast):
-    reading_loss: torch.FloatTensor | None = None  # the vision tower's reading head's, when given transcripts
+    extension_losses: dict[str, torch.FloatTensor] | None = None  # each extension's loss, where the batch has its targets
 
 
 class BeniForConditionalGeneration(PreTrainedModel):
@@ -28,13 +29,10 @@ class BeniForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: BeniConfig):
         super().__init__(config)
         self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config, config.vision_stem))
+        # Built right after the vision tower: a seed initialises the same weights as when the heads lived in it.
+        self.extensions = nn.ModuleDict({name: extension_class(name)(config, settings) for name, settings in config.extensions.items()})
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        if config.reading_tokens:
-            if config.reading_token_ids is None:
-                raise ValueError("reading_tokens needs the LLM's token of each character: build the model with from_parts.")
-            self.connector.reading_blank = nn.Parameter(torch.zeros(config.text_config.hidden_size))
-            self.register_buffer("reading_token_ids", torch.tensor(config.reading_token_ids))
         self._decode_cache = self._compiled_decode = None  # greedy_generate's, made on first use
         self.post_init()
         self.apply_freeze_flags()
@@ -52,8 +50,7 @@ class BeniForConditionalGeneration(PreTrainedModel):
             raise ValueError(f"The tokenizer has no {config.image_token!r} token: load it with beni_model.chat.load_tokenizer.")
         if load_in_4bit and not torch.cuda.is_available():
             raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU; train in bf16 or with plain LoRA on this machine.")
-        if config.reading_tokens:
-            config.reading_token_ids = character_token_ids(tokenizer)
+        config.extensions = {name: extension_class(name).prepare(settings, tokenizer) for name, settings in config.extensions.items()}
         model = cls(config)
         if config.vision_model:
             model.vision_tower.encoder = vision_encoder_from_pretrained(config.vision_model, config.vision_config)
@@ -73,17 +70,16 @@ class BeniForConditionalGeneration(PreTrainedModel):
             model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.text_config = model.language_model.config
         config.image_token_id = image_token_id
-        if config.reading_tokens:  # a blank starts as the mean character, not as a token of its own
-            characters = model.reading_token_ids[: len(READING_ALPHABET)]
-            model.connector.reading_blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()
+        for extension in model.extensions.values():
+            extension.start(model)
         if dtype is not None:
-            model.vision_tower.to(dtype)
-            model.connector.to(dtype)
+            for part in (model.vision_tower, model.connector, model.extensions):
+                part.to(dtype)
             if not load_in_4bit:
                 model.language_model.to(dtype)
         if load_in_4bit:
-            model.vision_tower.cuda()
-            model.connector.cuda()
+            for part in (model.vision_tower, model.connector, model.extensions):
+                part.cuda()
         model.apply_freeze_flags()
         return model
 
@@ -95,12 +91,19 @@ class BeniForConditionalGeneration(PreTrainedModel):
 
     def apply_freeze_flags(self) -> None:
         for part, frozen in (
-            (self.vision_tower, self.config.freeze_vision),
-            (self.connector, self.config.freeze_connector),
-            (self.language_model, self.config.freeze_text),
+            ("vision_tower", self.config.freeze_vision),
+            ("connector", self.config.freeze_connector),
+            ("language_model", self.config.freeze_text),
         ):
-            for param in part.parameters():
+            for param in self.part_parameters(part):
                 param.requires_grad_(not frozen and param.is_floating_point())  # quantized weights never train
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """A core part's parameters and the extensions' that follow it (Extension.part_of)."""
+        params = list(getattr(self, part).parameters())
+        for extension in self.extensions.values():
+            params += [p for name, p in extension.named_parameters() if extension.part_of(name.split(".")[0]) == part]
+        return params
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -130,9 +133,8 @@ class BeniForConditionalGeneration(PreTrainedModel):
         features = None
         if vision_features is not None:
             features = self.connector(vision_features)
-            if self.config.reading_tokens:
-                reads = [self.reading_embeddings(vision_features)] + ([self.line_embeddings(vision_features)] if self.config.reading_lines else [])
-                features = torch.cat([features, *(r.to(features.dtype) for r in reads)], dim=1)
+            extra = [e.image_embeddings(self, vision_features) for e in self.extensions.values()]
+            features = torch.cat([features, *(x.to(features.dtype) for x in extra if x is not None)], dim=1)
         # Counting the mask waits on the GPU, which would stall every training step: train_step checks its batches
         # on the host instead.
         if not (self.training and input_ids.is_cuda):
@@ -144,39 +146,6 @@ class BeniForConditionalGeneration(PreTrainedModel):
         positions = torch.nonzero_static(image_mask.flatten(), size=features.shape[0] * features.shape[1]).squeeze(1)
         return embeds.flatten(0, 1).index_copy(0, positions, features.flatten(0, 1).to(embeds.dtype)).view_as(embeds)
 
-    def reading_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
-        over blank and READING_ALPHABET weigh a learned blank (the connector's `reading_blank`, so it trains with the
-        connector) and the LLM's own embedding of each character, so what the vision tower reads reaches the LLM as
-        (nearly) the text's tokens, to copy as it copies a prompt."""
-        probs = self.vision_tower.reading_scores(vision_features).float().softmax(-1)
-        return probs @ self.reading_table()[:-1]
-
-    def line_embeddings(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """The line head's transcript as LLM input, [images, LINE_TOKENS, text hidden]: each row's reads after CTC's
-        collapse (a read is kept where its best class is neither the blank nor the read before's), each row that
-        keeps one ended by a line break, packed in reading order and cut at LINE_TOKENS; a kept read enters as its
-        probabilities over the reading table (as `reading_embeddings`), the slots after the last as the blank. The
-        shapes never depend on what was read, so the step needs no sync and graphs."""
-        scores = self.vision_tower.line_scores(vision_features).float()  # [images, rows, reads, classes]
-        images, rows, _, classes = scores.shape
-        best = scores.argmax(-1)
-        kept = (best != 0) & (best != nn.functional.pad(best, (1, 0))[..., :-1])
-        kept = torch.cat([kept, kept.any(-1, keepdim=True)], dim=2).flatten(1)  # each row's reads, then its line break
-        # Slots over the table [blank, characters, line break]: the reads, a break per row, a last slot of blank.
-        one_hot = torch.eye(classes + 1, device=scores.device)
-        slots = torch.cat([nn.functional.pad(scores.softmax(-1), (0, 1)), one_hot[-1].expand(images, rows, 1, -1)], dim=2).flatten(1, 2)
-        slots = torch.cat([slots, one_hot[0].expand(images, 1, -1)], dim=1)
-        place = torch.where(kept, kept.cumsum(1) - 1, LINE_TOKENS).clamp(max=LINE_TOKENS)
-        source = torch.full((images, LINE_TOKENS + 1), slots.shape[1] - 1, device=scores.device)
-        source.scatter_(1, place, torch.arange(kept.shape[1], device=scores.device).expand(images, -1))
-        picked = slots.gather(1, source[:, :LINE_TOKENS, None].expand(-1, -1, classes + 1))
-        return picked @ self.reading_table()
-
-    def reading_table(self) -> torch.Tensor:
-        """The reads' embeddings, [blank, READING_ALPHABET's characters, line break] x text hidden (float32)."""
-        return torch.cat([self.connector.reading_blank[None], self.get_input_embeddings()(self.reading_token_ids)]).float()
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -184,27 +153,31 @@ class BeniForConditionalGeneration(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        reading_targets: torch.LongTensor | None = None,
-        reading_lengths: torch.LongTensor | None = None,
-        line_targets: torch.LongTensor | None = None,
-        line_lengths: torch.LongTensor | None = None,
+        extension_targets: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> "BeniOutput":
-        """The LLM's output on the merged embeddings; given `reading_targets` and `reading_lengths` (the loader's,
-        see VisionTower.reading_loss), also the reading head's loss on the same vision features, plus the line head's
-        given `line_targets` and `line_lengths` (VisionTower.line_loss)."""
-        reading_loss = None
+        """The LLM's output on the merged embeddings; given `extension_targets` (the loader's, see
+        Extension.collate), also each extension's loss on the same vision features."""
+        losses = None
         if inputs_embeds is None:
             features = self.vision_features(pixel_values)
-            if reading_lengths is not None and features is not None:
-                reading_loss = self.vision_tower.reading_loss(features, reading_targets, reading_lengths)
-                if line_lengths is not None:
-                    reading_loss = reading_loss + self.vision_tower.line_loss(features, line_targets, line_lengths)
-            if input_ids is None:  # images and transcripts alone (the encoder stage): the reading loss, the LLM not run
-                return BeniOutput(reading_loss=reading_loss)
+            if extension_targets is not None and features is not None:
+                losses = {name: e.loss(self, features, extension_targets) for name, e in self.extensions.items()}
+                losses = {name: loss for name, loss in losses.items() if loss is not None} or None
+            if input_ids is None:  # images and targets alone (the encoder stage): the extensions' losses, the LLM not run
+                return BeniOutput(extension_losses=losses)
             inputs_embeds = self.merge(input_ids, features)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-        return BeniOutput(**out, reading_loss=reading_loss)
+        return BeniOutput(**out, extension_losses=losses)
+
+    @torch.no_grad()
+    def extension_answers(self, pixel_values: torch.Tensor) -> list[str] | None:
+        """The first extension's own answers for each image (Extension.answers), or None where none answers."""
+        features = self.vision_features(pixel_values)
+        for extension in self.extensions.values():
+            if (answers := extension.answers(self, features)) is not None:
+                return answers
+        return None
 
     @torch.no_grad()
     def generate(
@@ -319,16 +292,6 @@ def check_image_tokens(image_tokens: int, images: int, tokens_per_image: int) ->
             f"The batch has {image_tokens} image tokens but {images} images of {tokens_per_image} tokens each: build "
             "prompts with beni_model.chat so every image marker expands to the connector's token count at this image size."
         )
-
-
-def character_token_ids(tokenizer) -> list[int]:
-    """The token of each READING_ALPHABET character and of the line break, alone; an error if one takes more than
-    one token."""
-    characters = READING_ALPHABET + "\n"
-    ids = [tokenizer.encode(c, add_special_tokens=False) for c in characters]
-    if split := [c for c, i in zip(characters, ids) if len(i) != 1]:
-        raise ValueError(f"reading_tokens needs one token per printable character; this tokenizer splits {split[:5]}: leave reading_tokens off.")
-    return [i[0] for i in ids]
 
 
 AutoModelForImageTextToText.register(BeniConfig, BeniForConditionalGeneration)

@@ -1,7 +1,7 @@
 """Quantized exports of a saved beni model, each loaded back in a fresh process and re-scored on an eval set.
 
-Schemes quantize the LLM's linear layers; the vision tower, the connector and the output head stay in full
-precision. Each export is a save_pretrained folder (safetensors, the quantization config inside config.json) that
+Schemes quantize the LLM's linear layers; the vision tower, the connector, the extensions and the output head stay
+in full precision. Each export is a save_pretrained folder (safetensors, the quantization config inside config.json) that
 `BeniForConditionalGeneration.from_pretrained` loads as it is:
 - `nf4`: bitsandbytes 4-bit NormalFloat with double quantization (QLoRA's format);
 - `int8`: bitsandbytes LLM.int8();
@@ -28,7 +28,7 @@ from beni_model.export import export_llava
 from beni_model.modeling import BeniForConditionalGeneration
 
 SCHEMES = ("nf4", "int8", "torchao-int8")
-KEEP_FULL_PRECISION = ["vision_tower", "connector", "lm_head"]
+KEEP_FULL_PRECISION = ["vision_tower", "connector", "extensions", "lm_head"]
 LIBRARY = {"nf4": "bitsandbytes", "int8": "bitsandbytes", "torchao-int8": "torchao"}
 
 

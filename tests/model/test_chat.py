@@ -3,6 +3,7 @@ import itertools
 import pytest
 
 from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, build_prompt, load_tokenizer, pack_batch, pad_batch
+from beni_model.ocr import OcrExtension
 
 N = 5  # image tokens per image
 
@@ -75,9 +76,14 @@ def test_several_images_in_one_turn_and_across_turns(chatml):
     assert trained_text(chatml, example) == "The first is red.<|im_end|>\nIt is blue.<|im_end|>\n"
 
 
+def spelling(tokenizer, transcript: str):
+    """The ocr extension's reply hook for an image whose transcript is `transcript` (its `tokens` on)."""
+    return lambda reply: OcrExtension.reply_ids({"tokens": True}, {"transcript": transcript}, reply, tokenizer)
+
+
 def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(chatml):
     whole = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
-    spelled = build_example(IMAGE_IN_SECOND_TURN, chatml, N, spell="hello world")
+    spelled = build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "hello world"))
     trained = [t for t, label in zip(spelled.input_ids, spelled.labels) if label != IGNORE_INDEX]
     characters = [chatml.encode(c, add_special_tokens=False)[0] for c in "hello world"]
     assert trained[: len(characters)] == characters  # the corpus tokenizer has a token for "hello": not used here
@@ -89,7 +95,7 @@ def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(cha
     word_tokens = len(chatml.encode("hello world", add_special_tokens=False))
     assert spelled.input_ids[:first] == whole.input_ids[:first]
     assert spelled.input_ids[first + len(characters) :] == whole.input_ids[first + word_tokens :]
-    assert build_example(IMAGE_IN_SECOND_TURN, chatml, N, spell="not in the conversation").input_ids == whole.input_ids
+    assert build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "not in the conversation")).input_ids == whole.input_ids
 
 
 def test_fallback_template_for_tokenizers_without_one(base):

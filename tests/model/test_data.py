@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from beni_model.chat import IGNORE_INDEX, load_tokenizer
-from beni_model.config import READING_ALPHABET
 from beni_model.data import (
     DataPosition,
     DataSettings,
@@ -20,7 +19,7 @@ from beni_model.data import (
     shard_paths,
     step_modality,
 )
-from beni_model.vision import reading_classes
+from beni_model.ocr.heads import READING_ALPHABET, reading_classes
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -169,7 +168,7 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24)
     config = settings(shards)
     assert "reading_lengths" not in next(iter(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False)))
-    config = settings(shards, reading=True)
+    config = settings(shards, extensions={"ocr": {}}, targets=("ocr",), grid=4)
     expected = keys(raw_stream(config, 0, 1, DataPosition()), 12)  # one epoch
     batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
     transcripts = {f"s{i:05d}": colour for i, colour in enumerate(list(COLOURS) * 12) if i % 2 == 0}
@@ -185,7 +184,7 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
 def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokenizer):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, bare_names=True)
     whole, spelled = (
-        [b for b, _ in zip(make_loader(settings(shards, spell=spell), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+        [b for b, _ in zip(make_loader(settings(shards, extensions={"ocr": {"tokens": spell}}), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
         for spell in (False, True)
     )
     characters = {colour: [tokenizer.encode(c, add_special_tokens=False)[0] for c in colour] for colour in COLOURS}
@@ -206,7 +205,7 @@ def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokeni
 
 def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, tokenizer):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, lines=True)
-    batches = [b for b, _ in zip(make_loader(settings(shards, reading=True, line_rows=4), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+    batches = [b for b, _ in zip(make_loader(settings(shards, extensions={"ocr": {"lines": True}}, targets=("ocr",), grid=4), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
     documents = 0
     for batch in batches:
         lengths, targets = batch["line_lengths"], batch["line_targets"]

@@ -20,7 +20,7 @@ from beni_model.evaluate import (
     summarize,
 )
 from beni_model.export import export_llava
-from beni_model.vision import READS_PER_COLUMN, reading_classes
+from beni_model.ocr.heads import READS_PER_COLUMN, reading_classes
 from tests.model.conftest import images
 
 # ---------------------------------------------------------------- OCRBench's rule, by hand
@@ -212,8 +212,8 @@ def test_missing_model_folder_is_one_clear_error(tmp_path):
 
 
 def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_path):
-    model, tokenizer = build(reading_head=True)
-    head = model.vision_tower.reading_head.classify
+    model, tokenizer = build(extensions={"ocr": {}})
+    head = model.extensions["ocr"].reading_head.classify
     with torch.no_grad():  # every column reads "1", then a blank: the head's transcript is "1111" (4 columns)
         head.weight.zero_()
         bias = head.bias.view(READS_PER_COLUMN, -1)
@@ -228,7 +228,7 @@ def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_pa
     (tmp_path / "set.json").write_text(json.dumps(items))
     result = evaluate(model, tokenizer, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
     records = read_predictions(result.predictions)
-    assert [(r["head_reading"], r["head_correct"]) for r in records] == [("1111", True), ("1111", False)]
+    assert [(r["head_answer"], r["head_correct"]) for r in records] == [("1111", True), ("1111", False)]
     assert result.summary["head_accuracy"] == 0.5
     assert [v["head_accuracy"] for v in result.summary["by_type"].values()] == [1.0, 0.0]
-    assert "reading head" in result.report.read_text()
+    assert "extension head" in result.report.read_text()

@@ -10,9 +10,9 @@ from tests.model.conftest import VISION, images
 from tests.model.test_modeling import TEXT_ONLY, TWO_IMAGES, batch_for
 
 
-@pytest.mark.parametrize("vision, text, layer, reading_head", [("clip", "llama", -2, False), ("siglip", "qwen2", -1, True)])
-def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer, reading_head):
-    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer, reading_head=reading_head, reading_lines=reading_head)
+@pytest.mark.parametrize("vision, text, layer, extensions", [("clip", "llama", -2, {}), ("siglip", "qwen2", -1, {"ocr": {"lines": True}})])
+def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer, extensions):
+    model, tokenizer = build(vision, text, "mlp2x_gelu", vision_feature_layer=layer, extensions=extensions)
     export_llava(model, tmp_path, tokenizer)
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     batch = batch_for(model, tokenizer, [TWO_IMAGES, TEXT_ONLY])
@@ -30,7 +30,7 @@ def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer
         ("dinov2", "mlp2x_gelu", {}, "needs a CLIP or SigLIP vision tower"),
         ("clip", "pixelshuffle2_mlp", {}, "needs the mlp2x connector"),
         ("siglip", "mlp2x_gelu", {"image_size": 48}, "does not interpolate"),
-        ("siglip", "mlp2x_gelu", {"reading_head": True, "reading_tokens": True}, "no place for the reading head's tokens"),
+        ("siglip", "mlp2x_gelu", {"extensions": {"ocr": {"tokens": True}}}, r"no place for the image tokens that the extensions \['ocr'\] add"),
     ],
 )
 def test_llava_export_refuses_what_llava_cannot_hold(build, tmp_path, vision, connector, kwargs, message):

@@ -19,21 +19,12 @@ from beni_model.chat import IGNORE_INDEX, build_example, load_tokenizer, pack_ba
 from beni_model.config import BeniConfig
 from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_model.train import (
-    PARTS,
-    PROFILE_AFTER,
-    Reporter,
-    TrainConfig,
-    cross_entropy,
-    fused_cross_entropy,
-    lr_factor,
-    param_groups,
-    read_metrics,
-    shard,
-    torchrun_command,
-    train_step,
-    transformer_blocks,
-)
+from beni_model.train import torchrun_command
+from beni_model.training.config import PARTS, TrainConfig
+from beni_model.training.metrics import PROFILE_AFTER, Reporter, read_metrics
+from beni_model.training.optim import lr_factor, param_groups
+from beni_model.training.parallel import shard, transformer_blocks
+from beni_model.training.step import cross_entropy, fused_cross_entropy, train_step
 from tests.model.test_data import write_toy_shards
 
 
@@ -131,10 +122,12 @@ def test_config_errors_are_one_clear_sentence(tmp_path):
         TrainConfig(**base, cuda_graphs=True).validate()
     with pytest.raises(ValueError, match="the encoder stage learns from images only"):
         TrainConfig(**base, stage="encoder", text_fraction=0.25).validate()
-    with pytest.raises(ValueError, match="reading_tokens and reading_lines come with the reading head"):
-        TrainConfig(**base, reading_lines=True).validate()
-    with pytest.raises(ValueError, match="reading_weight > 0 trains the vision tower's reading head"):
-        TrainConfig(**base, reading_weight=1.0, train_parts=["connector", "language_model"]).validate()
+    with pytest.raises(ValueError, match="the encoder stage trains the vision tower on the extensions' losses: name one"):
+        TrainConfig(**base, stage="encoder", extensions={"ocr": {"weight": 0.0}}).validate()
+    with pytest.raises(ValueError, match="an extension's loss trains the vision tower: use stage 'finetune' with vision_tower"):
+        TrainConfig(**base, extensions={"ocr": {}}, train_parts=["connector", "language_model"]).validate()
+    with pytest.raises(ValueError, match=r"The ocr extension has no settings \['colour'\]: use .*; Unknown extension 'glyphs'"):
+        TrainConfig(**base, extensions={"ocr": {"colour": True}, "glyphs": {}}).validate()
     with pytest.raises(FileNotFoundError, match="materialize training_shards first"):
         TrainConfig(**{**base, "shards": str(tmp_path)}).validate()
 
@@ -360,14 +353,16 @@ def test_packed_training_under_torchrun_lowers_the_loss_and_profiles_its_steps(t
     assert [e["name"] for e in steps] == [f"ProfilerStep#{PROFILE_AFTER + i}" for i in range(3)]
 
 
-def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
+def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
     """The recipe's order, with the heads' transcripts handed to the LLM as tokens (the line head's trained on the
     documents' lines), and the recipe's compiled blocks and CUDA graphs, which FSDP's two processes turn off."""
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4, lines=True)
     recipe = {"compile": True, "cuda_graphs": True}
     stages = {
-        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, reading_tokens=True, reading_lines=True, max_length=320, **recipe),
-        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, reading_weight=1.0, max_length=320), "init_from": str(tmp_path / "encoder" / "final")},
+        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, max_length=320,
+                           extensions={"ocr": {"tokens": True, "lines": True}}, **recipe),
+        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, extensions={"ocr": {"weight": 1.0}}, max_length=320),
+                     "init_from": str(tmp_path / "encoder" / "final")},
     }
     for name, config in stages.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "warmup_steps": 2, "save_every": 12, "workers": 0}))
@@ -375,15 +370,18 @@ def test_an_encoder_stage_then_reading_weight_train_the_reading_head_under_torch
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert ("cuda_graphs off: they need one process, and this run has 2 (FSDP)" in run.stdout) == (name == "encoder")
     read = rows(tmp_path / "encoder")
-    assert all(r["loss"] == r["reading_loss"] and r["tokens_per_s"] == 0 for r in read)  # the LLM never ran
+    assert all(r["loss"] == r["extension_loss"] and r["tokens_per_s"] == 0 for r in read)  # the LLM never ran
     assert sum(r["loss"] for r in read[-3:]) < sum(r["loss"] for r in read[:3]) / 2
     finetune = rows(tmp_path / "finetune")
-    assert all(("reading_loss" in r) == (r["modality"] == "image") for r in finetune) and any(r["modality"] == "text" for r in finetune)
+    assert all(("extension_loss" in r) == (r["modality"] == "image") for r in finetune) and any(r["modality"] == "text" for r in finetune)
     first = next(r for r in finetune if r["modality"] == "image")
-    assert first["reading_loss"] < read[0]["reading_loss"] / 2  # the head came over from the encoder stage
+    assert first["extension_loss"] < read[0]["extension_loss"] / 2  # the head came over from the encoder stage
     model = BeniForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
-    assert model.config.reading_head and model.vision_tower.reading_head.classify.weight.abs().sum() > 0
+    ocr = model.extensions["ocr"]
+    assert ocr.reading_head.classify.weight.abs().sum() > 0
     encoder = BeniForConditionalGeneration.from_pretrained(tmp_path / "encoder" / "final")
-    assert model.config.reading_tokens and not torch.equal(model.connector.reading_blank, encoder.connector.reading_blank)
-    lines = [m.vision_tower.line_head.classify.weight for m in (BeniForConditionalGeneration(encoder.config), encoder, model)]
-    assert model.config.reading_lines and not torch.equal(lines[0], lines[1]) and not torch.equal(lines[1], lines[2])
+    # The blank follows the connector: frozen in the encoder stage, trained in the finetune stage.
+    fresh = BeniForConditionalGeneration(encoder.config)
+    assert ocr.options.tokens and not torch.equal(ocr.blank, encoder.extensions["ocr"].blank)
+    lines = [m.extensions["ocr"].line_head.classify.weight for m in (fresh, encoder, model)]
+    assert ocr.options.lines and not torch.equal(lines[0], lines[1]) and not torch.equal(lines[1], lines[2])

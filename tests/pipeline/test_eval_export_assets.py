@@ -21,7 +21,7 @@ EVAL = {"batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
 
 
 def save_tiny_model(folder: Path) -> None:
-    """A tiny random beni model with a reading head (as the CPU recipe trains) saved where trained_model leaves its
+    """A tiny random beni model with the ocr extension (as the CPU recipe trains) saved where trained_model leaves its
     final model."""
     parts = folder.parent / "parts"
     torch.manual_seed(0)
@@ -29,7 +29,7 @@ def save_tiny_model(folder: Path) -> None:
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **TEXT)).save_pretrained(parts / "llama")
     tokenizer.save_pretrained(parts / "llama")
     SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(parts / "siglip")
-    config = BeniConfig(vision_model=str(parts / "siglip"), text_model=str(parts / "llama"), reading_head=True)
+    config = BeniConfig(vision_model=str(parts / "siglip"), text_model=str(parts / "llama"), extensions={"ocr": {}})
     tokenizer = load_tokenizer(str(parts / "llama"))
     BeniForConditionalGeneration.from_parts(config, tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -98,7 +98,7 @@ def examples_md(records: list[dict], image_root: Path, correct: bool, n: int = 4
 
 def category_table(summary: dict) -> dg.TableMetadataValue:
     columns = {"correct": "int", "total": "int", "accuracy": "float", "similarity": "float"}
-    if "head_accuracy" in summary:  # the reading head's own transcripts, scored as answers
+    if "head_accuracy" in summary:  # an extension head's own answers (the ocr reading head's transcripts), scored alike
         columns["head_accuracy"] = "float"
     return dg.MetadataValue.table(
         [dg.TableRecord({"type": k, **{c: v[c] for c in columns}}) for k, v in summary["by_type"].items()],

@@ -8,7 +8,8 @@ import pydantic
 import torch
 
 from beni_model.files import atomic_path
-from beni_model.train import TrainConfig, torchrun_command
+from beni_model.train import torchrun_command
+from beni_model.training.config import TrainConfig
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.recipes import CPU_RECIPE, RECIPES

@@ -83,7 +83,7 @@ def tiny(cache: Path) -> list[dict]:
             "save_every": 10,
             "max_length": 256,
             "workers": 1,
-            "reading_weight": 1.0,
+            "extensions": {"ocr": {"weight": 1.0}},
         }
     ]
 
@@ -93,10 +93,10 @@ def smollm2_siglip(cache: Path) -> list[dict]:
 
     Through the LLM's loss alone a ViT trained from scratch learns which letters an image holds but not where they
     sit, and four scored runs read nothing (bench/BENCHMARKS.md). So the encoder stage first trains the vision
-    tower alone on the reading loss (a CTC head on its columns, each pooled over the rows its text is on, on the
-    transcripts of the corpus's one-line images; and a line head reading each row of patches, on the documents'
-    lines), without running the LLM; then everything trains together with that loss kept on. What the heads read
-    also reaches the LLM as tokens in its own character embeddings (`reading_tokens`, `reading_lines`), and the
+    tower alone on the ocr extension's reading loss (beni_model.ocr: a CTC head on its columns, each pooled over the
+    rows its text is on, on the transcripts of the corpus's one-line images; and a line head reading each row of
+    patches, on the documents' lines), without running the LLM; then everything trains together with that loss kept
+    on. What the heads read also reaches the LLM as tokens in its own character embeddings (`tokens`, `lines`), and the
     replies that are an image's transcript train one token per character, so the LLM copies the heads token for
     token. Each compiled block is a CUDA graph on one GPU (the step is bound by kernel launches; off under FSDP):
     about 530 s of training on an H200, 64.0% held out (bench/BENCHMARKS.md)."""
@@ -105,8 +105,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
         "vision_config": SIGLIP_OCR,
         "connector": "pixelshuffle2_mlp2x_gelu",
         "vision_stem": "conv",
-        "reading_tokens": True,
-        "reading_lines": True,
+        "extensions": {"ocr": {"weight": 1.0, "tokens": True, "lines": True}},
         "max_length": 512,
         "batch_size": 64,
         "save_every": 1000,
@@ -117,7 +116,7 @@ def smollm2_siglip(cache: Path) -> list[dict]:
     return [
         {"name": "encoder", **parts, "stage": "encoder", "lr": 1e-3, "max_steps": 4000, "warmup_steps": 200},
         {
-            "name": "finetune", **parts, "reading_weight": 1.0, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
+            "name": "finetune", **parts, "lr": 5e-5, "part_lr": {"vision_tower": 3e-4, "connector": 1e-3},
             "max_steps": 1800, "warmup_steps": 200,
         },
     ]

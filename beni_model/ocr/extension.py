@@ -1,0 +1,211 @@
+"""The OCR extension: CTC reading heads on the vision tower, trained on transcripts, whose reads reach the LLM as
+its own character embeddings.
+
+Settings (`BeniConfig.extensions["ocr"]`):
+- `tokens`: each image's tokens end with the reading head's soft transcript (`reading_embeddings`);
+- `lines`: a head that reads each row of patches as a text line (LineReadingHead), trained on documents' lines;
+  with `tokens` its collapsed transcript follows (`line_embeddings`);
+- `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
+The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
+image's transcript trains one token per character (`reply_ids`).
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from beni_model.extensions import Extension, register
+from beni_model.ocr.ctc import CudaGraphed, ctc_backward, ctc_forward, ctc_loss
+from beni_model.ocr.heads import (
+    LINE_TOKENS,
+    READING_ALPHABET,
+    READS_PER_COLUMN,
+    LineReadingHead,
+    ReadingHead,
+    greedy_transcripts,
+    line_targets,
+    reading_targets,
+)
+
+
+@dataclass
+class OcrSettings:
+    tokens: bool = False
+    lines: bool = False
+    token_ids: list[int] | None = None
+
+
+def ocr_settings(settings: dict) -> OcrSettings:
+    if unknown := set(settings) - set(OcrSettings.__dataclass_fields__):
+        raise ValueError(f"The ocr extension has no settings {sorted(unknown)}: use {sorted(OcrSettings.__dataclass_fields__)}.")
+    return OcrSettings(**settings)
+
+
+@register("ocr")
+class OcrExtension(Extension):
+    batch_keys = ("reading_targets", "reading_lengths", "line_targets", "line_lengths")
+
+    def __init__(self, config, settings: dict):
+        super().__init__(config, settings)
+        self.options = ocr_settings(settings)
+        hidden = config.vision_config.hidden_size
+        self.reading_head = ReadingHead(hidden)
+        if self.options.lines:
+            self.line_head = LineReadingHead(hidden)
+        if self.options.tokens:
+            if self.options.token_ids is None:
+                raise ValueError("The ocr extension's tokens need the LLM's token of each character: build the model with from_parts.")
+            # A learned blank, trained with the connector (part_of), for the reads that are no character.
+            self.blank = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+            self.register_buffer("token_ids", torch.tensor(self.options.token_ids))
+        self.ctc_passes = (ctc_forward, ctc_backward)  # to_device swaps in CUDA graphs of them
+
+    # ------------------------------------------------------------ config and data
+
+    @classmethod
+    def check(cls, settings: dict, config) -> None:
+        ocr_settings(settings)
+
+    @classmethod
+    def image_tokens(cls, settings: dict, grid: int) -> int:
+        options = ocr_settings(settings)
+        return grid * READS_PER_COLUMN + (LINE_TOKENS if options.lines else 0) if options.tokens else 0
+
+    @classmethod
+    def prepare(cls, settings: dict, tokenizer) -> dict:
+        options = ocr_settings(settings)
+        if options.tokens:
+            options.token_ids = character_token_ids(tokenizer)
+        return asdict(options)
+
+    @classmethod
+    def collate(cls, settings: dict, grid: int, metas: list[dict]) -> dict[str, torch.Tensor]:
+        targets = dict(zip(("reading_targets", "reading_lengths"), reading_targets([meta.get("transcript") for meta in metas])))
+        if ocr_settings(settings).lines:
+            targets.update(zip(("line_targets", "line_lengths"), line_targets([meta.get("lines") for meta in metas], grid)))
+        return targets
+
+    @classmethod
+    def reply_ids(cls, settings: dict, meta: dict, reply: str, tokenizer) -> list[int] | None:
+        """A reply that is exactly the image's transcript, one character at a time, as the reading head hands the
+        LLM its transcript (`tokens`): copying it is then token for token, where a word token asks the LLM to know
+        how it is spelled. The model still writes any tokens it likes at inference; they decode to the same text."""
+        if not ocr_settings(settings).tokens or not reply or reply != meta.get("transcript"):
+            return None
+        return [i for c in reply for i in tokenizer.encode(c, add_special_tokens=False)]
+
+    # ------------------------------------------------------------ the model
+
+    def part_of(self, name: str) -> str:
+        return "connector" if name == "blank" else "vision_tower"
+
+    def start(self, model) -> None:
+        if self.options.tokens:  # a blank starts as the mean character, not as a token of its own
+            characters = self.token_ids[: len(READING_ALPHABET)]
+            self.blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()
+
+    def to_device(self, device: torch.device, compile: bool) -> None:
+        """Replay the heads' CTC passes as CUDA graphs (CudaGraphed): eager, their per-step recursions launch about a
+        thousand small kernels a step, which cost the host more time than the GPU's whole encoder step."""
+        if device.type == "cuda":
+            self.ctc_passes = (CudaGraphed(ctc_forward), CudaGraphed(ctc_backward))
+
+    def loss(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if "reading_lengths" not in targets:
+            return None
+        loss = self.reading_loss(model, features, targets["reading_targets"], targets["reading_lengths"])
+        if "line_lengths" in targets:
+            loss = loss + self.line_loss(model, features, targets["line_targets"], targets["line_lengths"])
+        return loss
+
+    def image_embeddings(self, model, features: torch.Tensor) -> torch.Tensor | None:
+        if not self.options.tokens:
+            return None
+        reads = [self.reading_embeddings(model, features)] + ([self.line_embeddings(model, features)] if self.options.lines else [])
+        return torch.cat(reads, dim=1)
+
+    def answers(self, model, features: torch.Tensor) -> list[str]:
+        """The reading head's greedy transcript of each image; with a line head, followed by each row that reads
+        something, a line break before each."""
+        reads = greedy_transcripts(self.reading_scores(model, features))
+        if not self.options.lines:
+            return reads
+        rows = self.line_scores(model, features)
+        return [read + "".join(f"\n{line}" for line in greedy_transcripts(lines) if line) for read, lines in zip(reads, rows)]
+
+    # ------------------------------------------------------------ the heads
+
+    def reading_scores(self, model, features: torch.Tensor) -> torch.Tensor:
+        """The reading head's logits, [batch, columns * READS_PER_COLUMN, 1 + len(READING_ALPHABET)], left to right."""
+        grid = model.vision_tower.patch_grid(features)
+        return self.reading_head(grid).view(len(grid), grid.shape[2] * READS_PER_COLUMN, -1)
+
+    def line_scores(self, model, features: torch.Tensor) -> torch.Tensor:
+        """The line head's logits, [batch, rows, columns * LINE_READS_PER_COLUMN, 1 + len(READING_ALPHABET)]."""
+        return self.line_head(model.vision_tower.patch_grid(features))
+
+    def reading_loss(self, model, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CTC loss of the reading head, as text recognisers train: each column of the patch grid (pooled over its
+        rows, see ReadingHead) reads READS_PER_COLUMN characters or blanks, left to right. `targets` [images, width]
+        holds each image's class ids (`reading_classes`) padded with 0, `lengths` their counts; images of length -1
+        have no transcript (0: one that reads nothing).
+        The loss (mean per character) ties each character to its place in the line, which the LLM's answer loss
+        alone does not teach an encoder trained from scratch (bench/BENCHMARKS.md)."""
+        scores = self.reading_scores(model, features)
+        # A no-op for the trainer's targets, already on the device; pinned host tensors go over without waiting.
+        targets, lengths = (t.to(scores.device, non_blocking=True) for t in (targets, lengths))
+        return ctc_loss(scores.float().log_softmax(-1), targets, lengths, self.ctc_passes)
+
+    def line_loss(self, model, features: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """CTC loss of the line head, each row of each image one line (`line_targets`: targets [images, rows, width],
+        lengths [images, rows]), averaged over the rows that have a target, as `reading_loss` over images."""
+        scores = self.line_scores(model, features).flatten(0, 1)
+        targets, lengths = (t.to(scores.device, non_blocking=True).flatten(0, 1) for t in (targets, lengths))
+        return ctc_loss(scores.float().log_softmax(-1), targets, lengths, self.ctc_passes)
+
+    # ------------------------------------------------------------ the reads as LLM input
+
+    def reading_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:
+        """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
+        over blank and READING_ALPHABET weigh a learned blank and the LLM's own embedding of each character, so what
+        the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt."""
+        probs = self.reading_scores(model, features).float().softmax(-1)
+        return probs @ self.reading_table(model)[:-1]
+
+    def line_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:
+        """The line head's transcript as LLM input, [images, LINE_TOKENS, text hidden]: each row's reads after CTC's
+        collapse (a read is kept where its best class is neither the blank nor the read before's), each row that
+        keeps one ended by a line break, packed in reading order and cut at LINE_TOKENS; a kept read enters as its
+        probabilities over the reading table (as `reading_embeddings`), the slots after the last as the blank. The
+        shapes never depend on what was read, so the step needs no sync and graphs."""
+        scores = self.line_scores(model, features).float()  # [images, rows, reads, classes]
+        images, rows, _, classes = scores.shape
+        best = scores.argmax(-1)
+        kept = (best != 0) & (best != nn.functional.pad(best, (1, 0))[..., :-1])
+        kept = torch.cat([kept, kept.any(-1, keepdim=True)], dim=2).flatten(1)  # each row's reads, then its line break
+        # Slots over the table [blank, characters, line break]: the reads, a break per row, a last slot of blank.
+        one_hot = torch.eye(classes + 1, device=scores.device)
+        slots = torch.cat([nn.functional.pad(scores.softmax(-1), (0, 1)), one_hot[-1].expand(images, rows, 1, -1)], dim=2).flatten(1, 2)
+        slots = torch.cat([slots, one_hot[0].expand(images, 1, -1)], dim=1)
+        place = torch.where(kept, kept.cumsum(1) - 1, LINE_TOKENS).clamp(max=LINE_TOKENS)
+        source = torch.full((images, LINE_TOKENS + 1), slots.shape[1] - 1, device=scores.device)
+        source.scatter_(1, place, torch.arange(kept.shape[1], device=scores.device).expand(images, -1))
+        picked = slots.gather(1, source[:, :LINE_TOKENS, None].expand(-1, -1, classes + 1))
+        return picked @ self.reading_table(model)
+
+    def reading_table(self, model) -> torch.Tensor:
+        """The reads' embeddings, [blank, READING_ALPHABET's characters, line break] x text hidden (float32)."""
+        return torch.cat([self.blank[None], model.get_input_embeddings()(self.token_ids)]).float()
+
+
+def character_token_ids(tokenizer) -> list[int]:
+    """The token of each READING_ALPHABET character and of the line break, alone; an error if one takes more than
+    one token."""
+    characters = READING_ALPHABET + "\n"
+    ids = [tokenizer.encode(c, add_special_tokens=False) for c in characters]
+    if split := [c for c, i in zip(characters, ids) if len(i) != 1]:
+        raise ValueError(
+            f"The ocr extension's tokens need one token per printable character; this tokenizer splits {split[:5]}: set tokens off."
+        )
+    return [i[0] for i in ids]

@@ -18,7 +18,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/beni demo
 
+# Lint, then the code location must load (what `dagster dev` and the UI load), then the tests.
 test: $(VENV)/.installed /usr/bin/chromium
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 	$(VENV)/bin/python -m pytest
 
 # The browser test (tests/ui) drives Debian's chromium; Playwright's own browser download is not reachable here.

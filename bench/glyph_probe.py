@@ -20,6 +20,7 @@ need `--chars 1`.
 """
 
 import argparse
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -46,12 +47,12 @@ from beni_model.data import (
     shard_paths,
 )
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
+from beni_model.recipe import builtin_recipes, load_recipe
 from beni_model.train import torchrun_command
 from beni_model.training.config import TrainConfig
 from beni_model.training.model import build_model
 from beni_model.training.optim import lr_factor, param_groups
 from beni_model.vision import vision_encoder_from_config
-from beni_pipeline.defs.training.recipes import RECIPES
 from beni_pipeline.prep import synthetic as syn
 
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -112,10 +113,15 @@ def make_data(args) -> None:
 
 
 def stage_config(args, name: str) -> TrainConfig:
-    stage = {**RECIPES[args.recipe](args.data / "parts")[-1], "max_steps": args.steps, "warmup_steps": min(50, args.steps // 2), "compile": False}
-    stage.pop("name")
+    """The recipe's last stage, trained from the recipe's parts instead of the stage before it."""
+    configs = load_recipe(args.recipe).train_configs(args.data / "shards", args.data / "runs", args.data / "parts")
+    first, last = configs[0], configs[-1]
+    parts = {k: getattr(first, k) for k in ("text_model", "vision_model", "vision_config", "connector", "vision_stem", "image_size")}
     changes = {"extensions": {}, **VARIANTS[name]}  # the ocr extension only where a variant asks for it
-    return TrainConfig(shards=str(args.data / "shards"), output_dir=str(args.data / "runs" / name), **{**stage, **changes})
+    return dataclasses.replace(
+        last, output_dir=str(args.data / "runs" / name), init_from=None, max_steps=args.steps, warmup_steps=min(50, args.steps // 2),
+        compile=False, **parts, **changes,
+    )
 
 
 def run_vlm(args, name: str, chars: int) -> dict:
@@ -278,7 +284,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--chars", type=int, default=1, help="characters per image (data step)")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--recipe", default="smollm2-siglip", choices=sorted(RECIPES), help="whose finetune stage (tiny: a CPU smoke run)")
+    parser.add_argument("--recipe", default="smollm2-siglip", choices=builtin_recipes(), help="whose finetune stage (tiny: a CPU smoke run)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     {"data": make_data, "run": run}[args.step](args)

@@ -42,11 +42,11 @@ from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.ocr.heads import reading_targets
+from beni_model.recipe import load_recipe
 from beni_model.training.config import TrainConfig
 from beni_model.training.metrics import train_flops
 from beni_model.training.parallel import setup_distributed, shard
 from beni_model.training.step import train_step
-from beni_pipeline.defs.training.recipes import SIGLIP_OCR
 
 VOCAB = 49152
 CONFIGS = {
@@ -98,10 +98,10 @@ CONFIGS = {
         "batch": 8,
         "text_len": 512,
     },
-    # the smollm2-siglip recipe's shapes (beni_pipeline/defs/training/recipes.py): its ViT of 8 x 512 at 384 px with
+    # the smollm2-siglip recipe's shapes (beni_model/recipes/smollm2-siglip.yaml): its ViT of 8 x 512 at 384 px with
     # a conv stem, pixel shuffle to 144 tokens, SmolLM2-135M, ~40 text tokens per sample; no peer (Llava has neither)
     "recipe": {
-        "vision": {k: v for k, v in SIGLIP_OCR.items() if k != "model_type"},
+        "vision": {k: v for k, v in load_recipe("smollm2-siglip").model.vision_config.items() if k != "model_type"},
         "connector": "pixelshuffle2_mlp2x_gelu",
         "vision_stem": "conv",
         "batch": 64,

@@ -3,8 +3,9 @@ from pathlib import Path
 import dagster as dg
 
 from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.defs.training.resources import TrainingRecipe
 
-RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout()}
+RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout(), "recipe": TrainingRecipe()}
 
 
 @dg.definitions

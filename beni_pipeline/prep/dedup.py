@@ -15,6 +15,9 @@ Flow, one download partition (chunk) at a time, then one global clustering:
 The perceptual hash (a 64-bit dHash) is `beni_pipeline.prep.images.dhash`, the function the downloader stores in its
 index: grey-scale, BILINEAR resize to 9x8, bit = pixel brighter than its right neighbour, row-major,
 first bit most significant, written as 16 lowercase hex characters.
+
+Over 400 lines because signatures, image features and the bucketed clustering are one algorithm whose parts share
+the settings and the band-key layout; split apart, each would need the others to be read.
 """
 
 import hashlib

@@ -9,6 +9,9 @@ a bad row never fails the file, and is never merged into a neighbour or trimmed.
 record (one physical line, or several when a quoted field holds line breaks); in jsonl, a non-blank line;
 in LLaVA json, an item of the list; in a folder, an image. Lines are split at "\n" only. A whole-file
 problem (unknown format, no url column, an unreadable header, no row readable at all) is one IngestError.
+
+Over 400 lines because each format needs its own reader (csv/tsv alone must re-read a record line by line to
+reject one row, not the file), and all of them feed one row normalization and one rejected-rows record.
 """
 
 import codecs

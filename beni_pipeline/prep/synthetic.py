@@ -5,6 +5,9 @@ offline on a fresh machine.
 
 Every renderer is a pure function of a `random.Random` (and of a `Vocabulary` where it draws words), so the
 held-out OCR eval set (ocr_eval.py) is drawn from the same renderers with other seeds and other words.
+
+Over 400 lines because it holds every renderer of the corpus (about two dozen, each a few lines) and the
+vocabulary, fonts and noise they share; the held-out set (ocr_eval.py) draws from the same module.
 """
 
 import glob

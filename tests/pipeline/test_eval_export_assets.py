@@ -9,9 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, Sigl
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
-from beni_pipeline.defs.evaluation.assets import EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
+from beni_pipeline.defs.evaluation.assets import CPU_RECIPE, EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
-from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
 from tests.pipeline.conftest import materialize

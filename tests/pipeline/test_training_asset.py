@@ -12,7 +12,7 @@ def train(instance, **config):
     return materialize(
         [trained_model],
         instance=instance,
-        run_config={"ops": {"trained_model": {"config": {"recipe": "tiny", **config}}}},
+        run_config={"ops": {"trained_model": {"config": config}}},
     )
 
 
@@ -54,9 +54,9 @@ def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
         [trained_model],
         instance=instance,
         raise_on_error=False,
-        run_config={"ops": {"trained_model": {"config": {"recipe": "huge"}}}},
+        run_config={"resources": {"recipe": {"config": {"name": "huge"}}}},
     )
     assert not result.success
-    assert "Unknown recipe 'huge': pick one of ['smollm2-siglip', 'tiny']." in str(
+    assert "Unknown recipe 'huge': pick one of ['smollm2-siglip', 'tiny'] or give the path of a recipe .yaml file." in str(
         result.get_step_failure_events()[0].step_failure_data.error
     )

@@ -37,8 +37,9 @@ class Dagster:
     url: str
     client: DagsterGraphQLClient
 
-    def materialize(self, assets: list[str], config: dict) -> str:
+    def materialize(self, assets: list[str], config: dict, resources: dict | None = None) -> str:
         run_config = {"ops": {name: {"config": c} for name, c in config.items()}}
+        run_config |= {"resources": {name: {"config": c} for name, c in resources.items()}} if resources else {}
         return self.client.submit_job_execution("__ASSET_JOB", asset_selection=assets, run_config=run_config)
 
     def wait(self, run_id: str, timeout: float = 240) -> DagsterRunStatus:
@@ -177,23 +178,26 @@ def test_data_assets_materialize_and_say_what_happened(dagster, source_run, page
 
 def test_errors_a_user_can_cause_read_as_one_sentence(dagster, page, tmp_path):
     missing = tmp_path / "rows.csv"
-    cases = {
+    cases = {  # name: (op config, resource config, the sentence the run page shows)
         "missing-source": (
             {"source_manifest": {"sources": [str(missing)]}},
+            None,
             f"source {missing} does not exist; check the path in the `sources` config",
         ),
         "bad-config": (
             {"source_manifest": {"corpus_samples": 0}},
+            None,
             "Invalid config: corpus_samples: Input should be greater than or equal to 1 (got 0); fix it in the launchpad or the run config.",
         ),
     }
     if not torch.cuda.is_available():
         cases["gpu-recipe-without-gpu"] = (
-            {"trained_model": {"recipe": "smollm2-siglip"}},
+            {"trained_model": {}},
+            {"recipe": {"name": "smollm2-siglip"}},
             "Recipe 'smollm2-siglip' needs a CUDA GPU and none is visible: run it on a GPU machine, or pick recipe 'tiny' to train on CPU.",
         )
-    runs = {name: dagster.materialize(list(config), config) for name, (config, _) in cases.items()}
-    for name, (_, sentence) in cases.items():
+    runs = {name: dagster.materialize(list(config), config, resources) for name, (config, resources, _) in cases.items()}
+    for name, (_, _, sentence) in cases.items():
         assert dagster.wait(runs[name]) == DagsterRunStatus.FAILURE
         page.goto(f"{dagster.url}/runs/{runs[name]}")
         error = page.get_by_text(sentence).first

@@ -10,10 +10,10 @@ import pydantic
 import torch
 from transformers import AutoTokenizer
 
-from beni_model.smollm2 import smollm2_instruct
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
 from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.defs.training.resources import TrainingRecipe
 from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, hash_chunks, kept_ids, sample_text, write_result
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
@@ -127,10 +127,10 @@ class DedupConfig(Config, DedupSettings):
     pass
 
 
-class ShardConfig(Config, ShardSettings):
-    tokenizer: str = pydantic.Field(
-        "", description="tokenizer of the target LLM (hub id or folder); empty: SmolLM2-135M-Instruct, converted offline"
-    )
+class ShardConfig(Config):
+    name: str = pydantic.Field("train", description="shard file names: <name>-000000.tar, ...")
+    max_samples: int = pydantic.Field(500, ge=1, description="samples per shard at most: several shards even for small sets, so every rank reads its own")
+    max_bytes: int = pydantic.Field(256 * 2**20, ge=2**16, description="bytes per shard at most, tar headers included")
 
 
 @dg.asset(group_name="data", deps=[downloaded], kinds={"datasketch", "parquet"}, owners=["team:data"])
@@ -174,7 +174,7 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
 
 
 @dg.asset(group_name="data", deps=[deduplicated], kinds={"webdataset"}, owners=["team:data"])
-def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout) -> dg.MaterializeResult:
+def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout, recipe: TrainingRecipe) -> dg.MaterializeResult:
     """The kept samples as WebDataset tars sorted by token length (text tokens of the target LLM's tokenizer
     plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
     the same inputs; a killed run keeps its finished shards."""
@@ -189,13 +189,16 @@ def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layo
             "and re-materialize downloaded.",
             allow_retries=False,
         )
-    tokenizer = _tokenizer(config.tokenizer or str(smollm2_instruct()))
+    model = recipe.beni_config(layout)
+    tokenizer = _tokenizer(model.text_model)
+    settings = ShardSettings(**config.model_dump(), image_tokens=model.num_image_tokens())
+    context.log.info(f"token lengths for recipe {recipe.name!r}: {model.text_model}'s tokenizer, {settings.image_tokens} tokens per image")
     start = time.perf_counter()
-    plan = plan_shards(manifest, index, kept, tokenizer, config)
+    plan = plan_shards(manifest, index, kept, tokenizer, settings)
     seconds = time.perf_counter() - start
     context.log.info(f"measured the token length of {plan.num_rows} samples in {seconds:.1f} s ({plan.num_rows / seconds:.0f} samples/s)")
     start = time.perf_counter()
-    shard_index = write_shards(plan, layout.downloaded, layout.shards, config)
+    shard_index = write_shards(plan, layout.downloaded, layout.shards, settings)
     shards = shard_index["shardlist"]
     megabytes = sum(s["bytes"] for s in shards) / 1e6
     context.log.info(f"{plan.num_rows} samples in {len(shards)} shards ({megabytes:.1f} MB) after {time.perf_counter() - start:.1f} s")

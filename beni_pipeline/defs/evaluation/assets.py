@@ -8,11 +8,11 @@ from beni_model.evaluate import FIELDS, EvalSettings, default_device, evaluate, 
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.defs.layout import DataLayout
-from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.files import write_text_atomic
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
+CPU_RECIPE = "tiny"  # the CPU demo's recipe (beni_model/recipes/tiny.yaml)
 EVAL_SET = dg.AssetKey("heldout_eval_set")
 
 

@@ -98,7 +98,7 @@ class DataLayout(dg.ConfigurableResource):
     # evaluation and export
     @property
     def heldout(self) -> Path:
-        """The held-out generated OCRBench-format set (OCRBench.json and its images)."""
+        """The held-out generated OCRBench-format set (ocr_eval.json and its images)."""
         return self.base / "heldout"
 
     @property

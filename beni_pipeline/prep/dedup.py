@@ -249,11 +249,11 @@ def write_chunk_features(manifest_rows: pa.Table, chunk_dir: Path, out_path: Pat
 
 
 def hash_chunks(
-    chunks: list[tuple[Path, Path, Path]], settings: DedupSettings = DedupSettings(), done: Callable[[Path, float], None] = lambda path, s: None
+    chunks: list[tuple[Path, Path, Path]], settings: DedupSettings = DedupSettings(), done: Callable[[Path, int, float], None] = lambda *_: None
 ) -> list[Path]:
     """Hash every (chunk manifest parquet, download dir, features path) whose features are not cached, up to
     `settings.workers` chunks at a time in their own processes (hashing decodes every image: CPU-bound Python).
-    `done(features_path, seconds)` is called as each chunk finishes. Returns the features paths hashed."""
+    `done(features_path, rows, seconds)` is called as each chunk finishes. Returns the features paths hashed."""
     todo = [c for c in chunks if not cached_features(c[2], c[1], settings)]
     if len(todo) <= 1 or settings.workers == 1:
         for job in todo:
@@ -266,10 +266,11 @@ def hash_chunks(
     return [job[2] for job in todo]
 
 
-def _hash_chunk(manifest_chunk: Path, chunk_dir: Path, out_path: Path, settings: DedupSettings) -> tuple[Path, float]:
+def _hash_chunk(manifest_chunk: Path, chunk_dir: Path, out_path: Path, settings: DedupSettings) -> tuple[Path, int, float]:
     start = time.perf_counter()
-    write_chunk_features(pq.read_table(manifest_chunk), chunk_dir, out_path, settings)
-    return out_path, time.perf_counter() - start
+    rows = pq.read_table(manifest_chunk)
+    write_chunk_features(rows, chunk_dir, out_path, settings)
+    return out_path, rows.num_rows, time.perf_counter() - start
 
 
 def cached_features(out_path: Path, chunk_dir: Path, settings: DedupSettings = DedupSettings()) -> bool:

@@ -18,6 +18,7 @@ from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, hash_chunks
 from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
+from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
@@ -93,7 +94,10 @@ def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout
     for key in context.partition_keys:
         chunk = read_chunk(layout.manifest, key)
         out_dir = layout.download_dir(key)
-        summary = download_chunk(chunk, out_dir, config)
+        try:
+            summary = download_chunk(chunk, out_dir, config)
+        except Busy as e:  # another run holds the chunk: retrying now would only wait again
+            raise dg.Failure(str(e), allow_retries=False) from None
         context.log.info(f"chunk {key}: {summary.fetched} fetched in {summary.seconds:.1f} s, {dict(summary.counts)}")
         counts.update(summary.counts)
         fetched, seconds, bytes_in = fetched + summary.fetched, seconds + summary.seconds, bytes_in + summary.bytes_in
@@ -141,8 +145,8 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
     features = [layout.dedup_features(chunk) for chunk in chunks]
     start = time.perf_counter()
 
-    def done(path: Path, seconds: float) -> None:
-        context.log.info(f"chunk {path.stem}: hashed in {seconds:.1f} s")
+    def done(path: Path, rows: int, seconds: float) -> None:
+        context.log.info(f"chunk {path.stem}: hashed {rows} rows ({rows / seconds:.0f} rows/s)")
 
     hashed = hash_chunks([(layout.manifest_chunk(c), layout.download_dir(c), f) for c, f in zip(chunks, features)], config, done)
     context.log.info(f"hashed {len(hashed)} of {len(chunks)} chunks ({len(chunks) - len(hashed)} cached) in {time.perf_counter() - start:.1f} s; clustering")

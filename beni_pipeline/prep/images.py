@@ -4,10 +4,12 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ResizeMode = Literal["keep", "center_crop", "pad", "longest_edge"]
 ImageFormat = Literal["jpg", "webp"]
@@ -112,6 +114,9 @@ def _scale(width: int, height: int, mode: ResizeMode, size: int) -> float:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB with every pixel's value kept: deep samples scaled by `_unit_grey`, transparency composited over white."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # numpy here only: a download worker that meets no deep image never imports it (0.1 s of CPU per worker)
+        import numpy as np
+
         grey, opaque = _unit_grey(image)
         grey = np.where(opaque, grey, 1.0)  # transparent pixels show the white background
         return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
@@ -126,7 +131,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _unit_grey(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+def _unit_grey(image: Image.Image) -> "tuple[np.ndarray, np.ndarray]":
     """A grey image of more than 8 bits (I;16*, I, F) as floats in [0, 1], and where it is opaque.
 
     Pillow's own convert clips these samples at 255, which turns a 16-bit image white and a float one black.
@@ -138,6 +143,8 @@ def _unit_grey(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     the convention of float images; anything else is stretched from its smallest to its largest
     finite value, the only scale that keeps its content visible. NaN shows as black.
     """
+    import numpy as np
+
     values = np.asarray(image).astype(np.float32)  # exact for 16-bit samples, half the memory of float64
     opaque = values != image.info["transparency"] if isinstance(image.info.get("transparency"), int) else np.ones(values.shape, bool)
     bits, signed = _bit_depth(image)

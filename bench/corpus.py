@@ -37,7 +37,9 @@ def main() -> None:
         image_bytes = sum(p.stat().st_size for p in (Path(tmp) / "images").iterdir())
     assert len(rows) == args.samples
     cpu = children.ru_utime + children.ru_stime
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after"
+    )
     print(f"{args.samples} samples in {seconds:.1f} s with {processes} worker processes")
     print(f"samples/s:                {args.samples / seconds:.0f}")
     print(f"samples/s per process:    {args.samples / seconds / processes:.0f}")

@@ -28,20 +28,40 @@ from beni_model.modeling import BeniForConditionalGeneration
 
 # SigLIP-B/16-224 + SmolLM2-135M shapes (the "small" config of DESIGN.md), or a tiny one for a CPU smoke run.
 SMALL = (
-    SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16),
-    LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                max_position_embeddings=8192, tie_word_embeddings=True),
+    SiglipVisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16
+    ),
+    LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
 )
 TINY = (
     SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
 )
 
 
 def build(tiny: bool, device: str, dtype: torch.dtype):
     vision, text = TINY if tiny else SMALL
     text.vocab_size += 1  # the image token, as chat.load_tokenizer adds it
-    config = BeniConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), connector="mlp2x_gelu", image_token_id=text.vocab_size - 1)
+    config = BeniConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), connector="mlp2x_gelu", image_token_id=text.vocab_size - 1
+    )
     torch.manual_seed(0)
     beni = BeniForConditionalGeneration(config).to(device, dtype).eval()
     llava = LlavaForConditionalGeneration(llava_config(beni)).to(device, dtype).eval()
@@ -76,8 +96,15 @@ def run(model, prepared, new_tokens: int, device: str, compile: bool = False) ->
     outputs = []
     with torch.no_grad():
         for ids, mask, pixels in prepared:
-            kwargs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "max_new_tokens": new_tokens,
-                      "min_new_tokens": new_tokens, "pad_token_id": 0, "eos_token_id": 2}
+            kwargs = {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "pixel_values": pixels,
+                "max_new_tokens": new_tokens,
+                "min_new_tokens": new_tokens,
+                "pad_token_id": 0,
+                "eos_token_id": 2,
+            }
             outputs.append(greedy(model, compile, **kwargs))
     if device == "cuda":
         torch.cuda.synchronize()
@@ -98,8 +125,10 @@ def main() -> None:
     if device != "cuda":
         del contenders["beni_compiled"]  # the same eager loop: greedy_generate compiles on CUDA only
     items = make_items(args.items, beni.config)
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, torch {torch.__version__}, "
-          f"{args.items} items, {beni.config.num_image_tokens()} image tokens + 12-40 question tokens, {args.new_tokens} new tokens each")
+    print(
+        f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, torch {torch.__version__}, "
+        f"{args.items} items, {beni.config.num_image_tokens()} image tokens + 12-40 question tokens, {args.new_tokens} new tokens each"
+    )
     results = []
     for batch_size in args.batch_sizes:
         prepared = batches(items, batch_size, beni.config.image_size, device, dtype)
@@ -115,7 +144,9 @@ def main() -> None:
         row = {"batch_size": batch_size, **{f"{k}_samples_per_s": round(args.items / min(v), 1) for k, v in times.items()}}
         for name in contenders:
             if name != "llava":
-                same_rows = sum(int((a == b).all(1).sum()) for a, b in zip(outputs[name], outputs["llava"]))  # every item makes --new-tokens
+                same_rows = sum(
+                    int((a == b).all(1).sum()) for a, b in zip(outputs[name], outputs["llava"])
+                )  # every item makes --new-tokens
                 row[f"{name}_same_rows"] = same_rows
                 row[f"{name}_ratio"] = round(row[f"{name}_samples_per_s"] / row["llava_samples_per_s"], 3)
         row["untimed_first_run_s"] = untimed

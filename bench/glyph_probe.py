@@ -87,7 +87,10 @@ def write_shard(task: tuple[Path, int, int]) -> dict:
     with tarfile.open(folder / name, "w") as tar:
         for i in range(k * PER_SHARD, (k + 1) * PER_SHARD):
             text, jpg = glyph(f"glyph:{i}", chars)
-            meta = {"conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": text}], "transcript": text}
+            meta = {
+                "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": text}],
+                "transcript": text,
+            }
             for ext, data in (("json", json.dumps(meta).encode()), ("jpg", jpg)):
                 info = tarfile.TarInfo(f"{i:07d}.{ext}")
                 info.size = len(data)
@@ -119,8 +122,14 @@ def stage_config(args, name: str) -> TrainConfig:
     parts = {k: getattr(first, k) for k in ("text_model", "vision_model", "vision_config", "connector", "vision_stem", "image_size")}
     changes = {"extensions": {}, **VARIANTS[name]}  # the ocr extension only where a variant asks for it
     return dataclasses.replace(
-        last, output_dir=str(args.data / "runs" / name), init_from=None, max_steps=args.steps, warmup_steps=min(50, args.steps // 2),
-        compile=False, **parts, **changes,
+        last,
+        output_dir=str(args.data / "runs" / name),
+        init_from=None,
+        max_steps=args.steps,
+        warmup_steps=min(50, args.steps // 2),
+        compile=False,
+        **parts,
+        **changes,
     )
 
 
@@ -142,7 +151,9 @@ def score(args, model, tokenizer, run_dir: Path, chars: int, losses: list[float]
     """Exact matches and characters right in place on the test strings (and the reading head's exact matches, where
     the model has one), and the mean loss of the last 50 steps."""
     out = run_dir / "eval"
-    evaluate(model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3))
+    evaluate(
+        model, tokenizer, args.data / "test" / "test.json", args.data / "test", out, EvalSettings(batch_size=100, max_new_tokens=chars + 3)
+    )
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     in_place = sum(a == b for r in rows for a, b in zip(r["prediction"].strip(), r["answers"][0])) / (chars * len(rows))
     result = {
@@ -164,8 +175,14 @@ def run_ctc(args, name: str, chars: int) -> dict:
     tokenizer = load_tokenizer(config.text_model)
     model = build_model(config, tokenizer).to(device).train()
     beni = model.config
-    settings = DataSettings(shards=config.shards, batch_size=config.batch_size, image_size=beni.image_size,
-                            tokens_per_image=beni.num_image_tokens(), max_length=config.max_length, seed=config.seed)
+    settings = DataSettings(
+        shards=config.shards,
+        batch_size=config.batch_size,
+        image_size=beni.image_size,
+        tokens_per_image=beni.num_image_tokens(),
+        max_length=config.max_length,
+        seed=config.seed,
+    )
     batches = iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
     embed = model.get_input_embeddings()
     blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
@@ -190,8 +207,11 @@ def run_ctc(args, name: str, chars: int) -> dict:
         targets = [[index[t] for t in row] for row in tokens]
         scores = image.float() @ torch.cat([blank[None], embed.weight[vocab].float()]).T  # [batch, image tokens, 1 + vocab]
         ctc = torch.nn.functional.ctc_loss(
-            scores.log_softmax(-1).transpose(0, 1), torch.tensor([t for row in targets for t in row], device=device),
-            torch.full((len(ids),), scores.shape[1], device=device), torch.tensor([len(r) for r in targets], device=device), zero_infinity=True,
+            scores.log_softmax(-1).transpose(0, 1),
+            torch.tensor([t for row in targets for t in row], device=device),
+            torch.full((len(ids),), scores.shape[1], device=device),
+            torch.tensor([len(r) for r in targets], device=device),
+            zero_infinity=True,
         )
         optimizer.zero_grad()
         (lm + ctc).backward()
@@ -284,7 +304,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--chars", type=int, default=1, help="characters per image (data step)")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--recipe", default="smollm2-siglip", choices=builtin_recipes(), help="whose finetune stage (tiny: a CPU smoke run)")
+    parser.add_argument(
+        "--recipe", default="smollm2-siglip", choices=builtin_recipes(), help="whose finetune stage (tiny: a CPU smoke run)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     {"data": make_data, "run": run}[args.step](args)

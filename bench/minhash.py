@@ -70,8 +70,10 @@ def bench_signatures(texts: list[str], ngram: int, num_perm: int) -> None:
     print(f"  datasketch naive  {n / t_naive:9.0f}")
     print(f"  datasketch bulk   {n / t_bulk:9.0f}")
     print(f"  datasketch bulk, hashfunc=crc32 {n / t_bulk_crc32:9.0f}")
-    print(f"  beni              {n / t_ours:9.0f}   = {t_naive / t_ours:.1f}x naive, {t_bulk / t_ours:.1f}x bulk, "
-          f"{t_bulk_crc32 / t_ours:.1f}x bulk with crc32 (identical signatures to that one)")
+    print(
+        f"  beni              {n / t_ours:9.0f}   = {t_naive / t_ours:.1f}x naive, {t_bulk / t_ours:.1f}x bulk, "
+        f"{t_bulk_crc32 / t_ours:.1f}x bulk with crc32 (identical signatures to that one)"
+    )
 
 
 def write_features(out: Path, rows: int, files: int = 4, dup_rate: float = 0.05, seed: int = 0) -> list[Path]:
@@ -91,13 +93,15 @@ def write_features(out: Path, rows: int, files: int = 4, dup_rate: float = 0.05,
     signatures = minhash_signatures(texts, settings.num_perm, settings.ngram, settings.seed)
     paths = []
     for f, part in enumerate(np.array_split(np.arange(rows), files)):
-        table = pa.table({
-            "sample_id": [f"{i:016x}" for i in part],
-            "content_sha256": [sha[i] for i in part],
-            "phash": pa.array(phash[part], pa.uint64()),
-            "thumb": pa.array([thumbs[i].tobytes() for i in part], pa.binary(THUMB * THUMB)),
-            "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures[part].ravel()), settings.num_perm),
-        })
+        table = pa.table(
+            {
+                "sample_id": [f"{i:016x}" for i in part],
+                "content_sha256": [sha[i] for i in part],
+                "phash": pa.array(phash[part], pa.uint64()),
+                "thumb": pa.array([thumbs[i].tobytes() for i in part], pa.binary(THUMB * THUMB)),
+                "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures[part].ravel()), settings.num_perm),
+            }
+        )
         paths.append(out / f"chunk-{f}.parquet")
         pq.write_table(table, paths[-1])
     return paths
@@ -111,8 +115,10 @@ def measure_cluster(paths: list[str], policy: str) -> None:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rows = result.rows
-    print(f"  {policy:15s} {rows} rows, {result.duplicates.num_rows} dropped, {seconds:.1f} s, "
-          f"peak RSS +{(peak - before) / 1024:.0f} MiB = {(peak - before) / 1024 / rows * 1e6:.0f} MiB per million rows")
+    print(
+        f"  {policy:15s} {rows} rows, {result.duplicates.num_rows} dropped, {seconds:.1f} s, "
+        f"peak RSS +{(peak - before) / 1024:.0f} MiB = {(peak - before) / 1024 / rows * 1e6:.0f} MiB per million rows"
+    )
 
 
 def main() -> None:
@@ -132,8 +138,11 @@ def main() -> None:
         size = sum(p.stat().st_size for p in paths)
         print(f"find_duplicates on {args.cluster_rows} synthetic rows (5% planted copies, feature files {size / 2**20:.0f} MiB):")
         for policy in args.policies:
-            subprocess.run([sys.executable, __file__, "--policy", policy, "--measure", *map(str, paths)], check=True,
-                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+            subprocess.run(
+                [sys.executable, __file__, "--policy", policy, "--measure", *map(str, paths)],
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,24 @@ from beni_pipeline.prep import synthetic as syn
 
 SIZE, PATCH = 128, 8
 READS = SIZE // PATCH * READS_PER_COLUMN
-VISION = {"model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-          "num_attention_heads": 4, "image_size": SIZE, "patch_size": PATCH}
-TEXT = {"model_type": "llama", "vocab_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-        "num_attention_heads": 2, "num_key_value_heads": 2}  # unused: the encoder stage never runs the LLM
+VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": SIZE,
+    "patch_size": PATCH,
+}
+TEXT = {
+    "model_type": "llama",
+    "vocab_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}  # unused: the encoder stage never runs the LLM
 
 
 def render(task: tuple[int, int]) -> tuple[str, str, np.ndarray] | None:
@@ -50,11 +64,18 @@ def lines(seed: int, count: int, pool) -> list[tuple[str, str, np.ndarray]]:
 def corpus_lines(samples: int, cache: Path) -> tuple[list, list]:
     """The training and held-out lines, rendered once and kept in `cache` (an .npz) for the other variant's run."""
     if cache.is_file() and int((data := np.load(cache))["samples"]) == samples:
-        return tuple([(str(k), str(t), im) for k, t, im in zip(data[f"{s}_kinds"], data[f"{s}_texts"], data[f"{s}_images"])] for s in ("train", "test"))
+        return tuple(
+            [(str(k), str(t), im) for k, t, im in zip(data[f"{s}_kinds"], data[f"{s}_texts"], data[f"{s}_images"])]
+            for s in ("train", "test")
+        )
     with multiprocessing.get_context("spawn").Pool() as pool:
         train, test = lines(0, samples, pool), lines(1, 500, pool)[:300]
     cache.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"{s}_{f}": np.stack([row[i] for row in part]) for s, part in (("train", train), ("test", test)) for i, f in enumerate(("kinds", "texts", "images"))}
+    arrays = {
+        f"{s}_{f}": np.stack([row[i] for row in part])
+        for s, part in (("train", train), ("test", test))
+        for i, f in enumerate(("kinds", "texts", "images"))
+    }
     partial = cache.with_suffix(".partial.npz")  # the other variant's run may be waiting for the file
     np.savez(partial, samples=samples, **arrays)
     partial.replace(cache)
@@ -62,13 +83,17 @@ def corpus_lines(samples: int, cache: Path) -> tuple[list, list]:
 
 
 def pixels(items) -> torch.Tensor:
-    return normalize_pixels(torch.from_numpy(np.stack([im for _, _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model"))
+    return normalize_pixels(
+        torch.from_numpy(np.stack([im for _, _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", choices=["attention", "mean"], required=True)
-    parser.add_argument("--samples", type=int, default=16000, help="corpus samples drawn for training (about 60%% are transcribed lines that fit)")
+    parser.add_argument(
+        "--samples", type=int, default=16000, help="corpus samples drawn for training (about 60%% are transcribed lines that fit)"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/out/pool_probe.jsonl")

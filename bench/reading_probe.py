@@ -59,24 +59,51 @@ def render(task: tuple[str, int, int]) -> tuple[str, np.ndarray]:
         text, jpg = glyph(seed, chars)
         return text, load_image(jpg, SIZE)
     texts, halves = zip(*(glyph(f"{seed}:{i}", chars) for i in range(lines)))
-    return "".join(texts), np.concatenate([np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB").resize((SIZE, SIZE // lines))) for jpg in halves])
+    return "".join(texts), np.concatenate(
+        [np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB").resize((SIZE, SIZE // lines))) for jpg in halves]
+    )
 
 
 def band_reading(model: BeniForConditionalGeneration, features: torch.Tensor, lines: int) -> torch.Tensor:
     """The reading head's scores for each line's band of patch rows: [lines, images, reads, classes]."""
     bands = features.reshape(len(features), lines, GRID // lines, GRID, -1)
-    return torch.stack([model.extensions["ocr"].reading_head(bands[:, i]) for i in range(lines)]).view(lines, len(features), GRID * READS_PER_COLUMN, -1)
-
+    return torch.stack([model.extensions["ocr"].reading_head(bands[:, i]) for i in range(lines)]).view(
+        lines, len(features), GRID * READS_PER_COLUMN, -1
+    )
 
 
 def build(reading_head: bool, reading_tokens: bool) -> BeniForConditionalGeneration:
-    vision = {"model_type": "siglip_vision_model", "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "image_size": SIZE, "patch_size": SIZE // GRID}
-    text = {"model_type": "llama", "vocab_size": FIRST_GLYPH + len(GLYPHS), "hidden_size": WIDTH, "intermediate_size": 4 * WIDTH, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "tie_word_embeddings": False}
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": WIDTH,
+        "intermediate_size": 4 * WIDTH,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": SIZE,
+        "patch_size": SIZE // GRID,
+    }
+    text = {
+        "model_type": "llama",
+        "vocab_size": FIRST_GLYPH + len(GLYPHS),
+        "hidden_size": WIDTH,
+        "intermediate_size": 4 * WIDTH,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
     config = BeniConfig(
-        vision_config=vision, text_config=text, connector="pixelshuffle2_mlp2x_gelu", vision_stem="conv", image_token_id=IMG,
-        extensions={"ocr": {"tokens": reading_tokens, "token_ids": [glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET + "\n"]}} if reading_head else {},
+        vision_config=vision,
+        text_config=text,
+        connector="pixelshuffle2_mlp2x_gelu",
+        vision_stem="conv",
+        image_token_id=IMG,
+        extensions={
+            "ocr": {"tokens": reading_tokens, "token_ids": [glyph_ids(c)[0] if c in GLYPHS else PAD for c in READING_ALPHABET + "\n"]}
+        }
+        if reading_head
+        else {},
     )
     torch.manual_seed(0)
     model = BeniForConditionalGeneration(config)
@@ -101,7 +128,9 @@ def image_embeds(model: BeniForConditionalGeneration, features: torch.Tensor, co
 
 
 def batch(items: list[tuple[str, np.ndarray]], image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pixels = normalize_pixels(torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model"))
+    pixels = normalize_pixels(
+        torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model")
+    )
     ids = torch.tensor([[IMG] * image_tokens + [BOS] + glyph_ids(t) + [EOS] for t, _ in items])
     labels = ids.clone()
     labels[:, : image_tokens + 1] = -100
@@ -131,7 +160,11 @@ def teach_copying(llm, rng: random.Random, chars: int, steps: int = 800) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=["lm", "ctc", "ctc_frozen_llm", "read_first", "tokens", "tokens_collapsed", "lines_whole", "lines_banded"], required=True)
+    parser.add_argument(
+        "--variant",
+        choices=["lm", "ctc", "ctc_frozen_llm", "read_first", "tokens", "tokens_collapsed", "lines_whole", "lines_banded"],
+        required=True,
+    )
     parser.add_argument("--chars", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--read-steps", type=int, default=400, help="read_first: steps of the reading loss alone, before --steps")
@@ -162,7 +195,13 @@ def main() -> None:
         lm = ctc = torch.zeros(())
         if banded:
             parts = [[t[i * args.chars : (i + 1) * args.chars] for t, _ in items] for i in range(lines)]
-            ctc = sum(ctc_loss(scores.float().log_softmax(-1), *reading_targets(p)) for scores, p in zip(band_reading(model, features, lines), parts)) / lines
+            ctc = (
+                sum(
+                    ctc_loss(scores.float().log_softmax(-1), *reading_targets(p))
+                    for scores, p in zip(band_reading(model, features, lines), parts)
+                )
+                / lines
+            )
         elif reads:
             ctc = model.extensions["ocr"].reading_loss(model, features, *reading_targets([t for t, _ in items]))
         if step > read_steps:

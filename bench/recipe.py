@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO / "bench" / "out" / "recipe")
     parser.add_argument("--samples", type=int, help="size of the generated corpus (default: the asset's, which follows the machine)")
-    parser.add_argument("--config", default="{}", help="asset name -> config, e.g. '{\"trained_model\": {\"max_steps\": 100}}'")
+    parser.add_argument("--config", default="{}", help='asset name -> config, e.g. \'{"trained_model": {"max_steps": 100}}\'')
     args = parser.parse_args()
 
     data = args.data.resolve()
@@ -69,7 +69,9 @@ def main() -> None:
                 m = event.materialization
                 # numbers and short texts: the previews and thumbnails stay in the instance
                 metadata[m.asset_key.to_user_string()] = {
-                    k: v.value for k, v in m.metadata.items() if isinstance(v.value, int | float) or (isinstance(v.value, str) and len(v.value) < 200)
+                    k: v.value
+                    for k, v in m.metadata.items()
+                    if isinstance(v.value, int | float) or (isinstance(v.value, str) and len(v.value) < 200)
                 }
         checks = {e.check_name: e.passed for result in results for e in result.get_asset_check_evaluations()}
     total = round(time.perf_counter() - start, 1)

@@ -38,9 +38,21 @@ def stage(root: Path, n: int) -> tuple[pa.Table, pa.Table]:
             info.size = len(out.getvalue())
             tar.addfile(info, io.BytesIO(out.getvalue()))
             caption = " ".join(f"w{j}" for j in rng.integers(0, 50, rng.integers(5, 40)))
-            manifest.append({"sample_id": sample_id, "url": "", "caption": caption, "conversations": "", "source": "bench", "row": i, "chunk": "c0"})
-            index.append({"sample_id": sample_id, "status": "ok", "tar": "part-00000.tar", "offset": tar.offset - -(-info.size // 512) * 512,
-                          "size": info.size, "ext": "jpg", "width": 384, "height": 384})
+            manifest.append(
+                {"sample_id": sample_id, "url": "", "caption": caption, "conversations": "", "source": "bench", "row": i, "chunk": "c0"}
+            )
+            index.append(
+                {
+                    "sample_id": sample_id,
+                    "status": "ok",
+                    "tar": "part-00000.tar",
+                    "offset": tar.offset - -(-info.size // 512) * 512,
+                    "size": info.size,
+                    "ext": "jpg",
+                    "width": 384,
+                    "height": 384,
+                }
+            )
     return pa.Table.from_pylist(manifest), pa.Table.from_pylist(index)
 
 
@@ -91,7 +103,9 @@ def main() -> None:
     print(f"  webdataset.ShardWriter      {n / t_wds:9.0f} samples/s  {mb / t_wds:6.0f} MB/s  -> beni {t_wds / t_write:.2f}x")
     print(f"  re-run, all shards reused   {t_reuse:9.2f} s (sha256 check of every shard)")
     print(f"  read back, decode rgb8      {n / t_read:9.0f} samples/s wall, {n / c_read:.0f} samples/s per CPU-second")
-    print(json.dumps({"write_samples_s": round(n / t_write), "write_mb_s": round(mb / t_write), "read_samples_s_per_core": round(n / c_read)}))
+    print(
+        json.dumps({"write_samples_s": round(n / t_write), "write_mb_s": round(mb / t_write), "read_samples_s_per_core": round(n / c_read)})
+    )
 
 
 if __name__ == "__main__":

@@ -135,7 +135,9 @@ def beni_config(spec: dict, variant: str) -> BeniConfig:
         connector=spec.get("connector", "mlp2x_gelu"),
         vision_stem=spec.get("vision_stem"),
         image_token_id=IMAGE_TOKEN,
-        extensions={"ocr": {"tokens": variant == "beni-reading", "token_ids": list(range(96)) if variant == "beni-reading" else None}} if reading else {},
+        extensions={"ocr": {"tokens": variant == "beni-reading", "token_ids": list(range(96)) if variant == "beni-reading" else None}}
+        if reading
+        else {},
     )
 
 
@@ -211,13 +213,19 @@ def run_beni(
     spec: dict, batch: dict, warmup: int, steps: int, variant: str, checkpointing: bool, profile: bool
 ) -> tuple[float, float | None]:
     config = beni_config(spec, variant)
-    compile, cudagraphs, full_logits = variant not in ("beni", "beni-full-logits"), variant == "beni-cudagraphs", variant == "beni-full-logits"
+    compile, cudagraphs, full_logits = (
+        variant not in ("beni", "beni-full-logits"),
+        variant == "beni-cudagraphs",
+        variant == "beni-full-logits",
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = BeniForConditionalGeneration(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = shard(model.train(), torch.device("cuda"), torch.distributed.get_world_size(), compile=compile or cudagraphs, cuda_graphs=cudagraphs)
+    model = shard(
+        model.train(), torch.device("cuda"), torch.distributed.get_world_size(), compile=compile or cudagraphs, cuda_graphs=cudagraphs
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
     if full_logits:
@@ -235,7 +243,16 @@ def run_beni(
 
         def step():
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
-            train_step(model, [batch], optimizer, trainable, 1.0, config, torch.device("cuda"), {"ocr": 1.0} if "ocr" in config.extensions else None)
+            train_step(
+                model,
+                [batch],
+                optimizer,
+                trainable,
+                1.0,
+                config,
+                torch.device("cuda"),
+                {"ocr": 1.0} if "ocr" in config.extensions else None,
+            )
 
     return timed(step, warmup, steps, profile)
 
@@ -246,8 +263,24 @@ def scaling(args) -> None:
     runs = {}
     for n in args.processes:
         out = f"{os.path.splitext(args.out)[0]}_{n}.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__, "--out", out,
-                   "--configs", *args.configs, "--variants", *args.variants, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            __file__,
+            "--out",
+            out,
+            "--configs",
+            *args.configs,
+            "--variants",
+            *args.variants,
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
         subprocess.run(command, check=True)
         runs[n] = {(r["config"], r["variant"]): r for r in json.loads(Path(out).read_text())["runs"]}
     first = args.processes[0]
@@ -268,7 +301,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="train_throughput.json")
     parser.add_argument("--profile", action="store_true", help="also measure each variant's GPU-busy share and print its busiest kernels")
-    parser.add_argument("--processes", type=int, nargs="+", help="FSDP scaling: the beni variants under torchrun with each of these process counts (one GPU each), against the first")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        help="FSDP scaling: the beni variants under torchrun with each of these process counts (one GPU each), against the first",
+    )
     args = parser.parse_args()
     if args.processes and "RANK" not in os.environ:
         return scaling(args)
@@ -289,7 +327,10 @@ def main() -> None:
             flops = train_flops(config, spec["batch"] * seq, seq, spec["batch"])
             row = {"config": name, "variant": variant, "batch": spec["batch"], "seq": seq, "processes": world}
             if variant == "peer" and ("connector" in spec or world > 1):
-                print(f"{name}: no peer ({'Llava has no ' + spec['connector'] + ' connector' if 'connector' in spec else 'one GPU only'})", flush=True)
+                print(
+                    f"{name}: no peer ({'Llava has no ' + spec['connector'] + ' connector' if 'connector' in spec else 'one GPU only'})",
+                    flush=True,
+                )
                 continue
             for checkpointing in (False, True):
                 torch.cuda.reset_peak_memory_stats()

@@ -11,9 +11,7 @@ def lora_targets(model: BeniForConditionalGeneration, vision: bool) -> list[str]
     head = model.get_output_embeddings()
     parts = ("language_model.", "vision_tower.") if vision else ("language_model.",)
     return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and module is not head and name.startswith(parts)
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head and name.startswith(parts)
     ]
 
 

@@ -77,7 +77,9 @@ def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, rep
         with_prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         through_reply = render(tokenizer, messages[: i + 1])
         if not (text.startswith(with_prompt) and text.startswith(through_reply)):
-            raise ValueError("The chat template renders earlier turns differently once later turns follow, so reply labels cannot be placed; use a prefix-stable template.")
+            raise ValueError(
+                "The chat template renders earlier turns differently once later turns follow, so reply labels cannot be placed; use a prefix-stable template."
+            )
         reply_spans.append((len(with_prompt), len(through_reply)))
         reply = message["content"]
         ids = reply_ids(reply) if reply_ids and text.startswith(reply, len(with_prompt)) else None

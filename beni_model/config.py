@@ -85,31 +85,45 @@ class BeniConfig(PretrainedConfig):
         vision, text = self.vision_config, self.text_config
         for field in ("image_size", "patch_size", "hidden_size"):
             if getattr(vision, field, None) is None:
-                raise ValueError(f"Vision config {vision.model_type!r} has no {field}: beni needs a ViT-like encoder that maps pixel_values to patch hidden states.")
+                raise ValueError(
+                    f"Vision config {vision.model_type!r} has no {field}: beni needs a ViT-like encoder that maps pixel_values to patch hidden states."
+                )
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple.")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple."
+            )
         if self.vision_stem is not None:
             if self.vision_stem != "conv":
                 raise ValueError(f"vision_stem {self.vision_stem!r} is unknown: use 'conv' or leave it unset.")
             if self.vision_model:
-                raise ValueError(f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding.")
+                raise ValueError(
+                    f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding."
+                )
             if self.patch_size & (self.patch_size - 1):
-                raise ValueError(f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}.")
+                raise ValueError(
+                    f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}."
+                )
         for name, settings in self.extensions.items():
             extension_class(name).check(settings, self)
         layers = vision.num_hidden_layers
         if not -(layers + 1) <= self.vision_feature_layer <= layers:
-            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last).")
+            raise ValueError(
+                f"vision_feature_layer {self.vision_feature_layer} is out of range for an encoder with {layers} layers (use -1 for the last)."
+            )
         if spec.kind == "pixelshuffle":
             grid = self.image_size // self.patch_size
             if self.keep_cls and self.num_prefix_tokens:
                 raise ValueError(f"Connector {self.connector!r} shuffles a square patch grid: set keep_cls=False.")
             if grid % spec.shuffle_factor:
-                raise ValueError(f"Connector {self.connector!r} needs the {grid}x{grid} patch grid divisible by {spec.shuffle_factor}: change image_size or the factor.")
+                raise ValueError(
+                    f"Connector {self.connector!r} needs the {grid}x{grid} patch grid divisible by {spec.shuffle_factor}: change image_size or the factor."
+                )
         if spec.kind == "perceiver":
             heads, kv_heads = spec.perceiver_heads(text.hidden_size)
             if text.hidden_size % heads or heads % kv_heads:
-                raise ValueError(f"Connector {self.connector!r}: {heads} heads must divide the LLM width {text.hidden_size} and {kv_heads} kv heads must divide {heads}.")
+                raise ValueError(
+                    f"Connector {self.connector!r}: {heads} heads must divide the LLM width {text.hidden_size} and {kv_heads} kv heads must divide {heads}."
+                )
 
 
 AutoConfig.register("beni", BeniConfig)

@@ -62,8 +62,12 @@ def parse_connector(spec: str) -> ConnectorSpec:
     if match["shuffle"]:
         return ConnectorSpec("pixelshuffle", act, mlp_depth=numbers.get("shuffle_depth", 2), shuffle_factor=numbers["factor"])
     return ConnectorSpec(
-        "perceiver", act, latents=numbers["latents"], blocks=numbers["blocks"],
-        heads=numbers.get("heads"), kv_heads=numbers.get("kv_heads"),
+        "perceiver",
+        act,
+        latents=numbers["latents"],
+        blocks=numbers["blocks"],
+        heads=numbers.get("heads"),
+        kv_heads=numbers.get("kv_heads"),
     )
 
 

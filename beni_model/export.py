@@ -22,7 +22,9 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")
     if config.image_size != config.vision_config.image_size:
-        raise ValueError(f"LLaVA does not interpolate position embeddings: export needs image_size {config.vision_config.image_size}, not {config.image_size}.")
+        raise ValueError(
+            f"LLaVA does not interpolate position embeddings: export needs image_size {config.vision_config.image_size}, not {config.image_size}."
+        )
     if model.language_model.base_model_prefix != "model":
         raise ValueError(f"LLaVA export needs an LLM laid out as `model` + `lm_head`, not {type(model.language_model).__name__}.")
     # LLaVA's "default" strategy drops exactly the first token: right for CLIP's CLS, wrong for SigLIP.

@@ -59,11 +59,17 @@ class BeniForConditionalGeneration(PreTrainedModel):
             if load_in_4bit:
                 # Storage dtype equal to the compute dtype so FSDP sees one dtype per flat shard.
                 quantization = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                    bnb_4bit_quant_storage=torch.bfloat16,
                 )
             model.language_model = AutoModelForCausalLM.from_pretrained(
-                config.text_model, config=config.text_config, dtype=dtype, quantization_config=quantization,
+                config.text_model,
+                config=config.text_config,
+                dtype=dtype,
+                quantization_config=quantization,
                 device_map={"": 0} if load_in_4bit else None,
             )
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -226,8 +232,12 @@ class BeniForConditionalGeneration(PreTrainedModel):
         # The prefill (eager, like generate's) sees the prompt's mask, which the mask code pads to the cache with
         # zeros; the decode step one of the cache's length, with the slots after the current token left to causality.
         out = self.language_model(
-            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, position_ids=positions,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         logits = out.logits[:, -1]
         mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - width)], dim=1)

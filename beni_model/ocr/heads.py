@@ -49,7 +49,10 @@ class LineReadingHead(nn.Module):
 def greedy_transcripts(scores: torch.Tensor) -> list[str]:
     """CTC's greedy decoding of reading scores [batch, reads, classes]: each read's best class, repeats merged,
     blanks dropped."""
-    return ["".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1])) for row in scores.argmax(-1).tolist()]
+    return [
+        "".join(READING_ALPHABET[k - 1] for i, k in enumerate(row) if k and (i == 0 or k != row[i - 1]))
+        for row in scores.argmax(-1).tolist()
+    ]
 
 
 def reading_classes(transcript: str | None) -> list[int] | None:

@@ -36,7 +36,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 2048
     lr: float = 1e-4
-    part_lr: dict[str, float] = field(default_factory=dict)  # a part's own peak lr, e.g. {"vision_tower": 1e-3} for an encoder trained from scratch
+    part_lr: dict[str, float] = field(
+        default_factory=dict
+    )  # a part's own peak lr, e.g. {"vision_tower": 1e-3} for an encoder trained from scratch
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.0

@@ -108,8 +108,15 @@ def train(config: TrainConfig) -> dict:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the graphs may reuse the last step's buffers
         stats = train_step(
-            model, micro, optimizer, trainable, config.max_grad_norm, beni_config, device,
-            config.trained_extensions, extensions_only=config.stage == "encoder",
+            model,
+            micro,
+            optimizer,
+            trainable,
+            config.max_grad_norm,
+            beni_config,
+            device,
+            config.trained_extensions,
+            extensions_only=config.stage == "encoder",
         )
         scheduler.step()
         step += 1
@@ -118,8 +125,15 @@ def train(config: TrainConfig) -> dict:
             report(*pending)
         # part_lr parts scale alike; the step's time includes waiting for the step before it: in the steady state, one
         # step of throughput
-        pending = stats, {"step": step, "lr": config.lr * lr_factor(step - 1, config), "modality": micro[-1]["modality"],
-                          "seconds": time.perf_counter() - started}
+        pending = (
+            stats,
+            {
+                "step": step,
+                "lr": config.lr * lr_factor(step - 1, config),
+                "modality": micro[-1]["modality"],
+                "seconds": time.perf_counter() - started,
+            },
+        )
         if step % config.save_every == 0 or step == config.max_steps:
             report(*pending)  # a checkpoint's step is in metrics.jsonl before the checkpoint is (a save waits anyway)
             pending = None

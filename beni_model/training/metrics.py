@@ -72,7 +72,7 @@ def step_profiler(steps: int, out: Path, cuda: bool) -> torch.profiler.profile:
     def write(prof: torch.profiler.profile) -> None:
         ops = prof.key_averages()
         kernels = sum(e.self_device_time_total for e in ops if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
-        tables = ([ops.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)] if cuda else [])
+        tables = [ops.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)] if cuda else []
         tables.append(ops.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
         header = f"steps {PROFILE_AFTER + 1}-{PROFILE_AFTER + steps} of this launch: {kernels / steps / 1e3:.1f} ms of GPU kernels per step (its wall time: metrics.jsonl)"
         (out / "profile.txt").write_text("\n\n".join([header, *tables]) + "\n")

@@ -91,14 +91,21 @@ def train_step(
     weights = weights or {}
     target_keys = tuple(k for e in beni_of(model).extensions.values() for k in e.batch_keys) if weights else ()
     for b in micro:
-        check_image_tokens(int((b["input_ids"] == beni_config.image_token_id).sum()), len(b.get("pixel_values", ())), beni_config.num_image_tokens())
+        check_image_tokens(
+            int((b["input_ids"] == beni_config.image_token_id).sum()), len(b.get("pixel_values", ())), beni_config.num_image_tokens()
+        )
     counts = torch.tensor(
         [
             sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
             0 if extensions_only else sum(int(b["attention_mask"].sum()) for b in micro),
             sum(samples_in(b) for b in micro),
             sum(len(b.get("pixel_values", ())) for b in micro),
-            sum(train_flops(beni_config, 0 if extensions_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))) for b in micro),
+            sum(
+                train_flops(
+                    beni_config, 0 if extensions_only else b["input_ids"].numel(), b["input_ids"].shape[1], len(b.get("pixel_values", ()))
+                )
+                for b in micro
+            ),
         ],
         dtype=torch.float64,
     )

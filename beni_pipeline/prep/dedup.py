@@ -249,7 +249,9 @@ def write_chunk_features(manifest_rows: pa.Table, chunk_dir: Path, out_path: Pat
 
 
 def hash_chunks(
-    chunks: list[tuple[Path, Path, Path]], settings: DedupSettings = DedupSettings(), done: Callable[[Path, int, float], None] = lambda *_: None
+    chunks: list[tuple[Path, Path, Path]],
+    settings: DedupSettings = DedupSettings(),
+    done: Callable[[Path, int, float], None] = lambda *_: None,
 ) -> list[Path]:
     """Hash every (chunk manifest parquet, download dir, features path) whose features are not cached, up to
     `settings.workers` chunks at a time in their own processes (hashing decodes every image: CPU-bound Python).
@@ -337,9 +339,9 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
     features = _gather(paths, offsets, nodes, settings.num_perm)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
     step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
-    reason = np.concatenate([np.zeros(0, np.int64)] + [
-        _confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)
-    ])
+    reason = np.concatenate(
+        [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
+    )
     keep = reason >= 0
     return _clusters(features["sample_id"], left[keep], right[keep], reason[keep], rows=int(offsets[-1]))
 
@@ -447,8 +449,13 @@ def _gather(paths: list[Path], offsets: np.ndarray, rows: np.ndarray, num_perm: 
             parts.append(pq.read_table(path).take(pa.array(mine)))
     table = pa.concat_tables(parts) if parts else None
     if table is None:
-        return {"sample_id": np.array([], dtype=object), "sha": np.zeros((0, 4), np.uint64), "phash": np.zeros(0, np.uint64),
-                "thumb": np.zeros((0, THUMB * THUMB), np.uint8), "signature": np.zeros((0, num_perm), np.uint32)}
+        return {
+            "sample_id": np.array([], dtype=object),
+            "sha": np.zeros((0, 4), np.uint64),
+            "phash": np.zeros(0, np.uint64),
+            "thumb": np.zeros((0, THUMB * THUMB), np.uint8),
+            "signature": np.zeros((0, num_perm), np.uint32),
+        }
     sha = np.frombuffer(bytes.fromhex("".join(table["content_sha256"].to_pylist())), dtype=np.uint64)
     return {
         "sample_id": np.array(table["sample_id"].to_pylist(), dtype=object),
@@ -519,9 +526,22 @@ def _clusters(sample_ids: np.ndarray, left: np.ndarray, right: np.ndarray, reaso
         clu["reasons"].append(sorted({reason_of[s] for s in ids}, key=REASONS.index))
     return DedupResult(
         rows=rows,
-        duplicates=pa.table(dup, schema=pa.schema([("sample_id", pa.string()), ("duplicate_of", pa.string()),
-                                                   ("cluster_id", pa.int64()), ("reason", pa.string())])),
-        clusters=pa.table(clu, schema=pa.schema([("cluster_id", pa.int64()), ("kept_id", pa.string()),
-                                                 ("dropped_ids", pa.list_(pa.string())), ("size", pa.int64()),
-                                                 ("reasons", pa.list_(pa.string()))])),
+        duplicates=pa.table(
+            dup,
+            schema=pa.schema(
+                [("sample_id", pa.string()), ("duplicate_of", pa.string()), ("cluster_id", pa.int64()), ("reason", pa.string())]
+            ),
+        ),
+        clusters=pa.table(
+            clu,
+            schema=pa.schema(
+                [
+                    ("cluster_id", pa.int64()),
+                    ("kept_id", pa.string()),
+                    ("dropped_ids", pa.list_(pa.string())),
+                    ("size", pa.int64()),
+                    ("reasons", pa.list_(pa.string())),
+                ]
+            ),
+        ),
     )

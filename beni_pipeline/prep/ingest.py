@@ -81,7 +81,8 @@ class SourceSettings(pydantic.BaseModel):
         "transcript", description="optional column with the text the image shows on one line (trains the reading head)"
     )
     lines_column: str = pydantic.Field(
-        "lines", description="optional column with a document's text lines as [[text, centre as a fraction of the height], ...] (trains the line head)"
+        "lines",
+        description="optional column with a document's text lines as [[text, centre as a fraction of the height], ...] (trains the line head)",
     )
     image_root: str | None = pydantic.Field(
         None, description="folder that relative image paths are resolved against (default: the source's folder)"
@@ -156,7 +157,14 @@ def read_source(path: Path, settings: SourceSettings) -> tuple[list[dict], list[
     elif path.stat().st_size == 0:
         raise IngestError(f"{path} is empty; point `sources` at a file with data")
     else:
-        readers = {".parquet": _read_parquet, ".csv": _read_csv, ".tsv": _read_csv, ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_llava}
+        readers = {
+            ".parquet": _read_parquet,
+            ".csv": _read_csv,
+            ".tsv": _read_csv,
+            ".jsonl": _read_jsonl,
+            ".ndjson": _read_jsonl,
+            ".json": _read_llava,
+        }
         reader = readers.get(path.suffix.lower())
         if reader is None:
             raise IngestError(f"{path}: unknown format '{path.suffix}'; use {FORMATS}")
@@ -415,7 +423,10 @@ def _read_llava(path: Path, settings: SourceSettings) -> list[tuple[int, dict]]:
         raise IngestError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); fix the file") from None
     if not isinstance(items, list):
         raise IngestError(f"{path}: expected a LLaVA JSON list of {{id, image, conversations}} objects; use .jsonl for one object per line")
-    return [(i + 1, {"url": item.get("image"), "conversations": item.get("conversations")} if isinstance(item, dict) else {}) for i, item in enumerate(items)]
+    return [
+        (i + 1, {"url": item.get("image"), "conversations": item.get("conversations")} if isinstance(item, dict) else {})
+        for i, item in enumerate(items)
+    ]
 
 
 def _read_folder(path: Path) -> list[tuple[int, dict | str]]:
@@ -445,4 +456,3 @@ def _assigned_chunks(chunk_dir: Path) -> dict[str, str]:
         for sample_id in pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist():
             assigned[sample_id] = path.stem
     return assigned
-

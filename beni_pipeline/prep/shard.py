@@ -73,11 +73,21 @@ def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, 
     lengths = token_lengths([sample_text(c, v) for c, v in zip(captions, conversations)], tokenizer, settings.image_tokens)
     payloads = [
         json.dumps(
-            {"sample_id": r["sample_id"], "caption": r["caption"], "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
-             "source": r["source"], "url": r["url"], "width": r["width"], "height": r["height"], "length": int(n),
-             **({"transcript": r["transcript"]} if r.get("transcript") else {}),
-             **({"lines": json.loads(r["lines"])} if r.get("lines") else {})},
-            ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+            {
+                "sample_id": r["sample_id"],
+                "caption": r["caption"],
+                "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
+                "source": r["source"],
+                "url": r["url"],
+                "width": r["width"],
+                "height": r["height"],
+                "length": int(n),
+                **({"transcript": r["transcript"]} if r.get("transcript") else {}),
+                **({"lines": json.loads(r["lines"])} if r.get("lines") else {}),
+            },
+            ensure_ascii=False,
+            sort_keys=True,
+            separators=(",", ":"),
         ).encode()
         for r, n in zip(rows.select([c for c in PAYLOAD_COLUMNS if c in rows.column_names]).to_pylist(), lengths)
     ]
@@ -104,8 +114,14 @@ def write_shards(plan: pa.Table, downloaded_root: Path, out_dir: Path, settings:
         if old.name not in names:
             old.unlink()
             (parts / f"{old.name}.json").unlink(missing_ok=True)
-    index = {"wids_version": 1, "name": settings.name, "format_version": _FORMAT_VERSION, "settings": settings.model_dump(),
-             "samples": plan.num_rows, "shardlist": entries}
+    index = {
+        "wids_version": 1,
+        "name": settings.name,
+        "format_version": _FORMAT_VERSION,
+        "settings": settings.model_dump(),
+        "samples": plan.num_rows,
+        "shardlist": entries,
+    }
     write_bytes_atomic(out_dir / "index.json", json.dumps(index, indent=1).encode())
     write_parquet_atomic(plan.select(["sample_id", "shard", "length"]), out_dir / "samples.parquet")
     return index
@@ -171,8 +187,15 @@ def _write_shard(rows: pa.Table, k: int, staging: "_Staging", out_dir: Path, set
         raw.flush()
         os.fsync(raw.fileno())
     lengths = rows["length"].to_numpy()
-    entry = {"url": name, "nsamples": rows.num_rows, "min_length": int(lengths.min()), "max_length": int(lengths.max()),
-             "mean_length": round(float(lengths.mean()), 3), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    entry = {
+        "url": name,
+        "nsamples": rows.num_rows,
+        "min_length": int(lengths.min()),
+        "max_length": int(lengths.max()),
+        "mean_length": round(float(lengths.mean()), 3),
+        "bytes": path.stat().st_size,
+        "sha256": digest.hexdigest(),
+    }
     write_bytes_atomic(sidecar, json.dumps({**entry, "fingerprint": fingerprint}).encode())
     return entry
 
@@ -235,7 +258,9 @@ class _Staging:
         self.files.move_to_end(key)
         data = os.pread(self.files[key].fileno(), size, offset)
         if len(data) != size:
-            raise ValueError(f"{self.root / chunk / tar} ends before byte {offset + size}; the staging tar is truncated, re-run its download")
+            raise ValueError(
+                f"{self.root / chunk / tar} ends before byte {offset + size}; the staging tar is truncated, re-run its download"
+            )
         return data
 
     def __enter__(self):

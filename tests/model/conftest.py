@@ -37,8 +37,22 @@ CORPUS = [
 torch.set_num_threads(1)  # tiny models: threads cost more than they give on a shared 2-core machine
 IMAGE_SIZE = 32
 # 64 wide: bitsandbytes 0.50's CPU 4-bit kernels need in_features to be a multiple of their block size (64).
-TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
-VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": 8}
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": 8,
+}
 
 
 def train_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
@@ -63,7 +77,12 @@ def parts(tmp_path_factory) -> dict[str, str]:
         "qwen2": (Qwen2ForCausalLM(Qwen2Config(vocab_size=len(base_tokenizer), tie_word_embeddings=False, **TEXT)), base_tokenizer),
         "clip": (CLIPVisionModel(CLIPVisionConfig(**VISION)), None),
         "siglip": (SiglipVisionModel(SiglipVisionConfig(**VISION)), None),
-        "dinov2": (Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8)), None),
+        "dinov2": (
+            Dinov2Model(
+                Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, image_size=IMAGE_SIZE, patch_size=8)
+            ),
+            None,
+        ),
     }
     paths = {}
     for name, (model, tokenizer) in builds.items():

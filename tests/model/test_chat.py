@@ -95,7 +95,9 @@ def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(cha
     word_tokens = len(chatml.encode("hello world", add_special_tokens=False))
     assert spelled.input_ids[:first] == whole.input_ids[:first]
     assert spelled.input_ids[first + len(characters) :] == whole.input_ids[first + word_tokens :]
-    assert build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "not in the conversation")).input_ids == whole.input_ids
+    assert (
+        build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "not in the conversation")).input_ids == whole.input_ids
+    )
 
 
 def test_fallback_template_for_tokenizers_without_one(base):

@@ -82,5 +82,7 @@ def test_nested_configs_resolved_from_paths_and_round_trip(parts, tmp_path):
 
 
 def test_default_config_runs_without_any_path():
-    config = BeniConfig(vision_config=SiglipVisionConfig(image_size=64, patch_size=16), text_config={"model_type": "qwen2", "hidden_size": 64})
+    config = BeniConfig(
+        vision_config=SiglipVisionConfig(image_size=64, patch_size=16), text_config={"model_type": "qwen2", "hidden_size": 64}
+    )
     assert config.num_image_tokens() == 16 and config.text_config.model_type == "qwen2"

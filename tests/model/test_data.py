@@ -99,7 +99,11 @@ def test_batches_are_full_cut_from_consecutive_shards_and_every_sample_comes_in_
         order = [p.name for p in rank_shards(shard_paths(shards), 0, 0, rank, 2)]
         batches = [keys_ for _, _, keys_ in keys(raw_stream(settings(shards), rank, 2, DataPosition()), 6)]
         assert [len(b) for b in batches] == [4] * 6
-        epoch_order = [key for _, _, keys_ in keys(raw_stream(dataclasses.replace(settings(shards), window=1), rank, 2, DataPosition()), 6) for key in keys_]
+        epoch_order = [
+            key
+            for _, _, keys_ in keys(raw_stream(dataclasses.replace(settings(shards), window=1), rank, 2, DataPosition()), 6)
+            for key in keys_
+        ]
         assert batches[-1][1:] == epoch_order[:3]  # the last batch: the epoch's one leftover, then its first samples
         for batch in batches[:-1]:
             used = [order.index(name) for name, m in members.items() if set(batch) & m]
@@ -184,7 +188,12 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
 def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokenizer):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, bare_names=True)
     whole, spelled = (
-        [b for b, _ in zip(make_loader(settings(shards, extensions={"ocr": {"tokens": spell}}), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+        [
+            b
+            for b, _ in zip(
+                make_loader(settings(shards, extensions={"ocr": {"tokens": spell}}), tokenizer, 0, 1, DataPosition(), 0, False), range(12)
+            )
+        ]
         for spell in (False, True)
     )
     characters = {colour: [tokenizer.encode(c, add_special_tokens=False)[0] for c in colour] for colour in COLOURS}
@@ -205,7 +214,15 @@ def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokeni
 
 def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, tokenizer):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, lines=True)
-    batches = [b for b, _ in zip(make_loader(settings(shards, extensions={"ocr": {"lines": True}}, targets=("ocr",), grid=4), tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+    batches = [
+        b
+        for b, _ in zip(
+            make_loader(
+                settings(shards, extensions={"ocr": {"lines": True}}, targets=("ocr",), grid=4), tokenizer, 0, 1, DataPosition(), 0, False
+            ),
+            range(12),
+        )
+    ]
     documents = 0
     for batch in batches:
         lengths, targets = batch["line_lengths"], batch["line_targets"]

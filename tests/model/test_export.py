@@ -30,7 +30,12 @@ def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer
         ("dinov2", "mlp2x_gelu", {}, "needs a CLIP or SigLIP vision tower"),
         ("clip", "pixelshuffle2_mlp", {}, "needs the mlp2x connector"),
         ("siglip", "mlp2x_gelu", {"image_size": 48}, "does not interpolate"),
-        ("siglip", "mlp2x_gelu", {"extensions": {"ocr": {"tokens": True}}}, r"no place for the image tokens that the extensions \['ocr'\] add"),
+        (
+            "siglip",
+            "mlp2x_gelu",
+            {"extensions": {"ocr": {"tokens": True}}},
+            r"no place for the image tokens that the extensions \['ocr'\] add",
+        ),
     ],
 )
 def test_llava_export_refuses_what_llava_cannot_hold(build, tmp_path, vision, connector, kwargs, message):

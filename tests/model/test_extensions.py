@@ -72,14 +72,31 @@ def train_in_process(monkeypatch, **config) -> list[dict]:
 
 def test_a_toy_extension_trains_through_the_trainer_and_reloads_with_identical_logits(tmp_path, parts, monkeypatch):
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=32, text_every=4)
-    base = {"shards": str(shards), "vision_model": parts["siglip"], "text_model": parts["llama"], "batch_size": 8, "lr": 3e-3,
-            "max_length": 128, "warmup_steps": 2, "save_every": 100, "workers": 0, "max_steps": 12}
-    encoder = train_in_process(monkeypatch, **base, output_dir=str(tmp_path / "encoder"), stage="encoder",
-                               extensions={"mean_colour": {"token": True}})
+    base = {
+        "shards": str(shards),
+        "vision_model": parts["siglip"],
+        "text_model": parts["llama"],
+        "batch_size": 8,
+        "lr": 3e-3,
+        "max_length": 128,
+        "warmup_steps": 2,
+        "save_every": 100,
+        "workers": 0,
+        "max_steps": 12,
+    }
+    encoder = train_in_process(
+        monkeypatch, **base, output_dir=str(tmp_path / "encoder"), stage="encoder", extensions={"mean_colour": {"token": True}}
+    )
     assert all(r["loss"] == r["extension_loss"] and r["tokens_per_s"] == 0 for r in encoder)  # the LLM never ran
     assert sum(r["loss"] for r in encoder[-3:]) < sum(r["loss"] for r in encoder[:3]) / 2
-    finetune = train_in_process(monkeypatch, **base, output_dir=str(tmp_path / "finetune"), text_fraction=0.25,
-                                init_from=str(tmp_path / "encoder" / "final"), extensions={"mean_colour": {"weight": 0.5}})
+    finetune = train_in_process(
+        monkeypatch,
+        **base,
+        output_dir=str(tmp_path / "finetune"),
+        text_fraction=0.25,
+        init_from=str(tmp_path / "encoder" / "final"),
+        extensions={"mean_colour": {"weight": 0.5}},
+    )
     assert all(("extension_loss" in r) == (r["modality"] == "image") for r in finetune) and any(r["modality"] == "text" for r in finetune)
 
     first, final = (BeniForConditionalGeneration.from_pretrained(tmp_path / stage / "final") for stage in ("encoder", "finetune"))

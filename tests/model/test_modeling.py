@@ -108,9 +108,17 @@ def test_batched_left_padded_generation_matches_one_by_one(build):
     width = batch["input_ids"].shape[1]
     assert (batched[:, :width] == batch["input_ids"]).all()
     for i, prompt in enumerate(prompts):
-        single = model.generate(torch.tensor([prompt]), pixel_values=per_prompt_pixels[i], max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        single = model.generate(
+            torch.tensor([prompt]),
+            pixel_values=per_prompt_pixels[i],
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         assert batched[i, width:].tolist() == single[0, len(prompt) :].tolist()
-    uncached = model.generate(**batch, pixel_values=pixels, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=tokenizer.pad_token_id)
+    uncached = model.generate(
+        **batch, pixel_values=pixels, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert torch.equal(batched, uncached)
 
 

@@ -52,7 +52,9 @@ def test_every_export_round_trips_on_cpu(exports, saved_model):
         assert "quantization_config" in config
     # The LLaVA export holds the same weights: the same answers.
     assert rows["llava"]["quantized_layers"] == 0 and rows["llava"]["size_mb"] == pytest.approx(reference["size_mb"], rel=0.01)
-    predictions = {n: [r["prediction"] for r in read_predictions(folder / "out" / "scores" / n / "predictions.jsonl")] for n in ("reference", "llava")}
+    predictions = {
+        n: [r["prediction"] for r in read_predictions(folder / "out" / "scores" / n / "predictions.jsonl")] for n in ("reference", "llava")
+    }
     assert predictions["llava"] == predictions["reference"]
 
 

@@ -27,14 +27,22 @@ def test_lr_scale_and_overrides_change_every_stage_and_say_so(tmp_path):
 @pytest.mark.parametrize(
     "stage,problem",
     [
-        ("{name: enc, kind: encoder, lr: {vision_tower: 1.0e-3}, max_steps: 10, bach_size: 4}", "stages.0.bach_size: Extra inputs are not permitted"),
-        ("{name: enc, kind: encoder, lr: {connector: 1.0e-3}, max_steps: 10}", "trains ['vision_tower'] alone: its lr must name exactly that"),
+        (
+            "{name: enc, kind: encoder, lr: {vision_tower: 1.0e-3}, max_steps: 10, bach_size: 4}",
+            "stages.0.bach_size: Extra inputs are not permitted",
+        ),
+        (
+            "{name: enc, kind: encoder, lr: {connector: 1.0e-3}, max_steps: 10}",
+            "trains ['vision_tower'] alone: its lr must name exactly that",
+        ),
         ("{name: ft, lr: {}, max_steps: 10}", "lr names no part"),
     ],
 )
 def test_a_users_recipe_file_is_checked_in_one_sentence(tmp_path, stage, problem):
     path = tmp_path / "mine.yaml"
-    path.write_text(f"name: mine\nmodel: {{text_model: tiny-llama, vision_config: {{model_type: siglip_vision_model}}}}\nstages:\n  - {stage}\n")
+    path.write_text(
+        f"name: mine\nmodel: {{text_model: tiny-llama, vision_config: {{model_type: siglip_vision_model}}}}\nstages:\n  - {stage}\n"
+    )
     with pytest.raises(RecipeError) as error:
         load_recipe(str(path))
     assert str(error.value).startswith(f"Recipe {path} is invalid: ") and problem in str(error.value)

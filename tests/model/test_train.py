@@ -47,7 +47,14 @@ def kill_rank(torchrun: subprocess.Popen, rank: str) -> None:
 
 def toy_run(shards: Path, out: Path, parts: dict, **settings) -> dict:
     """A training config on toy shards: the tiny SigLIP + Llama, a quarter of the steps text-only."""
-    base = {"vision_model": parts["siglip"], "text_model": parts["llama"], "batch_size": 8, "lr": 3e-3, "max_length": 128, "text_fraction": 0.25}
+    base = {
+        "vision_model": parts["siglip"],
+        "text_model": parts["llama"],
+        "batch_size": 8,
+        "lr": 3e-3,
+        "max_length": 128,
+        "text_fraction": 0.25,
+    }
     return {"shards": str(shards), "output_dir": str(out), **base, **settings}
 
 
@@ -289,7 +296,9 @@ def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tm
         assert len(seen) >= len(transformer_blocks(model)) and set(seen) == {torch.bfloat16}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
         cpu_trainable = [p for p in on_cpu.parameters() if p.requires_grad]
-        cpu = train_step(on_cpu, [batch], torch.optim.SGD(cpu_trainable, lr=0.0, fused=True), cpu_trainable, 1.0, on_cpu.config, torch.device("cpu")).host()
+        cpu = train_step(
+            on_cpu, [batch], torch.optim.SGD(cpu_trainable, lr=0.0, fused=True), cpu_trainable, 1.0, on_cpu.config, torch.device("cpu")
+        ).host()
         assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2) and cpu["loss"] > 1.0
     finally:
         dist.destroy_process_group()
@@ -328,7 +337,10 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0, fused=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        steps = [train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host() for b in (padded, packed, wide)]
+        steps = [
+            train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
+            for b in (padded, packed, wide)
+        ]
         assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)
         assert steps[2]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)  # more padding on the right changes nothing
         assert steps[1]["samples"] == steps[0]["samples"] == len(examples) and steps[1]["tokens"] == steps[0]["tokens"]
@@ -359,10 +371,21 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4, lines=True)
     recipe = {"compile": True, "cuda_graphs": True}
     stages = {
-        "encoder": toy_run(shards, tmp_path / "encoder", parts, stage="encoder", text_fraction=0.0, max_steps=12, max_length=320,
-                           extensions={"ocr": {"tokens": True, "lines": True}}, **recipe),
-        "finetune": {**toy_run(shards, tmp_path / "finetune", parts, max_steps=12, extensions={"ocr": {"weight": 1.0}}, max_length=320),
-                     "init_from": str(tmp_path / "encoder" / "final")},
+        "encoder": toy_run(
+            shards,
+            tmp_path / "encoder",
+            parts,
+            stage="encoder",
+            text_fraction=0.0,
+            max_steps=12,
+            max_length=320,
+            extensions={"ocr": {"tokens": True, "lines": True}},
+            **recipe,
+        ),
+        "finetune": {
+            **toy_run(shards, tmp_path / "finetune", parts, max_steps=12, extensions={"ocr": {"weight": 1.0}}, max_length=320),
+            "init_from": str(tmp_path / "encoder" / "final"),
+        },
     }
     for name, config in stages.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**config, "warmup_steps": 2, "save_every": 12, "workers": 0}))

@@ -120,7 +120,9 @@ def test_default_corpus_to_shards(instance, tmp_path):
     for p in planted:  # an original and all its planted copies are duplicates of each other
         groups.setdefault(p["duplicate_of"], {p["duplicate_of"]}).add(p["url"])
     true_pairs = {
-        frozenset(pair) for g in groups.values() for pair in itertools.combinations(sorted(id_of[str((corpus / u).resolve())] for u in g), 2)
+        frozenset(pair)
+        for g in groups.values()
+        for pair in itertools.combinations(sorted(id_of[str((corpus / u).resolve())] for u in g), 2)
     }
     clusters = pq.read_table(data / "dedup" / "clusters.parquet").to_pylist()
     found_pairs = {frozenset(pair) for c in clusters for pair in itertools.combinations([c["kept_id"], *c["dropped_ids"]], 2)}
@@ -200,7 +202,9 @@ def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instanc
     dedup = latest_metadata(instance, "deduplicated")
     assert (dedup["rows"], dedup["kept"], dedup["clusters"], dedup["clusters_preview"]) == (0, 0, 0, "no duplicates")
 
-    result = materialize(list(definitions().assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), raise_on_error=False)
+    result = materialize(
+        list(definitions().assets), instance=instance, selection=dg.AssetSelection.assets("training_shards"), raise_on_error=False
+    )
     error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert error.cls_name == "Failure" and error.cause is None
     assert "No sample to shard: none of the 30 manifest rows downloaded (failures: " in error.message
@@ -211,7 +215,10 @@ def test_a_source_with_no_usable_row_fails_the_manifest_with_one_sentence(instan
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"url": f"{i}.jpg", "caption": " "}) + "\n" for i in range(30)))
     result = materialize(
-        [source_manifest], instance=instance, run_config={"ops": {"source_manifest": {"config": {"sources": [str(source)]}}}}, raise_on_error=False
+        [source_manifest],
+        instance=instance,
+        run_config={"ops": {"source_manifest": {"config": {"sources": [str(source)]}}}},
+        raise_on_error=False,
     )
     error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
     assert error.cls_name == "Failure" and error.cause is None

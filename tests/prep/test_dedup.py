@@ -57,22 +57,61 @@ def write_chunk(chunk_dir: Path, samples: list[dict]) -> pa.Table:
     index = []
     with tarfile.open(chunk_dir / "part-00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
-            image = process_image(s["data"], resize_mode="longest_edge", image_size=512, image_format="jpg",
-                                  quality=90, min_side=16, max_pixels=64_000_000)
+            image = process_image(
+                s["data"], resize_mode="longest_edge", image_size=512, image_format="jpg", quality=90, min_side=16, max_pixels=64_000_000
+            )
             info = tarfile.TarInfo(f"{s['sample_id']}.jpg")
             info.size = len(image.data)
             tar.addfile(info, io.BytesIO(image.data))
             offset = tar.offset - -(-info.size // 512) * 512
-            index.append({"sample_id": s["sample_id"], "status": "ok", "reason": "", "http_status": 200,
-                          "bytes": len(s["data"]), "width": image.width, "height": image.height,
-                          "content_sha256": image.content_sha256, "phash": image.phash, "tar": "part-00000.tar",
-                          "offset": offset, "size": info.size, "ext": "jpg"})
-    index.append({"sample_id": "f" * 16, "status": "failed", "reason": "http_404", "http_status": 404, "bytes": 0,
-                  "width": 0, "height": 0, "content_sha256": "", "phash": "", "tar": "", "offset": -1, "size": 0, "ext": ""})
+            index.append(
+                {
+                    "sample_id": s["sample_id"],
+                    "status": "ok",
+                    "reason": "",
+                    "http_status": 200,
+                    "bytes": len(s["data"]),
+                    "width": image.width,
+                    "height": image.height,
+                    "content_sha256": image.content_sha256,
+                    "phash": image.phash,
+                    "tar": "part-00000.tar",
+                    "offset": offset,
+                    "size": info.size,
+                    "ext": "jpg",
+                }
+            )
+    index.append(
+        {
+            "sample_id": "f" * 16,
+            "status": "failed",
+            "reason": "http_404",
+            "http_status": 404,
+            "bytes": 0,
+            "width": 0,
+            "height": 0,
+            "content_sha256": "",
+            "phash": "",
+            "tar": "",
+            "offset": -1,
+            "size": 0,
+            "ext": "",
+        }
+    )
     pq.write_table(pa.Table.from_pylist(index), chunk_dir / "index.parquet")
     return pa.Table.from_pylist(
-        [{"sample_id": s["sample_id"], "url": "", "caption": s["caption"], "conversations": s["conversations"],
-          "source": "test", "row": i, "chunk": chunk_dir.name} for i, s in enumerate(samples)]
+        [
+            {
+                "sample_id": s["sample_id"],
+                "url": "",
+                "caption": s["caption"],
+                "conversations": s["conversations"],
+                "source": "test",
+                "row": i,
+                "chunk": chunk_dir.name,
+            }
+            for i, s in enumerate(samples)
+        ]
         + [{"sample_id": "f" * 16, "url": "", "caption": "x", "conversations": "", "source": "test", "row": -1, "chunk": chunk_dir.name}]
     )
 
@@ -105,7 +144,9 @@ def planted_corpus(n_base: int = 160, seed: int = 0):
         if len(group) > 1:
             groups.append(group)
     for n in range(40):  # distinct images that share a generic caption: never duplicates by default
-        samples.append({"sample_id": sid(30_000 + n), "data": jpeg(render(f"sign {n}", 7_000 + n)), "caption": "a photo", "conversations": ""})
+        samples.append(
+            {"sample_id": sid(30_000 + n), "data": jpeg(render(f"sign {n}", 7_000 + n)), "caption": "a photo", "conversations": ""}
+        )
     same = jpeg(render("invoice", 99))  # one image, two different questions: two samples to keep
     for n, question in enumerate(["What is written in the image?", "Which colour is the background of this picture?"]):
         turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": f"answer number {n}"}]
@@ -156,8 +197,9 @@ def test_shingles():
 
 def test_phash_is_the_dhash_of_the_stored_image():
     image = render("hello", 1)
-    stored = process_image(jpeg(image), resize_mode="longest_edge", image_size=512, image_format="jpg",
-                           quality=90, min_side=16, max_pixels=64_000_000)
+    stored = process_image(
+        jpeg(image), resize_mode="longest_edge", image_size=512, image_format="jpg", quality=90, min_side=16, max_pixels=64_000_000
+    )
     assert phash(Image.open(io.BytesIO(stored.data))) == stored.phash
     grey = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
     bits = "".join("1" if b else "0" for b in (grey[:, :-1] > grey[:, 1:]).ravel())
@@ -217,13 +259,18 @@ def test_features_cache_follows_index_and_settings(corpus, tmp_path):
 
 def synthetic_features(path: Path, texts: list[str], phashes: list[int], shas: list[str], thumbs: list[bytes], settings: DedupSettings):
     signatures = minhash_signatures(texts, settings.num_perm, settings.ngram, settings.seed)
-    pq.write_table(pa.table({
-        "sample_id": [sid(i) for i in range(len(texts))],
-        "content_sha256": shas,
-        "phash": pa.array(phashes, pa.uint64()),
-        "thumb": pa.array(thumbs, pa.binary(THUMB * THUMB)),
-        "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), settings.num_perm),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "sample_id": [sid(i) for i in range(len(texts))],
+                "content_sha256": shas,
+                "phash": pa.array(phashes, pa.uint64()),
+                "thumb": pa.array(thumbs, pa.binary(THUMB * THUMB)),
+                "signature": pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), settings.num_perm),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -243,8 +290,14 @@ def test_lsh_bands_find_jaccard_08_pairs(tmp_path):
     recall = {}
     for bands, rows in ((21, 6), (9, 13)):
         settings = DedupSettings(policy="text_or_image", text_alone_threshold=0.7, lsh_bands=bands, lsh_rows=rows)
-        path = synthetic_features(tmp_path / f"{bands}.parquet", texts, rng.integers(0, 2**63, n).tolist(),
-                                  [f"{i:064x}" for i in range(n)], [rng.bytes(THUMB * THUMB) for _ in range(n)], settings)
+        path = synthetic_features(
+            tmp_path / f"{bands}.parquet",
+            texts,
+            rng.integers(0, 2**63, n).tolist(),
+            [f"{i:064x}" for i in range(n)],
+            [rng.bytes(THUMB * THUMB) for _ in range(n)],
+            settings,
+        )
         result = find_duplicates([path], settings)
         found = pairs_of([[c["kept_id"], *c["dropped_ids"]] for c in result.clusters.to_pylist()])
         assert found <= high

@@ -362,6 +362,8 @@ def test_merge_killed_at_each_step_resumes_to_the_same_bytes(fault_server, tmp_p
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
+
+
 def reasons(out: Path) -> dict[str, str]:
     return {r["sample_id"]: r["reason"] or r["status"] for r in read_index(out).to_pylist()}
 

@@ -72,7 +72,7 @@ def test_unusable_rows_are_counted_with_a_reason(tmp_path):
         {"url": "a.jpg", "caption": "ok"},
         {"url": "", "caption": "no url"},
         {"url": "b.jpg", "caption": ""},
-        {"url": "c.jpg", "conversations": "[{\"from\": \"robot\", \"value\": \"hi\"}]"},
+        {"url": "c.jpg", "conversations": '[{"from": "robot", "value": "hi"}]'},
         {"url": "d.jpg", "conversations": "{not json"},
         {"url": "a.jpg", "caption": "ok"},
     ]
@@ -87,7 +87,9 @@ def test_unusable_rows_are_counted_with_a_reason(tmp_path):
 def test_a_source_with_no_usable_row_fails_with_its_reasons(tmp_path):
     rows = [{"url": f"{i}.jpg", "caption": ""} for i in range(3)] + [{"url": "", "caption": "no image"}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(IngestError, match=r"none of the 4 rows of the sources is usable \(missing_text 3, missing_url 1\); .*rejected\.parquet"):
+    with pytest.raises(
+        IngestError, match=r"none of the 4 rows of the sources is usable \(missing_text 3, missing_url 1\); .*rejected\.parquet"
+    ):
         build_manifest([tmp_path / "rows.jsonl"], tmp_path / "manifest")
     assert pq.read_table(tmp_path / "manifest" / "rejected.parquet")["row"].to_pylist() == [1, 2, 3, 4]
 
@@ -148,7 +150,11 @@ def test_rebuild_with_new_rows_only_adds_chunks(tmp_path):
 
 
 def test_a_transcript_column_reaches_the_manifest(tmp_path):
-    rows = [{"url": "a.jpg", "caption": "a sign", "line": " OPEN "}, {"url": "b.jpg", "caption": "a cat", "line": ""}, {"url": "c.jpg", "caption": "x"}]
+    rows = [
+        {"url": "a.jpg", "caption": "a sign", "line": " OPEN "},
+        {"url": "b.jpg", "caption": "a cat", "line": ""},
+        {"url": "c.jpg", "caption": "x"},
+    ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     good, _ = read_source(tmp_path / "rows.jsonl", SourceSettings(transcript_column="line"))
     assert [r["transcript"] for r in good] == ["OPEN", None, None]
@@ -159,8 +165,12 @@ def test_a_transcript_column_reaches_the_manifest(tmp_path):
 
 
 def test_a_documents_lines_reach_the_manifest_and_bad_ones_are_rejected(tmp_path):
-    rows = [{"url": "a.jpg", "caption": "a memo", "lines": [["To: Ann", 0.2], ["From: Bo", 0.3]]}, {"url": "b.jpg", "caption": "a cat"},
-            {"url": "c.jpg", "caption": "x", "lines": [["To: Ann", 1.5]]}, {"url": "d.jpg", "caption": "y", "lines": "not json"}]
+    rows = [
+        {"url": "a.jpg", "caption": "a memo", "lines": [["To: Ann", 0.2], ["From: Bo", 0.3]]},
+        {"url": "b.jpg", "caption": "a cat"},
+        {"url": "c.jpg", "caption": "x", "lines": [["To: Ann", 1.5]]},
+        {"url": "d.jpg", "caption": "y", "lines": "not json"},
+    ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     good, bad = read_source(tmp_path / "rows.jsonl", SourceSettings())
     assert [r["lines"] for r in good] == ['[["To: Ann", 0.2], ["From: Bo", 0.3]]', None]
@@ -253,7 +263,11 @@ def test_jsonl_rows_are_rejected_one_by_one_and_only_newlines_end_them(tmp_path)
     assert manifest.table["caption"][0].as_py() == "para one\u2028para two\x0cthree"
     rejected = pq.read_table(tmp_path / "manifest" / "rejected.parquet")
     assert list(zip(rejected["row"].to_pylist(), rejected["reason"].to_pylist())) == [
-        (2, "bad_json"), (3, "not_an_object"), (4, "bad_encoding"), (5, "bad_encoding"), (7, "bad_url")
+        (2, "bad_json"),
+        (3, "not_an_object"),
+        (4, "bad_encoding"),
+        (5, "bad_encoding"),
+        (7, "bad_url"),
     ]
 
 

@@ -57,15 +57,42 @@ def staged_corpus(root: Path, n: int, chunks: int = 2, seed: int = 0):
                 tar.addfile(info, io.BytesIO(out.getvalue()))
                 words = " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))
                 if i % 4 == 0:
-                    caption, conversations = "", json.dumps([{"from": "human", "value": "<image>\nwhat is written"}, {"from": "gpt", "value": words}])
+                    caption, conversations = (
+                        "",
+                        json.dumps([{"from": "human", "value": "<image>\nwhat is written"}, {"from": "gpt", "value": words}]),
+                    )
                 else:
                     caption, conversations = words, ""
-                manifest.append({"sample_id": sample_id, "url": f"file:///img/{i}.jpg", "caption": caption, "conversations": conversations,
-                                 "transcript": words if i % 3 == 0 else None, "lines": json.dumps([[words, 0.5]]) if i % 5 == 0 else None,
-                                 "source": "test", "row": i, "chunk": chunk})
-                index.append({"sample_id": sample_id, "status": "ok", "reason": "", "http_status": 200, "bytes": info.size,
-                              "width": side, "height": side, "content_sha256": "", "phash": "", "tar": "part-00000.tar",
-                              "offset": tar.offset - -(-info.size // 512) * 512, "size": info.size, "ext": "jpg"})
+                manifest.append(
+                    {
+                        "sample_id": sample_id,
+                        "url": f"file:///img/{i}.jpg",
+                        "caption": caption,
+                        "conversations": conversations,
+                        "transcript": words if i % 3 == 0 else None,
+                        "lines": json.dumps([[words, 0.5]]) if i % 5 == 0 else None,
+                        "source": "test",
+                        "row": i,
+                        "chunk": chunk,
+                    }
+                )
+                index.append(
+                    {
+                        "sample_id": sample_id,
+                        "status": "ok",
+                        "reason": "",
+                        "http_status": 200,
+                        "bytes": info.size,
+                        "width": side,
+                        "height": side,
+                        "content_sha256": "",
+                        "phash": "",
+                        "tar": "part-00000.tar",
+                        "offset": tar.offset - -(-info.size // 512) * 512,
+                        "size": info.size,
+                        "ext": "jpg",
+                    }
+                )
     return pa.Table.from_pylist(manifest), pa.Table.from_pylist(index)
 
 
@@ -138,7 +165,9 @@ def test_same_inputs_give_byte_identical_shards(staged, tmp_path):
     for run, order in (("a", slice(None)), ("b", slice(None, None, -1))):  # input row order must not matter
         plan = plan_shards(manifest.take(np.arange(manifest.num_rows)[order]), index, kept, tokenizer(), SETTINGS)
         write_shards(plan, root, tmp_path / run, SETTINGS)
-        outputs.append({p.name: p.read_bytes() for p in (tmp_path / run).glob("*.tar")} | {"index": (tmp_path / run / "index.json").read_bytes()})
+        outputs.append(
+            {p.name: p.read_bytes() for p in (tmp_path / run).glob("*.tar")} | {"index": (tmp_path / run / "index.json").read_bytes()}
+        )
     assert outputs[0] == outputs[1]
     with tarfile.open(next((tmp_path / "a").glob("*.tar"))) as tar:
         member = tar.getmembers()[0]

@@ -27,7 +27,9 @@ def every_row_has_one_status(layout: DataLayout) -> dg.AssetCheckResult:
         got = pq.read_table(index_path, columns=["sample_id"]).column("sample_id").to_pylist()
         checked += 1
         if len(got) != len(set(got)) or set(got) != set(expected):
-            problems.append(f"chunk {chunk.stem}: {len(expected)} rows, {len(set(got) & set(expected))} with a status, {len(got) - len(set(got))} repeated")
+            problems.append(
+                f"chunk {chunk.stem}: {len(expected)} rows, {len(set(got) & set(expected))} with a status, {len(got) - len(set(got))} repeated"
+            )
     return dg.AssetCheckResult(
         passed=not problems, metadata={"chunks_checked": checked, "problems": dg.MetadataValue.md("\n".join(problems) or "none")}
     )

@@ -5,13 +5,24 @@ from beni_model.quantize import SCHEMES, ExportError, QuantizeSettings, export_a
 from beni_pipeline.defs.evaluation.assets import EVAL_SET, TRAINED_MODEL, EvalConfig, eval_set_or_fail, model_dir_or_fail
 from beni_pipeline.defs.layout import DataLayout
 
-COLUMNS = {"name": "string", "size_mb": "float", "size_ratio": "float", "load_s": "float", "tokens_per_s": "float",
-           "samples_per_s": "float", "correct": "int", "total": "int", "score_delta": "int"}
+COLUMNS = {
+    "name": "string",
+    "size_mb": "float",
+    "size_ratio": "float",
+    "load_s": "float",
+    "tokens_per_s": "float",
+    "samples_per_s": "float",
+    "correct": "int",
+    "total": "int",
+    "score_delta": "int",
+}
 
 
 class ExportsConfig(EvalConfig):
     schemes: list[str] = pydantic.Field(list(SCHEMES), description=f"quantization schemes, from {list(SCHEMES)}")
-    llava: bool = pydantic.Field(True, description="also export to transformers' LlavaForConditionalGeneration layout where the model allows")
+    llava: bool = pydantic.Field(
+        True, description="also export to transformers' LlavaForConditionalGeneration layout where the model allows"
+    )
 
 
 @dg.asset(group_name="export", deps=[TRAINED_MODEL, EVAL_SET], kinds={"pytorch", "safetensors"}, owners=["team:model"])

@@ -36,14 +36,20 @@ class TrainedModelConfig(Config):
     pool="gpu",
 )
 def trained_model(
-    context: dg.AssetExecutionContext, config: TrainedModelConfig, pipes: dg.PipesSubprocessClient, layout: DataLayout, recipe: TrainingRecipe
+    context: dg.AssetExecutionContext,
+    config: TrainedModelConfig,
+    pipes: dg.PipesSubprocessClient,
+    layout: DataLayout,
+    recipe: TrainingRecipe,
 ) -> dg.MaterializeResult:
     """The recipe's stages trained one after another by torchrun (FSDP2) on the training shards; logs and step
     metrics stream back through Dagster Pipes. A re-materialization resumes each stage from its last checkpoint
     (a finished stage only re-saves its final model)."""
     recipe = recipe.load()
     processes = config.processes_per_node or torch.cuda.device_count() or 2
-    overrides = {k: v for k, v in config.model_dump().items() if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every")}
+    overrides = {
+        k: v for k, v in config.model_dump().items() if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every")
+    }
     root = layout.training(recipe.name)
     configs = recipe.train_configs(layout.shards, root, layout.model_parts, config.lr_scale, **overrides)
     for train_config in configs:
@@ -51,7 +57,9 @@ def trained_model(
     results = []
 
     def launch(config_path: Path, train_config) -> None:
-        context.log.info(f"stage {Path(train_config.output_dir).name}: {processes} processes, {train_config.max_steps} steps, output {train_config.output_dir}")
+        context.log.info(
+            f"stage {Path(train_config.output_dir).name}: {processes} processes, {train_config.max_steps} steps, output {train_config.output_dir}"
+        )
         results.append(pipes.run(command=torchrun_command(config_path, processes), context=context).get_materialize_result())
 
     try:
@@ -82,5 +90,8 @@ def publish(model: Path, link: Path) -> None:
 
 
 training_job = dg.define_asset_job(
-    "train", selection=[trained_model], tags=TRAINING_TAGS, description="Train the model on the current shards, one run per GPU set at a time."
+    "train",
+    selection=[trained_model],
+    tags=TRAINING_TAGS,
+    description="Train the model on the current shards, one run per GPU set at a time.",
 )

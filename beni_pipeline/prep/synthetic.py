@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -143,6 +143,7 @@ class CorpusSettings:
     samples: int = 2000
     seed: int = 0
     duplicate_fraction: float = 0.05
+    kinds: dict[str, float] = field(default_factory=lambda: dict(KINDS))  # the kinds of samples drawn, with their weights
 
 
 @dataclass(frozen=True)
@@ -843,10 +844,11 @@ KINDS = {"word": 14, "digits": 10, "random": 10, "sentence": 8, "handwriting": 1
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 
-def make_sample(seed: int, index: int) -> Rendered:
-    """Sample `index` of the corpus drawn from `seed`: a pure function of both, whatever process runs it."""
+def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS) -> Rendered:
+    """Sample `index` of the corpus drawn from `seed` and `kinds` (weights of KINDS' kinds): a pure function of them,
+    whatever process runs it."""
     rng = random.Random(f"{seed}:{index}")
-    kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
+    kind = rng.choices(list(kinds), list(kinds.values()))[0]
     if kind in DOCUMENTS:
         return DOCUMENTS[kind](rng)
     if kind in DRAWN_CAPTIONS:
@@ -912,19 +914,19 @@ def plant_duplicates(settings: CorpusSettings) -> dict[int, int]:
     return originals
 
 
-def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
+def _write_chunk(task: tuple[int, dict[str, float], range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
     """Render and write one chunk's images; return its corpus.jsonl lines (and planted_duplicates.jsonl lines)."""
-    seed, indices, duplicates, images, width = task
+    seed, kinds, indices, duplicates, images, width = task
     lines = []
     for i in indices:
         url = f"images/{i:0{width}d}.jpg"
         if i in duplicates:
-            original = make_sample(seed, duplicates[i])
+            original = make_sample(seed, duplicates[i], kinds)
             data, change, caption = near_duplicate(seed, i, original)
             of = f"images/{duplicates[i]:0{width}d}.jpg"
             planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
         else:
-            original = make_sample(seed, i)
+            original = make_sample(seed, i, kinds)
             data, caption, planted = jpeg(original.image), original.caption, None
         Path(images, url.removeprefix("images/")).write_bytes(data)
         row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
@@ -942,6 +944,10 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     (corpus_settings.json, written last with the settings and FORMAT, marks completion); otherwise images/ is emptied and all is regenerated."""
     if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1:
         raise ValueError(f"corpus settings need samples >= 1 and 0 <= duplicate_fraction < 1; got {settings}")
+    if unknown := set(settings.kinds) - set(KINDS):
+        raise ValueError(f"corpus kinds {sorted(unknown)} are not among {sorted(KINDS)}: name kinds the corpus can draw.")
+    if not settings.kinds or min(settings.kinds.values()) <= 0:
+        raise ValueError(f"corpus kinds need at least one kind and weights above 0; got {settings.kinds}")
     out_dir = Path(out_dir)
     corpus, planted, marker = out_dir / "corpus.jsonl", out_dir / "planted_duplicates.jsonl", out_dir / "corpus_settings.json"
     wanted = json.dumps({**asdict(settings), "format": FORMAT}, sort_keys=True) + "\n"
@@ -958,7 +964,7 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     tasks = []
     for start in range(0, settings.samples, CHUNK):
         indices = range(start, min(start + CHUNK, settings.samples))
-        tasks.append((settings.seed, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
+        tasks.append((settings.seed, settings.kinds, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
     with (
         multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
         atomic_path(corpus) as corpus_tmp,

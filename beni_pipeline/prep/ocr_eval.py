@@ -157,6 +157,29 @@ CATEGORIES = {
 }
 
 
+# The corpus kinds (synthetic.KINDS) whose samples teach each category's task: a model trained on a corpus that drew
+# none of them has never been asked that category's question.
+CATEGORY_KINDS = {
+    "Regular Text Recognition": ("word", "sentence"),
+    "Irregular Text Recognition": ("curved",),
+    "Artistic Text Recognition": ("artistic",),
+    "Handwriting Recognition": ("handwriting",),
+    "Digit String Recognition": ("digits",),
+    "Non-Semantic Text Recognition": ("random",),
+    "Handwritten Mathematical Expression Recognition": ("math",),
+    "Key Information Extraction": ("receipt", "form"),
+    "Doc-oriented VQA": ("memo",),
+    "Scene Text-centric VQA": ("sign",),
+}
+
+
+def trained_categories(corpus_jsonl: str | Path) -> set[str]:
+    """The categories whose kinds the generated corpus at `corpus_jsonl` holds at least one sample of."""
+    with open(corpus_jsonl) as f:
+        kinds = {json.loads(line).get("kind") for line in f}
+    return {category for category, taught_by in CATEGORY_KINDS.items() if kinds & set(taught_by)}
+
+
 # ---------------------------------------------------------------- the set on disk, and the overlap check
 
 

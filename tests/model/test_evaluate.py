@@ -16,6 +16,8 @@ from beni_model.evaluate import (
     load_set,
     prompt_ids,
     read_predictions,
+    report_markdown,
+    score_line,
     similarity,
     summarize,
 )
@@ -79,6 +81,20 @@ def test_summary_counts_by_category_and_scores_the_real_set_out_of_1000():
     assert summary["by_dataset"]["SROIE"] == {"correct": 1, "total": 1, "accuracy": 1.0, "similarity": 1.0}
     assert summary["similarity"] == round((499 * 0.5 + 1.0) / 1000, 3)
     assert "ocrbench_score" not in summarize(records[:10])
+
+
+def test_summary_marks_the_categories_the_training_data_lacks():
+    item = {"question": "what is written in the image?", "answers": ["0"], "prediction": "0"}
+    records = [{**item, "type": "Digit String Recognition", "dataset_name": "beni_digits", "correct": i < 3, "similarity": 1.0} for i in range(4)]
+    records += [{**item, "type": "Doc-oriented VQA", "dataset_name": "beni_memo", "correct": False, "similarity": 0.0} for _ in range(6)]
+    summary = summarize(records, trained={"Digit String Recognition", "Regular Text Recognition"})
+    assert summary["by_type"]["Digit String Recognition"]["trained_on"] and not summary["by_type"]["Doc-oriented VQA"]["trained_on"]
+    assert summary["trained_on"] == {"categories": ["Digit String Recognition"], "correct": 3, "total": 4, "accuracy": 0.75}
+    assert score_line(summary).endswith("; trained on: Digit String Recognition 3/4 (75.0%); 1 categories not trained on")
+    report = report_markdown(summary | {"eval_set": "set.json", "samples_per_s": 1, "tokens_per_s": 1}, records, "t")
+    assert "| Doc-oriented VQA | 0 | 6 | 0.0% | 0.00 | no: the training data has none |" in report
+    assert "| Digit String Recognition | 3 | 4 | 75.0% | 1.00 | yes |" in report
+    assert "trained_on" not in summarize(records) and "trained on" not in score_line(summarize(records))
 
 
 # ---------------------------------------------------------------- a small OCRBench-format set

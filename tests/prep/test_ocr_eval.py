@@ -6,7 +6,16 @@ from PIL import Image
 
 from beni_model.evaluate import is_correct
 from beni_pipeline.prep import ocr_eval, synthetic
-from beni_pipeline.prep.ocr_eval import CATEGORIES, EvalSetSettings, Overlap, corpus_answers, find_overlaps, generate_eval_set
+from beni_pipeline.prep.ocr_eval import (
+    CATEGORIES,
+    CATEGORY_KINDS,
+    EvalSetSettings,
+    Overlap,
+    corpus_answers,
+    find_overlaps,
+    generate_eval_set,
+    trained_categories,
+)
 from beni_pipeline.prep.synthetic import conversations, jpeg, make_sample
 
 SETTINGS = EvalSetSettings(per_category=2, seed=3)
@@ -113,3 +122,13 @@ def test_excluded_answers_are_redrawn(eval_set, tmp_path):
     redrawn = json.loads(generate_eval_set(tmp_path, SETTINGS, taken).read_text())
     assert len(redrawn) == len(items)
     assert not {ocr_eval.answer_key(i["answers"][0]) for i in redrawn} & taken
+
+
+def test_every_category_is_taught_by_corpus_kinds_and_a_corpus_names_the_ones_it_teaches(corpus, tmp_path):
+    assert CATEGORY_KINDS.keys() == CATEGORIES.keys()
+    assert {kind for kinds in CATEGORY_KINDS.values() for kind in kinds} == set(synthetic.KINDS)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert trained_categories(corpus) == {c for c, kinds in CATEGORY_KINDS.items() if any(r["kind"] in kinds for r in rows)}
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] == "digits"))
+    assert trained_categories(digits) == {"Digit String Recognition"}

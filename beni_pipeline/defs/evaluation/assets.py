@@ -10,10 +10,11 @@ from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.files import write_text_atomic
-from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
+from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set, trained_categories
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 EVAL_SET = dg.AssetKey("heldout_eval_set")
+SOURCE_MANIFEST = dg.AssetKey("source_manifest")
 
 
 class EvalSetConfig(Config):
@@ -39,6 +40,16 @@ def trained_by(instance: dg.DagsterInstance) -> str | None:
     event = instance.get_latest_materialization_event(TRAINED_MODEL)
     recipe = event.asset_materialization.metadata.get("recipe") if event and event.asset_materialization else None
     return recipe.value if recipe else None
+
+
+def categories_trained_on(instance: dg.DagsterInstance, layout: DataLayout) -> set[str] | None:
+    """The eval categories the generated corpus teaches, when the latest manifest was built from it alone; None when
+    the training data is the user's own (its categories are unknown)."""
+    event = instance.get_latest_materialization_event(SOURCE_MANIFEST)
+    sources = event.asset_materialization.metadata.get("sources") if event and event.asset_materialization else None
+    if sources is None or sources.value != [str(layout.corpus_jsonl)] or not layout.corpus_jsonl.is_file():
+        return None
+    return trained_categories(layout.corpus_jsonl)
 
 
 def model_dir_or_fail(layout: DataLayout) -> Path:
@@ -100,6 +111,8 @@ def category_table(summary: dict) -> dg.TableMetadataValue:
     columns = {"correct": "int", "total": "int", "accuracy": "float", "similarity": "float"}
     if "head_accuracy" in summary:  # an extension head's own answers (the ocr reading head's transcripts), scored alike
         columns["head_accuracy"] = "float"
+    if "trained_on" in summary:  # whether the training data has samples of the category at all
+        columns["trained_on"] = "bool"
     return dg.MetadataValue.table(
         [dg.TableRecord({"type": k, **{c: v[c] for c in columns}}) for k, v in summary["by_type"].items()],
         schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), *(dg.TableColumn(c, t) for c, t in columns.items())]),
@@ -113,10 +126,11 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     model_dir = model_dir_or_fail(layout)
     eval_json, image_root, set_name = eval_set_or_fail(layout)
     title = f"OCR eval of {model_dir} on the {set_name}"
-    if smoke_run := trained_by(context.instance) == CPU_RECIPE:
-        title += f" ({CPU_RECIPE!r} recipe, a CPU smoke run: the score is not meaningful)"
+    if cpu_run := trained_by(context.instance) == CPU_RECIPE:
+        title += f" ({CPU_RECIPE!r} recipe, minutes on a CPU: only the categories its corpus trains on can score)"
+    trained = categories_trained_on(context.instance, layout)
     model, tokenizer = load_for_eval(model_dir, config.device or None)
-    result = evaluate(model, tokenizer, eval_json, image_root, layout.ocr_eval, config.eval_settings(), title=title)
+    result = evaluate(model, tokenizer, eval_json, image_root, layout.ocr_eval, config.eval_settings(), title=title, trained=trained)
     summary, records = result.summary, read_predictions(result.predictions)
     context.log.info(f"score {score_line(summary)}")
     metadata = {
@@ -138,8 +152,11 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     for key in ("ocrbench_score", "head_accuracy"):
         if key in summary:
             metadata[key] = summary[key]
-    if smoke_run:
-        context.log.warning(f"the model was trained by the {CPU_RECIPE!r} smoke-run recipe: its score is not meaningful")
+    if "trained_on" in summary:
+        metadata["trained_on_accuracy"] = summary["trained_on"]["accuracy"]
+        metadata["categories_trained_on"] = len(summary["trained_on"]["categories"])
+    if cpu_run:
+        context.log.warning(f"the model was trained by the {CPU_RECIPE!r} recipe on CPU: only the categories its corpus trains on can score")
     return dg.MaterializeResult(metadata=metadata)
 
 

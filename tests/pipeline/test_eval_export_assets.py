@@ -13,6 +13,7 @@ from beni_pipeline.defs.evaluation.assets import EvalConfig, heldout_eval_set, o
 from beni_pipeline.defs.export.assets import quantized_exports
 from beni_pipeline.defs.training.recipes import CPU_RECIPE
 from beni_pipeline.prep.ocr_eval import CATEGORIES
+from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
 from tests.pipeline.conftest import materialize
 
@@ -52,7 +53,9 @@ def test_eval_report_and_exports_of_the_trained_model(data):
         "ocr_eval_report": {"config": EVAL},
         "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
     }}
+    corpus = generate_corpus(data / "corpus", CorpusSettings(samples=4, kinds={"digits": 1.0}))  # as source_manifest makes it
     with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization("source_manifest", metadata={"sources": dg.MetadataValue.json([str(corpus)])}))
         instance.report_runless_asset_event(dg.AssetMaterialization("trained_model", metadata={"recipe": CPU_RECIPE}))
         result = materialize([heldout_eval_set, ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
     assert result.success
@@ -60,13 +63,16 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     assert checks == {"report_covers_every_sample": True}
 
     report = metadata_of(result, "ocr_eval_report")
-    assert "smoke run: the score is not meaningful" in report["title"]
+    assert "minutes on a CPU: only the categories its corpus trains on can score" in report["title"]
     assert report["title"] in (data / "ocr_eval" / "report" / "report.md").read_text()
     total = len(CATEGORIES)
     assert report["total"] == total and report["score"].startswith(f"{report['correct']}/{total} ")
     categories = {r.data["type"]: r.data for r in report["by_category"].records}
     assert set(categories) == set(CATEGORIES) and sum(c["total"] for c in categories.values()) == total
     assert sum(c["correct"] for c in categories.values()) == report["correct"]
+    assert {k for k, c in categories.items() if c["trained_on"]} == {"Digit String Recognition"} and report["categories_trained_on"] == 1
+    assert report["score"].endswith("; 9 categories not trained on")
+    assert Path(report["report"]).read_text().count(" no: the training data has none |") == 9
     assert 0 <= report["head_accuracy"] <= 1 and all(0 <= c["head_accuracy"] <= 1 for c in categories.values())
     shown = report["right_answers"].count("data:image/jpeg;base64,") + report["wrong_answers"].count("data:image/jpeg;base64,")
     assert shown == min(4, report["correct"]) + min(4, total - report["correct"])

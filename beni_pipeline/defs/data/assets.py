@@ -19,10 +19,13 @@ from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_i
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
-from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
+from beni_pipeline.prep.synthetic import KINDS, CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
 GPU_CORPUS_SAMPLES = 120_000
+# The CPU recipe trains for a few minutes: enough for a tiny model to start reading one line of digits, not every kind of
+# the GPU corpus (bench/BENCHMARKS.md), so the CPU default corpus draws digit strings only.
+CPU_CORPUS_KINDS = {"digits": 1.0}
 
 
 class SourceManifestConfig(Config, SourceSettings):
@@ -35,6 +38,11 @@ class SourceManifestConfig(Config, SourceSettings):
         description=f"size of the generated corpus; default {GPU_CORPUS_SAMPLES} on a GPU machine (the smollm2-siglip recipe's data), 2000 on CPU",
     )
     corpus_seed: int = pydantic.Field(0, description="seed of the generated corpus")
+    corpus_kinds: dict[str, float] = pydantic.Field(
+        default_factory=lambda: dict(KINDS) if torch.cuda.is_available() else dict(CPU_CORPUS_KINDS),
+        description=f"kinds of samples the generated corpus draws, with their weights (of {sorted(KINDS)}); default all on a GPU machine, "
+        f"{sorted(CPU_CORPUS_KINDS)} on CPU",
+    )
 
 
 class DownloadConfig(Config, DownloadSettings):
@@ -48,7 +56,7 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     if config.sources:
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
-        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed)
+        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed, kinds=config.corpus_kinds)
         context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]

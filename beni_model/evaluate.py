@@ -91,8 +91,10 @@ def similarity(prediction: str, answers: str | list[str], dataset_name: str) -> 
     return max(difflib.SequenceMatcher(None, predicted, normalize(a, dataset_name)).ratio() for a in answers)
 
 
-def summarize(records: list[dict]) -> dict:
-    """Total and per-category (`type`) and per-dataset counts of correct answers, with the mean similarity."""
+def summarize(records: list[dict], trained: set[str] | None = None) -> dict:
+    """Total and per-category (`type`) and per-dataset counts of correct answers, with the mean similarity. Given the
+    categories the model's training data covers (`trained`), each category says whether it is one of them, and the
+    summary scores those categories alone too (`trained_on`)."""
     by_type, by_dataset, heads = defaultdict(lambda: [0, 0, 0.0]), defaultdict(lambda: [0, 0, 0.0]), defaultdict(list)
     for r in records:
         for table, key in ((by_type, r["type"]), (by_dataset, r["dataset_name"])):
@@ -104,7 +106,10 @@ def summarize(records: list[dict]) -> dict:
     correct = sum(r["correct"] for r in records)
 
     def rows(table):
-        return {k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "similarity": round(sim / n, 3)} for k, (c, n, sim) in sorted(table.items())}
+        return {
+            k: {"correct": c, "total": n, "accuracy": round(c / n, 4), "similarity": round(sim / n, 3)}
+            for k, (c, n, sim) in sorted(table.items())
+        }
 
     summary = {
         "correct": correct,
@@ -120,6 +125,16 @@ def summarize(records: list[dict]) -> dict:
             summary["by_type"][category]["head_accuracy"] = round(sum(right) / len(right), 4)
     if len(records) == OCRBENCH_SIZE:
         summary["ocrbench_score"] = correct  # out of 1000, the number papers report
+    if trained is not None:
+        for category, row in summary["by_type"].items():
+            row["trained_on"] = category in trained
+        taught = [r for r in records if r["type"] in trained]
+        summary["trained_on"] = {
+            "categories": sorted(c for c in summary["by_type"] if c in trained),
+            "correct": sum(r["correct"] for r in taught),
+            "total": len(taught),
+            "accuracy": round(sum(r["correct"] for r in taught) / len(taught), 4) if taught else 0.0,
+        }
     return summary
 
 
@@ -256,12 +271,13 @@ def evaluate(
     out_dir: str | Path,
     settings: EvalSettings = EvalSettings(),
     title: str = "OCRBench-style evaluation",
+    trained: set[str] | None = None,
 ) -> EvalResult:
     """Generate an answer for every item, score it with OCRBench's rule and write predictions.jsonl (one line per
     item), summary.json and report.md into `out_dir`. A model whose extensions answer (Extension.answers, e.g. a
     head's transcript) also has that answer scored by the same rule (`head_answer`, `head_correct`;
     `head_accuracy` overall and by category): whether the vision tower's head gets it, apart from whether the LLM
-    passes it on."""
+    passes it on. `trained`: the categories the model's training data covers, when known (see `summarize`)."""
     items = load_set(json_path, image_root)
     start = time.perf_counter()
     tokens, heads = generate_tokens(model, tokenizer, items, image_root, settings)
@@ -280,7 +296,7 @@ def evaluate(
     if heads is not None:
         for record, answer in zip(records, heads):
             record.update(head_answer=answer, head_correct=is_correct(answer, record["answers"], record["dataset_name"]))
-    summary = summarize(records)
+    summary = summarize(records, trained)
     summary.update(
         eval_set=str(Path(json_path).resolve()),
         seconds=round(seconds, 3),
@@ -302,6 +318,10 @@ def score_line(summary: dict) -> str:
     line = f"{summary['correct']}/{summary['total']} ({100 * summary['accuracy']:.1f}%, similarity {summary['similarity']:.2f})"
     if "ocrbench_score" in summary:
         line += f", OCRBench score {summary['ocrbench_score']}/1000"
+    if trained_on := summary.get("trained_on"):
+        rows = [f"{k} {v['correct']}/{v['total']}" for k, v in summary["by_type"].items() if v["trained_on"]]
+        untrained = len(summary["by_type"]) - len(rows)
+        line += f"; trained on: {', '.join(rows) or 'none'} ({100 * trained_on['accuracy']:.1f}%); {untrained} categories not trained on"
     return line
 
 
@@ -312,10 +332,21 @@ def report_markdown(summary: dict, records: list[dict], title: str, examples: in
         lines += [f"The extension head's own answers, scored the same way: {100 * summary['head_accuracy']:.1f}%", ""]
     for heading, key, label in (("By category", "by_type", "type"), ("By dataset", "by_dataset", "dataset")):
         head = key == "by_type" and "head_accuracy" in summary
-        lines += [f"## {heading}", "", f"| {label} | correct | total | accuracy | similarity |" + (" extension head |" if head else ""),
-                  "|---|---|---|---|---|" + ("---|" if head else "")]
-        lines += [f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |"
-                  + (f" {100 * v.get('head_accuracy', 0):.1f}% |" if head else "") for k, v in summary[key].items()]
+        marked = key == "by_type" and "trained_on" in summary
+        lines += [
+            f"## {heading}",
+            "",
+            f"| {label} | correct | total | accuracy | similarity |"
+            + (" extension head |" if head else "")
+            + (" trained on |" if marked else ""),
+            "|---|---|---|---|---|" + ("---|" if head else "") + ("---|" if marked else ""),
+        ]
+        lines += [
+            f"| {k} | {v['correct']} | {v['total']} | {100 * v['accuracy']:.1f}% | {v['similarity']:.2f} |"
+            + (f" {100 * v.get('head_accuracy', 0):.1f}% |" if head else "")
+            + ((" yes |" if v["trained_on"] else " no: the training data has none |") if marked else "")
+            for k, v in summary[key].items()
+        ]
         lines.append("")
     for heading, correct in (("Right answers", True), ("Wrong answers", False)):
         chosen = [r for r in records if r["correct"] == correct][:examples]

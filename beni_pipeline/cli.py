@@ -31,7 +31,12 @@ def materialize_all(
         names = {key.to_python_identifier() for key in keys}
         config = {"ops": {name: {"config": c} for name, c in (op_config or {}).items() if name in names}}
         result = dg.materialize(
-            assets, instance=instance, selection=dg.AssetSelection.assets(*keys), tags=tags, run_config=config, resources=definitions.resources
+            assets,
+            instance=instance,
+            selection=dg.AssetSelection.assets(*keys),
+            tags=tags,
+            run_config=config,
+            resources=definitions.resources,
         )
         _print_summary(result)
         results.append(result)
@@ -48,6 +53,8 @@ def _print_summary(result: dg.ExecuteInProcessResult) -> None:
         shown.add(materialization.asset_key)
         numbers = {k: v.value for k, v in materialization.metadata.items() if isinstance(v.value, (int, float))}
         print(f"{materialization.asset_key.to_user_string()}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+        if "score" in materialization.metadata:  # an eval's own line: which categories it trained on and how they scored
+            print(f"  score: {materialization.metadata['score'].value}")
     for evaluation in result.get_asset_check_evaluations():
         verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
         print(f"  check {evaluation.check_name}: {verdict}")

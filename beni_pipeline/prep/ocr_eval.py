@@ -43,8 +43,18 @@ SHOP_KINDS = """Tavern Florist Barber Cinema Gallery Boutique Pizzeria Laundry G
 HELD_OUT = syn.Vocabulary(HELD_OUT_ADJECTIVES, HELD_OUT_NOUNS, HELD_OUT_VERBS, HELD_OUT_FIRST_NAMES, HELD_OUT_LAST_NAMES, SHOP_KINDS)
 
 # The training corpus's word lists: the held-out ones above must share no word with them.
-TRAINING_VOCABULARY = (syn.ADJECTIVES + syn.NOUNS + syn.VERBS + syn.FIRST_NAMES + syn.LAST_NAMES + syn.CITIES + syn.STREETS
-                       + syn.SHOP_WORDS + syn.SHOP_TYPES + syn.ITEMS)
+TRAINING_VOCABULARY = (
+    syn.ADJECTIVES
+    + syn.NOUNS
+    + syn.VERBS
+    + syn.FIRST_NAMES
+    + syn.LAST_NAMES
+    + syn.CITIES
+    + syn.STREETS
+    + syn.SHOP_WORDS
+    + syn.SHOP_TYPES
+    + syn.ITEMS
+)
 HELD_OUT_VOCABULARY = HELD_OUT_ADJECTIVES + HELD_OUT_NOUNS + HELD_OUT_VERBS + HELD_OUT_FIRST_NAMES + HELD_OUT_LAST_NAMES + SHOP_KINDS
 
 
@@ -113,12 +123,14 @@ def key_information(rng: random.Random) -> tuple[Image.Image, str, str]:
     if rng.random() < 0.5:
         image, info, _ = syn.render_receipt(rng)
         item = rng.choice(list(info["items"]))
-        question, answer = rng.choice([
-            ("What is the total amount on this receipt?", info["total"]),
-            ("What is the subtotal?", info["subtotal"]),
-            ("What is the date on the receipt?", info["date"]),
-            (f"What is the price of {item}?", info["items"][item]),
-        ])
+        question, answer = rng.choice(
+            [
+                ("What is the total amount on this receipt?", info["total"]),
+                ("What is the subtotal?", info["subtotal"]),
+                ("What is the date on the receipt?", info["date"]),
+                (f"What is the price of {item}?", info["items"][item]),
+            ]
+        )
         return image, question, answer
     image, _, fields, _ = syn.render_form(rng)
     asked = [label for label in fields if label not in ("Name", "Email", "City")]
@@ -155,6 +167,29 @@ CATEGORIES = {
     "Doc-oriented VQA": ("beni_memo", document_vqa),
     "Scene Text-centric VQA": ("beni_signs", scene_text_vqa),
 }
+
+
+# The corpus kinds (synthetic.KINDS) whose samples teach each category's task: a model trained on a corpus that drew
+# none of them has never been asked that category's question.
+CATEGORY_KINDS = {
+    "Regular Text Recognition": ("word", "sentence"),
+    "Irregular Text Recognition": ("curved",),
+    "Artistic Text Recognition": ("artistic",),
+    "Handwriting Recognition": ("handwriting",),
+    "Digit String Recognition": ("digits",),
+    "Non-Semantic Text Recognition": ("random",),
+    "Handwritten Mathematical Expression Recognition": ("math",),
+    "Key Information Extraction": ("receipt", "form"),
+    "Doc-oriented VQA": ("memo",),
+    "Scene Text-centric VQA": ("sign",),
+}
+
+
+def trained_categories(corpus_jsonl: str | Path) -> set[str]:
+    """The categories whose kinds the generated corpus at `corpus_jsonl` holds at least one sample of."""
+    with open(corpus_jsonl) as f:
+        kinds = {json.loads(line).get("kind") for line in f}
+    return {category for category, taught_by in CATEGORY_KINDS.items() if kinds & set(taught_by)}
 
 
 # ---------------------------------------------------------------- the set on disk, and the overlap check
@@ -196,10 +231,21 @@ def generate_eval_set(out_dir: str | Path, settings: EvalSetSettings = EvalSetSe
                 if answer_key(answer) not in exclude_answers:
                     break
             else:
-                raise ValueError(f"{MAX_ATTEMPTS} draws of {category} item {index} all gave answers the corpus has: the corpus covers this category's answers.")
+                raise ValueError(
+                    f"{MAX_ATTEMPTS} draws of {category} item {index} all gave answers the corpus has: the corpus covers this category's answers."
+                )
             name = f"images/{dataset_name}_{index:05d}.jpg"
             (out_dir / name).write_bytes(syn.jpeg(image))
-            items.append({"dataset_name": dataset_name, "id": len(items), "image_path": name, "question": question, "answers": [answer], "type": category})
+            items.append(
+                {
+                    "dataset_name": dataset_name,
+                    "id": len(items),
+                    "image_path": name,
+                    "question": question,
+                    "answers": [answer],
+                    "type": category,
+                }
+            )
     path = out_dir / "ocr_eval.json"
     write_text_atomic(path, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
     return path

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -47,8 +47,20 @@ student captain driver market station library kitchen bridge forest island lette
 engine camera guitar pencil basket lantern harbor village museum castle robot planet coffee""".split()
 VERBS = """found painted carried opened visited watched repaired followed cleaned crossed built
 sold bought described remembered borrowed noticed delivered photographed washed""".split()
-TAILS = ("", " today", " every morning", " near the river", " after lunch", " in the park",
-         " on Monday", " at night", " again", " with great care", " before sunrise", " last winter")
+TAILS = (
+    "",
+    " today",
+    " every morning",
+    " near the river",
+    " after lunch",
+    " in the park",
+    " on Monday",
+    " at night",
+    " again",
+    " with great care",
+    " before sunrise",
+    " last winter",
+)
 FIRST_NAMES = """Anna Ben Clara David Emma Felix Grace Hugo Iris Jonas Kira Liam Maya Noah Olga
 Paul Rosa Sam Tara Victor Wendy Yusuf Zoe Omar Lena Marco""".split()
 LAST_NAMES = """Smith Keller Novak Garcia Rossi Tanaka Okafor Berg Dubois Larsen Silva Moreau Fischer
@@ -67,10 +79,15 @@ MATH_LETTERS = list("abcxyznkmt")
 GREEK = {r"\alpha": "α", r"\beta": "β", r"\theta": "θ", r"\pi": "π", r"\lambda": "λ", r"\sigma": "σ"}  # LaTeX: glyph
 PEN_INKS = ((25, 45, 150), (20, 20, 30), (35, 35, 110), (80, 80, 90), (140, 25, 35))  # blue, black, navy, pencil, red
 
-READ_QUESTIONS = ("What is written in the image?", "What does the text say?", "Read the text in the image.",
-                  "What text appears in this image?", "Transcribe the text in the image.",
-                  "What is the text in the image?",
-                  "what is written in the image?")  # OCRBench's recognition prompt as it asks it: "what" is another token than "What"
+READ_QUESTIONS = (
+    "What is written in the image?",
+    "What does the text say?",
+    "Read the text in the image.",
+    "What text appears in this image?",
+    "Transcribe the text in the image.",
+    "What is the text in the image?",
+    "what is written in the image?",
+)  # OCRBench's recognition prompt as it asks it: "what" is another token than "What"
 KIND_QUESTIONS = {
     "word": READ_QUESTIONS + ("What word is shown in the image?", "Which word is written here?"),
     "digits": READ_QUESTIONS + ("What number is shown in the image?", "Which digits are written in the image?"),
@@ -82,14 +99,26 @@ KIND_QUESTIONS = {
 }
 HME_QUESTION = "Please write out the expression of the formula in the image using LaTeX format."  # OCRBench's wording
 MATH_QUESTIONS = (HME_QUESTION, "Write the handwritten formula in LaTeX.", "What is the LaTeX code of this expression?")
-MEMO_QUESTIONS = {"To": "Who is the memo addressed to?", "From": "Who wrote the memo?", "Date": "What is the date of the memo?",
-                  "Subject": "What is the subject of the memo?"}
-SIGN_QUESTIONS = {"name": "What is the name of the shop on the sign?", "year": "In which year was the shop established?",
-                  "hours": "What are the opening hours on the sign?"}
+MEMO_QUESTIONS = {
+    "To": "Who is the memo addressed to?",
+    "From": "Who wrote the memo?",
+    "Date": "What is the date of the memo?",
+    "Subject": "What is the subject of the memo?",
+}
+SIGN_QUESTIONS = {
+    "name": "What is the name of the shop on the sign?",
+    "year": "In which year was the shop established?",
+    "hours": "What are the opening hours on the sign?",
+}
 THINGS = {"word": "word", "digits": "number", "random": "character string", "sentence": "sentence"}
-TEXT_CAPTIONS = ('An image with the text "{text}".', 'A picture of the {thing} "{text}" on a {bg} background.',
-                 'The {thing} "{text}" written in {font} type.', 'Rendered text that reads "{text}".',
-                 'A {bg} background with the {thing} "{text}" on it.', 'Close-up of the {thing} "{text}".')
+TEXT_CAPTIONS = (
+    'An image with the text "{text}".',
+    'A picture of the {thing} "{text}" on a {bg} background.',
+    'The {thing} "{text}" written in {font} type.',
+    'Rendered text that reads "{text}".',
+    'A {bg} background with the {thing} "{text}" on it.',
+    'Close-up of the {thing} "{text}".',
+)
 BG_WORDS = {"plain": "plain", "textured": "textured", "photo": "photo-like"}
 DRAWN_CAPTIONS = {
     "curved": ('The word "{text}" written along a curve.', 'Curved, tilted text that reads "{text}".', 'A bent word: "{text}".'),
@@ -99,13 +128,29 @@ DRAWN_CAPTIONS = {
 }
 MEMO_CAPTIONS = ("A memo from {by} to {to}.", "A printed memo about the {subject}.", "An office memo dated {date}.")
 SIGN_CAPTIONS = ("A shop sign for {name}.", "A photo of the sign of {name}, open {hours}.", "The sign of {name} on a street.")
-RECEIPT_CAPTIONS = ("A receipt from {store} with a total of {total}.", "A photo of a shop receipt from {store}, dated {date}.",
-                    "A printed receipt from {store} listing {n} items.", "A receipt dated {date} with a total of {total}.")
-FORM_CAPTIONS = ("A filled-in {title} for {name}.", "A picture of a filled-in {title} with {n} fields.",
-                 "A scanned {title} completed by {name}.")
+RECEIPT_CAPTIONS = (
+    "A receipt from {store} with a total of {total}.",
+    "A photo of a shop receipt from {store}, dated {date}.",
+    "A printed receipt from {store} listing {n} items.",
+    "A receipt dated {date} with a total of {total}.",
+)
+FORM_CAPTIONS = (
+    "A filled-in {title} for {name}.",
+    "A picture of a filled-in {title} with {n} fields.",
+    "A scanned {title} completed by {name}.",
+)
 # Words of caption templates (never of the quoted or generated text) that a near-duplicate caption may swap.
-SYNONYMS = {"image": "picture", "picture": "photo", "photo": "picture", "written": "printed", "reads": "says",
-            "background": "backdrop", "receipt": "bill", "Rendered": "Printed", "filled-in": "completed"}
+SYNONYMS = {
+    "image": "picture",
+    "picture": "photo",
+    "photo": "picture",
+    "written": "printed",
+    "reads": "says",
+    "background": "backdrop",
+    "receipt": "bill",
+    "Rendered": "Printed",
+    "filled-in": "completed",
+}
 
 
 # Syllables of made-up words: with a closed word list a model learns to recall the list, not to read letters.
@@ -146,6 +191,7 @@ class CorpusSettings:
     samples: int = 2000
     seed: int = 0
     duplicate_fraction: float = 0.05
+    kinds: dict[str, float] = field(default_factory=lambda: dict(KINDS))  # the kinds of samples drawn, with their weights
 
 
 @dataclass(frozen=True)
@@ -637,8 +683,14 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[st
     subtotal = sum(items.values())
     rate = rng.choice((0, 5, 7, 8, 10, 20))
     tax = subtotal * rate // 100
-    info = {"store": store, "date": date(rng), "items": {k: money(v) for k, v in items.items()},
-            "subtotal": money(subtotal), "tax": money(tax), "total": money(subtotal + tax)}
+    info = {
+        "store": store,
+        "date": date(rng),
+        "items": {k: money(v) for k, v in items.items()},
+        "subtotal": money(subtotal),
+        "tax": money(tax),
+        "total": money(subtotal + tax),
+    }
     rows = [(name, price) for name, price in info["items"].items()]
     rows += [("", ""), ("SUBTOTAL", info["subtotal"])] + ([(f"TAX {rate}%", info["tax"])] if rate else []) + [("TOTAL", info["total"])]
     line_h, margin = int(size * 1.4), rng.randint(12, 24)
@@ -647,7 +699,10 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[st
     height = 2 * margin + int(head.size * 1.5) + line_h * (len(rows) + 5)
     paper = Image.new("RGB", (width, height), light_colour(rng))
     draw, ink = ImageDraw.Draw(paper), ink_colour(rng, True)
-    address, thanks = f"{rng.randint(1, 200)} {rng.choice(STREETS)} Street", rng.choice(("THANK YOU!", "Thank you for shopping", "See you soon"))
+    address, thanks = (
+        f"{rng.randint(1, 200)} {rng.choice(STREETS)} Street",
+        rng.choice(("THANK YOU!", "Thank you for shopping", "See you soon")),
+    )
     y, lines = margin, []
     for text, line_font, skip in ((store, head, int(head.size * 1.5)), (address, font, line_h)):
         draw.text((width / 2, y), text, font=line_font, fill=ink, anchor="ma")
@@ -689,7 +744,10 @@ FORM_FIELDS = {  # label on the form: (how a question names it, value generator)
     "Name": ("name", lambda r: f"{r.choice(FIRST_NAMES)} {r.choice(LAST_NAMES)}"),
     "Date of birth": ("date of birth", date),
     "Phone": ("phone number", lambda r: f"+{r.randint(1, 49)} {r.randint(100, 999)} {r.randint(1000000, 9999999)}"),
-    "Email": ("email address", lambda r: f"{r.choice(FIRST_NAMES).lower()}.{r.choice(LAST_NAMES).lower()}@{r.choice(('mail', 'post', 'inbox'))}.com"),
+    "Email": (
+        "email address",
+        lambda r: f"{r.choice(FIRST_NAMES).lower()}.{r.choice(LAST_NAMES).lower()}@{r.choice(('mail', 'post', 'inbox'))}.com",
+    ),
     "City": ("city", lambda r: r.choice(CITIES)),
     "Postcode": ("postcode", lambda r: str(r.randint(10000, 99999))),
     "Customer ID": ("customer ID", lambda r: f"C-{r.randint(100000, 999999)}"),
@@ -697,8 +755,13 @@ FORM_FIELDS = {  # label on the form: (how a question names it, value generator)
     "Amount due": ("amount due", lambda r: money(r.randint(500, 250000))),
     "Date": ("date", date),
 }
-FORM_TITLES = {"REGISTRATION FORM": "registration form", "APPLICATION FORM": "application form",  # heading: in captions
-               "CUSTOMER DETAILS": "customer details form", "INVOICE": "invoice", "DELIVERY NOTE": "delivery note"}
+FORM_TITLES = {
+    "REGISTRATION FORM": "registration form",
+    "APPLICATION FORM": "application form",  # heading: in captions
+    "CUSTOMER DETAILS": "customer details form",
+    "INVOICE": "invoice",
+    "DELIVERY NOTE": "delivery note",
+}
 
 
 def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], list[tuple[str, float]]]:
@@ -741,8 +804,9 @@ def form_sample(rng: random.Random) -> Rendered:
     qa = []
     for label in rng.sample(list(fields), min(len(fields), rng.randint(2, 3))):
         phrase = FORM_FIELDS[label][0]
-        question = rng.choice((f"What is the {phrase} on the form?", f"What is written in the '{label}' field?",
-                               f"What {phrase} is given in this document?"))
+        question = rng.choice(
+            (f"What is the {phrase} on the form?", f"What is written in the '{label}' field?", f"What {phrase} is given in this document?")
+        )
         qa.append((question, fields[label]))
     caption = rng.choice(FORM_CAPTIONS).format(title=FORM_TITLES[title], name=fields["Name"], n=len(fields))
     return Rendered("form", image, caption, qa, lines=lines)
@@ -756,11 +820,17 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     """A memo: title, To/From/Date/Subject header and a short body, scanned or photographed; returns the image, the
     header by field (the keys of MEMO_QUESTIONS) and the lines (see Rendered.lines)."""
     topic = rng.choice(("plan", "schedule", "update", "budget"))
-    header = {"To": person(rng, vocab), "From": person(rng, vocab), "Date": date(rng),
-              "Subject": f"{vocab.pick(rng, vocab.adjectives).capitalize()} {vocab.pick(rng, vocab.nouns)} {topic}"}
-    body = [f"The {rng.choice(vocab.adjectives)} {rng.choice(vocab.nouns)} team {rng.choice(vocab.verbs)} every {rng.choice(vocab.nouns)} "
-            f"before the {rng.choice(vocab.nouns)} {rng.choice(('review', 'deadline', 'launch', 'audit'))}."
-            for _ in range(rng.randint(2, 3))]
+    header = {
+        "To": person(rng, vocab),
+        "From": person(rng, vocab),
+        "Date": date(rng),
+        "Subject": f"{vocab.pick(rng, vocab.adjectives).capitalize()} {vocab.pick(rng, vocab.nouns)} {topic}",
+    }
+    body = [
+        f"The {rng.choice(vocab.adjectives)} {rng.choice(vocab.nouns)} team {rng.choice(vocab.verbs)} every {rng.choice(vocab.nouns)} "
+        f"before the {rng.choice(vocab.nouns)} {rng.choice(('review', 'deadline', 'launch', 'audit'))}."
+        for _ in range(rng.randint(2, 3))
+    ]
     size = rng.randint(MIN_FONT_SIZE, 22)
     font, title_font = load_font(rng.choice(font_paths()), size), load_font(rng.choice(font_paths()), size + rng.randint(6, 12))
     wrap = rng.randint(34, 48)
@@ -800,7 +870,11 @@ def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     draw = ImageDraw.Draw(sign)
     draw.rectangle((2, 2, sign_w - 3, sign_h - 3), outline=ink, width=2)
     drawn = []
-    for text, line_font, y in ((lines[0], font, pad), (lines[1], small, pad + size * 1.4), (lines[2], small, pad + size * 1.4 + small.size * 1.4)):
+    for text, line_font, y in (
+        (lines[0], font, pad),
+        (lines[1], small, pad + size * 1.4),
+        (lines[2], small, pad + size * 1.4 + small.size * 1.4),
+    ):
         draw.text((sign_w / 2, y), text, font=line_font, fill=ink, anchor="ma")
         drawn.append(drawn_line((sign_w / 2, y), text, line_font, "ma"))
     degrees = rng.uniform(-6, 6)
@@ -841,15 +915,28 @@ def drawn_sample(rng: random.Random, kind: str) -> Rendered:
 
 
 # Reading genres first: they are what OCR needs most and what most of the eval set asks.
-KINDS = {"word": 14, "digits": 10, "random": 10, "sentence": 8, "handwriting": 14, "curved": 10, "artistic": 6, "math": 8,
-         "receipt": 7, "form": 7, "memo": 6, "sign": 6}
+KINDS = {
+    "word": 14,
+    "digits": 10,
+    "random": 10,
+    "sentence": 8,
+    "handwriting": 14,
+    "curved": 10,
+    "artistic": 6,
+    "math": 8,
+    "receipt": 7,
+    "form": 7,
+    "memo": 6,
+    "sign": 6,
+}
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 
-def make_sample(seed: int, index: int) -> Rendered:
-    """Sample `index` of the corpus drawn from `seed`: a pure function of both, whatever process runs it."""
+def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS) -> Rendered:
+    """Sample `index` of the corpus drawn from `seed` and `kinds` (weights of KINDS' kinds): a pure function of them,
+    whatever process runs it."""
     rng = random.Random(f"{seed}:{index}")
-    kind = rng.choices(list(KINDS), list(KINDS.values()))[0]
+    kind = rng.choices(list(kinds), list(kinds.values()))[0]
     if kind in DOCUMENTS:
         return DOCUMENTS[kind](rng)
     if kind in DRAWN_CAPTIONS:
@@ -880,7 +967,7 @@ def edit_caption(rng: random.Random, caption: str) -> str:
     if edit == "case":
         return caption[0].swapcase() + caption[1:]
     w = rng.choice(swappable)
-    return re.sub(rf"\b{re.escape(w)}(?=\s|$)", SYNONYMS[w], head, count=1) + caption[len(head):]
+    return re.sub(rf"\b{re.escape(w)}(?=\s|$)", SYNONYMS[w], head, count=1) + caption[len(head) :]
 
 
 def near_duplicate(seed: int, index: int, original: Rendered) -> tuple[bytes, str, str]:
@@ -915,19 +1002,19 @@ def plant_duplicates(settings: CorpusSettings) -> dict[int, int]:
     return originals
 
 
-def _write_chunk(task: tuple[int, range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
+def _write_chunk(task: tuple[int, dict[str, float], range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
     """Render and write one chunk's images; return its corpus.jsonl lines (and planted_duplicates.jsonl lines)."""
-    seed, indices, duplicates, images, width = task
+    seed, kinds, indices, duplicates, images, width = task
     lines = []
     for i in indices:
         url = f"images/{i:0{width}d}.jpg"
         if i in duplicates:
-            original = make_sample(seed, duplicates[i])
+            original = make_sample(seed, duplicates[i], kinds)
             data, change, caption = near_duplicate(seed, i, original)
             of = f"images/{duplicates[i]:0{width}d}.jpg"
             planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
         else:
-            original = make_sample(seed, i)
+            original = make_sample(seed, i, kinds)
             data, caption, planted = jpeg(original.image), original.caption, None
         Path(images, url.removeprefix("images/")).write_bytes(data)
         row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
@@ -945,6 +1032,10 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     (corpus_settings.json, written last with the settings and FORMAT, marks completion); otherwise images/ is emptied and all is regenerated."""
     if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1:
         raise ValueError(f"corpus settings need samples >= 1 and 0 <= duplicate_fraction < 1; got {settings}")
+    if unknown := set(settings.kinds) - set(KINDS):
+        raise ValueError(f"corpus kinds {sorted(unknown)} are not among {sorted(KINDS)}: name kinds the corpus can draw.")
+    if not settings.kinds or min(settings.kinds.values()) <= 0:
+        raise ValueError(f"corpus kinds need at least one kind and weights above 0; got {settings.kinds}")
     out_dir = Path(out_dir)
     corpus, planted, marker = out_dir / "corpus.jsonl", out_dir / "planted_duplicates.jsonl", out_dir / "corpus_settings.json"
     wanted = json.dumps({**asdict(settings), "format": FORMAT}, sort_keys=True) + "\n"
@@ -961,7 +1052,7 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     tasks = []
     for start in range(0, settings.samples, CHUNK):
         indices = range(start, min(start + CHUNK, settings.samples))
-        tasks.append((settings.seed, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
+        tasks.append((settings.seed, settings.kinds, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
     with (
         multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
         atomic_path(corpus) as corpus_tmp,

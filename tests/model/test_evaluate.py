@@ -16,6 +16,8 @@ from beni_model.evaluate import (
     load_set,
     prompt_ids,
     read_predictions,
+    report_markdown,
+    score_line,
     similarity,
     summarize,
 )
@@ -71,7 +73,10 @@ def test_similarity_tells_partial_reading_from_none():
 
 
 def test_summary_counts_by_category_and_scores_the_real_set_out_of_1000():
-    records = [{"type": "Digit String Recognition", "dataset_name": "ORAND", "correct": i % 3 == 0, "similarity": 0.5 * (i % 2)} for i in range(999)]
+    records = [
+        {"type": "Digit String Recognition", "dataset_name": "ORAND", "correct": i % 3 == 0, "similarity": 0.5 * (i % 2)}
+        for i in range(999)
+    ]
     records.append({"type": "Key Information Extraction", "dataset_name": "SROIE", "correct": True, "similarity": 1.0})
     summary = summarize(records)
     assert summary["correct"] == 334 and summary["total"] == 1000 and summary["ocrbench_score"] == 334
@@ -81,6 +86,22 @@ def test_summary_counts_by_category_and_scores_the_real_set_out_of_1000():
     assert "ocrbench_score" not in summarize(records[:10])
 
 
+def test_summary_marks_the_categories_the_training_data_lacks():
+    item = {"question": "what is written in the image?", "answers": ["0"], "prediction": "0"}
+    records = [
+        {**item, "type": "Digit String Recognition", "dataset_name": "beni_digits", "correct": i < 3, "similarity": 1.0} for i in range(4)
+    ]
+    records += [{**item, "type": "Doc-oriented VQA", "dataset_name": "beni_memo", "correct": False, "similarity": 0.0} for _ in range(6)]
+    summary = summarize(records, trained={"Digit String Recognition", "Regular Text Recognition"})
+    assert summary["by_type"]["Digit String Recognition"]["trained_on"] and not summary["by_type"]["Doc-oriented VQA"]["trained_on"]
+    assert summary["trained_on"] == {"categories": ["Digit String Recognition"], "correct": 3, "total": 4, "accuracy": 0.75}
+    assert score_line(summary).endswith("; trained on: Digit String Recognition 3/4 (75.0%); 1 categories not trained on")
+    report = report_markdown(summary | {"eval_set": "set.json", "samples_per_s": 1, "tokens_per_s": 1}, records, "t")
+    assert "| Doc-oriented VQA | 0 | 6 | 0.0% | 0.00 | no: the training data has none |" in report
+    assert "| Digit String Recognition | 3 | 4 | 75.0% | 1.00 | yes |" in report
+    assert "trained_on" not in summarize(records) and "trained on" not in score_line(summarize(records))
+
+
 # ---------------------------------------------------------------- a small OCRBench-format set
 
 
@@ -88,7 +109,12 @@ ITEMS = [
     ("IIIT5K", "what is written in the image?", "CENTRE", "Regular Text Recognition"),
     ("ORAND", "what is written in the image?", ["12345"], "Digit String Recognition"),
     ("docVQA", "What is the date on the letter, if there is one at all?", ["1 May", "May 1"], "Doc-oriented VQA"),
-    ("HME100k", "Please write out the expression of the formula in the image using LaTeX format.", "x ^ { 2 }", "Handwritten Mathematical Expression Recognition"),
+    (
+        "HME100k",
+        "Please write out the expression of the formula in the image using LaTeX format.",
+        "x ^ { 2 }",
+        "Handwritten Mathematical Expression Recognition",
+    ),
     ("SROIE", "What is the total?", ["9.99"], "Key Information Extraction"),
 ]
 
@@ -100,7 +126,9 @@ def write_set(folder: Path) -> Path:
         image = Image.new("RGB", (96 + 16 * i, 64), (240, 240, 230))
         ImageDraw.Draw(image).text((8, 24), str(answers), fill=(0, 0, 0))
         image.save(folder / "img" / f"{i}.png")
-        items.append({"dataset_name": dataset, "id": i, "image_path": f"img/{i}.png", "question": question, "answers": answers, "type": kind})
+        items.append(
+            {"dataset_name": dataset, "id": i, "image_path": f"img/{i}.png", "question": question, "answers": answers, "type": kind}
+        )
     path = folder / "set.json"
     path.write_text(json.dumps(items))
     return path
@@ -156,7 +184,6 @@ def test_end_to_end_report_is_complete_and_consistent(saved_model, tmp_path):
     assert f"{summary['correct']}/{len(ITEMS)}" in report and all(kind in report for *_, kind in ITEMS)
 
 
-
 def test_batching_and_left_padding_change_no_token(saved_model, tmp_path):
     path = write_set(tmp_path)
     model, tokenizer = load_for_eval(saved_model, "cpu")
@@ -202,7 +229,9 @@ def test_llava_export_answers_like_the_beni_model(saved_model, tmp_path):
     llava, llava_tokenizer = load_for_eval(tmp_path / "llava", "cpu")
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     exported = evaluate(llava, llava_tokenizer, path, tmp_path, tmp_path / "llava_eval", settings)
-    assert [r["prediction"] for r in read_predictions(exported.predictions)] == [r["prediction"] for r in read_predictions(beni.predictions)]
+    assert [r["prediction"] for r in read_predictions(exported.predictions)] == [
+        r["prediction"] for r in read_predictions(beni.predictions)
+    ]
     assert exported.summary["generated_tokens"] == beni.summary["generated_tokens"]
 
 
@@ -224,7 +253,16 @@ def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_pa
     items = []
     for i, (answer, kind) in enumerate([("11", "Digit String Recognition"), ("2", "Regular Text Recognition")]):
         Image.new("RGB", (64, 32), (240, 240, 230)).save(tmp_path / "img" / f"{i}.png")
-        items.append({"dataset_name": "IIIT5K", "id": i, "image_path": f"img/{i}.png", "question": "what is written?", "answers": [answer], "type": kind})
+        items.append(
+            {
+                "dataset_name": "IIIT5K",
+                "id": i,
+                "image_path": f"img/{i}.png",
+                "question": "what is written?",
+                "answers": [answer],
+                "type": kind,
+            }
+        )
     (tmp_path / "set.json").write_text(json.dumps(items))
     result = evaluate(model, tokenizer, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
     records = read_predictions(result.predictions)

@@ -12,6 +12,7 @@ from beni_model.modeling import BeniForConditionalGeneration
 from beni_pipeline.defs.evaluation.assets import CPU_RECIPE, EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
 from beni_pipeline.prep.ocr_eval import CATEGORIES
+from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
 from tests.pipeline.conftest import materialize
 
@@ -46,26 +47,37 @@ def metadata_of(result, key: str) -> dict:
 
 def test_eval_report_and_exports_of_the_trained_model(data):
     save_tiny_model(data / "model" / "final")
-    run_config = {"ops": {
-        "heldout_eval_set": {"config": EVAL_SET},
-        "ocr_eval_report": {"config": EVAL},
-        "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
-    }}
+    run_config = {
+        "ops": {
+            "heldout_eval_set": {"config": EVAL_SET},
+            "ocr_eval_report": {"config": EVAL},
+            "quantized_exports": {"config": {**EVAL, "schemes": ["nf4"]}},  # every scheme round-trips in tests/model/test_quantize.py
+        }
+    }
+    corpus = generate_corpus(data / "corpus", CorpusSettings(samples=4, kinds={"digits": 1.0}))  # as source_manifest makes it
     with dg.DagsterInstance.get() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("source_manifest", metadata={"sources": dg.MetadataValue.json([str(corpus)])})
+        )
         instance.report_runless_asset_event(dg.AssetMaterialization("trained_model", metadata={"recipe": CPU_RECIPE}))
-        result = materialize([heldout_eval_set, ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config)
+        result = materialize(
+            [heldout_eval_set, ocr_eval_report, report_covers_every_sample, quantized_exports], instance=instance, run_config=run_config
+        )
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_covers_every_sample": True}
 
     report = metadata_of(result, "ocr_eval_report")
-    assert "smoke run: the score is not meaningful" in report["title"]
+    assert "minutes on a CPU: only the categories its corpus trains on can score" in report["title"]
     assert report["title"] in (data / "ocr_eval" / "report" / "report.md").read_text()
     total = len(CATEGORIES)
     assert report["total"] == total and report["score"].startswith(f"{report['correct']}/{total} ")
     categories = {r.data["type"]: r.data for r in report["by_category"].records}
     assert set(categories) == set(CATEGORIES) and sum(c["total"] for c in categories.values()) == total
     assert sum(c["correct"] for c in categories.values()) == report["correct"]
+    assert {k for k, c in categories.items() if c["trained_on"]} == {"Digit String Recognition"} and report["categories_trained_on"] == 1
+    assert report["score"].endswith("; 9 categories not trained on")
+    assert Path(report["report"]).read_text().count(" no: the training data has none |") == 9
     assert 0 <= report["head_accuracy"] <= 1 and all(0 <= c["head_accuracy"] <= 1 for c in categories.values())
     shown = report["right_answers"].count("data:image/jpeg;base64,") + report["wrong_answers"].count("data:image/jpeg;base64,")
     assert shown == min(4, report["correct"]) + min(4, total - report["correct"])
@@ -84,23 +96,34 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     lines = (report_dir / "predictions.jsonl").read_text().splitlines()
     (report_dir / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     with dg.DagsterInstance.get() as instance:
-        check = materialize([ocr_eval_report, report_covers_every_sample], instance=instance, selection=dg.AssetSelection.checks(report_covers_every_sample), raise_on_error=False)
+        check = materialize(
+            [ocr_eval_report, report_covers_every_sample],
+            instance=instance,
+            selection=dg.AssetSelection.checks(report_covers_every_sample),
+            raise_on_error=False,
+        )
     [evaluation] = check.get_asset_check_evaluations()
     assert not evaluation.passed and evaluation.metadata["missing"].value == 1
 
 
 def test_without_a_trained_model_the_assets_say_so(data):
     with dg.DagsterInstance.get() as instance:
-        result = materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
+        result = materialize(
+            [ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}}
+        )
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "No trained model at" in str(failure.event_specific_data.error) and "materialize trained_model first" in str(failure.event_specific_data.error)
+    assert "No trained model at" in str(failure.event_specific_data.error) and "materialize trained_model first" in str(
+        failure.event_specific_data.error
+    )
 
 
 def test_without_an_eval_set_the_report_says_so(data):
     save_tiny_model(data / "model" / "final")
     with dg.DagsterInstance.get() as instance:
-        result = materialize([ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}})
+        result = materialize(
+            [ocr_eval_report], instance=instance, raise_on_error=False, run_config={"ops": {"ocr_eval_report": {"config": EVAL}}}
+        )
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "materialize heldout_eval_set first" in str(failure.event_specific_data.error)
 
@@ -108,7 +131,9 @@ def test_without_an_eval_set_the_report_says_so(data):
 def test_half_configured_ocrbench_is_refused(data):
     config = {"ocrbench_json": "/nowhere/OCRBench.json"}
     with dg.DagsterInstance.get() as instance:
-        result = materialize([heldout_eval_set], instance=instance, raise_on_error=False, run_config={"ops": {"heldout_eval_set": {"config": config}}})
+        result = materialize(
+            [heldout_eval_set], instance=instance, raise_on_error=False, run_config={"ops": {"heldout_eval_set": {"config": config}}}
+        )
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "Set both ocrbench_json and ocrbench_images" in str(failure.event_specific_data.error)
 

@@ -6,14 +6,30 @@ from PIL import Image
 
 from beni_model.evaluate import is_correct
 from beni_pipeline.prep import ocr_eval, synthetic
-from beni_pipeline.prep.ocr_eval import CATEGORIES, EvalSetSettings, Overlap, corpus_answers, find_overlaps, generate_eval_set
+from beni_pipeline.prep.ocr_eval import (
+    CATEGORIES,
+    CATEGORY_KINDS,
+    EvalSetSettings,
+    Overlap,
+    corpus_answers,
+    find_overlaps,
+    generate_eval_set,
+    trained_categories,
+)
 from beni_pipeline.prep.synthetic import conversations, jpeg, make_sample
 
 SETTINGS = EvalSetSettings(per_category=2, seed=3)
 OCRBENCH_TYPES = {  # OCRBench's ten categories, as its `type` field names them
-    "Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition", "Handwriting Recognition",
-    "Digit String Recognition", "Non-Semantic Text Recognition", "Handwritten Mathematical Expression Recognition",
-    "Key Information Extraction", "Doc-oriented VQA", "Scene Text-centric VQA",
+    "Regular Text Recognition",
+    "Irregular Text Recognition",
+    "Artistic Text Recognition",
+    "Handwriting Recognition",
+    "Digit String Recognition",
+    "Non-Semantic Text Recognition",
+    "Handwritten Mathematical Expression Recognition",
+    "Key Information Extraction",
+    "Doc-oriented VQA",
+    "Scene Text-centric VQA",
 }
 
 
@@ -30,7 +46,9 @@ def corpus(tmp_path_factory):
     for i in range(40):
         sample = make_sample(0, i)
         (folder / "images" / f"{i:06d}.jpg").write_bytes(jpeg(sample.image))
-        rows.append({"url": f"images/{i:06d}.jpg", "caption": sample.caption, "conversations": conversations(sample.qa), "kind": sample.kind})
+        rows.append(
+            {"url": f"images/{i:06d}.jpg", "caption": sample.caption, "conversations": conversations(sample.qa), "kind": sample.kind}
+        )
     path = folder / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -72,7 +90,12 @@ def test_handwritten_maths_is_scored_as_hme100k_latex(eval_set):
 def test_the_corpus_asks_every_held_out_question_form(eval_set):
     """A model trained on the corpus has seen each question the held-out set asks, letter case included (key
     information aside: its questions name the document's own items)."""
-    corpus_questions = {*synthetic.READ_QUESTIONS, *synthetic.MATH_QUESTIONS, *synthetic.MEMO_QUESTIONS.values(), *synthetic.SIGN_QUESTIONS.values()}
+    corpus_questions = {
+        *synthetic.READ_QUESTIONS,
+        *synthetic.MATH_QUESTIONS,
+        *synthetic.MEMO_QUESTIONS.values(),
+        *synthetic.SIGN_QUESTIONS.values(),
+    }
     for item in json.loads(eval_set.read_text()):
         if item["type"] != "Key Information Extraction":
             assert item["question"] in corpus_questions, item
@@ -97,7 +120,11 @@ def test_overlap_check_finds_a_shared_image_and_a_shared_answer(eval_set, corpus
     rows = [
         {"url": "images/copied.jpg", "caption": "a copy", "conversations": []},
         # the same answer, up to OCRBench's normalization
-        {"url": "images/000000.jpg", "caption": "x", "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": f"  {items[7]['answers'][0].upper()} "}]},
+        {
+            "url": "images/000000.jpg",
+            "caption": "x",
+            "conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": f"  {items[7]['answers'][0].upper()} "}],
+        },
     ]
     with (planted / "corpus.jsonl").open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,3 +140,13 @@ def test_excluded_answers_are_redrawn(eval_set, tmp_path):
     redrawn = json.loads(generate_eval_set(tmp_path, SETTINGS, taken).read_text())
     assert len(redrawn) == len(items)
     assert not {ocr_eval.answer_key(i["answers"][0]) for i in redrawn} & taken
+
+
+def test_every_category_is_taught_by_corpus_kinds_and_a_corpus_names_the_ones_it_teaches(corpus, tmp_path):
+    assert CATEGORY_KINDS.keys() == CATEGORIES.keys()
+    assert {kind for kinds in CATEGORY_KINDS.values() for kind in kinds} == set(synthetic.KINDS)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert trained_categories(corpus) == {c for c, kinds in CATEGORY_KINDS.items() if any(r["kind"] in kinds for r in rows)}
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] == "digits"))
+    assert trained_categories(digits) == {"Digit String Recognition"}

@@ -159,7 +159,9 @@ def test_renders_without_any_font_files(monkeypatch):
     assert image.width >= 160 and info["total"]
 
 
-@pytest.mark.parametrize("settings", [CorpusSettings(samples=0), CorpusSettings(duplicate_fraction=1.0), CorpusSettings(duplicate_fraction=-0.1)])
+@pytest.mark.parametrize(
+    "settings", [CorpusSettings(samples=0), CorpusSettings(duplicate_fraction=1.0), CorpusSettings(duplicate_fraction=-0.1)]
+)
 def test_bad_settings_say_so(settings, tmp_path):
     with pytest.raises(ValueError, match="samples >= 1 and 0 <= duplicate_fraction < 1"):
         generate_corpus(tmp_path, settings)
@@ -239,3 +241,15 @@ def test_documents_name_their_lines_top_to_bottom_where_their_text_is(kind):
             assert band.std() > 8, (kind, seed, text)
         for _, answer in sample.qa:
             assert any(answer.lower() in text.lower() for text, _ in sample.lines), (kind, answer)  # signs may be upper-case
+
+
+def test_kinds_choose_what_the_corpus_draws(tmp_path):
+    settings = CorpusSettings(samples=12, seed=7, duplicate_fraction=0.1, kinds={"digits": 1.0, "word": 1.0})
+    rows = read_jsonl(generate_corpus(tmp_path, settings))
+    assert {r["kind"] for r in rows} == {"digits", "word"} and len(rows) == 12
+    assert all(r["transcript"] == r["conversations"][-1]["value"] for r in rows)
+    assert json.loads((tmp_path / "corpus_settings.json").read_text())["kinds"] == {"digits": 1.0, "word": 1.0}
+    with pytest.raises(ValueError, match=r"corpus kinds \['poem'\] are not among"):
+        generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 1.0, "poem": 1.0}))
+    with pytest.raises(ValueError, match="weights above 0"):
+        generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 0.0}))

@@ -20,10 +20,13 @@ from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
 from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
-from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
+from beni_pipeline.prep.synthetic import KINDS, CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
 GPU_CORPUS_SAMPLES = 120_000
+# The CPU recipe trains for a few minutes: enough for a tiny model to start reading one line of digits, not every kind of
+# the GPU corpus (bench/BENCHMARKS.md), so the CPU default corpus draws digit strings only.
+CPU_CORPUS_KINDS = {"digits": 1.0}
 
 
 class SourceManifestConfig(Config, SourceSettings):
@@ -36,6 +39,11 @@ class SourceManifestConfig(Config, SourceSettings):
         description=f"size of the generated corpus; default {GPU_CORPUS_SAMPLES} on a GPU machine (the smollm2-siglip recipe's data), 2000 on CPU",
     )
     corpus_seed: int = pydantic.Field(0, description="seed of the generated corpus")
+    corpus_kinds: dict[str, float] = pydantic.Field(
+        default_factory=lambda: dict(KINDS) if torch.cuda.is_available() else dict(CPU_CORPUS_KINDS),
+        description=f"kinds of samples the generated corpus draws, with their weights (of {sorted(KINDS)}); default all on a GPU machine, "
+        f"{sorted(CPU_CORPUS_KINDS)} on CPU",
+    )
 
 
 class DownloadConfig(Config, DownloadSettings):
@@ -49,7 +57,7 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     if config.sources:
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
-        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed)
+        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed, kinds=config.corpus_kinds)
         context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]
@@ -126,14 +134,15 @@ def _previews(chunk, out_dir: Path, n: int) -> list[tuple[bytes, str]]:
     return [(read_member(out_dir / r["tar"], r["offset"], r["size"]), text[r["sample_id"]]) for r in ok]
 
 
-
 class DedupConfig(Config, DedupSettings):
     pass
 
 
 class ShardConfig(Config):
     name: str = pydantic.Field("train", description="shard file names: <name>-000000.tar, ...")
-    max_samples: int = pydantic.Field(500, ge=1, description="samples per shard at most: several shards even for small sets, so every rank reads its own")
+    max_samples: int = pydantic.Field(
+        500, ge=1, description="samples per shard at most: several shards even for small sets, so every rank reads its own"
+    )
     max_bytes: int = pydantic.Field(256 * 2**20, ge=2**16, description="bytes per shard at most, tar headers included")
 
 
@@ -149,7 +158,9 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
         context.log.info(f"chunk {path.stem}: hashed {rows} rows ({rows / seconds:.0f} rows/s)")
 
     hashed = hash_chunks([(layout.manifest_chunk(c), layout.download_dir(c), f) for c, f in zip(chunks, features)], config, done)
-    context.log.info(f"hashed {len(hashed)} of {len(chunks)} chunks ({len(chunks) - len(hashed)} cached) in {time.perf_counter() - start:.1f} s; clustering")
+    context.log.info(
+        f"hashed {len(hashed)} of {len(chunks)} chunks ({len(chunks) - len(hashed)} cached) in {time.perf_counter() - start:.1f} s; clustering"
+    )
     cluster_start = time.perf_counter()
     result = find_duplicates(features, config, work_dir=layout.dedup)
     write_result(result, layout.dedup)
@@ -178,7 +189,9 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
 
 
 @dg.asset(group_name="data", deps=[deduplicated], kinds={"webdataset"}, owners=["team:data"])
-def training_shards(context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout, recipe: TrainingRecipe) -> dg.MaterializeResult:
+def training_shards(
+    context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout, recipe: TrainingRecipe
+) -> dg.MaterializeResult:
     """The kept samples as WebDataset tars sorted by token length (text tokens of the target LLM's tokenizer
     plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
     the same inputs; a killed run keeps its finished shards."""
@@ -261,8 +274,18 @@ def _clusters_md(layout: DataLayout, clusters: list[dict]) -> dg.MarkdownMetadat
         lines.append(f"**cluster {cluster['cluster_id']}** ({', '.join(cluster['reasons'])})\n")
         samples = [cluster["kept_id"]] + list(cluster["dropped_ids"])
         images = [_image(layout, rows[s]) for s in samples]
-        lines.append(preview_md([(image, ("KEPT: " if s == cluster["kept_id"] else "dropped: ") + sample_text(rows[s]["caption"], rows[s]["conversations"]))
-                                 for s, image in zip(samples, images)]).value + "\n")
+        lines.append(
+            preview_md(
+                [
+                    (
+                        image,
+                        ("KEPT: " if s == cluster["kept_id"] else "dropped: ") + sample_text(rows[s]["caption"], rows[s]["conversations"]),
+                    )
+                    for s, image in zip(samples, images)
+                ]
+            ).value
+            + "\n"
+        )
     return dg.MetadataValue.md("\n".join(lines) or "no duplicates")
 
 

@@ -9,11 +9,12 @@ from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.prep.files import write_text_atomic
-from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set
+from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set, trained_categories
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 CPU_RECIPE = "tiny"  # the CPU demo's recipe (beni_model/recipes/tiny.yaml)
 EVAL_SET = dg.AssetKey("heldout_eval_set")
+SOURCE_MANIFEST = dg.AssetKey("source_manifest")
 
 
 class EvalSetConfig(Config):
@@ -41,6 +42,16 @@ def trained_by(instance: dg.DagsterInstance) -> str | None:
     return recipe.value if recipe else None
 
 
+def categories_trained_on(instance: dg.DagsterInstance, layout: DataLayout) -> set[str] | None:
+    """The eval categories the generated corpus teaches, when the latest manifest was built from it alone; None when
+    the training data is the user's own (its categories are unknown)."""
+    event = instance.get_latest_materialization_event(SOURCE_MANIFEST)
+    sources = event.asset_materialization.metadata.get("sources") if event and event.asset_materialization else None
+    if sources is None or sources.value != [str(layout.corpus_jsonl)] or not layout.corpus_jsonl.is_file():
+        return None
+    return trained_categories(layout.corpus_jsonl)
+
+
 def model_dir_or_fail(layout: DataLayout) -> Path:
     model_dir = layout.final_model
     if not (model_dir / "config.json").is_file():
@@ -55,7 +66,10 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
     Made once; the eval report and the exports read it."""
     if config.ocrbench_json or config.ocrbench_images:
         if not (config.ocrbench_json and config.ocrbench_images):
-            raise dg.Failure("Set both ocrbench_json and ocrbench_images to evaluate on the real OCRBench (or neither for the held-out set).", allow_retries=False)
+            raise dg.Failure(
+                "Set both ocrbench_json and ocrbench_images to evaluate on the real OCRBench (or neither for the held-out set).",
+                allow_retries=False,
+            )
         eval_set = {"name": "OCRBench", "json": config.ocrbench_json, "images": config.ocrbench_images}
     else:
         corpus = layout.corpus_jsonl
@@ -64,7 +78,10 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
         if corpus.is_file():
             overlaps = find_overlaps(eval_json, layout.heldout, corpus)
             if overlaps:
-                raise dg.Failure(f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.", allow_retries=False)
+                raise dg.Failure(
+                    f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.",
+                    allow_retries=False,
+                )
             context.log.info(f"held-out set checked against {corpus}: no shared image or answer")
         else:
             context.log.warning(f"no generated corpus at {corpus} to check the held-out set against")
@@ -72,7 +89,12 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
     write_text_atomic(layout.eval_set, json.dumps(eval_set, indent=1))
     items = json.loads(Path(eval_set["json"]).read_text())
     return dg.MaterializeResult(
-        metadata={"eval_set": eval_set["name"], "items": len(items), "categories": len({i["type"] for i in items}), "path": dg.MetadataValue.path(eval_set["json"])}
+        metadata={
+            "eval_set": eval_set["name"],
+            "items": len(items),
+            "categories": len({i["type"] for i in items}),
+            "path": dg.MetadataValue.path(eval_set["json"]),
+        }
     )
 
 
@@ -100,6 +122,8 @@ def category_table(summary: dict) -> dg.TableMetadataValue:
     columns = {"correct": "int", "total": "int", "accuracy": "float", "similarity": "float"}
     if "head_accuracy" in summary:  # an extension head's own answers (the ocr reading head's transcripts), scored alike
         columns["head_accuracy"] = "float"
+    if "trained_on" in summary:  # whether the training data has samples of the category at all
+        columns["trained_on"] = "bool"
     return dg.MetadataValue.table(
         [dg.TableRecord({"type": k, **{c: v[c] for c in columns}}) for k, v in summary["by_type"].items()],
         schema=dg.TableSchema(columns=[dg.TableColumn("type", "string"), *(dg.TableColumn(c, t) for c, t in columns.items())]),
@@ -113,10 +137,11 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     model_dir = model_dir_or_fail(layout)
     eval_json, image_root, set_name = eval_set_or_fail(layout)
     title = f"OCR eval of {model_dir} on the {set_name}"
-    if smoke_run := trained_by(context.instance) == CPU_RECIPE:
-        title += f" ({CPU_RECIPE!r} recipe, a CPU smoke run: the score is not meaningful)"
+    if cpu_run := trained_by(context.instance) == CPU_RECIPE:
+        title += f" ({CPU_RECIPE!r} recipe, minutes on a CPU: only the categories its corpus trains on can score)"
+    trained = categories_trained_on(context.instance, layout)
     model, tokenizer = load_for_eval(model_dir, config.device or None)
-    result = evaluate(model, tokenizer, eval_json, image_root, layout.ocr_eval, config.eval_settings(), title=title)
+    result = evaluate(model, tokenizer, eval_json, image_root, layout.ocr_eval, config.eval_settings(), title=title, trained=trained)
     summary, records = result.summary, read_predictions(result.predictions)
     context.log.info(f"score {score_line(summary)}")
     metadata = {
@@ -138,12 +163,19 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     for key in ("ocrbench_score", "head_accuracy"):
         if key in summary:
             metadata[key] = summary[key]
-    if smoke_run:
-        context.log.warning(f"the model was trained by the {CPU_RECIPE!r} smoke-run recipe: its score is not meaningful")
+    if "trained_on" in summary:
+        metadata["trained_on_accuracy"] = summary["trained_on"]["accuracy"]
+        metadata["categories_trained_on"] = len(summary["trained_on"]["categories"])
+    if cpu_run:
+        context.log.warning(
+            f"the model was trained by the {CPU_RECIPE!r} recipe on CPU: only the categories its corpus trains on can score"
+        )
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset_check(asset=ocr_eval_report, description="The report has exactly one scored prediction for every item of the eval set, in its order.")
+@dg.asset_check(
+    asset=ocr_eval_report, description="The report has exactly one scored prediction for every item of the eval set, in its order."
+)
 def report_covers_every_sample(layout: DataLayout) -> dg.AssetCheckResult:
     report = layout.ocr_eval
     summary = json.loads((report / "summary.json").read_text())

@@ -45,13 +45,13 @@ def trained_model(
     """The recipe's stages trained one after another by torchrun (FSDP2) on the training shards; logs and step
     metrics stream back through Dagster Pipes. A re-materialization resumes each stage from its last checkpoint
     (a finished stage only re-saves its final model)."""
-    recipe = recipe.load()
+    plan = recipe.load()  # the resource names the recipe; plan is the loaded, validated file
     processes = config.processes_per_node or torch.cuda.device_count() or 2
     overrides = {
         k: v for k, v in config.model_dump().items() if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every")
     }
-    root = layout.training(recipe.name)
-    configs = recipe.train_configs(layout.shards, root, layout.model_parts, config.lr_scale, **overrides)
+    root = layout.training(plan.name)
+    configs = plan.train_configs(layout.shards, root, layout.model_parts, config.lr_scale, **overrides)
     for train_config in configs:
         train_config.wandb, train_config.peak_tflops = config.wandb, config.peak_tflops or 0.0
     results = []
@@ -63,7 +63,7 @@ def trained_model(
         results.append(pipes.run(command=torchrun_command(config_path, processes), context=context).get_materialize_result())
 
     try:
-        out = run_recipe(recipe, configs, root, launch)
+        out = run_recipe(plan, configs, root, launch)
     except (ValueError, FileNotFoundError) as e:
         raise dg.Failure(str(e), allow_retries=False) from None
     result = results[-1]
@@ -73,7 +73,7 @@ def trained_model(
     return dg.MaterializeResult(
         metadata={
             **result.metadata,
-            "recipe": recipe.name,
+            "recipe": plan.name,
             "checkpoint": dg.MetadataValue.path(summary["checkpoint"]),
             "final_model": dg.MetadataValue.path(summary["final_model"]),
             "loss_curve": dg.MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),

@@ -22,7 +22,6 @@ import torch
 from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from beni_model.config import BeniConfig
-from beni_model.evaluate import greedy
 from beni_model.export import llava_config, llava_state_dict
 from beni_model.modeling import BeniForConditionalGeneration
 
@@ -66,6 +65,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype):
     beni = BeniForConditionalGeneration(config).to(device, dtype).eval()
     llava = LlavaForConditionalGeneration(llava_config(beni)).to(device, dtype).eval()
     llava.load_state_dict(llava_state_dict(beni), strict=False)
+    llava.generation_config.suppress_tokens = beni.generation_config.suppress_tokens  # as export_llava writes it
     return beni, llava
 
 
@@ -105,7 +105,10 @@ def run(model, prepared, new_tokens: int, device: str, compile: bool = False) ->
                 "pad_token_id": 0,
                 "eos_token_id": 2,
             }
-            outputs.append(greedy(model, compile, **kwargs))
+            if isinstance(model, BeniForConditionalGeneration):  # its lean loop, as the eval runs it
+                outputs.append(model.greedy_generate(**kwargs, compile=compile))
+            else:
+                outputs.append(model.generate(**kwargs, do_sample=False))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs

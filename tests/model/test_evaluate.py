@@ -5,16 +5,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from beni_model.chat import pad_batch
 from beni_model.evaluate import (
     EvalSettings,
     evaluate,
     generate_tokens,
-    image_spec,
     is_correct,
     load_for_eval,
     load_set,
-    prompt_ids,
+    question_prompt,
     read_predictions,
     report_markdown,
     score_line,
@@ -23,7 +21,7 @@ from beni_model.evaluate import (
 )
 from beni_model.export import export_llava
 from beni_model.ocr.heads import READS_PER_COLUMN, reading_classes
-from tests.model.conftest import images
+from tests.model.conftest import pictures, processor_of
 
 # ---------------------------------------------------------------- OCRBench's rule, by hand
 
@@ -156,7 +154,7 @@ def save_test_model(build, folder: Path) -> Path:
             if p.dim() == 2:
                 p.normal_(0, 0.5, generator=generator)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    processor_of(model, tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -194,10 +192,11 @@ def test_batching_and_left_padding_change_no_token(saved_model, tmp_path):
 
 
 def test_greedy_generate_gives_the_tokens_of_generate(saved_model):
-    model, tokenizer = load_for_eval(saved_model, "cpu")
-    spec, pad = image_spec(model, tokenizer), tokenizer.pad_token_id
-    batch = pad_batch([prompt_ids(question, tokenizer, spec) for _, question, *_ in ITEMS], pad, padding_side="left")
-    pixels, width = images(len(ITEMS)), batch["input_ids"].shape[1]
+    model, processor = load_for_eval(saved_model, "cpu")
+    tokenizer, pad = processor.tokenizer, processor.tokenizer.pad_token_id
+    texts = [question_prompt(question, processor) for _, question, *_ in ITEMS]
+    batch = processor(text=texts, images=pictures(len(ITEMS)), padding=True, padding_side="left", return_tensors="pt")
+    pixels, width = batch["pixel_values"], batch["input_ids"].shape[1]
     assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: left padding in play
 
     def both(rows=slice(None), **settings) -> list[list[int]]:
@@ -223,9 +222,9 @@ def test_greedy_generate_gives_the_tokens_of_generate(saved_model):
 def test_llava_export_answers_like_the_beni_model(saved_model, tmp_path):
     path = write_set(tmp_path)
     settings = EvalSettings(batch_size=len(ITEMS), max_new_tokens=6)
-    model, tokenizer = load_for_eval(saved_model, "cpu")
-    beni = evaluate(model, tokenizer, path, tmp_path, tmp_path / "beni", settings)
-    export_llava(model, tmp_path / "llava", tokenizer)
+    model, processor = load_for_eval(saved_model, "cpu")
+    beni = evaluate(model, processor, path, tmp_path, tmp_path / "beni", settings)
+    export_llava(model, tmp_path / "llava", processor)
     llava, llava_tokenizer = load_for_eval(tmp_path / "llava", "cpu")
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     exported = evaluate(llava, llava_tokenizer, path, tmp_path, tmp_path / "llava_eval", settings)
@@ -264,7 +263,8 @@ def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_pa
             }
         )
     (tmp_path / "set.json").write_text(json.dumps(items))
-    result = evaluate(model, tokenizer, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
+    processor = processor_of(model, tokenizer)
+    result = evaluate(model, processor, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
     records = read_predictions(result.predictions)
     assert [(r["head_answer"], r["head_correct"]) for r in records] == [("1111", True), ("1111", False)]
     assert result.summary["head_accuracy"] == 0.5

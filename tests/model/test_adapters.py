@@ -27,6 +27,7 @@ def test_lora_trains_adapters_and_connector_only_and_reloads(build, tmp_path, do
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "language_model" in n)
     # Vision adapters after the feature layer or in the unused pooling head get none, the others do.
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "vision_tower" in n) == vision
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())  # every adapter placed gets a gradient
     optimizer.step()
     peft_model.eval()
     with torch.no_grad():
@@ -72,3 +73,11 @@ def test_qlora_on_gpu(parts):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_vision_adapters_skip_the_pooling_head_and_the_layers_after_the_feature_layer(build):
+    model, _ = build("siglip", "llama", vision_feature_layer=-2)  # 2 layers: the second one's output is never read
+    targets = [t for t in lora_targets(model, vision=True) if t.startswith("vision_tower.")]
+    assert targets and all(".layers.0." in t for t in targets)
+    assert not any(".head." in t for t in lora_targets(build("siglip", "llama")[0], vision=True))
+

@@ -1,6 +1,6 @@
-"""Eval generation throughput: beni's batched `greedy_generate` (what the eval runs) against transformers' own
-`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run; on CUDA also with
-the decode step compiled into a CUDA graph (`beni_compiled`, EvalSettings.compile_decode).
+"""Eval generation throughput: beni's batched `generate` (what the eval runs) against transformers' own
+`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run; on CUDA also over
+a static cache, which transformers compiles (`beni_compiled`, EvalSettings.compile_decode).
 
 Both models are built from config classes with random weights (the LLaVA one holds beni's weights in LLaVA's
 layout, see beni_model.export), bf16 on the GPU. Each item is an OCRBench-like prompt: one image (its image
@@ -105,10 +105,8 @@ def run(model, prepared, new_tokens: int, device: str, compile: bool = False) ->
                 "pad_token_id": 0,
                 "eos_token_id": 2,
             }
-            if isinstance(model, BeniForConditionalGeneration):  # its lean loop, as the eval runs it
-                outputs.append(model.greedy_generate(**kwargs, compile=compile))
-            else:
-                outputs.append(model.generate(**kwargs, do_sample=False))
+            static = {"cache_implementation": "static"} if compile else {}  # as EvalSettings.compile_decode
+            outputs.append(model.generate(**kwargs, do_sample=False, **static))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs
@@ -126,7 +124,7 @@ def main() -> None:
     beni, llava = build(args.tiny, device, dtype)
     contenders = {"beni": (beni, False), "beni_compiled": (beni, True), "llava": (llava, False)}  # name: (model, compile)
     if device != "cuda":
-        del contenders["beni_compiled"]  # the same eager loop: greedy_generate compiles on CUDA only
+        del contenders["beni_compiled"]  # transformers compiles a static cache's step on GPUs only
     items = make_items(args.items, beni.config)
     print(
         f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, torch {torch.__version__}, "

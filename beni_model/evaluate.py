@@ -28,7 +28,7 @@ OCRBENCH_SIZE = 1000  # the real OCRBench; its official script prints a score ou
 class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int = 32  # OCRBench answers are words, numbers and short phrases
-    compile_decode: bool = False  # on CUDA, the decode step as a CUDA graph (greedy_generate's `compile`; generate's static cache)
+    compile_decode: bool = False  # generate over a static cache, compiled on a GPU (a minute per shape: long evals only)
 
 
 # ---------------------------------------------------------------- the set
@@ -143,12 +143,17 @@ def placement(model) -> tuple[torch.device, torch.dtype]:
 
 @torch.no_grad()
 def greedy(model, inputs: dict, settings: EvalSettings, tokenizer) -> torch.LongTensor:
-    """Prompt ids + greedy new tokens: beni models through their lean loop, which decodes faster than `generate` even
-    with a static cache compiled (bench/BENCHMARKS.md, "Decode"), LLaVA exports through `generate`."""
-    common = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if isinstance(model, BeniForConditionalGeneration):
-        return model.greedy_generate(**inputs, **common, compile=settings.compile_decode)
-    return model.generate(**inputs, **common, do_sample=False, **({"cache_implementation": "static"} if settings.compile_decode else {}))
+    """Prompt ids + greedy new tokens through transformers' `generate`, for beni models and LLaVA exports alike; with
+    `compile_decode` over a static cache, which transformers compiles on a GPU."""
+    static = {"cache_implementation": "static"} if settings.compile_decode else {}
+    return model.generate(
+        **inputs,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **static,
+    )
 
 
 def generate_tokens(

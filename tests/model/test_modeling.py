@@ -215,6 +215,8 @@ def test_from_parts_loads_the_parts_as_they_are_and_leaves_the_callers_config_al
         state = part.state_dict()
         compared = [k for k in saved if k in state and state[k].shape == saved[k].shape]
         assert len(compared) > 10 and all(torch.equal(state[k], saved[k]) for k in compared)
+    vocab = len(saved["embed_tokens.weight"])  # the embeddings grew by the image token; the LLM's own rows stay
+    assert torch.equal(model.get_input_embeddings().weight[:vocab], saved["embed_tokens.weight"])
 
 
 def test_pixel_values_with_inputs_embeds_are_refused(build):

@@ -342,7 +342,7 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         offsets = _spill_band_keys(paths, Path(tmp), settings)
         pairs = _unique_pairs(np.concatenate([_bucket_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]))
-    nodes = np.unique(pairs)
+    nodes = _unique_rows(pairs)
     features = _gather(paths, offsets, nodes, settings.num_perm)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
     step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
@@ -378,7 +378,7 @@ def find_duplicates_parallel(
     # a pair whose rows share keys in two buckets is confirmed in both, with the same reason: keep it once
     confirmed = confirmed[np.lexsort((confirmed[:, 1], confirmed[:, 0]))]
     confirmed = confirmed[np.r_[True, (np.diff(confirmed[:, :2], axis=0) != 0).any(axis=1)]] if len(confirmed) else confirmed
-    nodes = np.unique(confirmed[:, :2])
+    nodes = _unique_rows(confirmed[:, :2])
     left, right = np.searchsorted(nodes, confirmed[:, 0]), np.searchsorted(nodes, confirmed[:, 1])
     return _clusters(_sample_ids(paths, offsets, nodes), left, right, confirmed[:, 2], rows=int(offsets[-1]))
 
@@ -386,7 +386,7 @@ def find_duplicates_parallel(
 def _confirmed_pairs(bucket_dir: Path, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
     """int64 [pairs, 3]: the global rows of each pair of this bucket that the policy confirms, and the reason's index."""
     pairs = _unique_pairs(_bucket_pairs(bucket_dir, settings))
-    nodes = np.unique(pairs)
+    nodes = _unique_rows(pairs)
     features = _gather(paths, offsets, nodes, settings.num_perm)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
     step = 1 << 18  # as in find_duplicates
@@ -504,6 +504,13 @@ def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
     packed = np.sort((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
     packed = packed[np.r_[True, packed[1:] != packed[:-1]]] if len(packed) else packed
     return np.stack([packed >> np.uint64(32), packed & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
+
+
+def _unique_rows(pairs: np.ndarray) -> np.ndarray:
+    """np.unique(pairs), sorted, by a plain sort and a neighbour compare: numpy 2.4's np.unique hashes 1-D input, and
+    took most of the clustering's time on the rows of a few million pairs."""
+    rows = np.sort(pairs.ravel())
+    return rows[np.r_[True, rows[1:] != rows[:-1]]] if len(rows) else rows
 
 
 def _signatures(table: pa.Table, num_perm: int) -> np.ndarray:

@@ -342,15 +342,7 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         offsets = _spill_band_keys(paths, Path(tmp), settings)
         pairs = _unique_pairs(np.concatenate([_bucket_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]))
-    nodes = _unique_rows(pairs)
-    features = _gather(paths, offsets, nodes, settings.num_perm)
-    left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
-    step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
-    reason = np.concatenate(
-        [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
-    )
-    keep = reason >= 0
-    return _clusters(features["sample_id"], left[keep], right[keep], reason[keep], rows=int(offsets[-1]))
+    return _join(_confirmed(pairs, paths, offsets, settings), paths, offsets)
 
 
 def find_duplicates_parallel(
@@ -378,23 +370,32 @@ def find_duplicates_parallel(
     # a pair whose rows share keys in two buckets is confirmed in both, with the same reason: keep it once
     confirmed = confirmed[np.lexsort((confirmed[:, 1], confirmed[:, 0]))]
     confirmed = confirmed[np.r_[True, (np.diff(confirmed[:, :2], axis=0) != 0).any(axis=1)]] if len(confirmed) else confirmed
-    nodes = _unique_rows(confirmed[:, :2])
-    left, right = np.searchsorted(nodes, confirmed[:, 0]), np.searchsorted(nodes, confirmed[:, 1])
-    return _clusters(_sample_ids(paths, offsets, nodes), left, right, confirmed[:, 2], rows=int(offsets[-1]))
+    return _join(confirmed, paths, offsets)
 
 
 def _confirmed_pairs(bucket_dir: Path, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
-    """int64 [pairs, 3]: the global rows of each pair of this bucket that the policy confirms, and the reason's index."""
-    pairs = _unique_pairs(_bucket_pairs(bucket_dir, settings))
+    """The pairs of one bucket that the policy confirms (see `_confirmed`)."""
+    return _confirmed(_unique_pairs(_bucket_pairs(bucket_dir, settings)), paths, offsets, settings)
+
+
+def _confirmed(pairs: np.ndarray, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 3]: the global rows of each candidate pair that the policy confirms, and the reason's index."""
     nodes = _unique_rows(pairs)
     features = _gather(paths, offsets, nodes, settings.num_perm)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
-    step = 1 << 18  # as in find_duplicates
+    step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
     reason = np.concatenate(
         [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
     )
     keep = reason >= 0
     return np.stack([pairs[keep, 0], pairs[keep, 1], reason[keep]], axis=1).astype(np.int64)
+
+
+def _join(confirmed: np.ndarray, paths: list[Path], offsets: np.ndarray) -> DedupResult:
+    """The clusters of the confirmed pairs (each once), named by the sample ids of their rows."""
+    nodes = _unique_rows(confirmed[:, :2])
+    left, right = np.searchsorted(nodes, confirmed[:, 0]), np.searchsorted(nodes, confirmed[:, 1])
+    return _clusters(_sample_ids(paths, offsets, nodes), left, right, confirmed[:, 2], rows=int(offsets[-1]))
 
 
 def _sample_ids(paths: list[Path], offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:

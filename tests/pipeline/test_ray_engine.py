@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,9 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from beni_pipeline.cli import materialize_all
+from beni_pipeline.defs.data.assets import downloaded, source_manifest
+from beni_pipeline.prep.locks import exclusive
+from tests.pipeline.conftest import materialize
 
 
 @pytest.fixture
@@ -108,3 +112,17 @@ def test_the_data_graph_on_ray_equals_the_local_run_with_a_worker_node_killed_mi
     assert [r["sample_id"] for r in statuses(ray_data)] == manifest_ids  # every row once: none lost, none twice
     assert statuses(ray_data) == statuses(tmp_path / "local")
     assert pq.read_table(ray_data / "dedup" / "duplicates.parquet").num_rows == 4
+
+    # a chunk another process holds: the task on the cluster waits, then the run fails with the one-machine sentence
+    with exclusive(ray_data / "downloaded" / "00003" / ".lock", 0, "unused"):
+        result = materialize(
+            [source_manifest, downloaded],
+            instance=instance,
+            selection=[downloaded],
+            partition_key="00003",
+            run_config={"ops": {"downloaded": {"config": {**config["downloaded"], "lock_wait_s": 1}}}},
+            raise_on_error=False,
+        )
+    error = result.get_step_failure_events()[0].step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None
+    assert f"chunk 00003 is being downloaded by another run (pid {os.getpid()})" in error.message

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -61,6 +61,7 @@ class DataSettings:
     extensions: dict[str, dict] = field(default_factory=dict)  # the model's (BeniConfig.extensions): their reply_ids hooks
     targets: tuple[str, ...] = ()  # extensions whose targets image batches carry (Extension.collate)
     grid: int = 0  # the image's patch grid side, for the extensions' targets
+    augment: bool = False  # new pixels for every image each time it is read (see `augment`)
     seed: int = 0
 
 
@@ -156,6 +157,35 @@ def load_image(data: bytes, image_size: int) -> np.ndarray:
         return np.asarray(image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
 
 
+def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A camera's and a printer's ways of changing an image without moving its text: colour and contrast, inverted
+    ink, light falling off across the frame, sensor noise, blur, JPEG artefacts. Nothing geometric: the reading
+    extensions' targets say where each line sits. In Pillow's uint8 operations: float arithmetic in numpy cost the
+    loader several times an image's decoding."""
+    image = Image.fromarray(pixels)
+    if rng.random() < 0.5:
+        gains, offsets = rng.uniform(0.6, 1.4, 3), rng.uniform(-40, 40, 3)
+        image = image.point([min(255, max(0, round(v * g + o))) for g, o in zip(gains, offsets) for v in range(256)])
+    if rng.random() < 0.15:
+        image = ImageOps.invert(image)
+    w, h = image.size
+    if rng.random() < 0.3:
+        ramp = np.linspace(255, 255 * rng.uniform(0.5, 0.8), w).astype(np.uint8)
+        light = Image.fromarray(np.broadcast_to(ramp[None, :], (h, w)).copy()).rotate(90 * int(rng.integers(4)), expand=True).resize((w, h))
+        image = ImageChops.multiply(image, light.convert("RGB"))
+    if rng.random() < 0.3:
+        amplitude = int(rng.integers(2, 10))
+        grain = Image.fromarray(rng.integers(0, 2 * amplitude + 1, (h, w), np.uint8)).convert("RGB")
+        image = ImageChops.add(image, grain, 1, -amplitude)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.3:
+        encoded = io.BytesIO()
+        image.save(encoded, "JPEG", quality=int(rng.integers(30, 80)))
+        image = Image.open(encoded)
+    return np.asarray(image.convert("RGB"))
+
+
 def image_batch(images: list[np.ndarray]) -> torch.Tensor:
     """[n, 3, h, w] uint8, a channels-last view of the stacked images (no strided copy on the host). Batches stay
     uint8, a quarter of float32's bytes through the workers' shared memory and to the device, until
@@ -193,7 +223,8 @@ def reply_hook(settings: DataSettings, meta: dict, tokenizer):
     return reply_ids
 
 
-def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
+def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings, rng: np.random.Generator | None = None) -> dict:
+    """One micro-batch; with settings.augment, `rng` draws each image's augmentation."""
     input_ids, labels, pixels, metas = [], [], [], []
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
@@ -205,7 +236,8 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
-            pixels.append(load_image(image, settings.image_size))
+            loaded = load_image(image, settings.image_size)
+            pixels.append(augment(loaded, rng) if settings.augment else loaded)
             metas.append(meta)
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
@@ -232,7 +264,9 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for position, modality, samples in raw_stream(self.settings, self.rank, self.world_size, self.position):
             if (position.step - 1) % workers == worker:
-                batch = collate(samples, modality, self.tokenizer, self.settings)
+                # Seeded by the micro-step: every epoch draws new augmentations, and a resumed run the same ones.
+                rng = np.random.default_rng([self.settings.seed, self.rank, position.step])
+                batch = collate(samples, modality, self.tokenizer, self.settings, rng)
                 yield {**batch, "modality": modality, "position": asdict(position)}
 
 

@@ -1084,6 +1084,12 @@ def _write_sample(settings: CorpusSettings, i: int, duplicates: dict[int, int], 
     return json.dumps(row, ensure_ascii=False), planted
 
 
+def corpus_fonts_of(out_dir: Path) -> tuple[str, ...] | None:
+    """The fonts the complete corpus in out_dir was drawn with (CorpusSettings.fonts), or None when there is none."""
+    marker = Path(out_dir) / "corpus_settings.json"
+    return tuple(json.loads(marker.read_text())["fonts"]) if marker.is_file() else None
+
+
 def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) -> Path:
     """Writes out_dir/images/<name>.jpg, out_dir/corpus.jsonl and out_dir/planted_duplicates.jsonl; returns the
     corpus.jsonl path. Returns at once if out_dir already holds a complete corpus for the same settings

@@ -142,3 +142,12 @@ def test_letter_spacing_changes_only_the_spaced_samples():
     rng = random.Random(0)
     wide = synthetic.render_text(rng, "harbor", synthetic.TextStyle(None, 32, "plain", 0.0, 0.0, 0, tracking=0.5))
     assert wide.width > synthetic.render_text(random.Random(0), "harbor", synthetic.TextStyle(None, 32, "plain", 0.0, 0.0, 0)).width
+
+
+def test_a_corpus_names_the_fonts_it_was_drawn_with(fonts_root, tmp_path):
+    assert synthetic.corpus_fonts_of(tmp_path / "none") is None
+    train = corpus_fonts(fonts_root)
+    for fonts_used in (train, ()):
+        folder = tmp_path / str(len(fonts_used))
+        synthetic.generate_corpus(folder, synthetic.CorpusSettings(samples=2, kinds={"digits": 1.0}, fonts=fonts_used))
+        assert synthetic.corpus_fonts_of(folder) == fonts_used

@@ -22,6 +22,7 @@ from beni_pipeline.prep import tesseract
 from beni_pipeline.prep.files import write_text_atomic
 from beni_pipeline.prep.fonts import corpus_fonts
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set, trained_categories
+from beni_pipeline.prep.synthetic import corpus_fonts_of
 from beni_pipeline.prep.unseen_eval import make_unseen_set
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
@@ -94,7 +95,9 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
             )
         eval_set = {"name": "OCRBench", "json": config.ocrbench_json, "images": config.ocrbench_images}
     else:
-        settings = EvalSetSettings(config.per_category, config.seed, corpus_fonts(layout.fonts))
+        # The corpus's own fonts, when it was drawn: an ablation may have drawn it with the machine's.
+        fonts = corpus_fonts_of(layout.corpus)
+        settings = EvalSetSettings(config.per_category, config.seed, corpus_fonts(layout.fonts) if fonts is None else fonts)
         eval_json = generate_eval_set(layout.heldout, settings, corpus_answers(corpus) if corpus.is_file() else set())
         check_against_corpus(context, eval_json, layout.heldout, corpus)
         eval_set = {"name": "held-out set", "json": str(eval_json), "images": str(layout.heldout)}

@@ -73,6 +73,28 @@ def score(eval_json: str | Path, image_root: str | Path) -> dict:
     return {**summarize(records), "fingerprint": fingerprint(eval_json, image_root)}
 
 
+def summaries(sets: dict[str, tuple[Path, Path]], scores_path: Path, score_missing: bool) -> tuple[dict[str, dict | None], str]:
+    """Tesseract's summary of each set, name -> (json, image root), from the scores kept at `scores_path` by set
+    fingerprint (None where there is none), and a note on them for the report. With `score_missing`, a set without
+    scores is scored here where Tesseract is installed, and its scores kept."""
+    known = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
+    found, scored_here = {}, False
+    for name, (eval_json, image_root) in sets.items():
+        key = fingerprint(eval_json, image_root)
+        if key not in known and score_missing and installed():
+            known[key] = {"set": str(image_root), **score(eval_json, image_root)}
+            scored_here = True
+        found[name] = known.get(key)
+    if scored_here:
+        write_text_atomic(scores_path, json.dumps(known, indent=1) + "\n")
+    if all(found.values()):
+        return found, "scored by the same rule: " + ", ".join(f"{n} {100 * s['accuracy']:.1f}%" for n, s in found.items())
+    fix = f"`python -m beni_pipeline.prep.tesseract {scores_path} {' '.join(str(root) for _, root in sets.values())}` on a machine that has it"
+    if not installed():
+        return found, f"tesseract not installed (apt-get install tesseract-ocr), and no scores for these sets in {scores_path}: run {fix}"
+    return found, f"tesseract not scored on these sets: set tesseract: true in the eval config, or run {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers
     from beni_pipeline.prep.unseen_eval import make_sets  # both sets, as heldout_eval_set makes them

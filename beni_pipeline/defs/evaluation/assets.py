@@ -7,6 +7,7 @@ import pydantic
 from beni_model.evaluate import (
     FIELDS,
     EvalSettings,
+    comparison_line,
     default_device,
     evaluate,
     load_for_eval,
@@ -35,7 +36,7 @@ UNSEEN = "unseen renderer"  # the unseen-renderer set's column in the side-by-si
 class EvalSetConfig(Config):
     ocrbench_json: str = pydantic.Field("", description="the real OCRBench.json; empty: the held-out generated set")
     ocrbench_images: str = pydantic.Field("", description="the folder OCRBench's image_path entries are relative to")
-    per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (10 categories)")
+    per_category: int = pydantic.Field(25, ge=1, description="held-out items per category (OCRBench's 10 and rotated text)")
     seed: int = pydantic.Field(0, description="seed of the held-out set")
     unseen: bool = pydantic.Field(
         True, description="also make the unseen-renderer set (fonts, layouts and camera the corpus never uses) when fonts are fetched"
@@ -230,7 +231,7 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
         sets[UNSEEN] = unseen_json, unseen_root
         columns[UNSEEN] = unseen
         metadata.update(unseen_score=score_line(unseen), unseen_accuracy=unseen["accuracy"])
-    baseline, note = tesseract_summaries(config, layout, sets)
+    baseline, note = tesseract.summaries(sets, layout.tesseract_scores, score_missing=config.tesseract)
     columns.update({f"tesseract, {name}": s for name, s in baseline.items()})
     rows = side_by_side(columns)
     layout.comparison.mkdir(parents=True, exist_ok=True)
@@ -247,37 +248,6 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
             f"the model was trained by the {CPU_RECIPE!r} recipe on CPU: only the categories its corpus trains on can score"
         )
     return dg.MaterializeResult(metadata=metadata)
-
-
-def tesseract_summaries(config: EvalConfig, layout: DataLayout, sets: dict[str, tuple[Path, Path]]) -> tuple[dict[str, dict | None], str]:
-    """Tesseract's summary of each set (None where there is none) and a note on where they came from. Scores are kept
-    in layout.tesseract_scores by set fingerprint; a set without one is scored here when config.tesseract says so."""
-    known = json.loads(layout.tesseract_scores.read_text()) if layout.tesseract_scores.is_file() else {}
-    summaries, scored_here = {}, False
-    for name, (eval_json, image_root) in sets.items():
-        fingerprint = tesseract.fingerprint(eval_json, image_root)
-        if fingerprint not in known and config.tesseract and tesseract.installed():
-            known[fingerprint] = {"set": str(image_root), **tesseract.score(eval_json, image_root)}
-            scored_here = True
-        summaries[name] = known.get(fingerprint)
-    if scored_here:
-        write_text_atomic(layout.tesseract_scores, json.dumps(known, indent=1) + "\n")
-    if all(summaries.values()):
-        return summaries, "scored by the same rule: " + ", ".join(f"{n} {100 * s['accuracy']:.1f}%" for n, s in summaries.items())
-    fix = f"run `python -m beni_pipeline.prep.tesseract {layout.tesseract_scores} {' '.join(str(r) for _, r in sets.values())}` where it is"
-    if not tesseract.installed():
-        return (
-            summaries,
-            f"tesseract not installed (apt-get install tesseract-ocr), and no scores for these sets in {layout.tesseract_scores}: {fix}",
-        )
-    return summaries, f"tesseract not scored on these sets: set tesseract: true in the eval config, or {fix}"
-
-
-def comparison_line(rows: list[dict]) -> str:
-    """The "all" row in one line: each column's accuracy and the gap between the first two."""
-    total = rows[-1]
-    parts = [f"{name} {'-' if v is None else f'{100 * v:.1f}%'}" for name, v in total.items() if name not in ("type", "gap")]
-    return " | ".join(parts) + ("" if total["gap"] is None else f" | gap {total['gap']:+.1f} points")
 
 
 @dg.asset_check(

@@ -66,6 +66,7 @@ def train(config: TrainConfig) -> dict:
         extensions=beni_config.extensions,
         targets=tuple(config.trained_extensions),
         grid=beni_config.image_size // beni_config.patch_size,
+        augment=config.augment,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, processor, rank, world_size, position, config.workers, device.type == "cuda"))

@@ -1,6 +1,7 @@
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pyarrow as pa
@@ -26,6 +27,7 @@ from beni_pipeline.prep.dedup import (
 )
 from beni_pipeline.prep.download import DownloadSettings, download_chunk_file, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
+from beni_pipeline.prep.fonts import corpus_fonts
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
 from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
@@ -53,6 +55,15 @@ class SourceManifestConfig(Config, SourceSettings):
         description=f"kinds of samples the generated corpus draws, with their weights (of {sorted(KINDS)}); default all on a GPU machine, "
         f"{sorted(CPU_CORPUS_KINDS)} on CPU",
     )
+    corpus_fonts: Literal["train", "machine"] = pydantic.Field(
+        "train",
+        description="train: the train split of the fonts fetched at the fonts root ($BENI_FONTS, else <data>/fonts; the machine's own "
+        "when none are fetched); machine: the machine's own fonts",
+    )
+    corpus_letter_spacing: bool = pydantic.Field(
+        default_factory=torch.cuda.is_available,
+        description="draw some one-line texts with letters spread apart or squeezed; default on a GPU machine, off on CPU",
+    )
 
 
 class DownloadConfig(Config, DownloadSettings):
@@ -66,7 +77,16 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     if config.sources:
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
-        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed, kinds=config.corpus_kinds)
+        fonts = corpus_fonts(layout.fonts) if config.corpus_fonts == "train" else ()
+        drawn_with = f"{len(fonts)} train-split fonts at {layout.fonts}" if fonts else "the machine's own fonts"
+        context.log.info(f"corpus fonts: {drawn_with}")
+        corpus = CorpusSettings(
+            samples=config.corpus_samples,
+            seed=config.corpus_seed,
+            kinds=config.corpus_kinds,
+            fonts=fonts,
+            letter_spacing=config.corpus_letter_spacing,
+        )
         context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]

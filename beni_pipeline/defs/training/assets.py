@@ -26,6 +26,7 @@ class TrainedModelConfig(Config):
     lr_scale: float = pydantic.Field(1.0, gt=0, description="multiplies every part's peak learning rate in every stage (their ratios stay)")
     save_every: int | None = pydantic.Field(None, ge=1, description="sets every stage's steps between checkpoints")
     peak_tflops: float | None = pydantic.Field(None, ge=0, description="one device's bf16 peak, for MFU")
+    augment: bool | None = pydantic.Field(None, description="sets every stage's loader augmentation (on or off); empty: the recipe's")
     wandb: bool = pydantic.Field(False, description="also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     nodes: int = pydantic.Field(
         1,
@@ -63,7 +64,9 @@ def trained_model(
     plan = recipe.load()  # the resource names the recipe; plan is the loaded, validated file
     processes = config.processes_per_node or torch.cuda.device_count() or 2
     overrides = {
-        k: v for k, v in config.model_dump().items() if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every")
+        k: v
+        for k, v in config.model_dump().items()
+        if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every", "augment")
     }
     root = layout.training(plan.name)
     configs = plan.train_configs(layout.shards, root, layout.model_parts, config.lr_scale, **overrides)

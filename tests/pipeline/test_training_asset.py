@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.assets import TRAINING_TAGS, trained_model, training_job
 from tests.model.test_data import write_toy_shards
 from tests.pipeline.conftest import materialize
@@ -22,7 +23,7 @@ def logs(instance, result) -> str:
 
 @pytest.mark.slow
 def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path):
-    write_toy_shards(tmp_path / "data" / "shards", samples=96, per_shard=24)
+    write_toy_shards(DataLayout().shards, samples=96, per_shard=24)
     first = train(instance, max_steps=12, save_every=6)
     assert first.success
     metadata = {k: v.value for k, v in first.asset_materializations_for_node("trained_model")[0].metadata.items()}
@@ -38,7 +39,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     assert second.success
     streamed = logs(instance, second)
     assert "resuming from step_0000012 at step 12 of 16" in streamed and "step=1 loss=" not in streamed
-    rows = (tmp_path / "data" / "training" / "tiny" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    rows = (DataLayout().training("tiny") / "finetune" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 16
 
 
@@ -49,7 +50,7 @@ def test_training_runs_are_queued_one_per_gpu_set_with_a_time_limit():
 
 
 def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
-    write_toy_shards(tmp_path / "data" / "shards", samples=8, per_shard=8)
+    write_toy_shards(DataLayout().shards, samples=8, per_shard=8)
     result = materialize(
         [trained_model],
         instance=instance,

@@ -6,6 +6,7 @@ beni partitions [--dataset NAME]            the partition range of a dataset's c
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -99,6 +100,17 @@ def failed_errors(results: list[dg.ExecuteInProcessResult]) -> list[str]:
     return failed + [f"run {result.job_def.name} failed" for result in results if not result.success]
 
 
+def _instance() -> dg.DagsterInstance:
+    """The instance at DAGSTER_HOME, else at ./dagster_home (a checkout's, as `make` sets it), so that the UI shows the runs."""
+    if not os.environ.get("DAGSTER_HOME"):
+        if not Path("dagster_home", "dagster.yaml").is_file():
+            raise SystemExit(
+                "beni: DAGSTER_HOME is not set and ./dagster_home has no dagster.yaml: run beni from the checkout, or export DAGSTER_HOME=<a folder>."
+            )
+        os.environ["DAGSTER_HOME"] = str(Path("dagster_home").resolve())
+    return dg.DagsterInstance.get()
+
+
 def _dataset_name(text: str) -> str:
     if not DATASET_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain folder name: use letters, digits, '_', '-' or '.'")
@@ -123,22 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--caption-column", help="the column of captions (default: caption)")
     build.add_argument("--config", default="{}", help='asset name -> config, e.g. \'{"downloaded": {"workers": 8}}\'')
     partitions = commands.add_parser("partitions", help="print the partition range of a dataset's chunks")
-    partitions.add_argument("--dataset", type=_dataset_name, default="", help="default: $BENI_DATASET, else demo")
+    partitions.add_argument("--dataset", type=_dataset_name, help="default: $BENI_DATASET, else demo")
     args = parser.parse_args(argv)
 
     if args.command == "partitions":
-        keys = DataLayout(dataset=args.dataset).partition_keys()
+        layout = DataLayout(dataset=args.dataset or "")
+        keys = layout.partition_keys()
         if not keys:
-            print(
-                f"Dataset {DataLayout(dataset=args.dataset).dataset_name!r} has no chunks yet: materialize source_manifest first.",
-                file=sys.stderr,
-            )
+            print(f"Dataset {layout.dataset_name!r} has no chunks yet: materialize source_manifest first.", file=sys.stderr)
             return 1
         print(f"{keys[0]}...{keys[-1]}")
         return 0
 
     if args.command == "demo":
-        results = materialize_all(dg.DagsterInstance.get())
+        results = materialize_all(_instance())
     else:
         try:
             config = json.loads(args.config)
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = args.dataset or _default_dataset(args.source[0])
         print(f"dataset {dataset}: {DataLayout(dataset=dataset).base}")
         selection = dg.AssetSelection.groups("data")
-        results = materialize_all(dg.DagsterInstance.get(), config, selection, dataset)
+        results = materialize_all(_instance(), config, selection, dataset)
     failed = failed_errors(results)
     for line in failed:
         print(f"beni {args.command}: {line}", file=sys.stderr)

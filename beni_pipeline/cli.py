@@ -68,7 +68,9 @@ def _print_summary(result: dg.ExecuteInProcessResult) -> None:
         if materialization.asset_key in shown:
             continue
         shown.add(materialization.asset_key)
-        print(f"{materialization.asset_key.to_user_string()}: {_numbers(materialization.metadata)}")
+        print(
+            f"{materialization.asset_key.to_user_string()}: {_numbers(materialization.metadata) or 'materialized (its tables are in the UI)'}"
+        )
         if "score" in materialization.metadata:  # an eval's own line: which categories it trained on and how they scored
             print(f"  score: {materialization.metadata['score'].value}")
     for evaluation in result.get_asset_check_evaluations():

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,29 @@ def test_materializing_a_partition_before_its_manifest_names_the_fix(instance, t
 def test_partitions_says_to_materialize_the_manifest_first(instance, tmp_path):
     done = beni("partitions", "--dataset", "mine", cwd=tmp_path)
     assert done.returncode == 1 and done.stderr == "Dataset 'mine' has no chunks yet: materialize source_manifest first.\n"
+
+
+def test_every_asset_runs_in_exactly_one_named_job_and_descriptions_show_as_written():
+    from beni_pipeline.cli import JOBS
+    from beni_pipeline.definitions import defs
+
+    definitions = defs()
+    graph = definitions.resolve_asset_graph()
+    in_jobs = [key for name in JOBS for key in definitions.resolve_job_def(name).asset_layer.executable_asset_keys]
+    assert sorted(in_jobs) == sorted(graph.get_all_asset_keys())  # beni demo runs named jobs, and each asset once
+    descriptions = [graph.get(key).description for key in graph.get_all_asset_keys()]
+    descriptions += [definitions.resolve_job_def(name).description for name in JOBS]
+    descriptions += [spec.description for checks in definitions.asset_checks for spec in checks.check_specs]
+    # the UI renders descriptions as markdown with HTML: a <word> would vanish as an unknown tag
+    assert not [d for d in descriptions if d and re.search(r"<[A-Za-z/]", d)]
+
+
+def test_first_hour_mistakes_get_one_sentence_each(instance, tmp_path):
+    missing = beni("build", "--source", "nowhere.parquet", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.endswith("error: source nowhere.parquet does not exist; check the path\n")
+
+    write_rows(tmp_path / "rows.parquet", ["a.png"])  # columns image_url and text, and no --url-column
+    columns = beni("build", "--source", "rows.parquet", cwd=tmp_path)
+    assert columns.returncode == 1
+    assert "has no column 'url' (it has: image_url, text); set url_column to the image column" in columns.stdout
+    assert "beni build: run dataset_source failed" in columns.stderr

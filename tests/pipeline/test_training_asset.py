@@ -1,4 +1,5 @@
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,12 @@ def logs(instance, result) -> str:
 
 
 @pytest.mark.slow
-def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path):
+def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path, capfd):
     write_toy_shards(DataLayout().shards, samples=96, per_shard=24)
     first = train(instance, max_steps=12, save_every=6)
+    out, err = capfd.readouterr()
+    step_lines = [line for line in (out + err).splitlines() if re.search(r"\bstep=\d+ loss=", line)]
+    assert len(step_lines) == 2 * 12  # the tiny recipe's two stages, each step once: the run's log, not the trainer's stdout too
     assert first.success
     metadata = {k: v.value for k, v in first.asset_materializations_for_node("trained_model")[0].metadata.items()}
     assert metadata["steps"] == 12 and metadata["world_size"] == 2 and metadata["device"] == "cpu"

@@ -65,3 +65,14 @@ def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
     assert "Unknown recipe 'huge': pick one of ['smollm2-siglip', 'tiny'] or give the path of a recipe .yaml file." in str(
         result.get_step_failure_events()[0].step_failure_data.error
     )
+
+
+def test_too_few_shards_for_the_processes_fail_with_one_sentence(instance):
+    write_toy_shards(DataLayout().shards, samples=8, per_shard=8)  # one shard, as 30 rows of a user's make
+    config = {"ops": {"trained_model": {"config": {"processes_per_node": 2}}}}
+    result = materialize([trained_model], instance=instance, raise_on_error=False, run_config=config)
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None
+    assert "1 training shards cannot feed 2 training processes (each reads its own): re-materialize training_shards with a smaller" in (
+        error.message
+    )

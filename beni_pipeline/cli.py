@@ -1,4 +1,5 @@
-"""beni: run the asset graph's jobs into the Dagster instance at DAGSTER_HOME, as the UI would, and say what happened.
+"""beni: run the asset graph's jobs into the Dagster instance at DAGSTER_HOME (else ./dagster_home), as the UI would, and
+say what happened.
 
 beni demo                                   the whole graph on the generated corpus (dataset `demo`)
 beni build --source rows.parquet            manifest, downloads of every chunk, dedup and shards of your rows
@@ -15,7 +16,7 @@ import dagster as dg
 
 from beni_pipeline.definitions import defs
 from beni_pipeline.defs.config import partition_range_tags
-from beni_pipeline.defs.layout import DATASET_NAME, DataLayout
+from beni_pipeline.defs.layout import DATASET_NAME, DEFAULT_DATASET, DataLayout
 
 # The jobs that make the graph, in the order they run: the manifest registers the chunks that `dataset_build` covers, so
 # the two cannot share a run.
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "demo":
-        results = materialize_all(_instance())
+        results = materialize_all(_instance(), dataset=DEFAULT_DATASET)  # whatever BENI_DATASET says: the demo never mixes in
     else:
         try:
             config = json.loads(args.config)

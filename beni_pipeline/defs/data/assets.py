@@ -251,7 +251,7 @@ def training_shards(
 def _refuse_other_sources(layout: DataLayout, sources: list[Path]) -> None:
     """A dataset grows when its sources grow; sources that share nothing with its manifest are another dataset, and mixing
     them in would put both in one set of shards."""
-    if not layout.manifest_parquet.is_file():
+    if not layout.manifest_parquet.is_file() or not all(s.exists() for s in sources):  # a missing source has its own sentence
         return
     before = set(pq.read_table(layout.manifest_parquet, columns=["source"]).column("source").to_pylist())
     if before and before.isdisjoint(str(s) for s in sources):

@@ -1,84 +1,178 @@
-"""`beni demo`: materialize the whole asset graph into the instance at DAGSTER_HOME, as the UI would."""
+"""beni: run the asset graph's jobs into the Dagster instance at DAGSTER_HOME (else ./dagster_home), as the UI would, and
+say what happened.
+
+beni demo                                   the whole graph on the generated corpus (dataset `demo`)
+beni build --source rows.parquet            manifest, downloads of every chunk, dedup and shards of your rows
+beni partitions [--dataset NAME]            the partition range of a dataset's chunks, for `dagster ... --partition-range`"""
 
 import argparse
+import json
+import os
+import re
 import sys
+from pathlib import Path
 
 import dagster as dg
 
 from beni_pipeline.definitions import defs
 from beni_pipeline.defs.config import partition_range_tags
+from beni_pipeline.defs.layout import DATASET_NAME, DEFAULT_DATASET, DataLayout
+
+# The jobs that make the graph, in the order they run: the manifest registers the chunks that `dataset_build` covers, so
+# the two cannot share a run.
+JOBS = ["dataset_source", "dataset_build", "train", "evaluate", "export"]
 
 
 def materialize_all(
-    instance: dg.DagsterInstance, op_config: dict[str, dict] | None = None, selection: dg.AssetSelection = dg.AssetSelection.all()
+    instance: dg.DagsterInstance,
+    op_config: dict[str, dict] | None = None,
+    selection: dg.AssetSelection = dg.AssetSelection.all(),
+    dataset: str = "",
 ) -> list[dg.ExecuteInProcessResult]:
-    """One run per stretch of the graph that shares a partitioning; partitioned stretches cover every partition.
+    """One run of each named job that holds a selected asset, in order; a partitioned job covers every chunk of the dataset.
+    Stops after a run that fails.
 
-    `op_config` maps an asset name to its config, as under `ops:` in a run config."""
+    `op_config` maps an asset name to its config, as under `ops:` in a run config; `dataset` names the dataset (empty: the
+    layout's default)."""
     definitions = defs()
-    graph = definitions.resolve_asset_graph()
-    selected = selection.resolve(graph)
-    assets = list(definitions.assets or []) + list(definitions.asset_checks or [])
+    selected = selection.resolve(definitions.resolve_asset_graph())
+    layout = DataLayout(dataset=dataset)
+    resources = {"layout": {"config": {"dataset": dataset}}} if dataset else {}
     results = []
-    for keys in _stages(graph, selected):
-        partitions = graph.get(keys[0]).partitions_def
+    for name in JOBS:
+        job = definitions.resolve_job_def(name)
+        keys = job.asset_layer.executable_asset_keys & selected
+        if not keys:
+            continue
         tags = {}
-        if partitions is not None:
-            partition_keys = partitions.get_partition_keys(dynamic_partitions_store=instance)
-            if not partition_keys:
-                raise RuntimeError(f"{keys[0].to_user_string()} has no partitions yet; materialize its upstream assets first")
-            tags = partition_range_tags(partition_keys[0], partition_keys[-1])
+        if any(job.asset_layer.get(key).partitions_def for key in keys):
+            partitions = layout.partition_keys()
+            if not partitions:
+                raise RuntimeError(f"Dataset {layout.dataset_name!r} has no manifest chunks yet: materialize source_manifest first.")
+            tags = partition_range_tags(partitions[0], partitions[-1])
         names = {key.to_python_identifier() for key in keys}
-        config = {"ops": {name: {"config": c} for name, c in (op_config or {}).items() if name in names}}
-        result = dg.materialize(
-            assets,
-            instance=instance,
-            selection=dg.AssetSelection.assets(*keys),
-            tags=tags,
-            run_config=config,
-            resources=definitions.resources,
-        )
+        config = {"ops": {n: {"config": c} for n, c in (op_config or {}).items() if n in names}, "resources": resources}
+        result = job.execute_in_process(run_config=config, instance=instance, tags=tags, asset_selection=list(keys), raise_on_error=False)
         _print_summary(result)
         results.append(result)
+        if not result.success:
+            break
     return results
 
 
 def _print_summary(result: dg.ExecuteInProcessResult) -> None:
     """What a person wants after each run: each asset's numbers and each check's verdict."""
+    print(f"run {result.run_id[:8]} ({result.job_def.name}): {'succeeded' if result.success else 'FAILED'}")
     shown = set()
     for event in result.get_asset_materialization_events():
         materialization = event.materialization
         if materialization.asset_key in shown:
             continue
         shown.add(materialization.asset_key)
-        numbers = {k: v.value for k, v in materialization.metadata.items() if isinstance(v.value, (int, float))}
-        print(f"{materialization.asset_key.to_user_string()}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+        print(
+            f"{materialization.asset_key.to_user_string()}: {_numbers(materialization.metadata) or 'materialized (its tables are in the UI)'}"
+        )
         if "score" in materialization.metadata:  # an eval's own line: which categories it trained on and how they scored
             print(f"  score: {materialization.metadata['score'].value}")
         if "comparison" in materialization.metadata:  # both held-out sets and Tesseract, side by side
             print(f"  side by side: {materialization.metadata['comparison'].value}")
     for evaluation in result.get_asset_check_evaluations():
-        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
+        verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value}: {_numbers(evaluation.metadata)})"
         print(f"  check {evaluation.check_name}: {verdict}")
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            print(
+                f"  {event.step_key} failed: {error.message.strip().removeprefix(f'dagster._core.definitions.events.{error.cls_name}: ')}"
+            )
 
 
-def _stages(graph, selected: set[dg.AssetKey]) -> list[list[dg.AssetKey]]:
-    stages: list[list[dg.AssetKey]] = []
-    for key in (k for k in graph.toposorted_asset_keys if k in selected):
-        if stages and graph.get(stages[-1][0]).partitions_def == graph.get(key).partitions_def:
-            stages[-1].append(key)
-        else:
-            stages.append([key])
-    return stages
+def _numbers(metadata: dict) -> str:
+    """Numbers and short texts; tables, previews and paths stay in the UI."""
+    shown = {k: v.value for k, v in metadata.items() if isinstance(v.value, (int, float)) and not isinstance(v.value, bool)}
+    shown |= {k: v.value for k, v in metadata.items() if isinstance(v, dg.TextMetadataValue) and len(v.value) <= 80}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def failed_errors(results: list[dg.ExecuteInProcessResult]) -> list[str]:
+    """The ERROR-severity checks that failed, and the failed steps, each named."""
+    failed = [
+        f"check {e.check_name} of {e.asset_key.to_user_string()} failed"
+        for result in results
+        for e in result.get_asset_check_evaluations()
+        if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR
+    ]
+    return failed + [f"run {result.job_def.name} failed" for result in results if not result.success]
+
+
+def _instance() -> dg.DagsterInstance:
+    """The instance at DAGSTER_HOME, else at ./dagster_home (a checkout's, as `make` sets it), so that the UI shows the runs."""
+    if not os.environ.get("DAGSTER_HOME"):
+        if not Path("dagster_home", "dagster.yaml").is_file():
+            raise SystemExit(
+                "beni: DAGSTER_HOME is not set and ./dagster_home has no dagster.yaml: run beni from the checkout, or export DAGSTER_HOME=<a folder>."
+            )
+        os.environ["DAGSTER_HOME"] = str(Path("dagster_home").resolve())
+    return dg.DagsterInstance.get()
+
+
+def _dataset_name(text: str) -> str:
+    if not DATASET_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain folder name: use letters, digits, '_', '-' or '.'")
+    return text
+
+
+def _default_dataset(source: Path) -> str:
+    """A dataset named after its first source, so that a user's rows never land in the demo's dataset by default."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", source.stem).lstrip(".-") or "data"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beni", description=__doc__)
+    parser = argparse.ArgumentParser(prog="beni", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="materialize every asset on the generated default corpus")
-    parser.parse_args(argv)
-    materialize_all(dg.DagsterInstance.get())
-    return 0
+    commands.add_parser("demo", help="materialize every asset on the generated default corpus (dataset `demo`)")
+    build = commands.add_parser("build", help="manifest -> downloads of every chunk -> dedup -> shards for your own rows")
+    build.add_argument("--source", action="append", required=True, type=Path, help="a source file or folder (repeat for several)")
+    build.add_argument(
+        "--dataset", type=_dataset_name, help="the dataset's name and folder under the data root (default: the source's name)"
+    )
+    build.add_argument("--url-column", help="the column of image URLs or paths (default: url)")
+    build.add_argument("--caption-column", help="the column of captions (default: caption)")
+    build.add_argument("--config", default="{}", help='asset name -> config, e.g. \'{"downloaded": {"workers": 8}}\'')
+    partitions = commands.add_parser("partitions", help="print the partition range of a dataset's chunks")
+    partitions.add_argument("--dataset", type=_dataset_name, help="default: $BENI_DATASET, else demo")
+    args = parser.parse_args(argv)
+
+    if args.command == "partitions":
+        layout = DataLayout(dataset=args.dataset or "")
+        keys = layout.partition_keys()
+        if not keys:
+            print(f"Dataset {layout.dataset_name!r} has no chunks yet: materialize source_manifest first.", file=sys.stderr)
+            return 1
+        print(f"{keys[0]}...{keys[-1]}")
+        return 0
+
+    if args.command == "demo":
+        results = materialize_all(_instance(), dataset=DEFAULT_DATASET)  # whatever BENI_DATASET says: the demo never mixes in
+    else:
+        try:
+            config = json.loads(args.config)
+        except json.JSONDecodeError as e:
+            parser.error(f"--config is not valid JSON ({e}); give an object of asset name -> config")
+        missing = [s for s in args.source if not s.exists()]
+        if missing:
+            parser.error(f"source {missing[0]} does not exist; check the path")
+        manifest = config.setdefault("source_manifest", {})
+        manifest["sources"] = [str(s.resolve()) for s in args.source]
+        manifest |= {k: v for k, v in (("url_column", args.url_column), ("caption_column", args.caption_column)) if v}
+        dataset = args.dataset or _default_dataset(args.source[0])
+        print(f"dataset {dataset}: {DataLayout(dataset=dataset).base}")
+        selection = dg.AssetSelection.groups("data")
+        results = materialize_all(_instance(), config, selection, dataset)
+    failed = failed_errors(results)
+    for line in failed:
+        print(f"beni {args.command}: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -110,9 +110,12 @@ class Reporter:
             self.wandb = wandb.init(project="beni", dir=str(out), config=asdict(config), resume="allow", id=out.name)
 
     def info(self, message: str) -> None:
-        print(message, flush=True)
+        # Under Dagster Pipes the process's stdout reaches the same terminal as the run's log: one of the two, or every
+        # line shows twice.
         if self.pipes:
             self.pipes.log.info(message)
+        else:
+            print(message, flush=True)
 
     def step(self, row: dict) -> None:
         self.rows.append(row)

@@ -1,10 +1,20 @@
 """DataLayout: the one owner of the paths under the data root. Assets, checks, the CLI and the benchmarks ask it."""
 
 import os
+import re
 from pathlib import Path
 
 import dagster as dg
 import pydantic
+
+DEFAULT_DATASET = "demo"
+DATASET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def split_partition_key(key: str) -> tuple[str, str]:
+    """(dataset, chunk) of a partition key of `downloaded`."""
+    dataset, _, chunk = key.rpartition("/")
+    return dataset, chunk
 
 
 class DataLayout(dg.ConfigurableResource):
@@ -14,16 +24,46 @@ class DataLayout(dg.ConfigurableResource):
     here alone."""
 
     root: str = pydantic.Field("", description="the data root; empty: $BENI_DATA, else ./data")
+    dataset: str = pydantic.Field(
+        "", description=f"the dataset's folder under the data root; empty: $BENI_DATASET, else {DEFAULT_DATASET!r} (the generated corpus)"
+    )
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.root or os.environ.get("BENI_DATA", "data")).resolve()
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's name: each dataset has its own folder and its own partition keys, so datasets never mix."""
+        name = self.dataset or os.environ.get("BENI_DATASET", "") or DEFAULT_DATASET
+        if not DATASET_NAME.fullmatch(name):
+            raise dg.Failure(
+                f"Dataset name {name!r} is not a plain folder name: use letters, digits, '_', '-' or '.'.", allow_retries=False
+            )
+        return name
 
     @property
     def base(self) -> Path:
-        return Path(self.root or os.environ.get("BENI_DATA", "data")).resolve()
+        """Everything made from one dataset, its trained models and their reports included."""
+        return self.data_root / "datasets" / self.dataset_name
+
+    def of_dataset(self, name: str) -> "DataLayout":
+        return DataLayout(root=self.root, dataset=name)
+
+    # partitions of `downloaded`: one per manifest chunk, named <dataset>/<chunk> so that the chunks of every dataset
+    # share one partitions definition (the asset graph is static) and a partition names its folder.
+    def partition_key(self, chunk: str) -> str:
+        return f"{self.dataset_name}/{chunk}"
+
+    def partition_keys(self) -> list[str]:
+        """The partitions of this dataset's manifest chunks, in order; empty before source_manifest ran."""
+        return [self.partition_key(path.stem) for path in sorted(self.manifest_chunks.glob("*.parquet"))]
 
     # data
     @property
     def fonts(self) -> Path:
         """Fetched fonts by Debian package (prep/fonts.py): $BENI_FONTS, else the data root's fonts/."""
-        return Path(os.environ.get("BENI_FONTS") or self.base / "fonts").resolve()
+        return Path(os.environ.get("BENI_FONTS") or self.data_root / "fonts").resolve()
 
     @property
     def corpus(self) -> Path:
@@ -92,8 +132,8 @@ class DataLayout(dg.ConfigurableResource):
 
     @property
     def model_parts(self) -> Path:
-        """Parts the recipes build offline once (e.g. the tiny LLM), shared by every recipe."""
-        return self.base / "training" / "parts"
+        """Parts the recipes build offline once (e.g. the tiny LLM), shared by every recipe and every dataset."""
+        return self.data_root / "parts"
 
     @property
     def final_model(self) -> Path:

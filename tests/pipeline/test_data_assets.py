@@ -50,21 +50,21 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
     checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
     assert checks == {"every_row_has_one_status": True, "failed_download_rate": True}
 
-    assert instance.get_dynamic_partitions(manifest_chunks.name) == ["00000", "00001", "00002"]
+    assert instance.get_dynamic_partitions(manifest_chunks.name) == ["demo/00000", "demo/00001", "demo/00002"]
     manifest = latest_metadata(instance, "source_manifest")
     assert manifest["rows"] == 28 and manifest["rejected"] == 1
-    for key in ["00000", "00001", "00002"]:
+    for key in ["demo/00000", "demo/00001", "demo/00002"]:
         meta = latest_metadata(instance, "downloaded", key)
         assert meta["rows"] == 28 and meta["ok"] == 25 and meta["failed"] == 3
         assert "data:image/jpeg;base64" in meta["preview"]
 
     hits = sum(len(v) for v in fault_server.hits.values())
-    result = materialize([source_manifest, downloaded], instance=instance, selection=[downloaded], partition_key="00001")
+    result = materialize([source_manifest, downloaded], instance=instance, selection=[downloaded], partition_key="demo/00001")
     assert result.success
-    assert latest_metadata(instance, "downloaded", "00001")["fetched_this_run"] == 0
+    assert latest_metadata(instance, "downloaded", "demo/00001")["fetched_this_run"] == 0
     assert sum(len(v) for v in fault_server.hits.values()) == hits
 
-    index_path = tmp_path / "data" / "downloaded" / "00002" / "index.parquet"
+    index_path = tmp_path / "data" / "datasets" / "demo" / "downloaded" / "00002" / "index.parquet"
     pq.write_table(pq.read_table(index_path).slice(1), index_path)  # a status row goes missing
     result = materialize(
         [downloaded, every_row_has_one_status], instance=instance, selection=dg.AssetSelection.checks(every_row_has_one_status)
@@ -98,9 +98,9 @@ def test_cli_materializes_manifest_and_a_partition(instance, fault_server, tmp_p
     manifest_config = {"ops": {"source_manifest": {"config": {"sources": [str(source)], "chunk_size": 20}}}}
     subprocess.run(base + ["--select", "source_manifest", "--config-json", json.dumps(manifest_config)], check=True, env=env, cwd=REPO)
     download_config = {"ops": {"downloaded": {"config": {"allow_private_networks": True}}}}
-    download = ["--select", "downloaded", "--partition", "00001", "--config-json", json.dumps(download_config)]
+    download = ["--select", "downloaded", "--partition", "demo/00001", "--config-json", json.dumps(download_config)]
     subprocess.run(base + download, check=True, env=env, cwd=REPO)
-    meta = latest_metadata(instance, "downloaded", "00001")
+    meta = latest_metadata(instance, "downloaded", "demo/00001")
     assert meta["rows"] == 8 and meta["ok"] == 5
 
 
@@ -111,7 +111,7 @@ def test_default_corpus_to_shards(instance, tmp_path):
     assert checks == dict.fromkeys(
         ["every_row_has_one_status", "failed_download_rate", "duplicate_rate", "counts_conserve", "shards_match_checksums"], True
     )
-    data = tmp_path / "data"
+    data = tmp_path / "data" / "datasets" / "demo"
     manifest = pq.read_table(data / "manifest" / "manifest.parquet").to_pylist()
     id_of = {row["url"]: row["sample_id"] for row in manifest}
     planted = [json.loads(line) for line in (data / "corpus" / "planted_duplicates.jsonl").read_text().splitlines()]
@@ -135,7 +135,9 @@ def test_default_corpus_to_shards(instance, tmp_path):
     keys = [sample["__key__"] for sample in webdataset.WebDataset(shards, shardshuffle=False).decode("pil")]
     dropped = pq.read_metadata(data / "dedup" / "duplicates.parquet").num_rows
     assert sorted(keys) == sorted(kept) and len(kept) == 600 - dropped
-    lengths = [s[".json"]["length"] for s in wids.ShardListDataset(str(data / "shards" / "index.json"))]
+    lengths = [
+        json.loads(s[".json"].read())["length"] for s in wids.ShardListDataset(str(data / "shards" / "index.json"), transformations=[])
+    ]
     assert lengths == sorted(lengths)
 
     before = {p.name: p.read_bytes() for p in (data / "shards").glob("train-*.tar")}
@@ -161,7 +163,11 @@ def test_rebuild_schedule_and_sensor(instance, tmp_path):
         sensor_name=sensor.name, dagster_event=success, dagster_instance=instance, dagster_run=result.dagster_run
     )
     build = sensor(context)
-    assert build.tags["dagster/asset_partition_range_start"] == "00000" and build.tags["dagster/asset_partition_range_end"] == "00002"
+    assert (
+        build.tags["dagster/asset_partition_range_start"] == "demo/00000"
+        and build.tags["dagster/asset_partition_range_end"] == "demo/00002"
+    )
+    assert build.run_config == {"resources": {"layout": {"config": {"dataset": "demo"}}}}
     assert sensor.job_name == "dataset_build"
 
 
@@ -183,7 +189,7 @@ def test_a_clean_dataset_runs_to_shards_with_nothing_failed_or_dropped(instance,
     results = materialize_all(instance, {"source_manifest": {"sources": [str(source)], "chunk_size": 10}}, dg.AssetSelection.groups("data"))
     assert {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()} == dict.fromkeys(DATA_CHECKS, True)
     assert latest_metadata(instance, "source_manifest")["rejected"] == 0
-    downloaded_meta = latest_metadata(instance, "downloaded", "00002")
+    downloaded_meta = latest_metadata(instance, "downloaded", "demo/00002")
     assert (downloaded_meta["rows"], downloaded_meta["ok"], downloaded_meta["failed"]) == (30, 30, 0)
     dedup = latest_metadata(instance, "deduplicated")
     assert (dedup["rows"], dedup["kept"], dedup["dropped"], dedup["clusters"]) == (30, 30, 0, 0)
@@ -196,9 +202,14 @@ def test_when_every_download_fails_the_check_fails_and_sharding_says_why(instanc
     source.write_text("".join(json.dumps({"url": f"{fault_server.url}/gone/{i}.jpg", "caption": f"gone {i}"}) + "\n" for i in range(30)))
     config = {"source_manifest": {"sources": [str(source)], "chunk_size": 10}, "downloaded": {"retries": 0}}
     results = materialize_all(instance, config, dg.AssetSelection.assets("source_manifest", "downloaded", "deduplicated"))
-    checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
-    assert checks == {"every_row_has_one_status": True, "failed_download_rate": False, "duplicate_rate": True}
-    assert latest_metadata(instance, "downloaded", "00000")["failed"] == 30
+    evaluations = {e.check_name: e for r in results for e in r.get_asset_check_evaluations()}
+    assert {name: e.passed for name, e in evaluations.items()} == {"every_row_has_one_status": True, "failed_download_rate": False}
+    assert evaluations["failed_download_rate"].severity == dg.AssetCheckSeverity.ERROR
+    assert not results[-1].success  # the blocking check stopped the run before dedup
+    assert instance.get_latest_materialization_event(dg.AssetKey("deduplicated")) is None
+    assert latest_metadata(instance, "downloaded", "demo/00000")["failed"] == 30
+
+    assert materialize(list(definitions().assets), instance=instance, selection=dg.AssetSelection.assets("deduplicated")).success
     dedup = latest_metadata(instance, "deduplicated")
     assert (dedup["rows"], dedup["kept"], dedup["clusters"], dedup["clusters_preview"]) == (0, 0, 0, "no duplicates")
 

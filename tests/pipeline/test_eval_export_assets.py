@@ -11,6 +11,7 @@ from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_pipeline.defs.evaluation.assets import CPU_RECIPE, EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.prep import tesseract
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
@@ -37,8 +38,8 @@ def save_tiny_model(folder: Path) -> None:
 
 
 @pytest.fixture
-def data(instance, tmp_path):
-    return tmp_path / "data"
+def data(instance):
+    return DataLayout().base
 
 
 def metadata_of(result, key: str) -> dict:

@@ -1,4 +1,5 @@
 import base64
+import re
 import shlex
 import socket
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.assets import TRAINING_TAGS, trained_model, training_job
 from tests.model.test_data import write_toy_shards
 from tests.pipeline.conftest import materialize
@@ -26,9 +28,12 @@ def logs(instance, result) -> str:
 
 
 @pytest.mark.slow
-def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path):
-    write_toy_shards(tmp_path / "data" / "shards", samples=96, per_shard=24)
+def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance, tmp_path, capfd):
+    write_toy_shards(DataLayout().shards, samples=96, per_shard=24)
     first = train(instance, max_steps=12, save_every=6)
+    out, err = capfd.readouterr()
+    step_lines = [line for line in (out + err).splitlines() if re.search(r"\bstep=\d+ loss=", line)]
+    assert len(step_lines) == 2 * 12  # the tiny recipe's two stages, each step once: the run's log, not the trainer's stdout too
     assert first.success
     metadata = {k: v.value for k, v in first.asset_materializations_for_node("trained_model")[0].metadata.items()}
     assert metadata["steps"] == 12 and metadata["world_size"] == 2 and metadata["device"] == "cpu"
@@ -43,7 +48,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     assert second.success
     streamed = logs(instance, second)
     assert "resuming from step_0000012 at step 12 of 16" in streamed and "step=1 loss=" not in streamed
-    rows = (tmp_path / "data" / "training" / "tiny" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    rows = (DataLayout().training("tiny") / "finetune" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 16
 
 
@@ -98,7 +103,7 @@ def test_training_runs_are_queued_one_per_gpu_set_with_a_time_limit():
 
 
 def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
-    write_toy_shards(tmp_path / "data" / "shards", samples=8, per_shard=8)
+    write_toy_shards(DataLayout().shards, samples=8, per_shard=8)
     result = materialize(
         [trained_model],
         instance=instance,
@@ -108,4 +113,15 @@ def test_unknown_recipe_fails_with_one_sentence(instance, tmp_path):
     assert not result.success
     assert "Unknown recipe 'huge': pick one of ['smollm2-siglip', 'tiny'] or give the path of a recipe .yaml file." in str(
         result.get_step_failure_events()[0].step_failure_data.error
+    )
+
+
+def test_too_few_shards_for_the_processes_fail_with_one_sentence(instance):
+    write_toy_shards(DataLayout().shards, samples=8, per_shard=8)  # one shard, as 30 rows of a user's make
+    config = {"ops": {"trained_model": {"config": {"processes_per_node": 2}}}}
+    result = materialize([trained_model], instance=instance, raise_on_error=False, run_config=config)
+    error = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    assert error.cls_name == "Failure" and error.cause is None
+    assert "1 training shards cannot feed 2 training processes (each reads its own): re-materialize training_shards with a smaller" in (
+        error.message
     )

@@ -142,7 +142,7 @@ def test_ui_shows_every_asset_check_job_and_schedule_described(dagster, page):
 
 def test_data_assets_materialize_and_say_what_happened(dagster, source_run, page):
     assert dagster.wait(source_run) == DagsterRunStatus.SUCCESS
-    tags = {"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"}  # both chunks, one run
+    tags = {"dagster/asset_partition_range_start": "demo/00000", "dagster/asset_partition_range_end": "demo/00001"}  # both chunks, one run
     build = dagster.client.submit_job_execution("dataset_build", tags=tags)
     status = dagster.wait(build)
 

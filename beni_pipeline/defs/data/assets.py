@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
 from beni_pipeline.defs.engine import Engine
-from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.defs.layout import DataLayout, split_partition_key
 from beni_pipeline.defs.training.resources import TrainingRecipe
 from beni_pipeline.prep.dedup import (
     DedupSettings,
@@ -28,7 +28,7 @@ from beni_pipeline.prep.dedup import (
 from beni_pipeline.prep.download import DownloadSettings, download_chunk_file, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
 from beni_pipeline.prep.fonts import corpus_fonts
-from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
+from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest
 from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
 from beni_pipeline.prep.synthetic import KINDS, CorpusSettings, generate_corpus
@@ -91,23 +91,27 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]
         context.log.info(f"corpus ready in {time.perf_counter() - start:.1f} s")
+    _refuse_other_sources(layout, sources)
     try:
         manifest = build_manifest(sources, layout.manifest, config)
     except IngestError as e:
         raise dg.Failure(str(e), allow_retries=False) from None
-    context.instance.add_dynamic_partitions(manifest_chunks.name, manifest.chunks)
+    partitions = [layout.partition_key(chunk) for chunk in manifest.chunks]
+    context.instance.add_dynamic_partitions(manifest_chunks.name, partitions)
     context.log.info(
-        f"{manifest.table.num_rows} rows in {len(manifest.chunks)} chunks ({len(manifest.new_chunks)} new), "
-        f"{sum(manifest.rejected.values())} rejected"
+        f"dataset {layout.dataset_name}: {manifest.table.num_rows} rows in {len(manifest.chunks)} chunks ({len(manifest.new_chunks)} new), "
+        f"{sum(manifest.rejected.values())} rejected; partitions {partitions[0]}...{partitions[-1]}"
     )
     preview = manifest.table.slice(0, 10).select(["sample_id", "url", "caption", "chunk"]).to_pylist()
     return dg.MaterializeResult(
         metadata={
+            "dataset": layout.dataset_name,
             "rows": manifest.table.num_rows,
             "rejected": sum(manifest.rejected.values()),
             "rejected_by_reason": counts_table(manifest.rejected, "reason"),
             "chunks": len(manifest.chunks),
             "new_chunks": len(manifest.new_chunks),
+            "partition_range": f"{partitions[0]}...{partitions[-1]}",
             "sources": dg.MetadataValue.json([str(s) for s in sources]),
             "path": dg.MetadataValue.path(str(layout.manifest_parquet)),
             "preview": rows_md(preview),
@@ -128,20 +132,29 @@ def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout
     validated, re-encoded and staged as tar parts with a parquet index that gives every row exactly one status: ok, or
     failed with its reason."""
     counts, fetched, seconds, bytes_in, previews = Counter(), 0, 0.0, 0, []
-    keys, settings = context.partition_keys, DownloadSettings(**config.model_dump())
+    keys, settings, chunks, out_dirs = context.partition_keys, DownloadSettings(**config.model_dump()), [], []
+    for key in keys:
+        # The key names its dataset, so a run over several datasets' chunks still writes each in its place.
+        name, chunk_key = split_partition_key(key)
+        dataset = layout.of_dataset(name)
+        if not dataset.manifest_chunk(chunk_key).is_file():
+            raise dg.Failure(
+                f"Partition {key} has no manifest chunk at {dataset.manifest_chunk(chunk_key)}: materialize source_manifest for dataset "
+                f"{name or '?'} first (with the same BENI_DATA); partitions look like {layout.partition_key('00000')}.",
+                allow_retries=False,
+            )
+        chunks.append(dataset.manifest_chunk(chunk_key))
+        out_dirs.append(dataset.download_dir(chunk_key))
     try:
-        summaries = engine.map(
-            download_chunk_file, map(layout.manifest_chunk, keys), map(layout.download_dir, keys), [settings] * len(keys)
-        )
+        summaries = engine.map(download_chunk_file, chunks, out_dirs, [settings] * len(keys))
     except Busy as e:  # another run holds the chunk: retrying now would only wait again
         raise dg.Failure(str(e), allow_retries=False) from None
-    for key, summary in zip(keys, summaries):
-        out_dir = layout.download_dir(key)
+    for key, chunk_file, out_dir, summary in zip(keys, chunks, out_dirs, summaries):
         context.log.info(f"chunk {key}: {summary.fetched} fetched in {summary.seconds:.1f} s, {dict(summary.counts)}")
         counts.update(summary.counts)
         fetched, seconds, bytes_in = fetched + summary.fetched, seconds + summary.seconds, bytes_in + summary.bytes_in
         if len(previews) < 6:
-            previews += _previews(read_chunk(layout.manifest, key), out_dir, 6 - len(previews))
+            previews += _previews(pq.read_table(chunk_file), out_dir, 6 - len(previews))
     return dg.MaterializeResult(
         metadata={
             "partitions": len(context.partition_keys),
@@ -271,6 +284,21 @@ def training_shards(
     )
 
 
+def _refuse_other_sources(layout: DataLayout, sources: list[Path]) -> None:
+    """A dataset grows when its sources grow; sources that share nothing with its manifest are another dataset, and mixing
+    them in would put both in one set of shards."""
+    if not layout.manifest_parquet.is_file() or not all(s.exists() for s in sources):  # a missing source has its own sentence
+        return
+    before = set(pq.read_table(layout.manifest_parquet, columns=["source"]).column("source").to_pylist())
+    if before and before.isdisjoint(str(s) for s in sources):
+        raise dg.Failure(
+            f"Dataset {layout.dataset_name!r} was built from {sorted(before)[0]}, not from these sources: name another dataset for them "
+            "(`beni build --dataset NAME`, BENI_DATASET, or the layout resource's `dataset`), or delete "
+            f"{layout.base} to start it over.",
+            allow_retries=False,
+        )
+
+
 def _upstream(path: Path, asset: str) -> Path:
     if not path.exists():
         raise dg.Failure(f"{path} does not exist: materialize {asset} first (with the same BENI_DATA).", allow_retries=False)
@@ -293,7 +321,8 @@ def _downloaded_chunks(layout: DataLayout) -> list[str]:
     missing = [c for c in chunks if not layout.download_index(c).exists()]
     if missing:
         raise dg.Failure(
-            f"{len(missing)} manifest chunks are not downloaded yet (first: {missing[0]}); materialize every partition of `downloaded` first",
+            f"{len(missing)} manifest chunks of dataset {layout.dataset_name!r} are not downloaded yet (first: {missing[0]}); materialize "
+            f"downloaded for partitions {layout.partition_key(chunks[0])}...{layout.partition_key(chunks[-1])} first.",
             allow_retries=False,
         )
     return chunks

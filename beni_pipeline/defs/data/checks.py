@@ -35,7 +35,12 @@ def every_row_has_one_status(layout: DataLayout) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=downloaded, description="The share of rows that failed to download stays under a ceiling.")
+@dg.asset_check(
+    asset=downloaded,
+    blocking=True,
+    description="The share of rows that failed to download stays under a ceiling (a warning); when no row downloaded at all it is an "
+    "error that stops the run before dedup and shards.",
+)
 def failed_download_rate(config: CeilingConfig, layout: DataLayout) -> dg.AssetCheckResult:
     counts = Counter()
     for index_path in layout.download_indexes():
@@ -44,7 +49,7 @@ def failed_download_rate(config: CeilingConfig, layout: DataLayout) -> dg.AssetC
     rate = counts["failed"] / total if total else 0.0
     return dg.AssetCheckResult(
         passed=rate <= config.ceiling,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR if total and rate == 1 else dg.AssetCheckSeverity.WARN,
         metadata={"failed_rate": round(rate, 4), "failed": counts["failed"], "rows": total, "ceiling": config.ceiling},
     )
 

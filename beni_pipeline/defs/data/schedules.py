@@ -1,7 +1,7 @@
 import dagster as dg
 
 from beni_pipeline.defs.config import partition_range_tags
-from beni_pipeline.defs.data.assets import deduplicated, downloaded, manifest_chunks, source_manifest, training_shards
+from beni_pipeline.defs.data.assets import deduplicated, downloaded, source_manifest, training_shards
 
 dataset_source = dg.define_asset_job(
     "dataset_source", selection=dg.AssetSelection.assets(source_manifest), description="Re-read the sources into the manifest."
@@ -27,9 +27,13 @@ dataset_rebuild = dg.ScheduleDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def build_dataset_after_manifest(context: dg.RunStatusSensorContext) -> dg.RunRequest:
-    """Once the manifest is rebuilt its chunks are known: download (new chunks only do work), dedup and shard."""
-    chunks = context.instance.get_dynamic_partitions(manifest_chunks.name)
+    """Once the manifest is rebuilt its chunks are known: download (new chunks only do work), dedup and shard, for the
+    dataset that run built (its materialization names the dataset and its partitions)."""
+    (entry,) = context.instance.all_logs(context.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+    metadata = entry.asset_materialization.metadata
+    first, last = metadata["partition_range"].value.split("...")
     return dg.RunRequest(
         run_key=context.dagster_run.run_id,
-        tags=partition_range_tags(chunks[0], chunks[-1]),
+        run_config={"resources": {"layout": {"config": {"dataset": metadata["dataset"].value}}}},
+        tags=partition_range_tags(first, last),
     )

@@ -7,6 +7,7 @@ import dagster as dg
 import pydantic
 import torch
 
+from beni_model.data import shard_paths
 from beni_model.files import atomic_path
 from beni_model.recipe import run_recipe
 from beni_model.train import torchrun_command
@@ -86,6 +87,13 @@ def trained_model(
         results.append(pipes.run(command=command, context=context).get_materialize_result())
 
     try:
+        shards = shard_paths(layout.shards)
+        if len(shards) < processes:  # else every rank fails in its loader, each with a traceback
+            raise dg.Failure(
+                f"{len(shards)} training shards cannot feed {processes} training processes (each reads its own): re-materialize "
+                f"training_shards with a smaller max_samples, or set processes_per_node to {len(shards)}.",
+                allow_retries=False,
+            )
         out = run_recipe(plan, configs, root, launch)
     except (ValueError, FileNotFoundError) as e:
         raise dg.Failure(str(e), allow_retries=False) from None

@@ -68,7 +68,7 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_covers_every_sample": True}
-    assert metadata_of(result, "heldout_eval_set")["unseen_set"].startswith(f"not made: no fetched fonts at {data / 'fonts'}")
+    assert metadata_of(result, "heldout_eval_set")["unseen_set"].startswith(f"not made: no fetched fonts at {DataLayout().fonts}")
 
     report = metadata_of(result, "ocr_eval_report")
     assert "minutes on a CPU: only the categories its corpus trains on can score" in report["title"]

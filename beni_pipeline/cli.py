@@ -74,8 +74,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beni", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="materialize every asset on the generated default corpus")
-    parser.parse_args(argv)
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI chat API, with a chat page at /")
+    serve.add_argument(
+        "model_dir", nargs="?", help="a saved beni model, quantized export or LLaVA export (default: the published final model)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", help="cuda or cpu (default: cuda where there is one)")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
+    serve.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 503")
+    serve.add_argument("--allow-private-networks", action="store_true", help="let image_url fetch from loopback and private addresses")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     materialize_all(dg.DagsterInstance.get())
+    return 0
+
+
+def _serve(args) -> int:
+    from beni_pipeline.defs.layout import DataLayout
+    from beni_pipeline.prep.download import DownloadSettings
+    from beni_pipeline.serve.app import ServeSettings, serve
+
+    model_dir = args.model_dir or DataLayout().final_model
+    images = DownloadSettings(retries=1, concurrency=16, allow_private_networks=args.allow_private_networks)
+    settings = ServeSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, images=images)
+    try:
+        serve(model_dir, args.host, args.port, settings, args.device)
+    except (FileNotFoundError, ValueError) as e:  # no model there, or not one it can serve: the sentence says which
+        print(f"beni serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
 
 import pydantic
 import uvicorn
@@ -45,23 +44,9 @@ class ServeSettings:
     images: DownloadSettings = field(default_factory=lambda: DownloadSettings(retries=1, concurrency=16))
 
 
-class TextPart(pydantic.BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(pydantic.BaseModel):
-    url: str
-
-
-class ImagePart(pydantic.BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
 class Message(pydantic.BaseModel):
     role: str
-    content: str | list[Annotated[TextPart | ImagePart, pydantic.Field(discriminator="type")]] | None = None
+    content: str | list[dict] | None = None  # parts are checked by inputs.conversation, which names the bad one
 
 
 class ChatRequest(pydantic.BaseModel):
@@ -106,9 +91,9 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings = Serv
             if url.split(":", 1)[0].lower() in ("http", "https"):
                 return (await fetcher.image(url)).data
         except FetchFailed as e:
+            image = "A data: URL image" if url.startswith("data:") else f"The image {url[:100]!r}"
             status = f" (HTTP {e.http_status})" if e.http_status else ""
-            raise BadRequest(f"The image {url[:60]!r} was refused: {e.reason}{status}; send a decodable image within the limits.",
-                             code=e.reason) from None  # fmt: skip
+            raise BadRequest(f"{image} was refused: {e.reason}{status}; send a decodable image within the limits.", code=e.reason) from None
         raise BadRequest("An image_url must be a base64 data: URL or an http(s) URL.", code="invalid_image_url")
 
     async def prepare(request: Request) -> tuple[ChatRequest, Sequence, asyncio.Queue]:
@@ -117,6 +102,8 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings = Serv
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"The request body is not valid JSON ({e}): send a JSON object.", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("The request body must be a JSON object with model and messages.", code="invalid_json")
         try:
             chat_request = ChatRequest.model_validate(payload)
         except pydantic.ValidationError as e:

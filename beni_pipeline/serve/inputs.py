@@ -44,14 +44,14 @@ def conversation(messages: list[dict], max_images: int) -> Conversation:
         pieces = []
         for j, part in enumerate(parts):
             where = f"messages[{i}].content[{j}]"
-            if part.get("type") == "text":
-                if IMAGE_MARKER in part.get("text", ""):
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                if IMAGE_MARKER in part["text"]:
                     raise BadRequest(
                         f"{where} contains {IMAGE_MARKER!r}, which stands for an image: send images as image_url parts.", where
                     )
-                pieces.append(part.get("text", ""))
-            elif part.get("type") == "image_url" and role == "human":
-                urls.append((part.get("image_url") or {}).get("url", ""))
+                pieces.append(part["text"])
+            elif part.get("type") == "image_url" and role == "human" and isinstance(part.get("image_url"), dict):
+                urls.append(str(part["image_url"].get("url", "")))
                 pieces.append(IMAGE_MARKER)
             else:
                 raise BadRequest(f"{where} must be a text part, or an image_url part in a user message.", where)

@@ -14,8 +14,13 @@ from tests.model.conftest import build, parts  # noqa: F401 (fixtures)
 from tests.model.test_evaluate import save_test_model
 
 # The tests' image server is on loopback, which the fetcher refuses by default.
+# Small limits, so that tests can cross them with small inputs.
 SETTINGS = ServeSettings(
-    max_batch=8, max_waiting=16, max_images=2, images=DownloadSettings(retries=0, allow_private_networks=True, min_side=4)
+    max_batch=8,
+    max_waiting=16,
+    max_images=2,
+    max_body_bytes=2 * 2**20,
+    images=DownloadSettings(retries=0, allow_private_networks=True, min_side=4, max_bytes=300_000, max_pixels=4_000_000),
 )
 
 

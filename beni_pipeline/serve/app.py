@@ -6,17 +6,23 @@ generation is the engine's (continuous batching on its own thread).
 """
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import secrets
+import socket
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import httpx
 import pydantic
 import uvicorn
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -201,6 +207,51 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, sett
     app = create_app(model, tokenizer, Path(model_dir).resolve().name, settings)
     print(f"serving {model_dir} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
+
+
+class BackgroundServer:
+    """An app under uvicorn on a free 127.0.0.1 port, in a thread of this process (checks, tests, benchmarks): `url`
+    while it runs, `stop()` to shut it down as SIGTERM would."""
+
+    def __init__(self, app, timeout_graceful_shutdown: float = 5):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.app = f"http://127.0.0.1:{port}", app
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=timeout_graceful_shutdown)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="beni-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"The server on port {port} did not start: see its log above.")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def answer_once(model_dir: str | Path, device: str | None = None) -> dict:
+    """Serve the model on loopback, ask one question about a generated image through the HTTP API, and stop: the
+    reply's text, token counts and seconds. Raises RuntimeError with the server's error when it does not answer."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(model_dir, device)
+    server = BackgroundServer(create_app(model, tokenizer, "model"))
+    try:
+        image = io.BytesIO()
+        Image.radial_gradient("L").convert("RGB").save(image, "JPEG")
+        url = "data:image/jpeg;base64," + base64.b64encode(image.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is written in the image?"}]
+        body = {"model": "model", "messages": [{"role": "user", "content": content}], "max_tokens": 16, "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+        if response.status_code != 200:
+            raise RuntimeError(f"The server answered HTTP {response.status_code}: {response.text[:300]}")
+        reply = response.json()
+    finally:
+        server.stop()
+    return {"answer": reply["choices"][0]["message"]["content"], **reply["usage"], "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _error(message: str, param: str | None, code: str, status: int) -> dict:

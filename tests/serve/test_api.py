@@ -40,7 +40,8 @@ def greedy(loaded, tmp_path, question: str, image: bytes, max_new_tokens: int) -
     (tmp_path / "image.jpg").write_bytes(stored.data)
     ids = torch.tensor([prompt_ids(question, tokenizer, spec)])
     out = model.generate(
-        ids, pixel_values([tmp_path / "image.jpg"], spec), torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids=ids, pixel_values=pixel_values([tmp_path / "image.jpg"], spec), attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens, do_sample=False,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

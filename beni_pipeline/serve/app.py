@@ -74,14 +74,15 @@ def load_model(model_dir: str | Path, device: str | None = None):
     return load_for_eval(model_dir, device)
 
 
-def create_app(model, tokenizer, model_name: str, settings: ServeSettings = ServeSettings()) -> Starlette:
+def create_app(model, tokenizer, model_name: str, settings: ServeSettings = ServeSettings(), engine=Engine) -> Starlette:
+    """The app; `engine` is the class that generates (Engine; bench/serve.py passes its per-request peer)."""
     spec = image_spec(model, tokenizer)
     context = model.config.text_config.max_position_embeddings
     state = {}
 
     @asynccontextmanager
     async def lifespan(app):
-        state["engine"] = Engine(model, tokenizer, settings.max_batch, settings.max_waiting)
+        state["engine"] = engine(model, tokenizer, settings.max_batch, settings.max_waiting)
         state["fetcher"] = Fetcher(settings.images)
         try:
             yield
@@ -313,6 +314,15 @@ async def _stream(sequence: Sequence, events: asyncio.Queue, reply_id, created, 
         yield chunk({"role": "assistant", "content": ""})
         while True:
             event = await events.get()
+            # Text that arrived while the last chunk was written goes out as one chunk: under load a client then
+            # gets fewer, longer chunks rather than falling behind by one chunk per token.
+            while "text" in event and not events.empty():
+                following = events.get_nowait()
+                if "text" not in following:
+                    yield chunk({"content": event["text"]})
+                    event = following
+                    break
+                event = {"text": event["text"] + following["text"]}
             if "error" in event:
                 yield f"data: {json.dumps(_error(event['error'], None, 'server_error', event.get('status', 500)))}\n\n"
                 break

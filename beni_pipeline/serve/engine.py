@@ -1,11 +1,12 @@
 """Continuous batching: one thread steps every active sequence together, one token each per forward pass, and new
 sequences join between steps.
 
-The batch's KV cache is one DynamicCache whose rows are aligned on the right: a joining sequence is prefilled alone,
-then its cache is padded on the left to the batch's length (or the batch's to its), with the attention mask zero
-over the padding and each row's positions its own, as generate does for a left-padded batch. A finished or
-abandoned row leaves at once, and columns that no row needs any more are cut from the left. Works for any causal LM
-whose cache is a DynamicCache of full-attention layers (beni models, their quantized and LLaVA exports).
+The batch's KV cache is one DynamicCache whose rows are aligned on the right: the sequences that join at one step are
+prefilled together, left-padded, then their cache is padded on the left to the batch's length (or the batch's to
+theirs), with the attention mask zero over the padding and each row's positions its own, as generate does for a
+left-padded batch. A finished or abandoned row leaves at once, and columns that no row needs any more are cut from
+the left. Works for any causal LM whose cache is a DynamicCache of full-attention layers (beni models, their
+quantized and LLaVA exports).
 """
 
 import logging
@@ -18,10 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from beni_model.chat import pad_batch
 from beni_model.evaluate import placement
 from beni_model.modeling import BeniForConditionalGeneration
 
 log = logging.getLogger("beni.serve")
+
+PREFILL_TOKENS = 16384  # padded prompt tokens in one prefill pass: bounds its activations when many join at once
 
 
 class Busy(Exception):
@@ -62,6 +66,7 @@ class Engine:
         self.wakeup = queue.SimpleQueue()
         self.stopping = False
         self.active: list[Sequence] = []
+        self.joining: list[Sequence] = []  # taken from the queue, being prefilled
         self.steps = 0  # forward passes of the batch, for tests and metrics
         self.thread = threading.Thread(target=self._run, name="beni-engine", daemon=True)
         self.thread.start()
@@ -109,31 +114,51 @@ class Engine:
                         cache, mask, logits = self._step(cache, mask, logits)
             except Exception as e:  # a failed forward pass costs the batch its answers, never the server
                 log.exception("generation failed")
-                for sequence in self.active:
+                for sequence in self.active + self.joining:
                     sequence.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
-                self.active, cache, mask, logits = [], None, None, None
-        for sequence in self.active + list(self.waiting):
+                self.active, self.joining, cache, mask, logits = [], [], None, None, None
+        for sequence in self.active + self.joining + list(self.waiting):
             sequence.emit({"error": "the server is shutting down", "status": 503})
         self.active = []
         self.waiting.clear()
 
     def _admit(self, cache, mask, logits):
-        """Prefill waiting sequences into free slots, one at a time, and join them to the batch."""
+        """Prefill waiting sequences into the free slots, several per pass (left-padded, as generate pads a batch), and
+        join them to the batch."""
         while self.waiting and len(self.active) < self.max_batch and not self.stopping:
-            sequence = self.waiting.popleft()
-            if sequence.cancelled:
+            if not (group := self._take_group()):
                 continue
-            ids = torch.tensor([sequence.input_ids], device=self.device)
-            pixels = None if sequence.pixel_values is None else sequence.pixel_values.to(self.device, self.dtype)
-            out = self.model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
-            row_mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=self.device)
+            self.joining = group
+            batch = pad_batch([s.input_ids for s in group], self.tokenizer.pad_token_id, padding_side="left")
+            ids, row_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            positions = (row_mask.cumsum(-1) - 1).clamp(min=0)
+            images = [s.pixel_values for s in group if s.pixel_values is not None]
+            pixels = torch.cat(images).to(self.device, self.dtype) if images else None
+            out = self.model(
+                input_ids=ids, pixel_values=pixels, attention_mask=row_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
             if cache is None:
                 cache, mask, logits = out.past_key_values, row_mask, out.logits[:, -1]
             else:
                 cache, mask = _join(cache, mask, out.past_key_values, row_mask)
                 logits = torch.cat([logits, out.logits[:, -1]])
-            self.active.append(sequence)
+            self.active += group
+            self.joining = []
         return cache, mask, logits
+
+    def _take_group(self) -> list[Sequence]:
+        """Waiting sequences for one prefill pass: as many as there are free slots, within PREFILL_TOKENS padded tokens."""
+        group, width = [], 0
+        while self.waiting and len(self.active) + len(group) < self.max_batch:
+            sequence = self.waiting[0]
+            wider = max(width, len(sequence.input_ids))
+            if group and wider * (len(group) + 1) > PREFILL_TOKENS:
+                break
+            self.waiting.popleft()
+            if not sequence.cancelled:
+                group.append(sequence)
+                width = wider
+        return group
 
     def _step(self, cache, mask, logits):
         """Pick each row's next token, emit it, drop the rows that are done, and run one decode pass for the rest."""

@@ -140,22 +140,23 @@ class Fetcher:
         self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=settings.connect_timeout).as_dict()
         self.hosts: dict[str, _Host] = {}
 
-    async def image(self, url: str) -> ProcessedImage:
-        """The image at `url`, fetched and re-encoded as the downloader would; raises FetchFailed."""
+    async def get(self, url: str) -> bytes:
+        """The body at `url`, fetched as the downloader would (`process` checks it as an image); raises FetchFailed."""
         try:
             parts = urllib.parse.urlsplit(url)
             if parts.scheme.lower() not in self.settings.schemes:
                 raise _Failed("scheme_not_allowed")
             host = self.hosts.setdefault(parts.netloc, _Host(self.settings.per_host))
             data, _ = await _fetch(self.transport, self.timeout, self.guard, host, url, self.settings)
-            return self.process(data)
+            return data
         except ValueError:  # urlsplit's: brackets that are no IPv6 address, a port that is no number
             raise FetchFailed("invalid_url") from None
         except _Failed as f:
             raise FetchFailed(f.reason, f.http_status) from None
 
     def process(self, data: bytes) -> ProcessedImage:
-        """Bytes from elsewhere (a data: URL) held to the same byte, pixel and format limits; raises FetchFailed."""
+        """Image bytes (fetched, or from elsewhere such as a data: URL) checked and re-encoded as the downloader does,
+        within the same byte and pixel limits; raises FetchFailed."""
         try:
             if len(data) > self.settings.max_bytes:
                 raise _Failed("too_large")

@@ -92,16 +92,15 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings = Serv
 
     async def image_bytes(url: str) -> bytes:
         fetcher = state["fetcher"]
+        if not url.startswith("data:") and url.split(":", 1)[0].lower() not in ("http", "https"):
+            raise BadRequest("An image_url must be a base64 data: URL or an http(s) URL.", code="invalid_image_url")
         try:
-            if url.startswith("data:"):
-                return (await asyncio.to_thread(fetcher.process, data_url_bytes(url))).data
-            if url.split(":", 1)[0].lower() in ("http", "https"):
-                return (await fetcher.image(url)).data
+            data = data_url_bytes(url) if url.startswith("data:") else await fetcher.get(url)
+            return (await asyncio.to_thread(fetcher.process, data)).data  # decoding off the loop
         except FetchFailed as e:
             image = "A data: URL image" if url.startswith("data:") else f"The image {url[:100]!r}"
             status = f" (HTTP {e.http_status})" if e.http_status else ""
             raise BadRequest(f"{image} was refused: {e.reason}{status}; send a decodable image within the limits.", code=e.reason) from None
-        raise BadRequest("An image_url must be a base64 data: URL or an http(s) URL.", code="invalid_image_url")
 
     async def prepare(request: Request) -> tuple[ChatRequest, Sequence, asyncio.Queue]:
         body = await _read_body(request, settings.max_body_bytes)

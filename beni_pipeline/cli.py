@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
     serve.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 503")
     serve.add_argument("--allow-private-networks", action="store_true", help="let image_url fetch from loopback and private addresses")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is fastest for small models on a busy CPU")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -92,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
+    import torch
+
     from beni_pipeline.defs.layout import DataLayout
     from beni_pipeline.prep.download import DownloadSettings
     from beni_pipeline.serve.app import ServeSettings, serve
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.model_dir or DataLayout().final_model
     images = DownloadSettings(retries=1, concurrency=16, allow_private_networks=args.allow_private_networks)
     settings = ServeSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, images=images)

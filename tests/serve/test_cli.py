@@ -23,7 +23,7 @@ def test_beni_serve_answers_and_stops_on_sigterm(model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = beni("serve", str(model_dir), "--port", str(port), "--device", "cpu")
+    process = beni("serve", str(model_dir), "--port", str(port), "--device", "cpu", "--threads", "1")
     try:
         deadline = time.monotonic() + 120
         while True:

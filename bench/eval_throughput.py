@@ -1,6 +1,6 @@
-"""Eval generation throughput: beni's batched `greedy_generate` (what the eval runs) against transformers' own
-`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run; on CUDA also with
-the decode step compiled into a CUDA graph (`beni_compiled`, EvalSettings.compile_decode).
+"""Eval generation throughput: beni's batched `generate` (what the eval runs) against transformers' own
+`LlavaForConditionalGeneration.generate` on the same weights, prompts and shapes, in the same run; on CUDA also over
+a static cache, which transformers compiles (`beni_compiled`, EvalSettings.compile_decode).
 
 Both models are built from config classes with random weights (the LLaVA one holds beni's weights in LLaVA's
 layout, see beni_model.export), bf16 on the GPU. Each item is an OCRBench-like prompt: one image (its image
@@ -22,7 +22,6 @@ import torch
 from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 from beni_model.config import BeniConfig
-from beni_model.evaluate import greedy
 from beni_model.export import llava_config, llava_state_dict
 from beni_model.modeling import BeniForConditionalGeneration
 
@@ -66,6 +65,7 @@ def build(tiny: bool, device: str, dtype: torch.dtype):
     beni = BeniForConditionalGeneration(config).to(device, dtype).eval()
     llava = LlavaForConditionalGeneration(llava_config(beni)).to(device, dtype).eval()
     llava.load_state_dict(llava_state_dict(beni), strict=False)
+    llava.generation_config.suppress_tokens = beni.generation_config.suppress_tokens  # as export_llava writes it
     return beni, llava
 
 
@@ -105,7 +105,8 @@ def run(model, prepared, new_tokens: int, device: str, compile: bool = False) ->
                 "pad_token_id": 0,
                 "eos_token_id": 2,
             }
-            outputs.append(greedy(model, compile, **kwargs))
+            static = {"cache_implementation": "static"} if compile else {}  # as EvalSettings.compile_decode
+            outputs.append(model.generate(**kwargs, do_sample=False, **static))
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, outputs
@@ -123,7 +124,7 @@ def main() -> None:
     beni, llava = build(args.tiny, device, dtype)
     contenders = {"beni": (beni, False), "beni_compiled": (beni, True), "llava": (llava, False)}  # name: (model, compile)
     if device != "cuda":
-        del contenders["beni_compiled"]  # the same eager loop: greedy_generate compiles on CUDA only
+        del contenders["beni_compiled"]  # transformers compiles a static cache's step on GPUs only
     items = make_items(args.items, beni.config)
     print(
         f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}, torch {torch.__version__}, "

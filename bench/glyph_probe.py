@@ -38,15 +38,13 @@ from beni_model.chat import IGNORE_INDEX, load_tokenizer
 from beni_model.data import (
     DataPosition,
     DataSettings,
-    image_batch,
-    load_image,
+    decode_image,
     make_loader,
-    normalization,
-    normalize_pixels,
     read_samples,
     shard_paths,
 )
 from beni_model.evaluate import EvalSettings, evaluate, load_for_eval
+from beni_model.processing import BeniProcessor, family_image_processor, sized
 from beni_model.recipe import builtin_recipes, load_recipe
 from beni_model.train import torchrun_command
 from beni_model.training.config import TrainConfig
@@ -179,25 +177,24 @@ def run_ctc(args, name: str, chars: int) -> dict:
         shards=config.shards,
         batch_size=config.batch_size,
         image_size=beni.image_size,
-        tokens_per_image=beni.num_image_tokens(),
         max_length=config.max_length,
         seed=config.seed,
     )
-    batches = iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
+    processor = BeniProcessor.for_model(beni, tokenizer)
+    batches = iter(make_loader(settings, processor, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
     embed = model.get_input_embeddings()
     blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
     params = [p for p in model.parameters() if p.requires_grad] + [blank]
     groups = param_groups(model, config) + [{"params": [blank], "lr": config.part_lr.get("vision_tower", config.lr), "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))  # as the trainer schedules
-    mean, std = normalization(beni.vision_config.model_type)
     losses = []
     for step in range(config.max_steps):
         batch = next(batches)
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         answers = [tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True).strip() for row in batch["labels"]]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            image = model.connector(model.vision_tower(normalize_pixels(batch["pixel_values"].to(device), mean, std)))
+            image = model.connector(model.vision_tower(batch["pixel_values"].to(device)))
             embeds = embed(ids).masked_scatter((ids == beni.image_token_id).unsqueeze(-1), image.to(embed.weight.dtype))
             logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
@@ -226,10 +223,10 @@ def run_ctc(args, name: str, chars: int) -> dict:
 
 
 class Glyphs(torch.utils.data.Dataset):
-    """(uint8 [3, size, size] image, class) pairs from the training tars, decoded as the trainer decodes."""
+    """(pixel values [3, size, size], class) pairs from the training tars, preprocessed as the trainer preprocesses."""
 
-    def __init__(self, shards: Path, image_size: int):
-        self.image_size = image_size
+    def __init__(self, shards: Path, processor):
+        self.processor = processor
         self.items = [
             (sample["jpg"], GLYPHS.index(json.loads(sample["json"])["conversations"][1]["value"]))
             for path in shard_paths(shards)
@@ -241,7 +238,7 @@ class Glyphs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         data, label = self.items[i]
-        return image_batch([load_image(data, self.image_size)])[0], label
+        return self.processor(decode_image(data), return_tensors="pt")["pixel_values"][0], label
 
 
 def run_vit(args, name: str) -> dict:
@@ -254,13 +251,13 @@ def run_vit(args, name: str) -> dict:
     head = torch.nn.Linear(vision.hidden_size, len(GLYPHS)).to(device)
     params = [*encoder.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95))
-    mean, std = normalization(vision.model_type)
 
     def logits(pixels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            return head(encoder(pixel_values=normalize_pixels(pixels.to(device), mean, std)).last_hidden_state.mean(1)).float()
+            return head(encoder(pixel_values=pixels.to(device)).last_hidden_state.mean(1)).float()
 
-    data = Glyphs(Path(config.shards), vision.image_size)
+    processor = sized(family_image_processor(vision), vision.image_size)
+    data = Glyphs(Path(config.shards), processor)
     sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=config.max_steps * config.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers)
     losses = []
@@ -275,7 +272,9 @@ def run_vit(args, name: str) -> dict:
         optimizer.step()
         losses.append(loss.item())
     items = json.loads((args.data / "test" / "test.json").read_text())
-    pixels = image_batch([load_image((args.data / "test" / i["image_path"]).read_bytes(), vision.image_size) for i in items])
+    pixels = processor([decode_image((args.data / "test" / i["image_path"]).read_bytes()) for i in items], return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
         predicted = torch.cat([logits(chunk).argmax(-1).cpu() for chunk in pixels.split(100)])
     right = sum(GLYPHS[p] == i["answers"][0] for p, i in zip(predicted.tolist(), items))

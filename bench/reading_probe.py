@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from glyph_probe import GLYPHS, glyph
 from PIL import Image
+from pool_probe import pixels as siglip_pixels
+from pool_probe import square
 
 from beni_model.config import BeniConfig
-from beni_model.data import load_image, normalization, normalize_pixels
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.ocr.ctc import ctc_loss
 from beni_model.ocr.heads import READING_ALPHABET, READS_PER_COLUMN, greedy_transcripts, reading_targets
@@ -57,7 +58,7 @@ def render(task: tuple[str, int, int]) -> tuple[str, np.ndarray]:
     seed, chars, lines = task
     if lines == 1:
         text, jpg = glyph(seed, chars)
-        return text, load_image(jpg, SIZE)
+        return text, square(jpg, SIZE)
     texts, halves = zip(*(glyph(f"{seed}:{i}", chars) for i in range(lines)))
     return "".join(texts), np.concatenate(
         [np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB").resize((SIZE, SIZE // lines))) for jpg in halves]
@@ -128,9 +129,7 @@ def image_embeds(model: BeniForConditionalGeneration, features: torch.Tensor, co
 
 
 def batch(items: list[tuple[str, np.ndarray]], image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pixels = normalize_pixels(
-        torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2), *normalization("siglip_vision_model")
-    )
+    pixels = siglip_pixels(items)
     ids = torch.tensor([[IMG] * image_tokens + [BOS] + glyph_ids(t) + [EOS] for t, _ in items])
     labels = ids.clone()
     labels[:, : image_tokens + 1] = -100

@@ -209,11 +209,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny_model(Path(tmp))
-        model, tokenizer = load_model(model_dir, args.device)
+        model, processor = load_model(model_dir, args.device)
         settings = ServeSettings(max_batch=max(args.concurrency), max_waiting=max(args.requests, 2 * max(args.concurrency), 16))
         servers = {
-            "beni serve": BackgroundServer(create_app(model, tokenizer, "model", settings)),
-            "generate per request": BackgroundServer(create_app(model, tokenizer, "model", settings, engine=PerRequest)),
+            "beni serve": BackgroundServer(create_app(model, processor, "model", settings)),
+            "generate per request": BackgroundServer(create_app(model, processor, "model", settings, engine=PerRequest)),
         }
         rows = []
         try:

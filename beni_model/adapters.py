@@ -1,5 +1,7 @@
 """PEFT adapters: LoRA / DoRA on the LLM (optionally the vision tower), the connector trained in full."""
 
+import re
+
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
@@ -7,12 +9,20 @@ from beni_model.modeling import BeniForConditionalGeneration
 
 
 def lora_targets(model: BeniForConditionalGeneration, vision: bool) -> list[str]:
-    """Every linear layer of the LLM's blocks (not its output head), plus the vision tower's when asked."""
+    """Every linear layer of the LLM's blocks (not its output head), plus, when asked, those of the encoder layers
+    whose output the model reads: not the layers after `vision_feature_layer`, nor a pooling head (SigLIP's), whose
+    adapters would never get a gradient."""
     head = model.get_output_embeddings()
-    parts = ("language_model.", "vision_tower.") if vision else ("language_model.",)
-    return [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head and name.startswith(parts)
-    ]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+    targets = [name for name, _ in linears if name.startswith("language_model.")]
+    if vision:
+        layers = model.config.vision_config.num_hidden_layers
+        used = model.config.vision_feature_layer % (layers + 1)  # hidden_states[k] is the output of the first k layers
+        for name, _ in linears:
+            block = re.search(r"\.layers?\.(\d+)\.", name)
+            if name.startswith("vision_tower.") and block and int(block[1]) < used:
+                targets.append(name)
+    return targets
 
 
 def add_lora(

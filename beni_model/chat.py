@@ -1,9 +1,13 @@
-"""Training examples and prompts from LLaVA-style conversations.
+"""Training examples from conversations, in either of two forms:
 
-A conversation is `[{"from": "human" | "gpt" | "system", "value": str}, ...]` with `<image>` markers where the
-images go. Text is rendered with the tokenizer's own chat template (or FALLBACK_TEMPLATE when it has none),
-each marker becomes `tokens_per_image` image tokens, and only assistant replies (with their end-of-turn
-token) carry labels.
+- LLaVA's turns, `[{"from": "human" | "gpt" | "system", "value": str}, ...]` with `<image>` markers where the
+  images go;
+- transformers' messages, `[{"role": "user" | "assistant" | "system", "content": str | [item, ...]}, ...]`, where
+  an item is `{"type": "image"}` or `{"type": "text", "text": str}` (a string content may carry `<image>` markers).
+
+Text is rendered with the processor's chat template (the LLM's own, or FALLBACK_TEMPLATE when it has none, behind
+a preamble that flattens typed content the way `to_messages` does), each image becomes the processor's
+`num_image_tokens` image tokens, and only assistant replies (with their end-of-turn token) carry labels.
 """
 
 import itertools
@@ -24,6 +28,21 @@ FALLBACK_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+# Typed content flattened to one string before the LLM's template runs (the LLM templates read string content): an
+# image item is IMAGE_MARKER and a line break, a text item its text, as `flatten` does in Python.
+TYPED_CONTENT = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set parts = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set parts.text = parts.text + '@IMAGE@\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = parts.text -%}{%- endif -%}"
+    "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': content}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flat.messages -%}"
 )
 
 
@@ -48,34 +67,52 @@ def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedToke
     return tokenizer
 
 
-def to_messages(conversation: list[dict], image_token: str, tokens_per_image: int) -> list[dict]:
+def chat_template(llm_template: str | None, image_token: str = IMAGE_MARKER) -> str:
+    """A processor's template: TYPED_CONTENT's preamble, then the LLM's template (FALLBACK_TEMPLATE without one)."""
+    return TYPED_CONTENT.replace("@IMAGE@", image_token) + (llm_template or FALLBACK_TEMPLATE)
+
+
+def flatten(content: str | list[dict]) -> str:
+    if isinstance(content, str):
+        return content
+    if bad := [item for item in content if not isinstance(item, dict) or item.get("type") not in ("image", "text")]:
+        raise ValueError(f"Message content item {bad[0]!r} is not {{'type': 'image'}} or {{'type': 'text', 'text': ...}}.")
+    return "".join(f"{IMAGE_MARKER}\n" if item["type"] == "image" else item["text"] for item in content)
+
+
+def to_messages(conversation: list[dict]) -> list[dict]:
+    """role/content messages with string content, IMAGE_MARKER where each image goes, from either form."""
     messages = []
     for turn in conversation:
-        role = ROLES.get(turn["from"])
+        role = ROLES.get(turn.get("from", turn.get("role")))
         if role is None:
-            raise ValueError(f"Unknown conversation role {turn['from']!r}: use one of {sorted(ROLES)}.")
-        messages.append({"role": role, "content": turn["value"].replace(IMAGE_MARKER, image_token * tokens_per_image)})
+            raise ValueError(f"Unknown conversation role {turn.get('from', turn.get('role'))!r}: use one of {sorted(ROLES)}.")
+        messages.append({"role": role, "content": flatten(turn["value"] if "from" in turn else turn["content"])})
     return messages
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=None if tokenizer.chat_template else FALLBACK_TEMPLATE,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
+def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
     )
 
 
-def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, reply_ids: Callable | None) -> tuple[list[int], list[int]]:
-    text = render(tokenizer, messages)
+def expand_images(messages: list[dict], processor) -> list[dict]:
+    """Each IMAGE_MARKER becomes the processor's image tokens."""
+    tokens = processor.image_token * processor.num_image_tokens
+    return [{**m, "content": m["content"].replace(IMAGE_MARKER, tokens)} for m in messages]
+
+
+def _tokenize_with_labels(processor, messages: list[dict], reply_ids: Callable | None) -> tuple[list[int], list[int]]:
+    tokenizer = processor.tokenizer
+    text = render(processor, messages)
     reply_spans = []  # character ranges of assistant replies: after the generation prompt, through end of turn
     cuts, given = [0], []  # the text's pieces, alternately tokenized as a whole and given by reply_ids (their ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        with_prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through_reply = render(tokenizer, messages[: i + 1])
+        with_prompt = render(processor, messages[:i], add_generation_prompt=True)
+        through_reply = render(processor, messages[: i + 1])
         if not (text.startswith(with_prompt) and text.startswith(through_reply)):
             raise ValueError(
                 "The chat template renders earlier turns differently once later turns follow, so reply labels cannot be placed; use a prefix-stable template."
@@ -97,7 +134,7 @@ def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, rep
             encoded = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
             input_ids += encoded["input_ids"]
             offsets += [(lo + a, lo + b) for a, b in encoded["offset_mapping"]]
-    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    image_token_id = processor.image_token_id
     labels = [
         token if token != image_token_id and any(start <= lo and hi <= end for start, end in reply_spans) else IGNORE_INDEX
         for token, (lo, hi) in zip(input_ids, offsets)
@@ -106,12 +143,7 @@ def _tokenize_with_labels(tokenizer, messages: list[dict], image_token: str, rep
 
 
 def build_example(
-    conversation: list[dict],
-    tokenizer: PreTrainedTokenizerBase,
-    tokens_per_image: int,
-    max_length: int | None = None,
-    image_token: str = IMAGE_MARKER,
-    reply_ids: Callable[[str], list[int] | None] | None = None,
+    conversation: list[dict], processor, max_length: int | None = None, reply_ids: Callable[[str], list[int] | None] | None = None
 ) -> Example:
     """Tokens and labels for one conversation. When it is longer than `max_length`, whole trailing turns are
     dropped (never part of an image block; the result says how many); raises SampleTooLong when even the first
@@ -119,25 +151,24 @@ def build_example(
 
     `reply_ids(reply)` may give an assistant reply's token ids itself (an extension's label hook,
     Extension.reply_ids); None leaves the reply to be tokenized with the rest of the text. Its ids all carry labels."""
-    messages = to_messages(conversation, image_token, tokens_per_image)
+    plain = to_messages(conversation)
+    messages = expand_images(plain, processor)
     # Cut points: after each assistant reply, longest first.
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"][::-1]
     if not ends:
-        raise ValueError("The conversation has no assistant ('gpt') turn, so it has nothing to learn from.")
+        raise ValueError("The conversation has no assistant turn, so it has nothing to learn from.")
     for end in ends:
-        input_ids, labels = _tokenize_with_labels(tokenizer, messages[:end], image_token, reply_ids)
+        input_ids, labels = _tokenize_with_labels(processor, messages[:end], reply_ids)
         if max_length is None or len(input_ids) <= max_length:
-            num_images = sum(turn["value"].count(IMAGE_MARKER) for turn in conversation[:end])
+            num_images = sum(m["content"].count(IMAGE_MARKER) for m in plain[:end])
             return Example(input_ids, labels, num_images, dropped_turns=len(messages) - end)
     raise SampleTooLong(f"The first exchange alone is {len(input_ids)} tokens, over max_length {max_length}: the sample is dropped.")
 
 
-def build_prompt(
-    conversation: list[dict], tokenizer: PreTrainedTokenizerBase, tokens_per_image: int, image_token: str = IMAGE_MARKER
-) -> list[int]:
-    """Token ids of a conversation ending with a user turn, followed by the assistant generation prompt."""
-    text = render(tokenizer, to_messages(conversation, image_token, tokens_per_image), add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def prompt_text(conversation: list[dict], processor) -> str:
+    """A conversation ending with a user turn, rendered with the assistant generation prompt, IMAGE_MARKER where each
+    image goes: the text for `processor(text=..., images=...)`, which expands the markers."""
+    return render(processor, to_messages(conversation), add_generation_prompt=True).replace(IMAGE_MARKER, processor.image_token)
 
 
 def pad_batch(

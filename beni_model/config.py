@@ -1,5 +1,8 @@
 """BeniConfig: a vision encoder, a connector and a causal LLM, checked when the config is made."""
 
+import difflib
+from pathlib import Path
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -47,11 +50,24 @@ class BeniConfig(PretrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        fields = [name for name in BeniConfig.__annotations__ if not name.startswith("_")]
+        for key in kwargs:  # unknown keys are kept as attributes (transformers' own and quantizers' among them)
+            if close := difflib.get_close_matches(key, fields, n=1, cutoff=0.8):
+                raise ValueError(f"BeniConfig has no setting {key!r}: did you mean {close[0]!r}?")
+        for name in ("vision_config", "text_config"):
+            if isinstance(getattr(self, name), dict) and "model_type" not in getattr(self, name):
+                raise ValueError(f"{name} has no model_type: name its family, e.g. {{'model_type': 'siglip_vision_model', ...}}.")
         if self.vision_config is None and self.vision_model:
             self.vision_config = _resolve_vision_config(self.vision_model)
         if self.text_config is None and self.text_model:
             self.text_config = AutoConfig.from_pretrained(self.text_model)
         super().__post_init__(**kwargs)
+        for field in ("image_size", "patch_size", "hidden_size"):
+            if getattr(self.vision_config, field, None) is None:
+                raise ValueError(
+                    f"Vision config {self.vision_config.model_type!r} has no {field}: beni needs a ViT-like encoder that maps square "
+                    "pixel_values to a fixed patch grid (SigLIP, CLIP, DINOv2, ViT; SigLIP2's NaFlex encoder takes patch sequences)."
+                )
         # Tying lives in the LLM; mirror it so transformers' checks on the composite config agree.
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         self.image_size = self.image_size or self.vision_config.image_size
@@ -83,11 +99,6 @@ class BeniConfig(PretrainedConfig):
     def validate_parts(self) -> None:
         spec = parse_connector(self.connector)
         vision, text = self.vision_config, self.text_config
-        for field in ("image_size", "patch_size", "hidden_size"):
-            if getattr(vision, field, None) is None:
-                raise ValueError(
-                    f"Vision config {vision.model_type!r} has no {field}: beni needs a ViT-like encoder that maps pixel_values to patch hidden states."
-                )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple."
@@ -125,5 +136,20 @@ class BeniConfig(PretrainedConfig):
                     f"Connector {self.connector!r}: {heads} heads must divide the LLM width {text.hidden_size} and {kv_heads} kv heads must divide {heads}."
                 )
 
+    def to_dict(self) -> dict:
+        """Local folders the parts came from are left out: the nested configs hold what they gave, and a saved model
+        moves to other machines. Hub ids stay, to say where the weights came from."""
+        output = super().to_dict()
+        for part in (output, output.get("vision_config"), output.get("text_config")):
+            for key in ("vision_model", "text_model", "_name_or_path"):
+                if isinstance(part, dict) and part.get(key) and Path(part[key]).exists():
+                    part[key] = None if key != "_name_or_path" else ""
+        return output
+
 
 AutoConfig.register("beni", BeniConfig)
+
+# The model and processor register their Auto classes when imported: any beni_model module that names the config
+# registers all three (a bare `import beni_model` stays light for the data-prep processes).
+import beni_model.modeling  # noqa: E402, F401
+import beni_model.processing  # noqa: E402, F401

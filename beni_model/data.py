@@ -6,8 +6,9 @@ first), so lengths inside a batch are close and padding stays small, and an epoc
 with its first samples, so every batch is full; the batch order is shuffled inside windows of `window` batches.
 Every rank reads the modality of micro-step n (image+text or text-only) from the same seeded schedule, so no
 rank runs the connector while another skips it.
-Images are decoded and resized in DataLoader workers: worker w builds micro-steps n with n % workers == w, and
-the DataLoader hands them back in order.
+Images are decoded and preprocessed by the model's processor (BeniProcessor: the encoder's resize, crop and
+normalization) in DataLoader workers: worker w builds micro-steps n with n % workers == w, and the DataLoader hands
+them back in order.
 
 A stream is a pure function of (seed, rank, world size, position): `DataPosition` is all a checkpoint needs
 to resume the exact batch sequence. Streams never end (epochs roll over), so ranks never run out at
@@ -31,12 +32,6 @@ from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
 from beni_model.extensions import extension_class
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# (mean, std) per encoder family, as their image processors normalize; ImageNet's for the rest.
-NORMALIZE = {
-    "siglip_vision_model": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-}
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CAPTION_PROMPT = "Describe the image."
 
 
@@ -51,8 +46,7 @@ class DataPosition:
 class DataSettings:
     shards: str  # folder with index.json and the tars
     batch_size: int  # samples per micro-batch per rank
-    image_size: int
-    tokens_per_image: int
+    image_size: int  # the model's (an image batch without images is [0, 3, image_size, image_size])
     max_length: int = 2048
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
@@ -62,10 +56,6 @@ class DataSettings:
     targets: tuple[str, ...] = ()  # extensions whose targets image batches carry (Extension.collate)
     grid: int = 0  # the image's patch grid side, for the extensions' targets
     seed: int = 0
-
-
-def normalization(vision_model_type: str) -> tuple[tuple, tuple]:
-    return NORMALIZE.get(vision_model_type, IMAGENET)
 
 
 def shard_paths(shards: str | Path) -> list[Path]:
@@ -150,23 +140,9 @@ def raw_stream(settings: DataSettings, rank: int, world_size: int, position: Dat
         epoch, epoch_start = epoch + 1, step  # leftovers of the other modality are dropped with the epoch
 
 
-def load_image(data: bytes, image_size: int) -> np.ndarray:
-    """[size, size, 3] uint8, resized to the model's square input."""
+def decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
-
-
-def image_batch(images: list[np.ndarray]) -> torch.Tensor:
-    """[n, 3, h, w] uint8, a channels-last view of the stacked images (no strided copy on the host). Batches stay
-    uint8, a quarter of float32's bytes through the workers' shared memory and to the device, until
-    `normalize_pixels` runs where the model is."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-
-
-def normalize_pixels(pixels: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 [n, 3, h, w] -> float [0, 1], then per-channel (x - mean) / std, as the encoder's processor does."""
-    mean, std = (to_device(torch.tensor(v).view(1, 3, 1, 1), pixels.device) for v in (mean, std))
-    return (pixels.float() / 255 - mean) / std
+        return image.convert("RGB")
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -193,27 +169,27 @@ def reply_hook(settings: DataSettings, meta: dict, tokenizer):
     return reply_ids
 
 
-def collate(samples: list[dict], modality: str, tokenizer, settings: DataSettings) -> dict:
+def collate(samples: list[dict], modality: str, processor, settings: DataSettings) -> dict:
     input_ids, labels, pixels, metas = [], [], [], []
+    tokenizer = processor.tokenizer
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
         hook = reply_hook(settings, meta, tokenizer) if image is not None else None
-        example = build_example(
-            conversation_of(meta, image is not None), tokenizer, settings.tokens_per_image, settings.max_length, reply_ids=hook
-        )
+        example = build_example(conversation_of(meta, image is not None), processor, settings.max_length, reply_ids=hook)
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
-            pixels.append(load_image(image, settings.image_size))
+            pixels.append(decode_image(image))
             metas.append(meta)
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
     else:
         batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels, multiple_of=settings.pad_to_multiple_of)
     if modality == "image":
+        size = settings.image_size
         batch["pixel_values"] = (
-            image_batch(pixels) if pixels else torch.zeros(0, 3, settings.image_size, settings.image_size, dtype=torch.uint8)
+            processor.image_processor(pixels, return_tensors="pt")["pixel_values"] if pixels else torch.zeros(0, 3, size, size)
         )
         for name in settings.targets:
             batch.update(extension_class(name).collate(settings.extensions[name], settings.grid, metas))
@@ -223,8 +199,8 @@ def collate(samples: list[dict], modality: str, tokenizer, settings: DataSetting
 class ShardStream(IterableDataset):
     """Decoded, tokenized, padded micro-batches for one rank; each carries its `position` and `modality`."""
 
-    def __init__(self, settings: DataSettings, tokenizer, rank: int, world_size: int, position: DataPosition):
-        self.settings, self.tokenizer = settings, tokenizer
+    def __init__(self, settings: DataSettings, processor, rank: int, world_size: int, position: DataPosition):
+        self.settings, self.processor = settings, processor
         self.rank, self.world_size, self.position = rank, world_size, position
 
     def __iter__(self):
@@ -232,16 +208,16 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for position, modality, samples in raw_stream(self.settings, self.rank, self.world_size, self.position):
             if (position.step - 1) % workers == worker:
-                batch = collate(samples, modality, self.tokenizer, self.settings)
+                batch = collate(samples, modality, self.processor, self.settings)
                 yield {**batch, "modality": modality, "position": asdict(position)}
 
 
 def make_loader(
-    settings: DataSettings, tokenizer, rank: int, world_size: int, position: DataPosition, workers: int, pin_memory: bool
+    settings: DataSettings, processor, rank: int, world_size: int, position: DataPosition, workers: int, pin_memory: bool
 ) -> DataLoader:
     """The loader keeps at most 2 batches per worker in flight, so decoding never runs far ahead of training."""
     return DataLoader(
-        ShardStream(settings, tokenizer, rank, world_size, position),
+        ShardStream(settings, processor, rank, world_size, position),
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2 if workers else None,

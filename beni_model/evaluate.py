@@ -1,4 +1,5 @@
-"""OCRBench-style evaluation: batched greedy generation over an OCRBench-format JSON, scored with OCRBench's rule.
+"""OCRBench-style evaluation: batched greedy generation (transformers' generate, through the model's processor) over an
+OCRBench-format JSON, scored with OCRBench's rule.
 
 The set is a JSON list of items with the official file's fields: `dataset_name`, `id`, `image_path` (relative to an
 image root), `question`, `answers` (a string or a list of strings) and `type` (the category).
@@ -12,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from beni_model.chat import IMAGE_MARKER, build_prompt, pad_batch
-from beni_model.data import image_batch, load_image, normalization, normalize_pixels
+from beni_model.chat import IMAGE_MARKER, prompt_text
+from beni_model.data import decode_image
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import load_processor
 
 FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
 OCRBENCH_SIZE = 1000  # the real OCRBench; its official script prints a score out of 1000 only for the full set
@@ -26,18 +28,7 @@ OCRBENCH_SIZE = 1000  # the real OCRBench; its official script prints a score ou
 class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int = 32  # OCRBench answers are words, numbers and short phrases
-    compile_decode: bool = False  # beni models on CUDA: the decode step as a CUDA graph (greedy_generate's `compile`)
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How a model wants its images and prompts: the image token, its count per image, size and pixel statistics."""
-
-    image_token: str
-    tokens_per_image: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    compile_decode: bool = False  # generate over a static cache, compiled on a GPU (a minute per shape: long evals only)
 
 
 # ---------------------------------------------------------------- the set
@@ -141,37 +132,8 @@ def summarize(records: list[dict], trained: set[str] | None = None) -> dict:
 # ---------------------------------------------------------------- generation
 
 
-def image_spec(model, tokenizer) -> ImageSpec:
-    config = model.config
-    if isinstance(config, LlavaConfig):
-        token, count, size = (
-            tokenizer.convert_ids_to_tokens(config.image_token_index),
-            config.image_seq_length,
-            config.vision_config.image_size,
-        )
-    else:
-        token, count, size = config.image_token, config.num_image_tokens(), config.image_size
-    mean, std = normalization(config.vision_config.model_type)  # as in training
-    return ImageSpec(token, count, size, tuple(mean), tuple(std))
-
-
-def pixel_values(paths: list[Path], spec: ImageSpec) -> torch.Tensor:
-    """Images preprocessed as in training (beni_model.data): resized to the model's square input, normalized."""
-    return normalize_pixels(image_batch([load_image(path.read_bytes(), spec.image_size) for path in paths]), spec.mean, spec.std)
-
-
-def prompt_ids(question: str, tokenizer, spec: ImageSpec) -> list[int]:
-    conversation = [{"from": "human", "value": f"{IMAGE_MARKER}\n{question}"}]
-    return build_prompt(conversation, tokenizer, spec.tokens_per_image, spec.image_token)
-
-
-@torch.no_grad()
-def greedy(model, compile: bool = False, **inputs) -> torch.LongTensor:
-    """Prompt ids + greedy new tokens: beni models through their lean loop (`compile`: see greedy_generate), LLaVA
-    exports through `generate`."""
-    if isinstance(model, BeniForConditionalGeneration):
-        return model.greedy_generate(**inputs, compile=compile)
-    return model.generate(**inputs, do_sample=False)
+def question_prompt(question: str, processor) -> str:
+    return prompt_text([{"from": "human", "value": f"{IMAGE_MARKER}\n{question}"}], processor)
 
 
 def placement(model) -> tuple[torch.device, torch.dtype]:
@@ -179,35 +141,46 @@ def placement(model) -> tuple[torch.device, torch.dtype]:
     return next(model.parameters()).device, next(p for p in model.parameters() if p.is_floating_point()).dtype
 
 
+@torch.no_grad()
+def greedy(model, inputs: dict, settings: EvalSettings, tokenizer) -> torch.LongTensor:
+    """Prompt ids + greedy new tokens through transformers' `generate`, for beni models and LLaVA exports alike; with
+    `compile_decode` over a static cache, which transformers compiles on a GPU."""
+    static = {"cache_implementation": "static"} if settings.compile_decode else {}
+    return model.generate(
+        **inputs,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **static,
+    )
+
+
 def generate_tokens(
-    model, tokenizer, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
+    model, processor, items: list[dict], image_root: str | Path, settings: EvalSettings = EvalSettings()
 ) -> tuple[list[list[int]], list[str] | None]:
     """The greedy answer tokens (through the first end-of-turn token) of each item, in the items' order: batches of
-    prompts of similar length, left-padded, generated with the KV cache. For beni models (their lean greedy loop) and
-    LLaVA exports (transformers' generate) alike. Also each image's answer by the model's extensions
-    (`extension_answers`), from the same decoded images, for a beni model whose extensions answer (else None)."""
-    spec, (device, dtype) = image_spec(model, tokenizer), placement(model)
-    prompts = [prompt_ids(item["question"], tokenizer, spec) for item in items]
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # longest first: an out-of-memory shows at once
+    prompts of similar length, left-padded, through the processor and `greedy`, for beni models and LLaVA exports
+    alike. Also each image's answer by the model's extensions (`extension_answers`), from the same pixel values, for a
+    beni model whose extensions answer (else None)."""
+    device, dtype = placement(model)
+    tokenizer = processor.tokenizer
+    prompts = [question_prompt(item["question"], processor) for item in items]
+    # Every prompt holds one image, whose tokens are the same count in each: the text alone orders them by length.
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(items)), key=lambda i: -lengths[i])  # longest first: an out-of-memory shows at once
     answers = [[] for _ in items]
     heads = [""] * len(items) if isinstance(model, BeniForConditionalGeneration) and len(model.extensions) else None
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
-        batch = pad_batch([prompts[i] for i in rows], tokenizer.pad_token_id, padding_side="left")
-        images = pixel_values([Path(image_root) / items[i]["image_path"] for i in rows], spec)
-        inputs = {
-            "input_ids": batch["input_ids"].to(device),
-            "attention_mask": batch["attention_mask"].to(device),
-            "pixel_values": images.to(device, dtype),
-            "max_new_tokens": settings.max_new_tokens,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        }
-        new = greedy(model, settings.compile_decode, **inputs)[:, batch["input_ids"].shape[1] :].cpu()
-        for i, tokens in zip(rows, new.tolist()):
-            if tokenizer.eos_token_id in tokens:
-                tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-            answers[i] = tokens
+        images = [decode_image((Path(image_root) / items[i]["image_path"]).read_bytes()) for i in rows]
+        inputs = processor(
+            text=[prompts[i] for i in rows], images=images, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
+        ).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        tokens = greedy(model, inputs, settings, tokenizer)
+        for i, new in zip(rows, tokens[:, inputs["input_ids"].shape[1] :].cpu().tolist()):
+            answers[i] = new[: new.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in new else new
         if heads is not None:
             if (own := model.extension_answers(inputs["pixel_values"])) is None:
                 heads = None
@@ -225,7 +198,7 @@ def default_device() -> str:
 
 
 def load_for_eval(model_dir: str | Path, device: str | None = None):
-    """(model, tokenizer) from a saved beni folder, a quantized export of one, or a LLaVA export, ready to generate:
+    """(model, processor) from a saved beni folder, a quantized export of one, or a LLaVA export, ready to generate:
     bf16 on a GPU, float32 on CPU; every part frozen (inference only)."""
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
@@ -240,16 +213,16 @@ def load_for_eval(model_dir: str | Path, device: str | None = None):
         model = BeniForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype, device_map=device, freeze_vision=True, freeze_connector=True, freeze_text=True
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    spec = image_spec(model, tokenizer)
-    expected = model.config.image_token_index if isinstance(model.config, LlavaConfig) else model.config.image_token_id
-    if tokenizer.convert_tokens_to_ids(spec.image_token) != expected:
+    llava = isinstance(model, LlavaForConditionalGeneration)
+    processor = AutoProcessor.from_pretrained(model_dir) if llava else load_processor(model_dir, model.config)
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    expected = model.config.image_token_index if llava else model.config.image_token_id
+    if processor.image_token_id != expected:
         raise ValueError(
-            f"The tokenizer in {model_dir} does not map {spec.image_token!r} to the model's image token id {expected}: save the training tokenizer with the model."
+            f"The processor in {model_dir} maps {processor.image_token!r} to {processor.image_token_id}, not the model's image token id {expected}: save the training processor with the model."
         )
-    return model.eval(), tokenizer
+    return model.eval(), processor
 
 
 # ---------------------------------------------------------------- the run and its report
@@ -265,7 +238,7 @@ class EvalResult:
 
 def evaluate(
     model,
-    tokenizer,
+    processor,
     json_path: str | Path,
     image_root: str | Path,
     out_dir: str | Path,
@@ -280,9 +253,9 @@ def evaluate(
     passes it on. `trained`: the categories the model's training data covers, when known (see `summarize`)."""
     items = load_set(json_path, image_root)
     start = time.perf_counter()
-    tokens, heads = generate_tokens(model, tokenizer, items, image_root, settings)
+    tokens, heads = generate_tokens(model, processor, items, image_root, settings)
     seconds = time.perf_counter() - start
-    predictions = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    predictions = [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
     generated = sum(len(t) for t in tokens)
     records = [
         {

@@ -1,11 +1,21 @@
 """BeniForConditionalGeneration: vision tower -> connector -> causal LLM, with image features spliced in
 wherever the image token stands in the prompt."""
 
+import copy
+import difflib
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel, StaticCache
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    BitsAndBytesConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from beni_model.config import BeniConfig
@@ -19,41 +29,76 @@ class BeniOutput(CausalLMOutputWithPast):
     extension_losses: dict[str, torch.FloatTensor] | None = None  # each extension's loss, where the batch has its targets
 
 
-class BeniForConditionalGeneration(PreTrainedModel):
+# Written beside a saved model's config.json and named by its auto_map, so transformers' Auto classes load the folder
+# (with trust_remote_code=True) without an import of beni first: the classes come from the installed beni_model.
+AUTO_MODULE = "beni_hf"
+AUTO_MAP = {
+    "AutoConfig": f"{AUTO_MODULE}.BeniConfig",
+    "AutoModelForImageTextToText": f"{AUTO_MODULE}.BeniForConditionalGeneration",
+    "AutoProcessor": f"{AUTO_MODULE}.BeniProcessor",
+}
+AUTO_SOURCE = """\"\"\"transformers' Auto classes load this folder through beni_model (pip install beni).\"\"\"
+
+from beni_model.config import BeniConfig  # noqa: F401
+from beni_model.modeling import BeniForConditionalGeneration  # noqa: F401
+from beni_model.processing import BeniProcessor  # noqa: F401
+"""
+
+
+def write_auto_module(folder: str | Path) -> None:
+    (Path(folder) / f"{AUTO_MODULE}.py").write_text(AUTO_SOURCE)
+
+
+class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
     config_class = BeniConfig
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
 
-    def __init__(self, config: BeniConfig):
+    def __init__(self, config: BeniConfig, vision_encoder: nn.Module | None = None, language_model: nn.Module | None = None):
+        """`vision_encoder` / `language_model`: parts already built (from_parts loads them), else built from the
+        nested configs."""
+        if config.image_token_id is None:
+            raise ValueError(
+                "BeniConfig.image_token_id is not set: build a new model with BeniForConditionalGeneration.from_parts(config, tokenizer), "
+                "which adds the image token, or set image_token_id to the tokenizer's image token id."
+            )
         super().__init__(config)
-        self.vision_tower = VisionTower(config, vision_encoder_from_config(config.vision_config, config.vision_stem))
+        encoder = vision_encoder if vision_encoder is not None else vision_encoder_from_config(config.vision_config, config.vision_stem)
+        self.vision_tower = VisionTower(config, encoder)
         # Built right after the vision tower: a seed initialises the same weights as when the heads lived in it.
         self.extensions = nn.ModuleDict({name: extension_class(name)(config, settings) for name, settings in config.extensions.items()})
         self.connector = build_connector(config.connector_spec, config.vision_config.hidden_size, config.text_config.hidden_size)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self._decode_cache = self._compiled_decode = None  # greedy_generate's, made on first use
+        self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self.apply_freeze_flags()
+        # The image token stands for an image's features: generated, the next step would feed the LLM a placeholder.
+        self.generation_config.suppress_tokens = [config.image_token_id]
 
     @classmethod
     def from_parts(cls, config: BeniConfig, tokenizer, dtype: torch.dtype | None = None, load_in_4bit: bool = False):
         """Build a new model from pretrained parts: the encoder from `config.vision_model` and the LLM from
         `config.text_model` where given (else random init from the nested configs), a fresh connector, and the
-        LLM's embeddings grown to hold `tokenizer`'s image token (see `chat.load_tokenizer`).
+        LLM's embeddings grown to hold `tokenizer`'s image token (see `chat.load_tokenizer`). The parts are loaded
+        first and handed to the model, so no random tower is built to be thrown away; `config` is left as it was
+        (the model's is a copy).
 
         `load_in_4bit` loads the LLM as NF4 through bitsandbytes for QLoRA (needs a CUDA GPU).
         """
+        config = copy.deepcopy(config)
         image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if image_token_id is None or image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {config.image_token!r} token: load it with beni_model.chat.load_tokenizer.")
         if load_in_4bit and not torch.cuda.is_available():
             raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU; train in bf16 or with plain LoRA on this machine.")
         config.extensions = {name: extension_class(name).prepare(settings, tokenizer) for name, settings in config.extensions.items()}
-        model = cls(config)
+        config.image_token_id = image_token_id
         if config.vision_model:
-            model.vision_tower.encoder = vision_encoder_from_pretrained(config.vision_model, config.vision_config)
+            encoder = vision_encoder_from_pretrained(config.vision_model, config.vision_config)
+        else:
+            encoder = vision_encoder_from_config(config.vision_config, config.vision_stem)
+        language_model = AutoModelForCausalLM.from_config(config.text_config) if not config.text_model else None
         if config.text_model:
             quantization = None
             if load_in_4bit:
@@ -65,17 +110,17 @@ class BeniForConditionalGeneration(PreTrainedModel):
                     bnb_4bit_compute_dtype=torch.bfloat16,
                     bnb_4bit_quant_storage=torch.bfloat16,
                 )
-            model.language_model = AutoModelForCausalLM.from_pretrained(
+            language_model = AutoModelForCausalLM.from_pretrained(
                 config.text_model,
                 config=config.text_config,
                 dtype=dtype,
                 quantization_config=quantization,
                 device_map={"": 0} if load_in_4bit else None,
             )
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        config.text_config = model.language_model.config
-        config.image_token_id = image_token_id
+        if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+            language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        config.text_config = language_model.config
+        model = cls(config, vision_encoder=encoder, language_model=language_model)
         for extension in model.extensions.values():
             extension.start(model)
         if dtype is not None:
@@ -91,9 +136,17 @@ class BeniForConditionalGeneration(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) with output_loading_info=True
         model.apply_freeze_flags()  # loading swaps in fresh Parameters, which require grad
-        return model
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes the module that the config's auto_map names (see AUTO_MAP)."""
+        self.config.auto_map = AUTO_MAP
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_auto_module(save_directory)
 
     def apply_freeze_flags(self) -> None:
         for part, frozen in (
@@ -130,7 +183,15 @@ class BeniForConditionalGeneration(PreTrainedModel):
 
     def vision_features(self, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
         """The vision tower's output for the batch's images; None for a batch without images."""
-        return self.vision_tower(pixel_values) if pixel_values is not None and pixel_values.shape[0] > 0 else None
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            return None
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"pixel_values are {list(pixel_values.shape)} but this model takes [images, 3, {size}, {size}]: preprocess the "
+                "images with the model's processor (AutoProcessor.from_pretrained on its folder)."
+            )
+        return self.vision_tower(pixel_values)
 
     def merge(self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None) -> torch.Tensor:
         """`embed` from the vision tower's output for the batch's images (None: no images)."""
@@ -141,10 +202,13 @@ class BeniForConditionalGeneration(PreTrainedModel):
             features = self.connector(vision_features)
             extra = [e.image_embeddings(self, vision_features) for e in self.extensions.values()]
             features = torch.cat([features, *(x.to(features.dtype) for x in extra if x is not None)], dim=1)
-        # Counting the mask waits on the GPU, which would stall every training step: train_step checks its batches
-        # on the host instead.
-        if not (self.training and input_ids.is_cuda):
-            check_image_tokens(int(image_mask.sum()), *(features.shape[:2] if features is not None else (0, 0)))
+        images, per_image = features.shape[:2] if features is not None else (0, 0)
+        if (self.training and input_ids.is_cuda) or torch.compiler.is_compiling():
+            # Reading the count back would wait on the GPU at every training step (and break a compiled graph): the assert
+            # runs on the device instead, and fails the step (where nonzero_static would cut the placeholders silently).
+            torch._assert_async(image_mask.sum() == images * per_image, "The batch's image tokens do not match its images.")
+        else:
+            check_image_tokens(int(image_mask.sum()), images, per_image)
         if features is None:
             return embeds
         # Positions found with a known count and written by index: masked_scatter's backward (masked_select) waits on
@@ -163,8 +227,16 @@ class BeniForConditionalGeneration(PreTrainedModel):
         **kwargs,
     ) -> "BeniOutput":
         """The LLM's output on the merged embeddings; given `extension_targets` (the loader's, see
-        Extension.collate), also each extension's loss on the same vision features."""
+        Extension.collate), also each extension's loss on the same vision features. Other keyword arguments go to the
+        LLM (`cache`, `position_ids`, `logits_to_keep`, ...)."""
         losses = None
+        if not torch.compiler.is_compiling():  # a compiled decode step is the same call each time
+            check_names(frozenset(kwargs))
+        if inputs_embeds is not None and pixel_values is not None:
+            raise ValueError(
+                "pixel_values were given with inputs_embeds, which already hold every position's embedding: pass input_ids with "
+                "pixel_values, or merge the images into the embeddings first (model.embed)."
+            )
         if inputs_embeds is None:
             features = self.vision_features(pixel_values)
             if extension_targets is not None and features is not None:
@@ -185,112 +257,23 @@ class BeniForConditionalGeneration(PreTrainedModel):
                 return answers
         return None
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **generate_kwargs,
-    ) -> torch.LongTensor:
-        """The LLM's own generate (KV cache, sampling, stopping) from the merged prompt embeddings.
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
+        """transformers' preparation, with the images on the first step only (or on every step without a cache): later
+        steps feed new tokens alone, whose keys and values of the image positions are in the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        inputs["pixel_values"] = pixel_values if is_first_iteration or not kwargs.get("use_cache", True) else None
+        return inputs
 
-        Pad prompts on the left. Returns the prompt ids followed by the new tokens, like any causal LM.
-        """
-        return self.language_model.generate(
-            input_ids=input_ids,
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            **generate_kwargs,
-        )
 
-    @torch.inference_mode()  # less work per op than no_grad: decode is bound by per-op host time
-    def greedy_generate(
-        self,
-        input_ids: torch.LongTensor,
-        pixel_values: torch.Tensor | None,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        eos_token_id: int,
-        pad_token_id: int,
-        min_new_tokens: int = 0,
-        compile: bool = False,
-    ) -> torch.LongTensor:
-        """The tokens of `generate(do_sample=False)` through a plain loop over a static KV cache: decode is bound by
-        per-step host work, and this drops generate's per-step machinery (logits processors, stopping criteria, input
-        preparation, cache concatenation). With `compile` on CUDA the one-token step becomes a CUDA graph, so a step is
-        a replay: 3-8x the decode throughput, after about a minute of compiling per model (and once more at the first
-        new shape), which pays on long evals only (bench/BENCHMARKS.md).
+FORWARD_NAMES = ("input_ids", "pixel_values", "attention_mask", "labels", "inputs_embeds", "extension_targets")
 
-        Pad prompts on the left. Rows that have emitted `eos_token_id` go on with `pad_token_id`; the loop stops when
-        every row has. Returns the prompt ids followed by the new tokens, like `generate`.
-        """
-        batch, width = input_ids.shape
-        length = -(-(width + max_new_tokens) // 64) * 64  # few cache shapes, so few CUDA graphs: see _static_cache
-        cache = self._static_cache(batch, length, input_ids.device)
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate derives them
-        # The prefill (eager, like generate's) sees the prompt's mask, which the mask code pads to the cache with
-        # zeros; the decode step one of the cache's length, with the slots after the current token left to causality.
-        out = self.language_model(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
-        mask = torch.cat([attention_mask, attention_mask.new_ones(batch, length - width)], dim=1)
-        position = positions[:, -1:]
-        decode = self._decode_step(input_ids.device, compile)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens = []
-        for step in range(max_new_tokens):
-            if step < min_new_tokens:
-                logits[:, eos_token_id] = -torch.inf
-            token = logits.argmax(-1).masked_fill(finished, pad_token_id)
-            tokens.append(token)
-            finished |= token == eos_token_id
-            if step == max_new_tokens - 1 or finished.all():
-                break
-            position = position + 1
-            logits = decode(token[:, None], position, mask, cache)
-        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
-    def _static_cache(self, batch: int, length: int, device: torch.device) -> StaticCache:
-        """A static KV cache of `batch` rows and `length` slots, kept while calls ask for that shape: a CUDA graph of the
-        decode step reads the cache at the address it was captured with (a new address is a new capture), and each new
-        shape is one more graph. The eval's batches share one batch size, and rounding the length up to 64 slots puts
-        its prompt widths into one or two lengths."""
-        key = (batch, length, device, self.language_model.dtype)
-        if self._decode_cache is None or self._decode_cache[0] != key:
-            self._decode_cache = key, StaticCache(config=self.language_model.config, max_cache_len=length)
-        cache = self._decode_cache[1]
-        cache.reset()
-        return cache
-
-    def _decode_step(self, device: torch.device, compile: bool):
-        """(token, position, mask, cache) -> next-token logits: with `compile` on CUDA compiled once per model with mode
-        "reduce-overhead" (CUDA graphs), as generate compiles for static caches, and likewise not for quantizers that
-        cannot compile (bitsandbytes); otherwise eager (on CPU compiling costs more than it saves). Shapes are left to
-        torch.compile's default: the first call of another batch size or cache length recompiles once with those dims
-        dynamic, and from then on a new shape costs a graph capture, not a compile."""
-        quantizers = [getattr(part, "hf_quantizer", None) for part in (self, self.language_model)]  # from_pretrained's, from_parts'
-        if not compile or device.type != "cuda" or any(q is not None and not q.is_compileable for q in quantizers):
-            return self._decode
-        if self._compiled_decode is None:
-            self._compiled_decode = torch.compile(self._decode, mode="reduce-overhead")
-
-        def step(*args):
-            torch.compiler.cudagraph_mark_step_begin()  # the loop is done with the last step's logits: the replay may reuse them
-            return self._compiled_decode(*args)
-
-        return step
-
-    def _decode(self, token, position, mask, cache) -> torch.Tensor:
-        return self.language_model(
-            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-        ).logits[:, -1]
+@functools.cache
+def check_names(names: frozenset[str]) -> None:
+    """The LLM takes any keyword (transformers' kwargs): a misspelled input of beni's own would vanish there."""
+    for name in names:
+        if close := difflib.get_close_matches(name, FORWARD_NAMES, n=1, cutoff=0.85):
+            raise TypeError(f"forward() got {name!r}, which it does not take: did you mean {close[0]!r}?")
 
 
 def check_image_tokens(image_tokens: int, images: int, tokens_per_image: int) -> None:
@@ -300,7 +283,7 @@ def check_image_tokens(image_tokens: int, images: int, tokens_per_image: int) ->
     if image_tokens != images * tokens_per_image:
         raise ValueError(
             f"The batch has {image_tokens} image tokens but {images} images of {tokens_per_image} tokens each: build "
-            "prompts with beni_model.chat so every image marker expands to the connector's token count at this image size."
+            "prompts with the model's processor (AutoProcessor), which expands each image to the model's image tokens."
         )
 
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
 
 from beni_model.evaluate import EvalSettings, default_device, evaluate, load_for_eval
 from beni_model.export import export_llava
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import load_processor
 
 SCHEMES = ("nf4", "int8", "torchao-int8")
 KEEP_FULL_PRECISION = ["vision_tower", "connector", "extensions", "lm_head"]
@@ -103,7 +104,7 @@ def weights_bytes(folder: str | Path) -> int:
 
 
 def export_quantized(model_dir: str | Path, out_dir: str | Path, scheme: str, device: str | None = None) -> Path:
-    """Quantize the saved model's LLM with `scheme` and save the whole model (and its tokenizer) to `out_dir`."""
+    """Quantize the saved model's LLM with `scheme` and save the whole model (and its processor) to `out_dir`."""
     device = device or default_device()
     model = BeniForConditionalGeneration.from_pretrained(
         model_dir,
@@ -117,7 +118,7 @@ def export_quantized(model_dir: str | Path, out_dir: str | Path, scheme: str, de
     check_quantized(model, scheme, model_dir)
     shutil.rmtree(out_dir, ignore_errors=True)  # no stale shard of an earlier export survives
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    load_processor(model_dir, model.config).save_pretrained(out_dir)
     return Path(out_dir)
 
 
@@ -227,7 +228,7 @@ def export_all(
         model = BeniForConditionalGeneration.from_pretrained(model_dir, freeze_vision=True, freeze_connector=True, freeze_text=True)
         shutil.rmtree(out_dir / "llava", ignore_errors=True)
         try:
-            exports["llava"] = export_llava(model, out_dir / "llava", AutoTokenizer.from_pretrained(model_dir))
+            exports["llava"] = export_llava(model, out_dir / "llava", load_processor(model_dir, model.config))
         except ValueError as e:  # the parts do not fit LLaVA's layout; the message says which
             skipped["llava"] = str(e)
         del model

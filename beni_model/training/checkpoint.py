@@ -84,8 +84,8 @@ class Checkpoints:
         return trainer["step"], DataPosition(**extra["position"])
 
 
-def save_final(model, config: TrainConfig, tokenizer, out: Path, rank: int) -> Path:
-    """Gather the full weights on rank 0 and save a plain beni model (LoRA merged) with its tokenizer."""
+def save_final(model, config: TrainConfig, processor, out: Path, rank: int) -> Path:
+    """Gather the full weights on rank 0 and save a plain beni model (LoRA merged) with its processor (and tokenizer)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = out / "final"
     if rank == 0:
@@ -101,6 +101,6 @@ def save_final(model, config: TrainConfig, tokenizer, out: Path, rank: int) -> P
             plain = plain.merge_and_unload()
         with atomic_path(final) as tmp:
             plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
     dist.barrier()
     return final

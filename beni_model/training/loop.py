@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from beni_model.chat import load_tokenizer
 from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.processing import BeniProcessor, load_processor
 from beni_model.training.checkpoint import Checkpoints, save_final
 from beni_model.training.config import GRAPHED_WIDTH_MULTIPLE, PARTS, TrainConfig
 from beni_model.training.metrics import Reporter, peak_memory_gib, plot_loss, step_profiler
@@ -33,6 +34,8 @@ def train(config: TrainConfig) -> dict:
     tokenizer = load_tokenizer(config.init_from or config.text_model)
     model = build_model(config, tokenizer)
     beni_config = beni_of(model).config
+    # A later stage keeps the processor its first stage made from the encoder (the saved config names no local folder).
+    processor = load_processor(config.init_from, beni_config) if config.init_from else BeniProcessor.for_model(beni_config, tokenizer)
     graphs = config.cuda_graphs and world_size == 1  # a recipe's graphs, off where FSDP's collectives run between the blocks
     model = shard(model, device, world_size, config.compile, graphs)
     # Part by part, each extension's weights with the part they follow: the gradient norm sums them in this order.
@@ -56,7 +59,6 @@ def train(config: TrainConfig) -> dict:
         shards=config.shards,
         batch_size=config.batch_size,
         image_size=beni_config.image_size,
-        tokens_per_image=beni_config.num_image_tokens(),
         max_length=config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
@@ -66,7 +68,7 @@ def train(config: TrainConfig) -> dict:
         grid=beni_config.image_size // beni_config.patch_size,
         seed=config.seed,
     )
-    batches = iter(make_loader(settings, tokenizer, rank, world_size, position, config.workers, device.type == "cuda"))
+    batches = iter(make_loader(settings, processor, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
     profiler = step_profiler(config.profile_steps, out, device.type == "cuda") if config.profile_steps and rank == 0 else None
     if profiler:
@@ -147,7 +149,7 @@ def train(config: TrainConfig) -> dict:
     if profiler:
         profiler.stop()
     saving = time.perf_counter()
-    final = save_final(model, config, tokenizer, out, rank)
+    final = save_final(model, config, processor, out, rank)
     if reporter:
         reporter.info(f"final model written to {final} in {time.perf_counter() - saving:.1f} s")
     summary = {}

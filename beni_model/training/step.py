@@ -9,7 +9,7 @@ from torch import nn
 
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
-from beni_model.data import normalization, normalize_pixels, to_device
+from beni_model.data import to_device
 from beni_model.modeling import check_image_tokens
 from beni_model.training.metrics import train_flops
 from beni_model.training.model import beni_of
@@ -123,8 +123,6 @@ def train_step(
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
         if targets := {k: batch[k].to(device, non_blocking=True) for k in target_keys if k in batch}:
             inputs["extension_targets"] = targets
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = normalize_pixels(inputs["pixel_values"], *normalization(beni_config.vision_config.model_type))
         if extensions_only:
             with autocast:
                 extra = weighted(model(pixel_values=inputs["pixel_values"], extension_targets=targets).extension_losses, weights)

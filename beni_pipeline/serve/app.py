@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from beni_model.evaluate import image_spec, load_for_eval
+from beni_model.evaluate import load_for_eval
 from beni_pipeline.prep.download import DownloadSettings
 from beni_pipeline.prep.fetch import Fetcher, FetchFailed
 from beni_pipeline.serve.engine import Busy, Engine, Sampling, Sequence
@@ -70,19 +70,18 @@ class ChatRequest(pydantic.BaseModel):
 
 
 def load_model(model_dir: str | Path, device: str | None = None):
-    """(model, tokenizer) of a saved beni model, a quantized export of one, or a LLaVA export."""
+    """(model, processor) of a saved beni model, a quantized export of one, or a LLaVA export."""
     return load_for_eval(model_dir, device)
 
 
-def create_app(model, tokenizer, model_name: str, settings: ServeSettings = ServeSettings(), engine=Engine) -> Starlette:
+def create_app(model, processor, model_name: str, settings: ServeSettings = ServeSettings(), engine=Engine) -> Starlette:
     """The app; `engine` is the class that generates (Engine; bench/serve.py passes its per-request peer)."""
-    spec = image_spec(model, tokenizer)
     context = model.config.text_config.max_position_embeddings
     state = {}
 
     @asynccontextmanager
     async def lifespan(app):
-        state["engine"] = engine(model, tokenizer, settings.max_batch, settings.max_waiting)
+        state["engine"] = engine(model, processor.tokenizer, settings.max_batch, settings.max_waiting)
         state["fetcher"] = Fetcher(settings.images)
         try:
             yield
@@ -120,7 +119,7 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings = Serv
             raise BadRequest(f"The model {chat_request.model!r} is not served here; use {model_name!r}.", "model", "model_not_found", 404)
         chat = conversation([m.model_dump() for m in chat_request.messages], settings.max_images)
         images = await asyncio.gather(*(image_bytes(url) for url in chat.image_urls))
-        inputs = await asyncio.to_thread(model_inputs, chat, images, tokenizer, spec)
+        inputs = await asyncio.to_thread(model_inputs, chat, images, processor)
         room = context - len(inputs.input_ids)
         wanted = chat_request.max_completion_tokens or chat_request.max_tokens
         if room < 1 or (wanted is not None and wanted > room):
@@ -203,8 +202,8 @@ def create_app(model, tokenizer, model_name: str, settings: ServeSettings = Serv
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings = ServeSettings(), device=None) -> None:
     """Load the model and serve it until SIGINT/SIGTERM; in-flight requests get up to 30 s to finish, then are cancelled."""
-    model, tokenizer = load_model(model_dir, device)
-    app = create_app(model, tokenizer, Path(model_dir).resolve().name, settings)
+    model, processor = load_model(model_dir, device)
+    app = create_app(model, processor, Path(model_dir).resolve().name, settings)
     print(f"serving {model_dir} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
 
@@ -237,8 +236,8 @@ def answer_once(model_dir: str | Path, device: str | None = None) -> dict:
     """Serve the model on loopback, ask one question about a generated image through the HTTP API, and stop: the
     reply's text, token counts and seconds. Raises RuntimeError with the server's error when it does not answer."""
     start = time.perf_counter()
-    model, tokenizer = load_model(model_dir, device)
-    server = BackgroundServer(create_app(model, tokenizer, "model"))
+    model, processor = load_model(model_dir, device)
+    server = BackgroundServer(create_app(model, processor, "model"))
     try:
         image = io.BytesIO()
         Image.radial_gradient("L").convert("RGB").save(image, "JPEG")

@@ -138,9 +138,9 @@ class Engine:
                 input_ids=ids, pixel_values=pixels, attention_mask=row_mask, position_ids=positions, use_cache=True, logits_to_keep=1
             )
             if cache is None:
-                cache, mask, logits = out.past_key_values, row_mask, out.logits[:, -1]
+                cache, mask, logits = out.cache, row_mask, out.logits[:, -1]
             else:
-                cache, mask = _join(cache, mask, out.past_key_values, row_mask)
+                cache, mask = _join(cache, mask, out.cache, row_mask)
                 logits = torch.cat([logits, out.logits[:, -1]])
             self.active += group
             self.joining = []
@@ -173,9 +173,9 @@ class Engine:
         mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
         token_ids = torch.tensor(tokens, device=self.device)[:, None]
-        out = self.decoder(input_ids=token_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = self.decoder(input_ids=token_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         self.steps += 1
-        return out.past_key_values, mask, out.logits[:, -1]
+        return out.cache, mask, out.logits[:, -1]
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         tokens = logits.argmax(-1).tolist()

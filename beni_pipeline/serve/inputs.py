@@ -1,8 +1,8 @@
 """OpenAI chat messages -> a model's inputs: prompt token ids and pixel values.
 
-The one place the server knows how a model wants its prompt and images. Today that is beni_model.chat's template
-(`build_prompt`) and beni_model.evaluate's image spec and pixel code; with a processor, `model_inputs` becomes a
-call of it on the same messages and images.
+The one place the server knows how a model wants its prompt and images: the model's processor (BeniProcessor, or the
+LlavaProcessor of a LLaVA export) renders the chat, expands the image markers and preprocesses the images, as the
+eval does.
 """
 
 import base64
@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from beni_model.chat import IMAGE_MARKER, build_prompt
-from beni_model.data import image_batch, load_image, normalize_pixels
-from beni_model.evaluate import ImageSpec
+from beni_model.chat import IMAGE_MARKER, prompt_text
+from beni_model.data import decode_image
 
 ROLES = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
 
@@ -84,11 +83,9 @@ class ModelInputs:
     pixel_values: torch.Tensor | None  # [images, 3, size, size], normalized; None without images
 
 
-def model_inputs(chat: Conversation, images: list[bytes], tokenizer, spec: ImageSpec) -> ModelInputs:
-    """Prompt ids (the chat template, each image's marker expanded to its tokens, then the generation prompt) and the
-    images decoded as in training and evaluation. `images` are already checked encoded images (Fetcher.process)."""
-    ids = build_prompt(chat.turns, tokenizer, spec.tokens_per_image, spec.image_token)
-    pixels = None
-    if images:
-        pixels = normalize_pixels(image_batch([load_image(data, spec.image_size) for data in images]), spec.mean, spec.std)
-    return ModelInputs(ids, pixels)
+def model_inputs(chat: Conversation, images: list[bytes], processor) -> ModelInputs:
+    """Prompt ids (the chat template with the generation prompt, each image's marker expanded to its tokens) and the
+    images preprocessed by the processor. `images` are already checked encoded images (Fetcher.process)."""
+    text = prompt_text(chat.turns, processor)
+    inputs = processor(text=text, images=[decode_image(data) for data in images] or None, add_special_tokens=False, return_tensors="pt")
+    return ModelInputs(inputs["input_ids"][0].tolist(), inputs.get("pixel_values"))

@@ -6,8 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    BitImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
@@ -24,6 +26,7 @@ from transformers import (
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import BeniProcessor
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,6 +39,7 @@ CORPUS = [
 ]
 torch.set_num_threads(1)  # tiny models: threads cost more than they give on a shared 2-core machine
 IMAGE_SIZE = 32
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # 64 wide: bitsandbytes 0.50's CPU 4-bit kernels need in_features to be a multiple of their block size (64).
 TEXT = {
     "hidden_size": 64,
@@ -90,6 +94,11 @@ def parts(tmp_path_factory) -> dict[str, str]:
         if tokenizer is not None:
             tokenizer.save_pretrained(root / name)
         paths[name] = str(root / name)
+    # DINOv2's preprocessor config as its hub checkpoints ship it, scaled to the tiny size: shortest edge 256 / 224 of
+    # the crop, ImageNet statistics (its family's default processor, BitImageProcessor, has CLIP's).
+    BitImageProcessorPil(
+        size={"shortest_edge": 37}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    ).save_pretrained(root / "dinov2")
     return paths
 
 
@@ -104,6 +113,16 @@ def build(parts):
         return BeniForConditionalGeneration.from_parts(config, tokenizer).eval(), tokenizer
 
     return make
+
+
+def processor_of(model, tokenizer) -> BeniProcessor:
+    return BeniProcessor.for_model(model.config, tokenizer)
+
+
+def pictures(n: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE), seed: int = 0) -> list:
+    """`n` RGB PIL images of random pixels, `size` (width, height)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()) for _ in range(n)]
 
 
 def images(n: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:

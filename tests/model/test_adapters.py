@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -27,6 +33,7 @@ def test_lora_trains_adapters_and_connector_only_and_reloads(build, tmp_path, do
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "language_model" in n)
     # Vision adapters after the feature layer or in the unused pooling head get none, the others do.
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "vision_tower" in n) == vision
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())  # every adapter placed gets a gradient
     optimizer.step()
     peft_model.eval()
     with torch.no_grad():
@@ -72,3 +79,25 @@ def test_qlora_on_gpu(parts):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n)
+
+
+def test_vision_adapters_skip_the_pooling_head_and_the_layers_after_the_feature_layer(build):
+    model, _ = build("siglip", "llama", vision_feature_layer=-2)  # 2 layers: the second one's output is never read
+    targets = [t for t in lora_targets(model, vision=True) if t.startswith("vision_tower.")]
+    assert targets and all(".layers.0." in t for t in targets)
+    assert not any(".head." in t for t in lora_targets(build("siglip", "llama")[0], vision=True))
+
+
+@pytest.mark.slow
+def test_the_qlora_bench_trains_saves_and_reloads_its_adapters_under_fsdp(tmp_path):
+    """bench/qlora.py's plumbing on a CPU (the tiny LLM, LoRA without bitsandbytes), under torchrun's FSDP on one process:
+    the gathered adapters save, reload onto a fresh base and give the trained model's logits."""
+    root = Path(__file__).parents[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(root / "bench" / "qlora.py")]
+    command += ["--tiny", "--variants", "lora", "--steps", "6", "--warmup", "1", "--fsdp", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result] = json.loads((tmp_path / "results_fsdp.json").read_text())
+    assert result["fsdp"] and result["adapters_reload_identical"] and result["reloaded_logits_max_diff"] == 0.0
+    assert result["loss_end"] < result["loss_start"] and result["steps_per_s"] > 0
+    assert (tmp_path / "lora_fsdp" / "adapter_model.safetensors").is_file()

@@ -1,9 +1,11 @@
 import itertools
 
 import pytest
+from transformers import SiglipImageProcessorPil
 
-from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, build_prompt, load_tokenizer, pack_batch, pad_batch
+from beni_model.chat import IGNORE_INDEX, SampleTooLong, build_example, load_tokenizer, pack_batch, pad_batch, prompt_text
 from beni_model.ocr import OcrExtension
+from beni_model.processing import BeniProcessor
 
 N = 5  # image tokens per image
 
@@ -13,6 +15,10 @@ IMAGE_IN_SECOND_TURN = [
     {"from": "human", "value": "<image>\nWhat is written in the image?"},
     {"from": "gpt", "value": "The sign says open."},
 ]
+
+
+def processor(tokenizer) -> BeniProcessor:
+    return BeniProcessor(SiglipImageProcessorPil(), tokenizer, num_image_tokens=N)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def image_runs(tokenizer, ids):
 
 
 def test_image_in_second_turn_and_loss_on_every_reply(chatml):
-    example = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
+    example = build_example(IMAGE_IN_SECOND_TURN, processor(chatml))
     assert trained_text(chatml, example) == "hello world<|im_end|>\nThe sign says open.<|im_end|>\n"
     assert image_runs(chatml, example.input_ids) == [N] and example.num_images == 1 and example.dropped_turns == 0
     image_at = example.input_ids.index(chatml.convert_tokens_to_ids("<image>"))
@@ -51,7 +57,7 @@ def test_image_in_second_turn_and_loss_on_every_reply(chatml):
 
 
 def test_labels_align_with_input_ids(chatml):
-    example = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
+    example = build_example(IMAGE_IN_SECOND_TURN, processor(chatml))
     assert len(example.labels) == len(example.input_ids)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels))
     # Nothing of the user turns or the assistant headers is trained.
@@ -59,7 +65,7 @@ def test_labels_align_with_input_ids(chatml):
 
 
 def test_no_image(chatml):
-    example = build_example(IMAGE_IN_SECOND_TURN[:2], chatml, N)
+    example = build_example(IMAGE_IN_SECOND_TURN[:2], processor(chatml))
     assert example.num_images == 0 and image_runs(chatml, example.input_ids) == []
     assert trained_text(chatml, example) == "hello world<|im_end|>\n"
 
@@ -71,7 +77,7 @@ def test_several_images_in_one_turn_and_across_turns(chatml):
         {"from": "human", "value": "And this one? <image>"},
         {"from": "gpt", "value": "It is blue."},
     ]
-    example = build_example(conversation, chatml, N)
+    example = build_example(conversation, processor(chatml))
     assert image_runs(chatml, example.input_ids) == [N, N, N] and example.num_images == 3
     assert trained_text(chatml, example) == "The first is red.<|im_end|>\nIt is blue.<|im_end|>\n"
 
@@ -82,8 +88,8 @@ def spelling(tokenizer, transcript: str):
 
 
 def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(chatml):
-    whole = build_example(IMAGE_IN_SECOND_TURN, chatml, N)
-    spelled = build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "hello world"))
+    whole = build_example(IMAGE_IN_SECOND_TURN, processor(chatml))
+    spelled = build_example(IMAGE_IN_SECOND_TURN, processor(chatml), reply_ids=spelling(chatml, "hello world"))
     trained = [t for t, label in zip(spelled.input_ids, spelled.labels) if label != IGNORE_INDEX]
     characters = [chatml.encode(c, add_special_tokens=False)[0] for c in "hello world"]
     assert trained[: len(characters)] == characters  # the corpus tokenizer has a token for "hello": not used here
@@ -96,17 +102,17 @@ def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(cha
     assert spelled.input_ids[:first] == whole.input_ids[:first]
     assert spelled.input_ids[first + len(characters) :] == whole.input_ids[first + word_tokens :]
     assert (
-        build_example(IMAGE_IN_SECOND_TURN, chatml, N, reply_ids=spelling(chatml, "not in the conversation")).input_ids == whole.input_ids
+        build_example(IMAGE_IN_SECOND_TURN, processor(chatml), reply_ids=spelling(chatml, "not in the conversation")).input_ids
+        == whole.input_ids
     )
 
 
 def test_fallback_template_for_tokenizers_without_one(base):
-    example = build_example(IMAGE_IN_SECOND_TURN, base, N)
+    example = build_example(IMAGE_IN_SECOND_TURN, processor(base))
     eos = base.eos_token
     assert trained_text(base, example) == f" hello world{eos}\n The sign says open.{eos}\n"
     assert base.decode(example.input_ids).startswith("User: Read the text: hello world\nAssistant: hello world")
-    prompt = base.decode(build_prompt(IMAGE_IN_SECOND_TURN[:1], base, N))
-    assert prompt == "User: Read the text: hello world\nAssistant:"
+    assert prompt_text(IMAGE_IN_SECOND_TURN[:1], processor(base)) == "User: Read the text: hello world\nAssistant:"
 
 
 def test_truncation_drops_trailing_turns_never_half_an_image(chatml):
@@ -116,25 +122,40 @@ def test_truncation_drops_trailing_turns_never_half_an_image(chatml):
         {"from": "human", "value": "<image>\nAnd here?"},
         {"from": "gpt", "value": "hello world"},
     ]
-    full = build_example(conversation, chatml, N)
-    first = build_example(conversation[:2], chatml, N)
+    full = build_example(conversation, processor(chatml))
+    first = build_example(conversation[:2], processor(chatml))
     # A limit that falls inside the second image block: the whole second exchange goes.
     image_id = chatml.convert_tokens_to_ids("<image>")
     second_image_at = [i for i, t in enumerate(full.input_ids) if t == image_id][N]
     assert second_image_at > len(first.input_ids)
-    cut = build_example(conversation, chatml, N, max_length=second_image_at + 2)
+    cut = build_example(conversation, processor(chatml), max_length=second_image_at + 2)
     assert cut.input_ids == first.input_ids and cut.dropped_turns == 2 and cut.num_images == 1
     assert image_runs(chatml, cut.input_ids) == [N]
-    assert build_example(conversation, chatml, N, max_length=len(full.input_ids)).dropped_turns == 0
+    assert build_example(conversation, processor(chatml), max_length=len(full.input_ids)).dropped_turns == 0
     with pytest.raises(SampleTooLong, match="the sample is dropped"):
-        build_example(conversation, chatml, N, max_length=N + 2)
+        build_example(conversation, processor(chatml), max_length=N + 2)
+
+
+def test_messages_with_typed_content_train_as_llava_turns(chatml):
+    typed = [
+        {"role": "user", "content": "Read the text: hello world"},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello world"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written in the image?"}]},
+        {"role": "assistant", "content": "The sign says open."},
+    ]
+    assert build_example(typed, processor(chatml)) == build_example(IMAGE_IN_SECOND_TURN, processor(chatml))
+    # The processor's own template flattens typed content as build_example does.
+    rendered = processor(chatml).apply_chat_template(typed[:3], add_generation_prompt=True)
+    assert rendered == prompt_text(IMAGE_IN_SECOND_TURN[:3], processor(chatml))
 
 
 def test_conversation_errors(chatml):
     with pytest.raises(ValueError, match="no assistant"):
-        build_example([{"from": "human", "value": "hi"}], chatml, N)
+        build_example([{"from": "human", "value": "hi"}], processor(chatml))
     with pytest.raises(ValueError, match="Unknown conversation role 'bot'"):
-        build_example([{"from": "bot", "value": "hi"}], chatml, N)
+        build_example([{"from": "bot", "value": "hi"}], processor(chatml))
+    with pytest.raises(ValueError, match="is not {'type': 'image'}"):
+        build_example([{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "hi"}], processor(chatml))
 
 
 def test_pad_batch_sides(chatml):

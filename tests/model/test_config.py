@@ -76,9 +76,31 @@ def test_nested_configs_resolved_from_paths_and_round_trip(parts, tmp_path):
     assert config.text_config.hidden_size == TEXT["hidden_size"] and config.tie_word_embeddings
     config.save_pretrained(tmp_path)
     again = BeniConfig.from_pretrained(tmp_path)
-    assert again.vision_config.to_dict() == config.vision_config.to_dict()
-    assert again.text_config.to_dict() == config.text_config.to_dict()
+    for part in ("vision_config", "text_config"):  # all but the folders they came from (see the next test)
+        assert {**getattr(again, part).to_dict(), "_name_or_path": ""} == {**getattr(config, part).to_dict(), "_name_or_path": ""}
     assert (again.connector, again.vision_feature_layer, again.image_size) == ("pixelshuffle2_mlp", -2, 32)
+
+
+def test_a_saved_config_names_no_local_folder(parts, tmp_path):
+    config = BeniConfig(vision_model=parts["clip"], text_model=parts["llama"])
+    config.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert str(parts["clip"]) not in saved and str(parts["llama"]) not in saved
+    assert config.vision_model == parts["clip"]  # the config in memory still knows where its parts are
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"conector": "mlp2x_gelu"}, "BeniConfig has no setting 'conector': did you mean 'connector'?"),
+        ({"freeze_vison": True}, "did you mean 'freeze_vision'?"),
+        ({"vision_config": {"hidden_size": 32, "image_size": 32, "patch_size": 8}}, "vision_config has no model_type"),
+        ({"vision_config": {"model_type": "siglip2_vision_model"}}, "'siglip2_vision_model' has no image_size: beni needs a ViT-like"),
+    ],
+)
+def test_wrong_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BeniConfig(**kwargs)
 
 
 def test_default_config_runs_without_any_path():

@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import SiglipImageProcessorPil
 
 from beni_model.chat import IGNORE_INDEX, load_tokenizer
 from beni_model.data import (
     DataPosition,
     DataSettings,
     make_loader,
-    normalize_pixels,
     rank_shards,
     raw_stream,
     shard_paths,
     step_modality,
 )
 from beni_model.ocr.heads import READING_ALPHABET, reading_classes
+from beni_model.processing import BeniProcessor
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -71,8 +72,13 @@ def tokenizer(parts):
     return load_tokenizer(parts["llama"])
 
 
+@pytest.fixture
+def processor(tokenizer):
+    return BeniProcessor(SiglipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer, num_image_tokens=16)
+
+
 def settings(shards: Path, **kw) -> DataSettings:
-    return DataSettings(shards=str(shards), batch_size=4, image_size=32, tokens_per_image=16, max_length=256, window=2, **kw)
+    return DataSettings(shards=str(shards), batch_size=4, image_size=32, max_length=256, window=2, **kw)
 
 
 def keys(stream, n):
@@ -132,11 +138,11 @@ def test_a_stream_resumed_from_its_position_continues_exactly(tmp_path):
     assert keys(raw_stream(config, 1, 2, position), 17) == full[23:]
 
 
-def test_loader_workers_decode_in_order_with_padding_labels_and_uint8_images(tmp_path, tokenizer):
+def test_loader_workers_decode_in_order_with_padding_labels_and_processed_images(tmp_path, tokenizer, processor):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, text_every=5)
     config = settings(shards, text_fraction=0.2)
     expected = keys(raw_stream(config, 0, 1, DataPosition()), 8)
-    batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), workers=2, pin_memory=False), range(8))]
+    batches = [b for b, _ in zip(make_loader(config, processor, 0, 1, DataPosition(), workers=2, pin_memory=False), range(8))]
     assert [(b["position"]["step"], b["modality"]) for b in batches] == [(s, m) for s, m, _ in expected]
     for batch, (_, modality, samples) in zip(batches, expected):
         n = len(samples)
@@ -144,19 +150,19 @@ def test_loader_workers_decode_in_order_with_padding_labels_and_uint8_images(tmp
         assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
         image_token = tokenizer.convert_tokens_to_ids("<image>")
         if modality == "image":
-            assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
+            assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
             assert ((batch["input_ids"] == image_token).sum(dim=1) == 16).all()
         else:
             assert "pixel_values" not in batch and not (batch["input_ids"] == image_token).any()
-    solid = normalize_pixels(next(b for b in batches if b["modality"] == "image")["pixel_values"][:1], (0.5,) * 3, (0.5,) * 3)[0]
+    solid = next(b for b in batches if b["modality"] == "image")["pixel_values"][0]  # SigLIP's processor: (x - 0.5) / 0.5
     assert solid.min() >= -1 and solid.max() <= 1 and solid.std() > 0
     assert torch.allclose(solid.mean(dim=(1, 2)), solid[:, 0, 0], atol=0.05)  # a solid colour survives the resize
 
 
-def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, tokenizer):
+def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, processor):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, text_every=5)
     loaders = [
-        make_loader(settings(shards, text_fraction=0.2, pack=pack), tokenizer, 0, 1, DataPosition(), 0, False) for pack in (False, True)
+        make_loader(settings(shards, text_fraction=0.2, pack=pack), processor, 0, 1, DataPosition(), 0, False) for pack in (False, True)
     ]
     plain, packed = ([b for b, _ in zip(loader, range(8))] for loader in loaders)
     assert sum(len(b["input_ids"]) for b in packed) < sum(len(a["input_ids"]) for a in plain)
@@ -168,13 +174,13 @@ def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, 
             assert torch.equal(a["pixel_values"], b["pixel_values"])
 
 
-def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_path, tokenizer):
+def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_path, processor):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24)
     config = settings(shards)
-    assert "reading_lengths" not in next(iter(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False)))
+    assert "reading_lengths" not in next(iter(make_loader(config, processor, 0, 1, DataPosition(), 0, False)))
     config = settings(shards, extensions={"ocr": {}}, targets=("ocr",), grid=4)
     expected = keys(raw_stream(config, 0, 1, DataPosition()), 12)  # one epoch
-    batches = [b for b, _ in zip(make_loader(config, tokenizer, 0, 1, DataPosition(), 0, False), range(12))]
+    batches = [b for b, _ in zip(make_loader(config, processor, 0, 1, DataPosition(), 0, False), range(12))]
     transcripts = {f"s{i:05d}": colour for i, colour in enumerate(list(COLOURS) * 12) if i % 2 == 0}
     for batch, (_, _, samples) in zip(batches, expected):
         lines = [transcripts.get(key) for key in samples]
@@ -185,13 +191,13 @@ def test_image_batches_carry_the_transcripts_classes_for_the_reading_head(tmp_pa
     assert 0 < sum(int((b["reading_lengths"] > 0).sum()) for b in batches) < sum(len(b["reading_lengths"]) for b in batches)
 
 
-def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokenizer):
+def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokenizer, processor):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, bare_names=True)
     whole, spelled = (
         [
             b
             for b, _ in zip(
-                make_loader(settings(shards, extensions={"ocr": {"tokens": spell}}), tokenizer, 0, 1, DataPosition(), 0, False), range(12)
+                make_loader(settings(shards, extensions={"ocr": {"tokens": spell}}), processor, 0, 1, DataPosition(), 0, False), range(12)
             )
         ]
         for spell in (False, True)
@@ -212,13 +218,13 @@ def test_replies_that_are_the_transcript_are_spelled_when_asked(tmp_path, tokeni
     assert seen == 24  # every transcribed image of the epoch
 
 
-def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, tokenizer):
+def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, processor):
     shards = write_toy_shards(tmp_path, samples=48, per_shard=24, lines=True)
     batches = [
         b
         for b, _ in zip(
             make_loader(
-                settings(shards, extensions={"ocr": {"lines": True}}, targets=("ocr",), grid=4), tokenizer, 0, 1, DataPosition(), 0, False
+                settings(shards, extensions={"ocr": {"lines": True}}, targets=("ocr",), grid=4), processor, 0, 1, DataPosition(), 0, False
             ),
             range(12),
         )

@@ -5,16 +5,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from beni_model.chat import pad_batch
 from beni_model.evaluate import (
     EvalSettings,
     evaluate,
     generate_tokens,
-    image_spec,
     is_correct,
     load_for_eval,
     load_set,
-    prompt_ids,
     read_predictions,
     report_markdown,
     score_line,
@@ -23,7 +20,7 @@ from beni_model.evaluate import (
 )
 from beni_model.export import export_llava
 from beni_model.ocr.heads import READS_PER_COLUMN, reading_classes
-from tests.model.conftest import images
+from tests.model.conftest import processor_of
 
 # ---------------------------------------------------------------- OCRBench's rule, by hand
 
@@ -156,7 +153,7 @@ def save_test_model(build, folder: Path) -> Path:
             if p.dim() == 2:
                 p.normal_(0, 0.5, generator=generator)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    processor_of(model, tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -193,39 +190,20 @@ def test_batching_and_left_padding_change_no_token(saved_model, tmp_path):
     assert together == alone and len({tuple(t) for t in alone}) > 1  # answers that differ, so order matters
 
 
-def test_greedy_generate_gives_the_tokens_of_generate(saved_model):
-    model, tokenizer = load_for_eval(saved_model, "cpu")
-    spec, pad = image_spec(model, tokenizer), tokenizer.pad_token_id
-    batch = pad_batch([prompt_ids(question, tokenizer, spec) for _, question, *_ in ITEMS], pad, padding_side="left")
-    pixels, width = images(len(ITEMS)), batch["input_ids"].shape[1]
-    assert (batch["attention_mask"] == 0).any()  # prompts of different lengths: left padding in play
-
-    def both(rows=slice(None), **settings) -> list[list[int]]:
-        inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows], "pixel_values": pixels[rows]}
-        settings = {"max_new_tokens": 8, "pad_token_id": pad, "min_new_tokens": 0} | settings
-        expected = model.generate(**inputs, do_sample=False, **settings)
-        assert torch.equal(model.greedy_generate(**inputs, **settings), expected)
-        return expected[:, width:].tolist()
-
-    free = both(eos_token_id=tokenizer.eos_token_id)
-    # An end token that the first row emits early and some other row never: rows stop at different steps.
-    eos = next(t for t in free[0][1:4] if any(t not in row for row in free[1:]))
-    stop = free[0].index(eos)
-    stopped = both(eos_token_id=eos)
-    assert stopped[0] == free[0][: stop + 1] + [pad] * (8 - stop - 1)
-    assert all(new == old for new, old in zip(stopped, free) if eos not in old)
-    assert both(eos_token_id=eos, min_new_tokens=stop + 1)[0][stop] != eos
-    both(eos_token_id=eos, max_new_tokens=72)  # a static cache of another length, then the first length's again: nothing stale
-    assert both(eos_token_id=eos) == stopped
-    assert len(both(rows=slice(1), eos_token_id=eos)[0]) == stop + 1  # the loop ends once every row has stopped
+def test_the_compiled_decode_setting_gives_the_same_tokens(saved_model, tmp_path):
+    path = write_set(tmp_path)
+    model, processor = load_for_eval(saved_model, "cpu")
+    items = load_set(path, tmp_path)
+    dynamic, static = (generate_tokens(model, processor, items, tmp_path, EvalSettings(4, 6, compile)) for compile in (False, True))
+    assert static == dynamic
 
 
 def test_llava_export_answers_like_the_beni_model(saved_model, tmp_path):
     path = write_set(tmp_path)
     settings = EvalSettings(batch_size=len(ITEMS), max_new_tokens=6)
-    model, tokenizer = load_for_eval(saved_model, "cpu")
-    beni = evaluate(model, tokenizer, path, tmp_path, tmp_path / "beni", settings)
-    export_llava(model, tmp_path / "llava", tokenizer)
+    model, processor = load_for_eval(saved_model, "cpu")
+    beni = evaluate(model, processor, path, tmp_path, tmp_path / "beni", settings)
+    export_llava(model, tmp_path / "llava", processor)
     llava, llava_tokenizer = load_for_eval(tmp_path / "llava", "cpu")
     assert type(llava).__name__ == "LlavaForConditionalGeneration"
     exported = evaluate(llava, llava_tokenizer, path, tmp_path, tmp_path / "llava_eval", settings)
@@ -264,7 +242,8 @@ def test_a_reading_head_has_its_own_transcripts_scored_by_category(build, tmp_pa
             }
         )
     (tmp_path / "set.json").write_text(json.dumps(items))
-    result = evaluate(model, tokenizer, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
+    processor = processor_of(model, tokenizer)
+    result = evaluate(model, processor, tmp_path / "set.json", tmp_path, tmp_path / "out", EvalSettings(batch_size=2, max_new_tokens=2))
     records = read_predictions(result.predictions)
     assert [(r["head_answer"], r["head_correct"]) for r in records] == [("1111", True), ("1111", False)]
     assert result.summary["head_accuracy"] == 0.5

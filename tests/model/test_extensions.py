@@ -11,9 +11,10 @@ from torch import nn
 
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
-from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
+from beni_model.data import DataPosition, DataSettings, make_loader
 from beni_model.extensions import Extension, register
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import load_processor
 from beni_model.training.config import TrainConfig
 from beni_model.training.loop import train
 from beni_model.training.metrics import read_metrics
@@ -111,11 +112,11 @@ def test_a_toy_extension_trains_through_the_trainer_and_reloads_with_identical_l
     assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])
     assert torch.equal(embeds[0], embeds[1]) and not torch.equal(embeds[1], embeds[2])
 
-    tokenizer = load_tokenizer(str(tmp_path / "finetune" / "final"))
-    settings = DataSettings(str(shards), batch_size=8, image_size=32, tokens_per_image=final.config.num_image_tokens(), max_length=128)
-    batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    inputs["pixel_values"] = normalize_pixels(batch["pixel_values"], (0.5,) * 3, (0.5,) * 3)
+    processor = load_processor(tmp_path / "finetune" / "final")
+    assert processor.num_image_tokens == final.config.num_image_tokens()
+    settings = DataSettings(str(shards), batch_size=8, image_size=32, max_length=128)
+    batch = next(iter(make_loader(settings, processor, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     final.save_pretrained(tmp_path / "again")
     reloaded = BeniForConditionalGeneration.from_pretrained(tmp_path / "again")
     with torch.no_grad():

@@ -4,12 +4,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForImageTextToText, SiglipImageProcessorPil
 
-from beni_model.chat import build_example, build_prompt, load_tokenizer, pad_batch
+from beni_model.chat import build_example, load_tokenizer, pad_batch, prompt_text
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import BeniProcessor
 from beni_model.vision import ConvStem, conv_stem_flops
-from tests.model.conftest import VISION, images
+from tests.model.conftest import VISION, images, pictures
 
 TWO_IMAGES = [
     {"from": "human", "value": "What is written?"},
@@ -21,8 +23,9 @@ TEXT_ONLY = [{"from": "human", "value": "How many cats are there?"}, {"from": "g
 
 
 def batch_for(model, tokenizer, conversations, image_size=None):
-    n = model.config.num_image_tokens(image_size)
-    examples = [build_example(c, tokenizer, n) for c in conversations]
+    """Padded training rows; `image_size`: expand each image to the token count of that size, not the model's."""
+    processor = BeniProcessor(SiglipImageProcessorPil(), tokenizer, num_image_tokens=model.config.num_image_tokens(image_size))
+    examples = [build_example(c, processor) for c in conversations]
     return pad_batch([e.input_ids for e in examples], tokenizer.pad_token_id, labels=[e.labels for e in examples])
 
 
@@ -95,11 +98,14 @@ def test_higher_resolution_interpolates_position_embeddings(build, vision):
 
 def test_batched_left_padded_generation_matches_one_by_one(build):
     model, tokenizer = build("clip", "llama", "pixelshuffle2_mlp")
-    n = model.config.num_image_tokens()
+    processor = BeniProcessor.for_model(model.config, tokenizer)
+    conversations = [
+        [{"from": "human", "value": "<image>\nWhat is written in the image?"}],
+        [{"from": "human", "value": "hello"}],
+        [{"from": "human", "value": "<image> <image> Describe both."}],
+    ]
     prompts = [
-        build_prompt([{"from": "human", "value": "<image>\nWhat is written in the image?"}], tokenizer, n),
-        build_prompt([{"from": "human", "value": "hello"}], tokenizer, n),
-        build_prompt([{"from": "human", "value": "<image> <image> Describe both."}], tokenizer, n),
+        processor(text=prompt_text(c, processor), images=pictures(n) or None)["input_ids"][0] for c, n in zip(conversations, (1, 0, 2))
     ]
     pixels = images(3)
     per_prompt_pixels = [pixels[:1], None, pixels[1:]]
@@ -187,3 +193,57 @@ def test_conv_stem_flops_match_torch_count():
     with FlopCounterMode(display=False) as counter:
         assert stem(torch.zeros(1, 3, 64, 64)).shape == (1, 48, 4, 4)
     assert counter.get_total_flops() == conv_stem_flops(16, 48, 64)
+
+
+def test_a_model_from_a_bare_config_says_how_to_get_its_image_token(build):
+    model, _ = build()
+    config = model.config.to_dict() | {"image_token_id": None}
+    for make in (BeniForConditionalGeneration, AutoModelForImageTextToText.from_config):
+        with pytest.raises(ValueError, match="image_token_id is not set: build a new model with BeniForConditionalGeneration.from_parts"):
+            make(BeniConfig(**config))
+
+
+def test_from_parts_loads_the_parts_as_they_are_and_leaves_the_callers_config_alone(parts):
+    config = BeniConfig(vision_model=parts["siglip"], text_model=parts["llama"], extensions={"ocr": {"tokens": True}})
+    before = config.to_dict()
+    model = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"]))
+    assert config.to_dict() == before and config.image_token_id is None and config.extensions == {"ocr": {"tokens": True}}
+    assert model.config.image_token_id is not None and model.config.extensions["ocr"]["token_ids"]
+    for part, folder in ((model.vision_tower.encoder, parts["siglip"]), (model.language_model.model, parts["llama"])):
+        with safe_open(f"{folder}/model.safetensors", "pt") as f:
+            saved = {name.split(".", 1)[1] if name.startswith("model.") else name: f.get_tensor(name) for name in f.keys()}
+        state = part.state_dict()
+        compared = [k for k in saved if k in state and state[k].shape == saved[k].shape]
+        assert len(compared) > 10 and all(torch.equal(state[k], saved[k]) for k in compared)
+    vocab = len(saved["embed_tokens.weight"])  # the embeddings grew by the image token; the LLM's own rows stay
+    assert torch.equal(model.get_input_embeddings().weight[:vocab], saved["embed_tokens.weight"])
+
+
+def test_pixel_values_with_inputs_embeds_are_refused(build):
+    model, tokenizer = build()
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    embeds = model.embed(batch["input_ids"], images(2))
+    with pytest.raises(ValueError, match="pixel_values were given with inputs_embeds"):
+        model(inputs_embeds=embeds, pixel_values=images(2))
+
+
+@pytest.mark.parametrize("connector", ["mlp2x_gelu", "perceiver_8x1"])
+def test_images_of_the_wrong_size_are_named_as_such(build, connector):
+    model, tokenizer = build("siglip", "llama", connector)
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    with pytest.raises(ValueError, match=r"pixel_values are \[2, 3, 48, 48\] but this model takes \[images, 3, 32, 32\]"):
+        model(**batch, pixel_values=images(2, size=48))
+
+
+def test_output_loading_info_gives_the_model_and_its_info(build, tmp_path):
+    model, _ = build()
+    model.save_pretrained(tmp_path)
+    loaded, info = BeniForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, BeniForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_misspelled_input_is_named(build):
+    model, tokenizer = build()
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    with pytest.raises(TypeError, match="forward\\(\\) got 'pixel_value', which it does not take: did you mean 'pixel_values'\\?"):
+        model(input_ids=batch["input_ids"], pixel_value=images(2))

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from beni_model.chat import IGNORE_INDEX, build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
-from beni_model.data import DataPosition, DataSettings, make_loader, normalize_pixels
+from beni_model.data import DataPosition, DataSettings, make_loader
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.processing import BeniProcessor, load_processor
 from beni_model.train import torchrun_command
 from beni_model.training.config import PARTS, TrainConfig
 from beni_model.training.metrics import PROFILE_AFTER, Reporter, read_metrics
@@ -97,16 +98,8 @@ def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
     model = BeniForConditionalGeneration.from_pretrained(out / "final")
-    tokenizer = load_tokenizer(str(out / "final"))
-    settings = DataSettings(
-        shards=str(shards),
-        batch_size=8,
-        image_size=32,
-        tokens_per_image=model.config.num_image_tokens(),
-        max_length=128,
-    )
-    batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
-    batch["pixel_values"] = normalize_pixels(batch["pixel_values"], (0.5,) * 3, (0.5,) * 3)
+    settings = DataSettings(shards=str(shards), batch_size=8, image_size=32, max_length=128)
+    batch = next(iter(make_loader(settings, load_processor(out / "final"), 0, 1, DataPosition(), workers=0, pin_memory=False)))
     with torch.no_grad():
         loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
     assert loss.item() < losses[0] - 1.0
@@ -169,7 +162,7 @@ def test_part_lr_gives_a_part_its_own_step_size(build):
     assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim < 2 for p in g["params"]))
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     before = {part: state(getattr(model, part)) for part in PARTS}
-    ids = torch.tensor([build_example(PACKED_CONVERSATIONS[0], tokenizer, model.config.num_image_tokens()).input_ids])
+    ids = torch.tensor([build_example(PACKED_CONVERSATIONS[0], BeniProcessor.for_model(model.config, tokenizer)).input_ids])
     model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss.backward()
     optimizer.step()
     for part, lr in (("vision_tower", 1e-2), ("connector", 1e-4), ("language_model", 1e-4)):
@@ -234,10 +227,9 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
     try:
         model, tokenizer = build()
         shards = write_toy_shards(tmp_path / "shards", samples=16, per_shard=16)
-        settings = DataSettings(
-            shards=str(shards), batch_size=4, image_size=32, tokens_per_image=model.config.num_image_tokens(), max_length=64
-        )
-        batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+        settings = DataSettings(shards=str(shards), batch_size=4, image_size=32, max_length=64)
+        processor = BeniProcessor.for_model(model.config, tokenizer)
+        batch = next(iter(make_loader(settings, processor, 0, 1, DataPosition(), workers=0, pin_memory=False)))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-2, fused=True)
         weight = model.connector.state_dict()
@@ -277,10 +269,9 @@ def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tm
 
         model, tokenizer = build()
         shards = write_toy_shards(tmp_path / "shards", samples=8, per_shard=8)
-        settings = DataSettings(
-            shards=str(shards), batch_size=8, image_size=32, tokens_per_image=model.config.num_image_tokens(), max_length=64
-        )
-        batch = next(iter(make_loader(settings, tokenizer, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+        settings = DataSettings(shards=str(shards), batch_size=8, image_size=32, max_length=64)
+        processor = BeniProcessor.for_model(model.config, tokenizer)
+        batch = next(iter(make_loader(settings, processor, 0, 1, DataPosition(), workers=0, pin_memory=False)))
         on_cpu = copy.deepcopy(model).train()
         model = shard(model.train(), torch.device("cuda"), 1)
         seen = []
@@ -325,7 +316,7 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model, tokenizer = build()
-        examples = [build_example(c, tokenizer, model.config.num_image_tokens()) for c in PACKED_CONVERSATIONS]
+        examples = [build_example(c, BeniProcessor.for_model(model.config, tokenizer)) for c in PACKED_CONVERSATIONS]
         ids, labels = [e.input_ids for e in examples], [e.labels for e in examples]
         pixels = torch.randint(0, 256, (sum(e.num_images for e in examples), 3, 32, 32), dtype=torch.uint8)
         max_length = max(map(len, ids))  # the longest sample fills a row, the shorter ones share rows

@@ -30,8 +30,8 @@ def loaded(model_dir):
 
 
 def serve(loaded, name: str = "final", settings: ServeSettings = SETTINGS) -> BackgroundServer:
-    model, tokenizer = loaded
-    return BackgroundServer(create_app(model, tokenizer, name, settings))
+    model, processor = loaded
+    return BackgroundServer(create_app(model, processor, name, settings))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from beni_pipeline.serve.engine import Engine, Sampling, Sequence
 
 
 def test_a_failed_prefill_answers_with_an_error_and_the_engine_goes_on(loaded):
-    model, tokenizer = loaded
+    model, processor = loaded
+    tokenizer = processor.tokenizer
     engine = Engine(model, tokenizer, max_batch=4, max_waiting=4)
     try:
         events = queue.Queue()

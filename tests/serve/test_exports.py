@@ -28,11 +28,11 @@ def answer(loaded, image: bytes) -> str:
 
 def test_a_llava_export_answers_as_the_beni_model(loaded, tmp_path):
     image = jpeg_bytes(64, 48, seed=5)
-    model, tokenizer = loaded
-    export_llava(model, tmp_path / "llava", tokenizer)
+    model, processor = loaded
+    export_llava(model, tmp_path / "llava", processor)
     llava = load_model(tmp_path / "llava", "cpu")
     assert type(llava[0]).__name__ == "LlavaForConditionalGeneration"
-    assert answer(llava, image) == answer(loaded, image) == greedy(llava, tmp_path, QUESTION, image, 12)
+    assert answer(llava, image) == answer(loaded, image) == greedy(llava, QUESTION, image, 12)
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "torchao-int8"])
@@ -41,4 +41,4 @@ def test_a_quantized_export_answers_as_its_greedy_generate(model_dir, tmp_path, 
         pytest.skip(reason)
     quantized = load_model(export_quantized(model_dir, tmp_path / scheme, scheme, "cpu"), "cpu")
     image = jpeg_bytes(64, 48, seed=6)
-    assert answer(quantized, image) == greedy(quantized, tmp_path, QUESTION, image, 12)
+    assert answer(quantized, image) == greedy(quantized, QUESTION, image, 12)

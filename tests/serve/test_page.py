@@ -12,7 +12,7 @@ def test_the_page_streams_an_answer_about_an_uploaded_image(server, loaded, tmp_
     image = jpeg_bytes(96, 64, seed=4)
     (tmp_path / "upload.jpg").write_bytes(image)
     question = "What is written in the image?"
-    expected = greedy(loaded, tmp_path, question, image, 256)  # the server's default max_tokens
+    expected = greedy(loaded, question, image, 256)  # the server's default max_tokens
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM)
         try:

@@ -1,0 +1,85 @@
+"""BeniProcessor: the model's image processor, tokenizer and chat template in one `ProcessorMixin`, saved with the
+model and loaded by `AutoProcessor`. It renders chats (LLaVA's `from`/`value` turns or transformers' `role`/`content`
+messages), expands each image marker to the model's image tokens and preprocesses the images as the encoder's own
+image processor does."""
+
+from pathlib import Path
+
+from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES, get_image_processor_class_from_name
+
+from beni_model.chat import chat_template, load_tokenizer
+from beni_model.config import BeniConfig
+
+
+class BeniProcessor(ProcessorMixin):
+    """`processor(text=..., images=...)` gives `input_ids`, `attention_mask` and `pixel_values` for the model: each
+    image token in the text becomes `num_image_tokens` of them (the count the model's connector and extensions emit
+    per image at its image size)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", num_image_tokens=1, **kwargs):
+        self.image_token = image_token
+        self.num_image_tokens = num_image_tokens
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {image_token!r} token: load it with beni_model.chat.load_tokenizer.")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template(tokenizer, image_token))
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    @classmethod
+    def for_model(cls, config: BeniConfig, tokenizer) -> "BeniProcessor":
+        """A new model's processor: the encoder's image processor at the model's image size, the LLM's tokenizer
+        (with the image token) and its chat template."""
+        return cls(image_processor_for(config), tokenizer, image_token=config.image_token, num_image_tokens=config.num_image_tokens())
+
+
+def default_template(tokenizer, image_token: str) -> str:
+    return chat_template(tokenizer.chat_template, image_token)
+
+
+def image_processor_for(config: BeniConfig):
+    """The encoder's own image processor (its folder's preprocessor_config.json, or a hub id's), else its family's
+    default, resized for `config.image_size`: processors that keep the aspect (shortest edge, then a centre crop)
+    keep it, with the crop at the model's size."""
+    source = config.vision_model
+    if source and (not Path(source).is_dir() or (Path(source) / "preprocessor_config.json").is_file()):
+        processor = AutoImageProcessor.from_pretrained(source)
+    else:
+        processor = family_image_processor(config.vision_config)
+    return sized(processor, config.image_size)
+
+
+def family_image_processor(vision_config):
+    # The module that defines the config names the family (siglip_vision_model lives in models.siglip).
+    family = type(vision_config).__module__.split(".")[-2]
+    for name in (vision_config.model_type, family, family.removesuffix("_with_registers")):
+        if classes := IMAGE_PROCESSOR_MAPPING_NAMES.get(name):
+            return get_image_processor_class_from_name(classes["pil"])()
+    raise ValueError(
+        f"transformers has no image processor for {vision_config.model_type!r}: save the encoder's preprocessor_config.json in its folder."
+    )
+
+
+def sized(processor, image_size: int):
+    size, crop = dict(processor.size), getattr(processor, "crop_size", None)
+    if "shortest_edge" in size and crop and getattr(processor, "do_center_crop", False):
+        processor.size = {"shortest_edge": round(image_size * size["shortest_edge"] / crop["height"])}
+        processor.crop_size = {"height": image_size, "width": image_size}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+        processor.do_center_crop = False
+    return processor
+
+
+def load_processor(model_dir: str | Path, config: BeniConfig | None = None) -> BeniProcessor:
+    """The processor saved with a beni model; a folder saved without one (older saves) gets the family default built
+    from its config and tokenizer."""
+    if (Path(model_dir) / "processor_config.json").is_file():
+        return BeniProcessor.from_pretrained(model_dir)
+    config = config or BeniConfig.from_pretrained(model_dir)
+    return BeniProcessor.for_model(config, load_tokenizer(str(model_dir), config.image_token))
+
+
+AutoProcessor.register(BeniConfig, BeniProcessor)

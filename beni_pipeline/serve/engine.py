@@ -61,7 +61,10 @@ class Engine:
         self.device, self.dtype = placement(model)
         # A beni model's decode steps skip the image merge: the LLM alone sees a text token.
         self.decoder = model.language_model if isinstance(model, BeniForConditionalGeneration) else model
-        self.eos = {tokenizer.eos_token_id} | set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+        generation = getattr(model, "generation_config", None)
+        self.eos = {tokenizer.eos_token_id} | set(_as_list(getattr(generation, "eos_token_id", None)))
+        # Tokens generate never picks (a beni model's image token: generated, the next step would feed the LLM a placeholder).
+        self.suppress = _as_list(getattr(generation, "suppress_tokens", None))
         self.waiting: deque[Sequence] = deque()
         self.wakeup = queue.SimpleQueue()
         self.stopping = False
@@ -178,6 +181,8 @@ class Engine:
         return out.cache, mask, out.logits[:, -1]
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
+        if self.suppress:
+            logits[:, self.suppress] = -torch.inf
         tokens = logits.argmax(-1).tolist()
         for i, sequence in enumerate(self.active):
             s = sequence.sampling

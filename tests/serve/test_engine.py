@@ -2,6 +2,8 @@
 
 import queue
 
+import torch
+
 from beni_pipeline.serve.engine import Engine, Sampling, Sequence
 
 
@@ -22,3 +24,33 @@ def test_a_failed_prefill_answers_with_an_error_and_the_engine_goes_on(loaded):
         assert event["completion_tokens"] >= 1
     finally:
         engine.stop()
+
+
+def test_tokens_that_generate_suppresses_are_never_picked(loaded):
+    """A beni model's generation config suppresses its image token; the engine follows whatever the config names."""
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    ids = tokenizer("Read the text: hello", add_special_tokens=False)["input_ids"]
+
+    def answer() -> list[int]:
+        engine, events = Engine(model, tokenizer, max_batch=2, max_waiting=2), queue.Queue()
+        try:
+            sequence = Sequence(ids, None, Sampling(max_tokens=8), events.put)
+            engine.submit(sequence)
+            while "finish" not in events.get(timeout=30):
+                pass
+            return sequence.tokens
+        finally:
+            engine.stop()
+
+    suppressed = list(model.generation_config.suppress_tokens or [])
+    first = answer()[0]
+    try:
+        model.generation_config.suppress_tokens = suppressed + [first]
+        tokens = answer()
+        prompt = torch.tensor([ids])
+        expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[0, len(ids):].tolist()  # fmt: skip
+    finally:
+        model.generation_config.suppress_tokens = suppressed
+    assert first not in tokens and tokens == [t for t in expected if t != tokenizer.eos_token_id]

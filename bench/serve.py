@@ -1,11 +1,17 @@
 """`beni serve` under load: requests/s, output tokens/s, p50/p95 time to first token and latency at several
-concurrencies, for the server's continuous batching against transformers' generate run per request, one at a time
-(what a transformers pipeline does per call; `transformers serve` cannot host a beni model, see the README), on the
-same model, in the same run, behind the same HTTP API and input code. Every request streams (SSE) an answer about its
-own image, greedy, `--max-tokens` long at most; both sides must give identical answers.
+concurrencies, in the same run, against two peers on the same weights:
+- `generate per request`: transformers' generate run per request, one at a time (what a transformers pipeline does
+  per call), behind beni's own HTTP API and input code;
+- `transformers serve`: transformers' own server (a subprocess) on the model's LLaVA export, since it loads a model
+  by its architecture's name in `transformers` and so cannot host the beni class; for a VLM it generates one request
+  at a time (its continuous batching is for text-only LLMs). Needs `pip install fastapi`; --no-transformers-serve
+  leaves it out.
+Every request streams (SSE) an answer about its own image, greedy, `--max-tokens` long at most; every side must give
+beni serve's answers. transformers serve gets each image as beni serve stores it (re-encoded as the downloader does),
+so both preprocess the same pixels.
 
-Both servers run in this process under uvicorn, each in its own thread, and the load comes from an asyncio httpx
-client here: one process, so GIL contention touches both sides alike.
+beni serve and its per-request peer run in this process under uvicorn, each in its own thread, and the load comes
+from an asyncio httpx client here: GIL contention touches both alike.
 
     PYTHONUNBUFFERED=1 python bench/serve.py [--model DIR] [--device cuda] [--concurrency 1 8 32] [--max-tokens 32]
 
@@ -21,7 +27,10 @@ import json
 import os
 import platform
 import queue
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,8 +45,11 @@ from transformers.generation.streamers import BaseStreamer
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
 from beni_model.evaluate import placement
+from beni_model.export import export_llava
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.tiny import tiny_llm
+from beni_pipeline.prep.download import DownloadSettings
+from beni_pipeline.prep.images import process_image
 from beni_pipeline.serve.app import BackgroundServer, ServeSettings, create_app, load_model
 from beni_pipeline.serve.engine import Busy
 
@@ -124,24 +136,65 @@ def tiny_model(folder: Path) -> Path:
     return folder / "model"
 
 
-def image_url(i: int) -> str:
+def image_bytes(i: int) -> bytes:
     image = Image.radial_gradient("L").convert("RGB").resize((96 + 8 * (i % 7), 64))
     ImageDraw.Draw(image).text((8, 24), f"{i * 7919 % 100000}", fill=(255, 40, 40))
     out = io.BytesIO()
     image.save(out, "JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+    return out.getvalue()
 
 
-def request(i: int, max_tokens: int) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": image_url(i)}}, {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
+def request(i: int, max_tokens: int, model: str = "model", stored: bool = False) -> dict:
+    """Request i; `stored`: its image as beni serve stores it (for a server that does not re-encode images)."""
+    data = image_bytes(i)
+    if stored:
+        s = DownloadSettings()
+        data = process_image(data, resize_mode=s.resize_mode, image_size=s.image_size, image_format=s.image_format, quality=s.quality,
+                             min_side=s.min_side, max_pixels=s.max_pixels).data  # fmt: skip
+    url = "data:image/jpeg;base64," + base64.b64encode(data).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
     return {
-        "model": "model",
+        "model": model,
         "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+class TransformersServe:
+    """`transformers serve FOLDER` in a subprocess on a free port, until `stop`."""
+
+    def __init__(self, folder: Path, device: str, threads: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url, self.log = f"http://127.0.0.1:{port}", tempfile.TemporaryFile()
+        command = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--port", str(port), "--device", device]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"transformers serve did not start: {self.log.read().decode()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def same_answer(a: str | None, b: str | None) -> bool:
+    """Equal up to a trailing incomplete UTF-8 character, which transformers serve's detokenizer drops and beni serve
+    sends as U+FFFD (a random model emits byte tokens that end mid-character)."""
+    return a is not None and b is not None and a.rstrip("\ufffd") == b.rstrip("\ufffd")
 
 
 async def drive(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[dict]]:
@@ -201,6 +254,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 16)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--no-transformers-serve", dest="transformers_serve", action="store_false", help="leave transformers serve out")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a tiny model on a shared CPU: 1)")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -215,22 +269,29 @@ def main() -> None:
             "beni serve": BackgroundServer(create_app(model, processor, "model", settings)),
             "generate per request": BackgroundServer(create_app(model, processor, "model", settings, engine=PerRequest)),
         }
+        names = {}  # servers that answer to another model name, and get images as beni serve stores them
+        if args.transformers_serve:
+            llava = export_llava(model, Path(tmp) / "llava", processor)
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            servers["transformers serve (LLaVA export)"] = TransformersServe(llava, device, args.threads)
+            names["transformers serve (LLaVA export)"] = str(llava)
         rows = []
         try:
-            for server in servers.values():  # warm-up: first-call costs (allocations, lazy imports) count nowhere
-                asyncio.run(drive(server.url, [request(0, 4)], 1))
+            for name, server in servers.items():  # warm-up: first-call costs (allocations, lazy imports) count nowhere
+                asyncio.run(drive(server.url, [request(0, 4, names.get(name, "model"), name in names)], 1))
             for concurrency in args.concurrency:
-                bodies = [request(i, args.max_tokens) for i in range(args.requests or max(16, 2 * concurrency))]
+                count = args.requests or max(16, 2 * concurrency)
                 texts = {}
                 for name, server in servers.items():
+                    bodies = [request(i, args.max_tokens, names.get(name, "model"), name in names) for i in range(count)]
                     load = os.getloadavg()[0]
                     wall, results = asyncio.run(drive(server.url, bodies, concurrency))
                     texts[name] = [r.get("text") for r in results]
                     rows.append({"server": name, "concurrency": concurrency, **summary(wall, results), "load_avg": round(load, 2)})
-                    print(json.dumps(rows[-1]), flush=True)
-                same = sum(a == b for a, b in zip(*texts.values()))
-                print(json.dumps({"concurrency": concurrency, "identical_answers": f"{same}/{len(bodies)}"}), flush=True)
-                rows[-1]["identical_answers"] = rows[-2]["identical_answers"] = f"{same}/{len(bodies)}"
+                for row in rows[-len(servers) :]:
+                    same = sum(same_answer(a, b) for a, b in zip(texts["beni serve"], texts[row["server"]]))
+                    row["identical_answers"] = f"{same}/{count}"
+                    print(json.dumps(row), flush=True)
         finally:
             for server in servers.values():
                 server.stop()
@@ -240,7 +301,9 @@ def main() -> None:
     print(
         f"\nmodel {args.model or 'tiny random'}, {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}\n"
     )
-    print("| server | concurrency | requests/s | output tokens/s | TTFT p50 / p95 ms | latency p50 / p95 ms | identical answers |")
+    print(
+        "| server | concurrency | requests/s | output tokens/s | TTFT p50 / p95 ms | latency p50 / p95 ms | answers identical to beni serve's |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

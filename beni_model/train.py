@@ -20,13 +20,20 @@ from beni_model.training.config import TrainConfig
 from beni_model.training.loop import train
 
 
-def torchrun_command(config_path: str | Path, processes: int) -> list[str]:
-    """The command line that trains `config_path` with `processes` ranks on this machine."""
+def torchrun_command(config_path: str | Path, processes: int, nodes: int = 1, rendezvous: str = "", run_id: str = "beni") -> list[str]:
+    """The command line that trains `config_path` with `processes` ranks on this machine: alone, or as one of `nodes`
+    machines that meet at the c10d `rendezvous` endpoint (host:port) under `run_id`, each running this same command."""
+    if nodes > 1 and not rendezvous:
+        raise ValueError(f"Training on {nodes} nodes needs a rendezvous endpoint (host:port of one node) that every node can reach.")
+    if nodes > 1:
+        launch = [f"--nnodes={nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rendezvous}", f"--rdzv-id={run_id}"]
+    else:
+        launch = ["--standalone"]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *launch,
         f"--nproc-per-node={processes}",
         "-m",
         "beni_model.train",

@@ -55,6 +55,8 @@ def _print_summary(result: dg.ExecuteInProcessResult) -> None:
         print(f"{materialization.asset_key.to_user_string()}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
         if "score" in materialization.metadata:  # an eval's own line: which categories it trained on and how they scored
             print(f"  score: {materialization.metadata['score'].value}")
+        if "comparison" in materialization.metadata:  # both held-out sets and Tesseract, side by side
+            print(f"  side by side: {materialization.metadata['comparison'].value}")
     for evaluation in result.get_asset_check_evaluations():
         verdict = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value})"
         print(f"  check {evaluation.check_name}: {verdict}")

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from beni_pipeline.defs.engine import Engine
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.resources import TrainingRecipe
 
-RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout(), "recipe": TrainingRecipe()}
+RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout(), "recipe": TrainingRecipe(), "engine": Engine()}
 
 
 @dg.definitions

@@ -133,3 +133,26 @@ def fault_server():
     server = FaultServer()
     yield server
     server.close()
+
+
+# The smallest packages of each split that give the unseen set every style it draws: a real fetch in a few seconds.
+SMALL_FONT_PACKAGES = {
+    "fonts-kristi": "hand",  # train
+    "fonts-inconsolata": "mono",  # train
+    "fonts-goudybookletter": "serif",  # unseen
+    "fonts-hermit": "mono",  # unseen
+    "fonts-rufscript": "hand",  # unseen
+}
+
+
+@pytest.fixture(scope="session")
+def fonts_root(tmp_path_factory):
+    """A fonts root fetched from Debian's registry (prep/fonts.py), or a skip where the registry is out of reach."""
+    from beni_pipeline.prep.fonts import fetch
+
+    root = tmp_path_factory.mktemp("fonts")
+    try:
+        fetch(root, SMALL_FONT_PACKAGES, log=lambda line: None)
+    except RuntimeError as e:
+        pytest.skip(f"no Debian font packages to fetch here: {e}")
+    return root

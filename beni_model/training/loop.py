@@ -16,7 +16,7 @@ from beni_model.training.config import GRAPHED_WIDTH_MULTIPLE, PARTS, TrainConfi
 from beni_model.training.metrics import Reporter, peak_memory_gib, plot_loss, step_profiler
 from beni_model.training.model import beni_of, build_model
 from beni_model.training.optim import lr_factor, param_groups
-from beni_model.training.parallel import setup_distributed, shard
+from beni_model.training.parallel import reporting_rank, setup_distributed, shard
 from beni_model.training.step import StepStats, train_step
 
 MAX_SKIPPED_IN_A_ROW = 20  # optimizer steps skipped for a non-finite gradient norm before the run stops
@@ -46,7 +46,7 @@ def train(config: TrainConfig) -> dict:
     step, position = 0, DataPosition()
     if latest := checkpoints.latest():
         step, position = checkpoints.load(latest, model, optimizer, scheduler, device)
-    reporter = Reporter(config, out, step) if rank == 0 else None
+    reporter = Reporter(config, out, step) if rank == reporting_rank(rank, device) else None
     if reporter:
         reporter.info(
             f"{'resuming from ' + latest.name if latest else 'starting'} at step {step} of {config.max_steps} on {world_size} x {device.type}"
@@ -66,6 +66,7 @@ def train(config: TrainConfig) -> dict:
         extensions=beni_config.extensions,
         targets=tuple(config.trained_extensions),
         grid=beni_config.image_size // beni_config.patch_size,
+        augment=config.augment,
         seed=config.seed,
     )
     batches = iter(make_loader(settings, processor, rank, world_size, position, config.workers, device.type == "cuda"))

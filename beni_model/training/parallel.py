@@ -32,6 +32,17 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def reporting_rank(rank: int, device: torch.device) -> int:
+    """The rank that reports metrics: the lowest one started through Dagster Pipes, else 0. On several hosts the c10d
+    rendezvous numbers the nodes by address, so the node Dagster launched need not hold rank 0; the others' agents,
+    started by hand, have no Pipes context."""
+    none = 1 << 30
+    mine = torch.tensor([rank if os.environ.get("DAGSTER_PIPES_CONTEXT") else none], device=device)
+    dist.all_reduce(mine, op=dist.ReduceOp.MIN)
+    lowest = int(mine.item())
+    return lowest if lowest < none else 0
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated layers of the vision encoder and the LLM: members of a ModuleList whose class the part
     itself names as unsplittable."""

@@ -21,6 +21,11 @@ class DataLayout(dg.ConfigurableResource):
 
     # data
     @property
+    def fonts(self) -> Path:
+        """Fetched fonts by Debian package (prep/fonts.py): $BENI_FONTS, else the data root's fonts/."""
+        return Path(os.environ.get("BENI_FONTS") or self.base / "fonts").resolve()
+
+    @property
     def corpus(self) -> Path:
         """The generated rendered-text corpus (the default source)."""
         return self.base / "corpus"
@@ -107,8 +112,33 @@ class DataLayout(dg.ConfigurableResource):
         return self.heldout / "eval_set.json"
 
     @property
+    def heldout_unseen(self) -> Path:
+        """The unseen-renderer set (prep/unseen_eval.py): fonts, layouts and camera the corpus never uses."""
+        return self.base / "heldout_unseen"
+
+    @property
+    def unseen_eval_set(self) -> Path:
+        """{"name", "json", "images"} of the unseen-renderer set, when `heldout_eval_set` made one."""
+        return self.heldout_unseen / "eval_set.json"
+
+    @property
     def ocr_eval(self) -> Path:
         return self.base / "ocr_eval" / "report"
+
+    @property
+    def ocr_eval_unseen(self) -> Path:
+        """The report on the unseen-renderer set."""
+        return self.base / "ocr_eval" / "unseen"
+
+    @property
+    def comparison(self) -> Path:
+        """comparison.json and .md: both sets and Tesseract side by side, per category."""
+        return self.base / "ocr_eval" / "comparison"
+
+    @property
+    def tesseract_scores(self) -> Path:
+        """{set fingerprint: Tesseract's summary} (prep/tesseract.py); put one made on another machine here."""
+        return self.base / "ocr_eval" / "tesseract.json"
 
     @property
     def exports(self) -> Path:

@@ -252,23 +252,30 @@ def hash_chunks(
     chunks: list[tuple[Path, Path, Path]],
     settings: DedupSettings = DedupSettings(),
     done: Callable[[Path, int, float], None] = lambda *_: None,
+    map_: Callable | None = None,
 ) -> list[Path]:
     """Hash every (chunk manifest parquet, download dir, features path) whose features are not cached, up to
-    `settings.workers` chunks at a time in their own processes (hashing decodes every image: CPU-bound Python).
+    `settings.workers` chunks at a time in their own processes (hashing decodes every image: CPU-bound Python),
+    or as the jobs of `map_(hash_chunk, *argument lists)` (a Ray cluster's tasks) when given.
     `done(features_path, rows, seconds)` is called as each chunk finishes. Returns the features paths hashed."""
     todo = [c for c in chunks if not cached_features(c[2], c[1], settings)]
+    if map_ is not None and todo:
+        for result in map_(hash_chunk, *zip(*todo), [settings] * len(todo)):
+            done(*result)
+        return [job[2] for job in todo]
     if len(todo) <= 1 or settings.workers == 1:
         for job in todo:
-            done(*_hash_chunk(*job, settings))
+            done(*hash_chunk(*job, settings))
         return [job[2] for job in todo]
     # spawn: the caller (a Dagster run, a torch process) holds threads that a fork would copy mid-flight.
     with ProcessPoolExecutor(min(settings.workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(_hash_chunk, *job, settings) for job in todo]):
+        for future in as_completed([pool.submit(hash_chunk, *job, settings) for job in todo]):
             done(*future.result())
     return [job[2] for job in todo]
 
 
-def _hash_chunk(manifest_chunk: Path, chunk_dir: Path, out_path: Path, settings: DedupSettings) -> tuple[Path, int, float]:
+def hash_chunk(manifest_chunk: Path, chunk_dir: Path, out_path: Path, settings: DedupSettings) -> tuple[Path, int, float]:
+    """One chunk's features written to `out_path`: a job that passes paths only, for any engine; returns (out_path, rows, seconds)."""
     start = time.perf_counter()
     rows = pq.read_table(manifest_chunk)
     write_chunk_features(rows, chunk_dir, out_path, settings)
@@ -335,7 +342,45 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         offsets = _spill_band_keys(paths, Path(tmp), settings)
         pairs = _unique_pairs(np.concatenate([_bucket_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]))
-    nodes = np.unique(pairs)
+    return _join(_confirmed(pairs, paths, offsets, settings), paths, offsets)
+
+
+def find_duplicates_parallel(
+    feature_paths: list[Path], settings: DedupSettings = DedupSettings(), work_dir: Path | None = None, map_: Callable = map
+) -> DedupResult:
+    """`find_duplicates` cut into jobs that `map_(function, *argument lists)` runs anywhere that sees `work_dir`
+    (a Ray cluster's tasks over a shared folder, or plain `map`); the result is the same, row for row.
+
+    1. one job per chunk spills its band keys into the buckets' folders (the shuffle goes through files);
+    2. one job per bucket pairs the rows that share a key, reads the features of just those rows from the chunks'
+       files and returns the pairs it confirms (two global rows and a reason, 24 bytes a pair);
+    3. this process joins the confirmed pairs into clusters. It gathers only those pairs, the sample ids of the rows
+       in them and one offset per chunk: a size set by the duplicates found, not by the corpus.
+    A job's memory is bounded by one chunk (step 1) or by one bucket's keys and candidate pairs (step 2): more
+    `buckets` make each smaller."""
+    paths = sorted(Path(p) for p in feature_paths)
+    offsets = _offsets(paths)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        _bucket_dirs(Path(tmp), settings)
+        n = len(paths)
+        list(map_(_spill_chunk, paths, range(n), offsets[:-1].tolist(), [Path(tmp)] * n, [settings] * n))
+        buckets = [Path(tmp) / f"bucket-{b}" for b in range(settings.buckets)]
+        confirmed = list(map_(_confirmed_pairs, buckets, [paths] * len(buckets), [offsets] * len(buckets), [settings] * len(buckets)))
+    confirmed = np.concatenate([np.zeros((0, 3), np.int64)] + confirmed)
+    # a pair whose rows share keys in two buckets is confirmed in both, with the same reason: keep it once
+    confirmed = confirmed[np.lexsort((confirmed[:, 1], confirmed[:, 0]))]
+    confirmed = confirmed[np.r_[True, (np.diff(confirmed[:, :2], axis=0) != 0).any(axis=1)]] if len(confirmed) else confirmed
+    return _join(confirmed, paths, offsets)
+
+
+def _confirmed_pairs(bucket_dir: Path, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """The pairs of one bucket that the policy confirms (see `_confirmed`)."""
+    return _confirmed(_unique_pairs(_bucket_pairs(bucket_dir, settings)), paths, offsets, settings)
+
+
+def _confirmed(pairs: np.ndarray, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 3]: the global rows of each candidate pair that the policy confirms, and the reason's index."""
+    nodes = _unique_rows(pairs)
     features = _gather(paths, offsets, nodes, settings.num_perm)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
     step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
@@ -343,7 +388,24 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
         [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
     )
     keep = reason >= 0
-    return _clusters(features["sample_id"], left[keep], right[keep], reason[keep], rows=int(offsets[-1]))
+    return np.stack([pairs[keep, 0], pairs[keep, 1], reason[keep]], axis=1).astype(np.int64)
+
+
+def _join(confirmed: np.ndarray, paths: list[Path], offsets: np.ndarray) -> DedupResult:
+    """The clusters of the confirmed pairs (each once), named by the sample ids of their rows."""
+    nodes = _unique_rows(confirmed[:, :2])
+    left, right = np.searchsorted(nodes, confirmed[:, 0]), np.searchsorted(nodes, confirmed[:, 1])
+    return _clusters(_sample_ids(paths, offsets, nodes), left, right, confirmed[:, 2], rows=int(offsets[-1]))
+
+
+def _sample_ids(paths: list[Path], offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The sample ids of the given global rows (sorted), reading one chunk's id column at a time."""
+    ids = [np.zeros(0, dtype=object)]
+    for i, path in enumerate(paths):
+        mine = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
+        if len(mine):
+            ids.append(np.array(pq.read_table(path, columns=["sample_id"])["sample_id"].take(pa.array(mine)).to_pylist(), dtype=object))
+    return np.concatenate(ids)
 
 
 def kept_ids(feature_path: Path, result: DedupResult) -> pa.Array:
@@ -385,22 +447,35 @@ def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np
 
 def _spill_band_keys(paths: list[Path], tmp: Path, settings: DedupSettings) -> np.ndarray:
     """Write (key, global row) pairs into `settings.buckets` files by key hash; returns row offsets per chunk."""
+    _bucket_dirs(tmp, settings)
+    offsets = _offsets(paths)
+    for i, path in enumerate(paths):
+        _spill_chunk(path, i, int(offsets[i]), tmp, settings)
+    return offsets
+
+
+def _bucket_dirs(tmp: Path, settings: DedupSettings) -> None:
     for b in range(settings.buckets):
         (tmp / f"bucket-{b}").mkdir()
-    offsets = [0]
-    for i, path in enumerate(paths):
-        columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
-        table = pq.read_table(path, columns=columns)
-        keys, used = _band_keys(table, settings)
-        rows = np.repeat(np.arange(offsets[-1], offsets[-1] + table.num_rows, dtype=np.uint64), keys.shape[1])
-        brightness = np.repeat(_thumbs(table).mean(axis=1, dtype=np.float64).astype(np.uint64), keys.shape[1])
-        keys, rows, brightness = keys.ravel()[used.ravel()], rows[used.ravel()], brightness[used.ravel()]
-        bucket = keys % np.uint64(settings.buckets)
-        for b in range(settings.buckets):
-            mine = bucket == b
-            np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", np.stack([keys[mine], brightness[mine], rows[mine]], axis=1))
-        offsets.append(offsets[-1] + table.num_rows)
-    return np.array(offsets, dtype=np.int64)
+
+
+def _offsets(paths: list[Path]) -> np.ndarray:
+    """The global row number of each chunk's first row, and the total last: read from the parquet footers alone."""
+    return np.cumsum([0] + [pq.read_metadata(path).num_rows for path in paths], dtype=np.int64)
+
+
+def _spill_chunk(path: Path, i: int, first_row: int, tmp: Path, settings: DedupSettings) -> None:
+    """One chunk's (key, brightness, global row) triples, one file per bucket: `bucket-<b>/<i>.npy`."""
+    columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
+    table = pq.read_table(path, columns=columns)
+    keys, used = _band_keys(table, settings)
+    rows = np.repeat(np.arange(first_row, first_row + table.num_rows, dtype=np.uint64), keys.shape[1])
+    brightness = np.repeat(_thumbs(table).mean(axis=1, dtype=np.float64).astype(np.uint64), keys.shape[1])
+    keys, rows, brightness = keys.ravel()[used.ravel()], rows[used.ravel()], brightness[used.ravel()]
+    bucket = keys % np.uint64(settings.buckets)
+    for b in range(settings.buckets):
+        mine = bucket == b
+        np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", np.stack([keys[mine], brightness[mine], rows[mine]], axis=1))
 
 
 def _bucket_pairs(bucket_dir: Path, settings: DedupSettings) -> np.ndarray:
@@ -430,6 +505,13 @@ def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
     packed = np.sort((pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64))
     packed = packed[np.r_[True, packed[1:] != packed[:-1]]] if len(packed) else packed
     return np.stack([packed >> np.uint64(32), packed & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
+
+
+def _unique_rows(pairs: np.ndarray) -> np.ndarray:
+    """np.unique(pairs), sorted, by a plain sort and a neighbour compare: numpy 2.4's np.unique hashes 1-D input, and
+    took most of the clustering's time on the rows of a few million pairs."""
+    rows = np.sort(pairs.ravel())
+    return rows[np.r_[True, rows[1:] != rows[:-1]]] if len(rows) else rows
 
 
 def _signatures(table: pa.Table, num_perm: int) -> np.ndarray:

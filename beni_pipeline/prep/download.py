@@ -148,6 +148,11 @@ def download_chunk(rows: pa.Table, out_dir: Path, settings: DownloadSettings = D
     )
 
 
+def download_chunk_file(manifest_chunk: Path, out_dir: Path, settings: DownloadSettings = DownloadSettings()) -> DownloadSummary:
+    """`download_chunk` of the rows in one manifest chunk's parquet: a job that passes paths only, for any engine."""
+    return download_chunk(pq.read_table(manifest_chunk), out_dir, settings)
+
+
 def read_index(out_dir: Path) -> pa.Table:
     return pq.read_table(out_dir / "index.parquet")
 

@@ -62,6 +62,7 @@ HELD_OUT_VOCABULARY = HELD_OUT_ADJECTIVES + HELD_OUT_NOUNS + HELD_OUT_VERBS + HE
 class EvalSetSettings:
     per_category: int = 25
     seed: int = 0
+    fonts: tuple[str, ...] = ()  # what synthetic's renderers draw with (the corpus's fonts); empty: the machine's own
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ def non_semantic(rng: random.Random) -> tuple[Image.Image, str, str]:
 def irregular(rng: random.Random) -> tuple[Image.Image, str, str]:
     text = syn.word(rng, HELD_OUT)
     return syn.render_irregular(rng, text), RECOGNITION_QUESTION, text
+
+
+def rotated(rng: random.Random) -> tuple[Image.Image, str, str]:
+    text = syn.word(rng, HELD_OUT)
+    angle = rng.choice((-1, 1)) * rng.uniform(30, 90)
+    return syn.render_text(rng, text, syn.text_style(rng, rotation=angle, size=(28, 64))), RECOGNITION_QUESTION, text
 
 
 def artistic(rng: random.Random) -> tuple[Image.Image, str, str]:
@@ -158,6 +165,7 @@ def scene_text_vqa(rng: random.Random) -> tuple[Image.Image, str, str]:
 CATEGORIES = {
     "Regular Text Recognition": ("beni_regular", regular),
     "Irregular Text Recognition": ("beni_curved", irregular),
+    "Rotated Text Recognition": ("beni_rotated", rotated),  # not OCRBench's: reported apart, classic OCR's weak spot
     "Artistic Text Recognition": ("beni_artistic", artistic),
     "Handwriting Recognition": ("beni_handwriting", handwriting),
     "Digit String Recognition": ("beni_digits", digit_string),
@@ -172,8 +180,9 @@ CATEGORIES = {
 # The corpus kinds (synthetic.KINDS) whose samples teach each category's task: a model trained on a corpus that drew
 # none of them has never been asked that category's question.
 CATEGORY_KINDS = {
-    "Regular Text Recognition": ("word", "sentence"),
+    "Regular Text Recognition": ("word", "sentence", "scene"),
     "Irregular Text Recognition": ("curved",),
+    "Rotated Text Recognition": ("rotated",),
     "Artistic Text Recognition": ("artistic",),
     "Handwriting Recognition": ("handwriting",),
     "Digit String Recognition": ("digits",),
@@ -212,10 +221,17 @@ def image_hash(path: str | Path) -> str:
         return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
 
 
-def generate_eval_set(out_dir: str | Path, settings: EvalSetSettings = EvalSetSettings(), exclude_answers: set[str] = frozenset()) -> Path:
+def generate_eval_set(
+    out_dir: str | Path,
+    settings: EvalSetSettings = EvalSetSettings(),
+    exclude_answers: set[str] = frozenset(),
+    categories: dict = CATEGORIES,
+    namespace: str = "heldout",
+) -> Path:
     """Writes out_dir/images/*.jpg and out_dir/ocr_eval.json (OCRBench format, image paths relative to out_dir);
     returns the JSON path. `exclude_answers` (see `corpus_answers`) are never used as answers: such a candidate is
-    redrawn from the next seed."""
+    redrawn from the next seed. `categories` and `namespace` (of the item seeds): another set's, e.g. the
+    unseen-renderer set's (unseen_eval.py)."""
     if settings.per_category < 1:
         raise ValueError(f"per_category must be at least 1, not {settings.per_category}.")
     out_dir = Path(out_dir)
@@ -223,32 +239,41 @@ def generate_eval_set(out_dir: str | Path, settings: EvalSetSettings = EvalSetSe
     shutil.rmtree(images, ignore_errors=True)
     images.mkdir(parents=True)
     items = []
-    for category, (dataset_name, make) in CATEGORIES.items():
-        for index in range(settings.per_category):
-            for attempt in range(MAX_ATTEMPTS):
-                rng = random.Random(f"heldout:{settings.seed}:{dataset_name}:{index}:{attempt}")
-                image, question, answer = make(rng)
-                if answer_key(answer) not in exclude_answers:
-                    break
-            else:
-                raise ValueError(
-                    f"{MAX_ATTEMPTS} draws of {category} item {index} all gave answers the corpus has: the corpus covers this category's answers."
-                )
-            name = f"images/{dataset_name}_{index:05d}.jpg"
-            (out_dir / name).write_bytes(syn.jpeg(image))
-            items.append(
-                {
-                    "dataset_name": dataset_name,
-                    "id": len(items),
-                    "image_path": name,
-                    "question": question,
-                    "answers": [answer],
-                    "type": category,
-                }
-            )
+    with syn.using_fonts(settings.fonts):
+        for category, (dataset_name, make) in categories.items():
+            items += category_items(out_dir, settings, exclude_answers, category, dataset_name, make, namespace, len(items))
     path = out_dir / "ocr_eval.json"
     write_text_atomic(path, json.dumps(items, indent=1, ensure_ascii=False) + "\n")
     return path
+
+
+def category_items(
+    out_dir: Path,
+    settings: EvalSetSettings,
+    exclude_answers: set[str],
+    category: str,
+    dataset_name: str,
+    make,
+    namespace: str,
+    first_id: int,
+) -> list[dict]:
+    """One category's items, their images written under out_dir/images, numbered from `first_id`."""
+    items = []
+    for index in range(settings.per_category):
+        for attempt in range(MAX_ATTEMPTS):
+            rng = random.Random(f"{namespace}:{settings.seed}:{dataset_name}:{index}:{attempt}")
+            image, question, answer = make(rng)
+            if answer_key(answer) not in exclude_answers:
+                break
+        else:
+            raise ValueError(
+                f"{MAX_ATTEMPTS} draws of {category} item {index} all gave answers the corpus has: the corpus covers this category's answers."
+            )
+        name = f"images/{dataset_name}_{index:05d}.jpg"
+        (out_dir / name).write_bytes(syn.jpeg(image))
+        item = {"dataset_name": dataset_name, "id": first_id + index, "image_path": name, "question": question, "answers": [answer]}
+        items.append({**item, "type": category})
+    return items
 
 
 def find_overlaps(eval_json: str | Path, eval_image_root: str | Path, corpus_jsonl: str | Path) -> list[Overlap]:

@@ -13,6 +13,7 @@ import json
 import os
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,18 +98,26 @@ def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, 
     return rows.append_column("shard", pa.array(_assign_shards(rows, settings), pa.int64()))
 
 
-def write_shards(plan: pa.Table, downloaded_root: Path, out_dir: Path, settings: ShardSettings = ShardSettings()) -> dict:
-    """Write (or keep, when already complete and unchanged) every shard of the plan; returns the index."""
+def write_shards(
+    plan: pa.Table, downloaded_root: Path, out_dir: Path, settings: ShardSettings = ShardSettings(), map_: Callable | None = None
+) -> dict:
+    """Write (or keep, when already complete and unchanged) every shard of the plan; returns the index.
+
+    `map_(write_shard, *argument lists)` writes the shards in parallel (a Ray cluster's tasks over a shared folder):
+    each shard's bytes depend on its own rows alone, so the shards and the index are the same either way."""
     out_dir, parts = Path(out_dir), Path(out_dir) / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{settings.name}-*.tmp*"):
         stale.unlink()
     shards = plan["shard"].to_numpy()
     bounds = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1], True]) if len(shards) else np.array([0])
-    entries = []
-    with _Staging(Path(downloaded_root)) as staging:
-        for k in range(len(bounds) - 1):
-            entries.append(_write_shard(plan.slice(bounds[k], bounds[k + 1] - bounds[k]), k, staging, out_dir, settings))
+    slices = [plan.slice(bounds[k], bounds[k + 1] - bounds[k]) for k in range(len(bounds) - 1)]
+    if map_ is None:
+        with _Staging(Path(downloaded_root)) as staging:
+            entries = [_write_shard(rows, k, staging, out_dir, settings) for k, rows in enumerate(slices)]
+    else:
+        n = len(slices)
+        entries = list(map_(write_shard, slices, range(n), [Path(downloaded_root)] * n, [out_dir] * n, [settings] * n))
     names = {e["url"] for e in entries}
     for old in out_dir.glob(f"{settings.name}-*.tar"):
         if old.name not in names:
@@ -168,6 +177,12 @@ def _assign_shards(rows: pa.Table, settings: ShardSettings) -> list[int]:
         out.append(shard)
         count, used = count + 1, used + n
     return out
+
+
+def write_shard(rows: pa.Table, k: int, downloaded_root: Path, out_dir: Path, settings: ShardSettings) -> dict:
+    """Shard `k` of the plan (its rows), written or kept: a job for any engine; returns its index entry."""
+    with _Staging(Path(downloaded_root)) as staging:
+        return _write_shard(rows, k, staging, out_dir, settings)
 
 
 def _write_shard(rows: pa.Table, k: int, staging: "_Staging", out_dir: Path, settings: ShardSettings) -> dict:

@@ -20,8 +20,9 @@ import random
 import re
 import shutil
 import textwrap
-from dataclasses import asdict, dataclass, field
-from functools import cache
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
 
 from beni_model.files import atomic_path, remove_leftovers
 from beni_pipeline.prep.files import write_text_atomic
+from beni_pipeline.prep.fonts import covers
 
 FONT_GLOB = "/usr/share/fonts/**/*.ttf"
 MIN_FONT_SIZE = 16  # smallest text we render; below it OCR labels stop being trustworthy
@@ -192,6 +194,8 @@ class CorpusSettings:
     seed: int = 0
     duplicate_fraction: float = 0.05
     kinds: dict[str, float] = field(default_factory=lambda: dict(KINDS))  # the kinds of samples drawn, with their weights
+    fonts: tuple[str, ...] = ()  # font files to draw with (fonts.split_fonts(root, "train")); empty: the machine's own
+    letter_spacing: bool = False  # one-line texts sometimes drawn with letters spread apart or squeezed together
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ class TextStyle:
     rotation: float  # degrees, counter-clockwise
     blur: float  # box-blur radius of the glyphs in pixels (one pass: a third of a Gaussian's cost); 0 for none
     noise: float  # amplitude of grey grain over the whole image; 0 for none
+    tracking: float = 0.0  # extra space after each letter of a one-line text, as a fraction of the font size
 
 
 @dataclass
@@ -253,15 +258,39 @@ def line_fractions(lines: list[Line], size: tuple[int, int]) -> list[tuple[str, 
 # ---------------------------------------------------------------- fonts, colours, backgrounds
 
 
-@cache
+_fonts: tuple[str, ...] = ()  # set by `using_fonts`
+
+
 def font_paths() -> tuple[str | None, ...]:
-    """Every TrueType font on the machine, or (None,): Pillow's built-in font."""
+    """The fonts `using_fonts` set, else every TrueType font on the machine, else (None,): Pillow's built-in font."""
+    return _fonts or machine_fonts()
+
+
+@cache
+def machine_fonts() -> tuple[str | None, ...]:
     return tuple(sorted(glob.glob(FONT_GLOB, recursive=True))) or (None,)
 
 
-@cache
+@contextmanager
+def using_fonts(fonts: tuple[str, ...]):
+    """Renderers draw with `fonts` (empty: the machine's own) inside the block."""
+    global _fonts
+    previous, _fonts = _fonts, tuple(fonts)
+    try:
+        yield
+    finally:
+        _fonts = previous
+
+
+@lru_cache(maxsize=1024)  # bounded: a few hundred fetched fonts at every size would hold thousands of open faces
 def load_font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+
+
+@cache
+def draw_greek(fonts: tuple[str | None, ...]) -> bool:
+    """Whether every font draws the Greek letters formulas use (Pillow's built-in font and many script faces do not)."""
+    return all(path and covers(load_font(path, 32), "".join(GREEK.values())) for path in fonts)
 
 
 def font_words(path: str | None) -> str:
@@ -372,6 +401,8 @@ def render_text(rng: random.Random, text: str, style: TextStyle) -> Image.Image:
         # A contrasting outline keeps text legible on busy photo-like backgrounds.
         stroke = max(1, size // 16) if style.background == "photo" else 0
         left, top, right, bottom = probe.multiline_textbbox((0, 0), text, font=font, spacing=size // 4, align=align, stroke_width=stroke)
+        if style.tracking and "\n" not in text:
+            right += max(0.0, style.tracking) * size * len(text)
         pad = 2 + stroke
         w, h = math.ceil(right - left) + 2 * pad, math.ceil(bottom - top) + 2 * pad
         rw, rh = _rotated_size(w, h, style.rotation)
@@ -387,9 +418,23 @@ def render_text(rng: random.Random, text: str, style: TextStyle) -> Image.Image:
     masks = []
     for colour, stroke_width in ((outline, stroke), (ink, 0)) if stroke else ((ink, 0),):
         mask = Image.new("L", (w, h))
-        ImageDraw.Draw(mask).multiline_text(
-            (pad - left, pad - top), text, font=font, fill=255, spacing=size // 4, align=align, stroke_width=stroke_width, stroke_fill=255
-        )
+        draw = ImageDraw.Draw(mask)
+        if style.tracking and "\n" not in text:
+            x = pad - left
+            for ch in text:
+                draw.text((x, pad - top), ch, font=font, fill=255, stroke_width=stroke_width, stroke_fill=255)
+                x += font.getlength(ch) + style.tracking * size
+        else:
+            draw.multiline_text(
+                (pad - left, pad - top),
+                text,
+                font=font,
+                fill=255,
+                spacing=size // 4,
+                align=align,
+                stroke_width=stroke_width,
+                stroke_fill=255,
+            )
         if style.rotation:
             mask = mask.rotate(style.rotation, Image.Resampling.BILINEAR, expand=True)
         masks.append((colour, mask.filter(ImageFilter.BoxBlur(style.blur)) if style.blur else mask))
@@ -506,7 +551,7 @@ def math_sum(rng: random.Random, symbols: list[str], terms: int) -> list:
 def math_expression(rng: random.Random) -> list:
     """A small formula as layout nodes: tokens in LaTeX ("x", "2", "+", "\\alpha"), ("sup", base token, exponent),
     ("frac", numerator, denominator) and ("sqrt", body), where exponent, numerator, denominator and body are node lists."""
-    symbols = MATH_LETTERS + (list(GREEK) if font_paths()[0] else [])  # Pillow's built-in font has no Greek
+    symbols = MATH_LETTERS + (list(GREEK) if draw_greek(font_paths()) else [])
     r = rng.random()
     if r < 0.3:
         nodes = [("frac", math_sum(rng, symbols, rng.randint(1, 2)), math_sum(rng, symbols, rng.randint(1, 2)))]
@@ -662,11 +707,12 @@ def render_math(rng: random.Random, nodes: list) -> Image.Image:
 # ---------------------------------------------------------------- samples
 
 
-def text_sample(rng: random.Random, kind: str) -> Rendered:
-    """A word, number, random string or sentence (wrapped over a few lines) with one OCR question."""
+def text_sample(rng: random.Random, kind: str, tracking: float = 0.0) -> Rendered:
+    """A word, number, random string or sentence (wrapped over a few lines) with one OCR question; `tracking`: see
+    TextStyle."""
     text = TEXTS[kind](rng)
     lines = "\n".join(textwrap.wrap(text, rng.randint(14, 40))) if kind == "sentence" else text
-    style = random_style(rng)
+    style = replace(random_style(rng), tracking=tracking)
     image = render_text(rng, lines, style)
     caption = rng.choice(TEXT_CAPTIONS).format(text=text, thing=THINGS[kind], bg=BG_WORDS[style.background], font=font_words(style.font))
     return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)], None if kind == "sentence" else text)
@@ -928,20 +974,29 @@ KINDS = {
     "form": 7,
     "memo": 6,
     "sign": 6,
+    "rotated": 6,  # widened.py's: text turned up to a quarter turn
+    "scene": 8,  # widened.py's: words photographed on a scene
 }
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 
-def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS) -> Rendered:
-    """Sample `index` of the corpus drawn from `seed` and `kinds` (weights of KINDS' kinds): a pure function of them,
-    whatever process runs it."""
+def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS, letter_spacing: bool = False) -> Rendered:
+    """Sample `index` of the corpus drawn from `seed` and `kinds` (weights of KINDS' kinds), with letters spread or
+    squeezed when `letter_spacing` (see CorpusSettings): a pure function of them, whatever process runs it."""
     rng = random.Random(f"{seed}:{index}")
     kind = rng.choices(list(kinds), list(kinds.values()))[0]
     if kind in DOCUMENTS:
         return DOCUMENTS[kind](rng)
     if kind in DRAWN_CAPTIONS:
         return drawn_sample(rng, kind)
-    return text_sample(rng, kind)
+    if kind in ("rotated", "scene"):
+        from beni_pipeline.prep import widened  # it builds on this module's renderers, so it imports this one
+
+        return widened.SAMPLES[kind](rng)
+    # Its own stream: switching letter spacing on or off leaves every other draw of the corpus as it was.
+    spacing = random.Random(f"{seed}:{index}:spacing")
+    tracking = spacing.uniform(-0.05, 0.5) if letter_spacing and kind != "sentence" and spacing.random() < 0.5 else 0.0
+    return text_sample(rng, kind, tracking)
 
 
 def conversations(qa: list[tuple[str, str]]) -> list[dict]:
@@ -1002,28 +1057,37 @@ def plant_duplicates(settings: CorpusSettings) -> dict[int, int]:
     return originals
 
 
-def _write_chunk(task: tuple[int, dict[str, float], range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
+def _write_chunk(task: tuple[CorpusSettings, range, dict[int, int], str, int]) -> list[tuple[str, str | None]]:
     """Render and write one chunk's images; return its corpus.jsonl lines (and planted_duplicates.jsonl lines)."""
-    seed, kinds, indices, duplicates, images, width = task
-    lines = []
-    for i in indices:
-        url = f"images/{i:0{width}d}.jpg"
-        if i in duplicates:
-            original = make_sample(seed, duplicates[i], kinds)
-            data, change, caption = near_duplicate(seed, i, original)
-            of = f"images/{duplicates[i]:0{width}d}.jpg"
-            planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
-        else:
-            original = make_sample(seed, i, kinds)
-            data, caption, planted = jpeg(original.image), original.caption, None
-        Path(images, url.removeprefix("images/")).write_bytes(data)
-        row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
-        if original.transcript:
-            row["transcript"] = original.transcript
-        if original.lines:
-            row["lines"] = original.lines
-        lines.append((json.dumps(row, ensure_ascii=False), planted))
-    return lines
+    settings, indices, duplicates, images, width = task
+    with using_fonts(settings.fonts):
+        return [_write_sample(settings, i, duplicates, images, width) for i in indices]
+
+
+def _write_sample(settings: CorpusSettings, i: int, duplicates: dict[int, int], images: str, width: int) -> tuple[str, str | None]:
+    seed, kinds = settings.seed, settings.kinds
+    url = f"images/{i:0{width}d}.jpg"
+    if i in duplicates:
+        original = make_sample(seed, duplicates[i], kinds, settings.letter_spacing)
+        data, change, caption = near_duplicate(seed, i, original)
+        of = f"images/{duplicates[i]:0{width}d}.jpg"
+        planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
+    else:
+        original = make_sample(seed, i, kinds, settings.letter_spacing)
+        data, caption, planted = jpeg(original.image), original.caption, None
+    Path(images, url.removeprefix("images/")).write_bytes(data)
+    row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
+    if original.transcript:
+        row["transcript"] = original.transcript
+    if original.lines:
+        row["lines"] = original.lines
+    return json.dumps(row, ensure_ascii=False), planted
+
+
+def corpus_fonts_of(out_dir: Path) -> tuple[str, ...] | None:
+    """The fonts the complete corpus in out_dir was drawn with (CorpusSettings.fonts), or None when there is none."""
+    marker = Path(out_dir) / "corpus_settings.json"
+    return tuple(json.loads(marker.read_text())["fonts"]) if marker.is_file() else None
 
 
 def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) -> Path:
@@ -1052,7 +1116,7 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     tasks = []
     for start in range(0, settings.samples, CHUNK):
         indices = range(start, min(start + CHUNK, settings.samples))
-        tasks.append((settings.seed, settings.kinds, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
+        tasks.append((settings, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
     with (
         multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
         atomic_path(corpus) as corpus_tmp,

@@ -240,3 +240,20 @@ def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, process
             assert rows[:2] + rows[3:] == [0, 0, 0]  # the line's centre lies in row 2 of 4; the other rows read nothing
             assert "".join(READING_ALPHABET[k - 1] for k in target[2, : rows[2]].tolist()) in COLOURS
     assert documents == 16  # every third image of the epoch
+
+
+def test_augmented_images_are_new_pixels_with_the_same_text_and_resume_the_same(tmp_path, processor):
+    shards = write_toy_shards(tmp_path, samples=16, per_shard=8)
+
+    def batches(augment: bool, position: DataPosition = DataPosition(), n: int = 8) -> list[dict]:
+        loader = make_loader(settings(shards, augment=augment), processor, 0, 1, position, workers=0, pin_memory=False)
+        return [b for b, _ in zip(loader, range(n))]
+
+    plain, augmented = batches(False), batches(True)
+    for a, b in zip(plain, augmented):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+        assert a["pixel_values"].shape == b["pixel_values"].shape
+    changed = [not torch.equal(a["pixel_values"][i], b["pixel_values"][i]) for a, b in zip(plain, augmented) for i in range(4)]
+    assert sum(changed) > len(changed) // 2
+    resumed = batches(True, DataPosition(**augmented[3]["position"]), 4)
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(resumed, augmented[4:]))

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -103,6 +104,55 @@ def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
     with torch.no_grad():
         loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
     assert loss.item() < losses[0] - 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(config_path: Path, logs: Path, run_id: str) -> list[subprocess.Popen]:
+    """Two torchrun agents of one process each, as two hosts would start them, meeting at a c10d rendezvous on 127.0.0.1."""
+    command = torchrun_command(config_path, 1, nodes=2, rendezvous=f"127.0.0.1:{free_port()}", run_id=run_id)
+    command.insert(3, "--local-addr=127.0.0.1")  # each node's address for the others: the loopback here
+    return [subprocess.Popen(command, stdout=open(logs / f"{run_id}-{n}.log", "w"), stderr=subprocess.STDOUT) for n in range(2)]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_through_a_c10d_rendezvous_and_resume_after_a_kill(tmp_path, parts, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # the ranks' own traffic stays on the loopback too
+    shards = write_toy_shards(tmp_path / "shards", samples=128, per_shard=16, text_every=4)
+    out = tmp_path / "run"
+    config_path = tmp_path / "train.json"
+    config_path.write_text(json.dumps(toy_run(shards, out, parts, max_steps=30, warmup_steps=3, save_every=10, workers=1)))
+
+    first = launch_two_nodes(config_path, tmp_path, "first")
+    while len(rows(out)) < 14 and all(node.poll() is None for node in first):
+        time.sleep(0.05)
+    assert all(node.poll() is None for node in first), (tmp_path / "first-0.log").read_text()[-3000:]
+    (trainer,) = [c for c in psutil.Process(first[1].pid).children() if "beni_model.train" in c.cmdline()]
+    trainer.send_signal(signal.SIGKILL)  # the second host's trainer dies: the first one's collectives fail, and both agents stop
+    assert [node.wait(timeout=120) != 0 for node in first] == [True, True]
+    before = {r["step"]: r for r in rows(out)}
+    resumed_from = int(max((out / "checkpoints").glob("step_*")).name.split("_")[1])
+    assert 10 <= resumed_from < max(before) < 30
+
+    second = launch_two_nodes(config_path, tmp_path, "second")
+    assert [node.wait(timeout=300) for node in second] == [0, 0], (tmp_path / "second-0.log").read_text()[-3000:]
+    logs = "".join((tmp_path / f"second-{n}.log").read_text() for n in range(2))
+    assert f"resuming from step_{resumed_from:07d} at step {resumed_from} of 30 on 2 x cpu" in logs
+    after = rows(out)
+    assert [r["step"] for r in after] == list(range(1, 31))
+    for r in after[resumed_from : max(before)]:  # steps redone after the kill: the same data and weights
+        assert r["loss"] == pytest.approx(before[r["step"]]["loss"], rel=1e-4), r["step"]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+
+
+def test_several_nodes_need_a_rendezvous_endpoint(tmp_path):
+    with pytest.raises(ValueError, match="Training on 2 nodes needs a rendezvous endpoint"):
+        torchrun_command(tmp_path / "train.json", 1, nodes=2)
+    assert "--standalone" in torchrun_command(tmp_path / "train.json", 2)
 
 
 def test_config_errors_are_one_clear_sentence(tmp_path):

@@ -11,6 +11,7 @@ from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_pipeline.defs.evaluation.assets import CPU_RECIPE, EvalConfig, heldout_eval_set, ocr_eval_report, report_covers_every_sample
 from beni_pipeline.defs.export.assets import quantized_exports
+from beni_pipeline.prep import tesseract
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
@@ -66,6 +67,7 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"report_covers_every_sample": True}
+    assert metadata_of(result, "heldout_eval_set")["unseen_set"].startswith(f"not made: no fetched fonts at {data / 'fonts'}")
 
     report = metadata_of(result, "ocr_eval_report")
     assert "minutes on a CPU: only the categories its corpus trains on can score" in report["title"]
@@ -76,8 +78,8 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     assert set(categories) == set(CATEGORIES) and sum(c["total"] for c in categories.values()) == total
     assert sum(c["correct"] for c in categories.values()) == report["correct"]
     assert {k for k, c in categories.items() if c["trained_on"]} == {"Digit String Recognition"} and report["categories_trained_on"] == 1
-    assert report["score"].endswith("; 9 categories not trained on")
-    assert Path(report["report"]).read_text().count(" no: the training data has none |") == 9
+    assert report["score"].endswith(f"; {total - 1} categories not trained on")
+    assert Path(report["report"]).read_text().count(" no: the training data has none |") == total - 1
     assert 0 <= report["head_accuracy"] <= 1 and all(0 <= c["head_accuracy"] <= 1 for c in categories.values())
     shown = report["right_answers"].count("data:image/jpeg;base64,") + report["wrong_answers"].count("data:image/jpeg;base64,")
     assert shown == min(4, report["correct"]) + min(4, total - report["correct"])
@@ -105,6 +107,38 @@ def test_eval_report_and_exports_of_the_trained_model(data):
         )
     [evaluation] = check.get_asset_check_evaluations()
     assert not evaluation.passed and evaluation.metadata["missing"].value == 1
+
+
+def test_both_sets_side_by_side_with_tesseract_beside_them(data, fonts_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENI_FONTS", str(fonts_root))
+    save_tiny_model(data / "model" / "final")
+    report_config = {"ops": {"ocr_eval_report": {"config": {**EVAL, "tesseract": True}}}}
+    run_config = {"ops": {"heldout_eval_set": {"config": EVAL_SET}, **report_config["ops"]}}
+    with dg.DagsterInstance.get() as instance:
+        result = materialize([heldout_eval_set, ocr_eval_report], instance=instance, run_config=run_config)
+    sets, report = metadata_of(result, "heldout_eval_set"), metadata_of(result, "ocr_eval_report")
+    assert sets["unseen_items"] == sets["items"] == len(CATEGORIES)
+    assert report["unseen_score"].startswith(f"{round(report['unseen_accuracy'] * len(CATEGORIES))}/{len(CATEGORIES)} ")
+    comparison = json.loads((data / "ocr_eval" / "comparison" / "comparison.json").read_text())
+    rows = {r["type"]: r for r in comparison["rows"]}
+    assert list(rows) == [*sorted(CATEGORIES), "all"]
+    assert rows["all"]["held-out set"] == report["accuracy"] and rows["all"]["unseen renderer"] == report["unseen_accuracy"]
+    assert rows["all"]["gap"] == round(100 * (report["accuracy"] - report["unseen_accuracy"]), 1) == report["gap_points"]
+    assert report["comparison"].startswith(f"held-out set {100 * report['accuracy']:.1f}% | unseen renderer ")
+    assert report["side_by_side"].count("\n") == len(CATEGORIES) + 3  # header, rule, categories, all
+    if tesseract.installed():  # scored here, both sets, and kept by fingerprint for the next report
+        assert report["tesseract"].startswith("scored by the same rule: held-out set ")
+        assert len(json.loads((data / "ocr_eval" / "tesseract.json").read_text())) == 2
+        assert all(0 <= rows["all"][f"tesseract, {name}"] <= 1 for name in ("held-out set", "unseen renderer"))
+        monkeypatch.setenv("PATH", str(tmp_path))  # a machine without it takes the kept scores
+        with dg.DagsterInstance.get() as instance:
+            again = materialize([ocr_eval_report], instance=instance, run_config=report_config)
+        assert metadata_of(again, "ocr_eval_report")["tesseract"] == report["tesseract"]
+        (data / "ocr_eval" / "tesseract.json").unlink()
+        with dg.DagsterInstance.get() as instance:
+            report = metadata_of(materialize([ocr_eval_report], instance=instance, run_config=report_config), "ocr_eval_report")
+    assert report["tesseract"].startswith("tesseract not installed (apt-get install tesseract-ocr)")
+    assert "python -m beni_pipeline.prep.tesseract" in report["tesseract"]
 
 
 def test_without_a_trained_model_the_assets_say_so(data):

@@ -1,4 +1,9 @@
 import base64
+import shlex
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +46,50 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     assert "resuming from step_0000012 at step 12 of 16" in streamed and "step=1 loss=" not in streamed
     rows = (tmp_path / "data" / "training" / "tiny" / "finetune" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 16
+
+
+@pytest.mark.slow
+def test_trained_model_on_two_nodes_waits_for_the_other_node_it_logs_the_command_of(instance, tmp_path, monkeypatch):
+    """The other host, played by a thread: it runs each command the step logs, as a person would on a second machine."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    write_toy_shards(tmp_path / "data" / "shards", samples=48, per_shard=12)
+    done, others = threading.Event(), []
+
+    def other_node():
+        seen = set()
+        while not done.is_set():
+            for run in instance.get_runs(limit=1):
+                for message in (e.user_message for e in instance.all_logs(run.run_id)):
+                    if "on each, run: " in message and message not in seen:
+                        seen.add(message)
+                        command = shlex.split(message.split("on each, run: ")[1])
+                        others.append(subprocess.run(command, capture_output=True, text=True, timeout=300))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=other_node)
+    thread.start()
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = train(instance, max_steps=12, save_every=6, nodes=2, processes_per_node=1, rendezvous=f"127.0.0.1:{port}")
+    finally:
+        done.set()
+        thread.join()
+    assert result.success and others and all(o.returncode == 0 for o in others), [o.stdout[-2000:] for o in others]
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("trained_model")[0].metadata.items()}
+    assert metadata["steps"] == 12 and metadata["world_size"] == 2
+    assert "step=12 loss=" in logs(instance, result)
+
+
+def test_several_nodes_without_a_rendezvous_fail_in_one_sentence(instance, tmp_path):
+    result = materialize(
+        [trained_model], instance=instance, raise_on_error=False, run_config={"ops": {"trained_model": {"config": {"nodes": 2}}}}
+    )
+    assert not result.success
+    assert "nodes is 2 but rendezvous is empty; give the host:port of one node that every node can reach" in str(
+        result.get_step_failure_events()[0].step_failure_data.error
+    )
 
 
 def test_training_runs_are_queued_one_per_gpu_set_with_a_time_limit():

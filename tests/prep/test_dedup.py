@@ -19,6 +19,7 @@ from beni_pipeline.prep.dedup import (
     DedupSettings,
     cached_features,
     find_duplicates,
+    find_duplicates_parallel,
     kept_ids,
     lean_minhash,
     lsh_candidate_probability,
@@ -245,6 +246,18 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     kept = set(kept_ids(paths[0], one).to_pylist()) | set(kept_ids(paths[1], one).to_pylist())
     assert len(kept) == one.rows - one.duplicates.num_rows
     assert not kept & set(one.duplicates["sample_id"].to_pylist())
+
+
+def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path):
+    """Jobs per chunk and per bucket (as the cluster engine runs them) against the one-process clustering, on each policy."""
+    for policy in ("text_and_image", "text_or_image"):
+        settings = DedupSettings(policy=policy, buckets=3)
+        paths = features(corpus, tmp_path / policy, settings)
+        one = find_duplicates(paths, settings)
+        jobs = []
+        parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(f.__name__) or map(f, *a))
+        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_confirmed_pairs"], (one.clusters.num_rows, jobs)
+        assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
 
 
 def test_features_cache_follows_index_and_settings(corpus, tmp_path):

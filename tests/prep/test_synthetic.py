@@ -19,7 +19,22 @@ from beni_pipeline.prep.ocr_eval import HELD_OUT
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
 SETTINGS = CorpusSettings(samples=60, seed=7, duplicate_fraction=0.1)
-KINDS = {"word", "digits", "random", "sentence", "handwriting", "curved", "artistic", "math", "receipt", "form", "memo", "sign"}
+KINDS = {
+    "word",
+    "digits",
+    "random",
+    "sentence",
+    "handwriting",
+    "curved",
+    "artistic",
+    "math",
+    "receipt",
+    "form",
+    "memo",
+    "sign",
+    "rotated",
+    "scene",
+}
 DOCUMENT_KINDS = {"receipt", "form", "memo", "sign"}
 
 
@@ -55,8 +70,10 @@ def test_rows_images_and_planted_duplicates(corpus):
     assert sorted(p.name for p in (folder / "images").iterdir()) == [r["url"].removeprefix("images/") for r in rows]
     assert {r["kind"] for r in rows} == KINDS
     for row in rows:  # images of one line of text name it, for the reading head; the answer reads it
-        if row["kind"] in {"word", "digits", "random", "handwriting", "curved", "artistic"}:
+        if row["kind"] in {"word", "digits", "random", "handwriting", "curved", "artistic", "scene"}:
             assert row["transcript"] == row["conversations"][1]["value"]
+        elif row["kind"] == "rotated":  # read along its columns only while it is turned a little
+            assert row.get("transcript", row["conversations"][1]["value"]) == row["conversations"][1]["value"]
         else:
             assert "transcript" not in row
         assert ("lines" in row) == (row["kind"] in DOCUMENT_KINDS)  # documents name their lines, for the line head

@@ -1,6 +1,7 @@
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pyarrow as pa
@@ -12,11 +13,21 @@ from transformers import AutoTokenizer
 
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
+from beni_pipeline.defs.engine import Engine
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.resources import TrainingRecipe
-from beni_pipeline.prep.dedup import DedupSettings, find_duplicates, hash_chunks, kept_ids, sample_text, write_result
-from beni_pipeline.prep.download import DownloadSettings, download_chunk, read_index
+from beni_pipeline.prep.dedup import (
+    DedupSettings,
+    find_duplicates,
+    find_duplicates_parallel,
+    hash_chunks,
+    kept_ids,
+    sample_text,
+    write_result,
+)
+from beni_pipeline.prep.download import DownloadSettings, download_chunk_file, read_index
 from beni_pipeline.prep.files import write_parquet_atomic
+from beni_pipeline.prep.fonts import corpus_fonts
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest, read_chunk
 from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
@@ -44,6 +55,15 @@ class SourceManifestConfig(Config, SourceSettings):
         description=f"kinds of samples the generated corpus draws, with their weights (of {sorted(KINDS)}); default all on a GPU machine, "
         f"{sorted(CPU_CORPUS_KINDS)} on CPU",
     )
+    corpus_fonts: Literal["train", "machine"] = pydantic.Field(
+        "train",
+        description="train: the train split of the fonts fetched at the fonts root ($BENI_FONTS, else <data>/fonts; the machine's own "
+        "when none are fetched); machine: the machine's own fonts",
+    )
+    corpus_letter_spacing: bool = pydantic.Field(
+        default_factory=torch.cuda.is_available,
+        description="draw some one-line texts with letters spread apart or squeezed; default on a GPU machine, off on CPU",
+    )
 
 
 class DownloadConfig(Config, DownloadSettings):
@@ -57,7 +77,16 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     if config.sources:
         sources = [Path(s).expanduser().resolve() for s in config.sources]
     else:
-        corpus = CorpusSettings(samples=config.corpus_samples, seed=config.corpus_seed, kinds=config.corpus_kinds)
+        fonts = corpus_fonts(layout.fonts) if config.corpus_fonts == "train" else ()
+        drawn_with = f"{len(fonts)} train-split fonts at {layout.fonts}" if fonts else "the machine's own fonts"
+        context.log.info(f"corpus fonts: {drawn_with}")
+        corpus = CorpusSettings(
+            samples=config.corpus_samples,
+            seed=config.corpus_seed,
+            kinds=config.corpus_kinds,
+            fonts=fonts,
+            letter_spacing=config.corpus_letter_spacing,
+        )
         context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]
@@ -94,23 +123,25 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
     kinds={"httpx", "tar"},
     owners=["team:data"],
 )
-def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout: DataLayout) -> dg.MaterializeResult:
+def downloaded(context: dg.AssetExecutionContext, config: DownloadConfig, layout: DataLayout, engine: Engine) -> dg.MaterializeResult:
     """Each manifest chunk fetched (http(s) from public addresses, local files inside their source's folder or image_root),
     validated, re-encoded and staged as tar parts with a parquet index that gives every row exactly one status: ok, or
     failed with its reason."""
     counts, fetched, seconds, bytes_in, previews = Counter(), 0, 0.0, 0, []
-    for key in context.partition_keys:
-        chunk = read_chunk(layout.manifest, key)
+    keys, settings = context.partition_keys, DownloadSettings(**config.model_dump())
+    try:
+        summaries = engine.map(
+            download_chunk_file, map(layout.manifest_chunk, keys), map(layout.download_dir, keys), [settings] * len(keys)
+        )
+    except Busy as e:  # another run holds the chunk: retrying now would only wait again
+        raise dg.Failure(str(e), allow_retries=False) from None
+    for key, summary in zip(keys, summaries):
         out_dir = layout.download_dir(key)
-        try:
-            summary = download_chunk(chunk, out_dir, config)
-        except Busy as e:  # another run holds the chunk: retrying now would only wait again
-            raise dg.Failure(str(e), allow_retries=False) from None
         context.log.info(f"chunk {key}: {summary.fetched} fetched in {summary.seconds:.1f} s, {dict(summary.counts)}")
         counts.update(summary.counts)
         fetched, seconds, bytes_in = fetched + summary.fetched, seconds + summary.seconds, bytes_in + summary.bytes_in
         if len(previews) < 6:
-            previews += _previews(chunk, out_dir, 6 - len(previews))
+            previews += _previews(read_chunk(layout.manifest, key), out_dir, 6 - len(previews))
     return dg.MaterializeResult(
         metadata={
             "partitions": len(context.partition_keys),
@@ -147,7 +178,7 @@ class ShardConfig(Config):
 
 
 @dg.asset(group_name="data", deps=[downloaded], kinds={"datasketch", "parquet"}, owners=["team:data"])
-def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout: DataLayout) -> dg.MaterializeResult:
+def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout: DataLayout, engine: Engine) -> dg.MaterializeResult:
     """Near-duplicate clusters over every downloaded image (exact bytes, perceptual hash) and its text
     (MinHash); one sample per cluster is kept. Features are cached per chunk, so a rebuild hashes only new chunks."""
     chunks = _downloaded_chunks(layout)
@@ -157,12 +188,18 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
     def done(path: Path, rows: int, seconds: float) -> None:
         context.log.info(f"chunk {path.stem}: hashed {rows} rows ({rows / seconds:.0f} rows/s)")
 
-    hashed = hash_chunks([(layout.manifest_chunk(c), layout.download_dir(c), f) for c, f in zip(chunks, features)], config, done)
+    jobs = [(layout.manifest_chunk(c), layout.download_dir(c), f) for c, f in zip(chunks, features)]
+    settings = DedupSettings(**config.model_dump())
+    hashed = hash_chunks(jobs, settings, done, map_=engine.map if engine.on_ray else None)
     context.log.info(
         f"hashed {len(hashed)} of {len(chunks)} chunks ({len(chunks) - len(hashed)} cached) in {time.perf_counter() - start:.1f} s; clustering"
     )
     cluster_start = time.perf_counter()
-    result = find_duplicates(features, config, work_dir=layout.dedup)
+    layout.dedup.mkdir(parents=True, exist_ok=True)
+    if engine.on_ray:
+        result = find_duplicates_parallel(features, settings, work_dir=layout.dedup, map_=engine.map)
+    else:
+        result = find_duplicates(features, settings, work_dir=layout.dedup)
     write_result(result, layout.dedup)
     kept = pa.concat_arrays([kept_ids(path, result) for path in features])
     write_parquet_atomic(pa.table({"sample_id": kept}), layout.kept)
@@ -190,7 +227,7 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
 
 @dg.asset(group_name="data", deps=[deduplicated], kinds={"webdataset"}, owners=["team:data"])
 def training_shards(
-    context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout, recipe: TrainingRecipe
+    context: dg.AssetExecutionContext, config: ShardConfig, layout: DataLayout, recipe: TrainingRecipe, engine: Engine
 ) -> dg.MaterializeResult:
     """The kept samples as WebDataset tars sorted by token length (text tokens of the target LLM's tokenizer
     plus the image tokens), with index.json (per shard: count, lengths, bytes, sha256). Byte-identical for
@@ -215,7 +252,7 @@ def training_shards(
     seconds = time.perf_counter() - start
     context.log.info(f"measured the token length of {plan.num_rows} samples in {seconds:.1f} s ({plan.num_rows / seconds:.0f} samples/s)")
     start = time.perf_counter()
-    shard_index = write_shards(plan, layout.downloaded, layout.shards, settings)
+    shard_index = write_shards(plan, layout.downloaded, layout.shards, settings, map_=engine.map if engine.on_ray else None)
     shards = shard_index["shardlist"]
     megabytes = sum(s["bytes"] for s in shards) / 1e6
     context.log.info(f"{plan.num_rows} samples in {len(shards)} shards ({megabytes:.1f} MB) after {time.perf_counter() - start:.1f} s")

@@ -4,30 +4,52 @@ from pathlib import Path
 import dagster as dg
 import pydantic
 
-from beni_model.evaluate import FIELDS, EvalSettings, default_device, evaluate, load_for_eval, read_predictions, score_line
+from beni_model.evaluate import (
+    FIELDS,
+    EvalSettings,
+    comparison_line,
+    default_device,
+    evaluate,
+    load_for_eval,
+    read_predictions,
+    score_line,
+    side_by_side,
+    side_by_side_markdown,
+)
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import thumbnail_md
 from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.prep import tesseract
 from beni_pipeline.prep.files import write_text_atomic
+from beni_pipeline.prep.fonts import corpus_fonts
 from beni_pipeline.prep.ocr_eval import EvalSetSettings, corpus_answers, find_overlaps, generate_eval_set, trained_categories
+from beni_pipeline.prep.synthetic import corpus_fonts_of
+from beni_pipeline.prep.unseen_eval import make_unseen_set
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 CPU_RECIPE = "tiny"  # the CPU demo's recipe (beni_model/recipes/tiny.yaml)
 EVAL_SET = dg.AssetKey("heldout_eval_set")
 SOURCE_MANIFEST = dg.AssetKey("source_manifest")
+UNSEEN = "unseen renderer"  # the unseen-renderer set's column in the side-by-side table
 
 
 class EvalSetConfig(Config):
     ocrbench_json: str = pydantic.Field("", description="the real OCRBench.json; empty: the held-out generated set")
     ocrbench_images: str = pydantic.Field("", description="the folder OCRBench's image_path entries are relative to")
-    per_category: int = pydantic.Field(25, ge=1, description="held-out items per OCRBench category (10 categories)")
+    per_category: int = pydantic.Field(25, ge=1, description="held-out items per category (OCRBench's 10 and rotated text)")
     seed: int = pydantic.Field(0, description="seed of the held-out set")
+    unseen: bool = pydantic.Field(
+        True, description="also make the unseen-renderer set (fonts, layouts and camera the corpus never uses) when fonts are fetched"
+    )
 
 
 class EvalConfig(Config):
     batch_size: int | None = pydantic.Field(None, ge=1, description="items per generate call; empty: 256 on a GPU, 16 on a CPU")
     max_new_tokens: int = pydantic.Field(32, ge=1)
     device: str = pydantic.Field("", description="cuda, cpu, ...; empty: cuda when there is one")
+    tesseract: bool = pydantic.Field(
+        False, description="score Tesseract here on sets it has no scores for (needs tesseract-ocr; a few tenths of a second an image)"
+    )
 
     def eval_settings(self) -> EvalSettings:
         # On the H100 decode throughput still rises from batch 64 to 256 and beyond (bench/BENCHMARKS.md).
@@ -63,7 +85,9 @@ def model_dir_or_fail(layout: DataLayout) -> Path:
 def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, layout: DataLayout) -> dg.MaterializeResult:
     """The OCRBench-format set every model is scored on: the real OCRBench when configured, else a set generated
     with held-out seeds and vocabulary and checked to share no image or answer with the generated training corpus.
-    Made once; the eval report and the exports read it."""
+    Made once; the eval report and the exports read it. Beside it, when fonts are fetched, the unseen-renderer set
+    (prep/unseen_eval.py): unseen font packages, layouts, backgrounds, colours and camera."""
+    corpus = layout.corpus_jsonl
     if config.ocrbench_json or config.ocrbench_images:
         if not (config.ocrbench_json and config.ocrbench_images):
             raise dg.Failure(
@@ -72,30 +96,56 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
             )
         eval_set = {"name": "OCRBench", "json": config.ocrbench_json, "images": config.ocrbench_images}
     else:
-        corpus = layout.corpus_jsonl
-        exclude = corpus_answers(corpus) if corpus.is_file() else set()
-        eval_json = generate_eval_set(layout.heldout, EvalSetSettings(config.per_category, config.seed), exclude)
-        if corpus.is_file():
-            overlaps = find_overlaps(eval_json, layout.heldout, corpus)
-            if overlaps:
-                raise dg.Failure(
-                    f"The held-out set overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.",
-                    allow_retries=False,
-                )
-            context.log.info(f"held-out set checked against {corpus}: no shared image or answer")
-        else:
-            context.log.warning(f"no generated corpus at {corpus} to check the held-out set against")
+        # The corpus's own fonts, when it was drawn: an ablation may have drawn it with the machine's.
+        fonts = corpus_fonts_of(layout.corpus)
+        settings = EvalSetSettings(config.per_category, config.seed, corpus_fonts(layout.fonts) if fonts is None else fonts)
+        eval_json = generate_eval_set(layout.heldout, settings, corpus_answers(corpus) if corpus.is_file() else set())
+        check_against_corpus(context, eval_json, layout.heldout, corpus)
         eval_set = {"name": "held-out set", "json": str(eval_json), "images": str(layout.heldout)}
     write_text_atomic(layout.eval_set, json.dumps(eval_set, indent=1))
     items = json.loads(Path(eval_set["json"]).read_text())
-    return dg.MaterializeResult(
-        metadata={
-            "eval_set": eval_set["name"],
-            "items": len(items),
-            "categories": len({i["type"] for i in items}),
-            "path": dg.MetadataValue.path(eval_set["json"]),
-        }
+    metadata = {
+        "eval_set": eval_set["name"],
+        "items": len(items),
+        "categories": len({i["type"] for i in items}),
+        "path": dg.MetadataValue.path(eval_set["json"]),
+    }
+    layout.unseen_eval_set.unlink(missing_ok=True)
+    settings = EvalSetSettings(config.per_category, config.seed)
+    unseen = (
+        make_unseen_set(layout.heldout_unseen, layout.fonts, settings, corpus_answers(corpus) if corpus.is_file() else set())
+        if config.unseen
+        else None
     )
+    if unseen:
+        check_against_corpus(context, unseen, layout.heldout_unseen, corpus)
+        write_text_atomic(
+            layout.unseen_eval_set, json.dumps({"name": "unseen-renderer set", "json": str(unseen), "images": str(layout.heldout_unseen)})
+        )
+        metadata.update(unseen_items=len(json.loads(unseen.read_text())), unseen_path=dg.MetadataValue.path(str(unseen)))
+    else:
+        why = (
+            "unseen: false in the config"
+            if not config.unseen
+            else f"no fetched fonts at {layout.fonts} (python -m beni_pipeline.prep.fonts fetch {layout.fonts})"
+        )
+        context.log.warning(f"no unseen-renderer set: {why}")
+        metadata["unseen_set"] = f"not made: {why}"
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def check_against_corpus(context: dg.AssetExecutionContext, eval_json: Path, image_root: Path, corpus: Path) -> None:
+    """Fails when a generated set shares an image or an answer with the generated training corpus."""
+    if not corpus.is_file():
+        context.log.warning(f"no generated corpus at {corpus} to check {eval_json} against")
+        return
+    overlaps = find_overlaps(eval_json, image_root, corpus)
+    if overlaps:
+        raise dg.Failure(
+            f"The set {eval_json} overlaps the training corpus in {len(overlaps)} items (first: {overlaps[0]}): change its seed.",
+            allow_retries=False,
+        )
+    context.log.info(f"{eval_json} checked against {corpus}: no shared image or answer")
 
 
 def eval_set_or_fail(layout: DataLayout) -> tuple[Path, Path, str]:
@@ -163,6 +213,33 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     for key in ("ocrbench_score", "head_accuracy"):
         if key in summary:
             metadata[key] = summary[key]
+    sets, columns = {set_name: (eval_json, image_root)}, {set_name: summary}
+    if layout.unseen_eval_set.is_file():
+        unseen_set = json.loads(layout.unseen_eval_set.read_text())
+        unseen_json, unseen_root = Path(unseen_set["json"]), Path(unseen_set["images"])
+        unseen = evaluate(
+            model,
+            tokenizer,
+            unseen_json,
+            unseen_root,
+            layout.ocr_eval_unseen,
+            config.eval_settings(),
+            f"{title} (unseen renderer)",
+            trained=trained,
+        ).summary
+        context.log.info(f"unseen-renderer set: {score_line(unseen)}")
+        sets[UNSEEN] = unseen_json, unseen_root
+        columns[UNSEEN] = unseen
+        metadata.update(unseen_score=score_line(unseen), unseen_accuracy=unseen["accuracy"])
+    baseline, note = tesseract.summaries(sets, layout.tesseract_scores, score_missing=config.tesseract)
+    columns.update({f"tesseract, {name}": s for name, s in baseline.items()})
+    rows = side_by_side(columns)
+    layout.comparison.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(layout.comparison / "comparison.json", json.dumps({"rows": rows, "tesseract": note}, indent=1) + "\n")
+    write_text_atomic(layout.comparison / "comparison.md", side_by_side_markdown(rows) + f"\nTesseract: {note}\n")
+    metadata.update(comparison=comparison_line(rows), side_by_side=dg.MetadataValue.md(side_by_side_markdown(rows)), tesseract=note)
+    if rows[-1]["gap"] is not None:
+        metadata["gap_points"] = rows[-1]["gap"]
     if "trained_on" in summary:
         metadata["trained_on_accuracy"] = summary["trained_on"]["accuracy"]
         metadata["categories_trained_on"] = len(summary["trained_on"]["categories"])

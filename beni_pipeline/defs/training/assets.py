@@ -1,5 +1,6 @@
 import base64
 import json
+import shlex
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +26,22 @@ class TrainedModelConfig(Config):
     lr_scale: float = pydantic.Field(1.0, gt=0, description="multiplies every part's peak learning rate in every stage (their ratios stay)")
     save_every: int | None = pydantic.Field(None, ge=1, description="sets every stage's steps between checkpoints")
     peak_tflops: float | None = pydantic.Field(None, ge=0, description="one device's bf16 peak, for MFU")
+    augment: bool | None = pydantic.Field(None, description="sets every stage's loader augmentation (on or off); empty: the recipe's")
     wandb: bool = pydantic.Field(False, description="also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
+    nodes: int = pydantic.Field(
+        1,
+        ge=1,
+        description="machines training together; each other machine runs the command this step logs, the data root at the same path",
+    )
+    rendezvous: str = pydantic.Field(
+        "", description="host:port of the c10d rendezvous every node reaches (e.g. this machine's :29400); nodes > 1"
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rendezvous_for_several_nodes(self):
+        if self.nodes > 1 and not self.rendezvous:
+            raise ValueError(f"nodes is {self.nodes} but rendezvous is empty; give the host:port of one node that every node can reach")
+        return self
 
 
 @dg.asset(
@@ -48,7 +64,9 @@ def trained_model(
     plan = recipe.load()  # the resource names the recipe; plan is the loaded, validated file
     processes = config.processes_per_node or torch.cuda.device_count() or 2
     overrides = {
-        k: v for k, v in config.model_dump().items() if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every")
+        k: v
+        for k, v in config.model_dump().items()
+        if v is not None and k in ("max_steps", "batch_size", "grad_accum", "save_every", "augment")
     }
     root = layout.training(plan.name)
     configs = plan.train_configs(layout.shards, root, layout.model_parts, config.lr_scale, **overrides)
@@ -58,9 +76,14 @@ def trained_model(
 
     def launch(config_path: Path, train_config) -> None:
         context.log.info(
-            f"stage {Path(train_config.output_dir).name}: {processes} processes, {train_config.max_steps} steps, output {train_config.output_dir}"
+            f"stage {Path(train_config.output_dir).name}: {config.nodes} x {processes} processes, {train_config.max_steps} steps, output {train_config.output_dir}"
         )
-        results.append(pipes.run(command=torchrun_command(config_path, processes), context=context).get_materialize_result())
+        command = torchrun_command(
+            config_path, processes, config.nodes, config.rendezvous, run_id=f"{plan.name}-{Path(train_config.output_dir).name}"
+        )
+        if config.nodes > 1:
+            context.log.info(f"waiting for {config.nodes - 1} more nodes at {config.rendezvous}; on each, run: {shlex.join(command)}")
+        results.append(pipes.run(command=command, context=context).get_materialize_result())
 
     try:
         out = run_recipe(plan, configs, root, launch)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from beni_model.chat import pad_batch
 from beni_model.evaluate import placement
@@ -140,6 +141,11 @@ class Engine:
             out = self.model(
                 input_ids=ids, pixel_values=pixels, attention_mask=row_mask, position_ids=positions, use_cache=True, logits_to_keep=1
             )
+            if any(type(layer) is not DynamicLayer for layer in out.cache.layers):
+                raise ValueError(
+                    "The engine batches full-attention caches only, and this LLM's cache has sliding-window or other layers: serve a "
+                    "model whose LLM uses full attention in every layer."
+                )
             if cache is None:
                 cache, mask, logits = out.cache, row_mask, out.logits[:, -1]
             else:

@@ -3,8 +3,13 @@
 import queue
 
 import torch
+from transformers import Qwen2Config
 
+from beni_model.chat import load_tokenizer
+from beni_model.config import BeniConfig
+from beni_model.modeling import BeniForConditionalGeneration
 from beni_pipeline.serve.engine import Engine, Sampling, Sequence
+from tests.model.conftest import TEXT
 
 
 def test_a_failed_prefill_answers_with_an_error_and_the_engine_goes_on(loaded):
@@ -54,3 +59,19 @@ def test_tokens_that_generate_suppresses_are_never_picked(loaded):
     finally:
         model.generation_config.suppress_tokens = suppressed
     assert first not in tokens and tokens == [t for t in expected if t != tokenizer.eos_token_id]
+
+
+def test_a_sliding_window_llm_is_refused_in_one_sentence(parts):
+    """Its cache keeps a window per layer, which the engine's left padding would shift: refused, not answered wrong."""
+    config = BeniConfig(
+        vision_model=parts["siglip"],
+        text_config=Qwen2Config(**TEXT, vocab_size=400, use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention"] * 2),
+    )
+    tokenizer = load_tokenizer(parts["qwen2"], config.image_token)
+    model = BeniForConditionalGeneration.from_parts(config, tokenizer).eval()
+    engine, events = Engine(model, tokenizer, max_batch=2, max_waiting=2), queue.Queue()
+    try:
+        engine.submit(Sequence(tokenizer("hello")["input_ids"], None, Sampling(max_tokens=4), events.put))
+        assert "full attention in every layer" in events.get(timeout=30)["error"]
+    finally:
+        engine.stop()

@@ -141,7 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--config", default="{}", help='asset name -> config, e.g. \'{"downloaded": {"workers": 8}}\'')
     partitions = commands.add_parser("partitions", help="print the partition range of a dataset's chunks")
     partitions.add_argument("--dataset", type=_dataset_name, help="default: $BENI_DATASET, else demo")
+    serve = commands.add_parser("serve", help="serve a model over the OpenAI chat API, with a chat page at /")
+    serve.add_argument(
+        "model_dir", nargs="?", help="a saved beni model, quantized export or LLaVA export (default: the published final model)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", help="cuda or cpu (default: cuda where there is one)")
+    serve.add_argument("--max-batch", type=int, default=32, help="sequences generated together")
+    serve.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before 503")
+    serve.add_argument("--allow-private-networks", action="store_true", help="let image_url fetch from loopback and private addresses")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is fastest for small models on a busy CPU")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
 
     if args.command == "partitions":
         layout = DataLayout(dataset=args.dataset or "")
@@ -173,6 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     for line in failed:
         print(f"beni {args.command}: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _serve(args) -> int:
+    import torch
+
+    from beni_pipeline.prep.download import DownloadSettings
+    from beni_pipeline.serve.app import ServeSettings, serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model_dir or DataLayout().final_model
+    images = DownloadSettings(retries=1, concurrency=16, allow_private_networks=args.allow_private_networks)
+    settings = ServeSettings(max_batch=args.max_batch, max_waiting=args.max_waiting, images=images)
+    try:
+        serve(model_dir, args.host, args.port, settings, args.device)
+    except (FileNotFoundError, ValueError) as e:  # no model there, or not one it can serve: the sentence says which
+        print(f"beni serve: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

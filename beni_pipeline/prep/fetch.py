@@ -119,6 +119,55 @@ async def _fetch_all(todo, out_dir: Path, s: "DownloadSettings", prefix: str, pa
         await transport.aclose()
 
 
+class FetchFailed(Exception):
+    """A URL or image the fetcher refused; `reason` is the status the download index would record (http_error,
+    too_large, private_address, not_an_image, too_many_pixels, ...)."""
+
+    def __init__(self, reason: str, http_status: int = 0):
+        super().__init__(reason)
+        self.reason, self.http_status = reason, http_status
+
+
+class Fetcher:
+    """The worker's fetch and image checks, one URL at a time, for callers outside the download worker (the server's
+    image_url parts): http(s) only, with the settings' limits, retries and address guard. Make it on the loop that uses it."""
+
+    def __init__(self, settings: "DownloadSettings"):
+        self.settings = settings
+        self.guard = None if settings.allow_private_networks else _AddressGuard(settings.allowed_networks)
+        ssl_context = httpx.create_ssl_context()
+        self.transport = AiohttpTransport(verify=ssl_context, client=functools.partial(_session, settings, self.guard, ssl_context))
+        self.timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout, pool=settings.connect_timeout).as_dict()
+        self.hosts: dict[str, _Host] = {}
+
+    async def get(self, url: str) -> bytes:
+        """The body at `url`, fetched as the downloader would (`process` checks it as an image); raises FetchFailed."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme.lower() not in self.settings.schemes:
+                raise _Failed("scheme_not_allowed")
+            host = self.hosts.setdefault(parts.netloc, _Host(self.settings.per_host))
+            data, _ = await _fetch(self.transport, self.timeout, self.guard, host, url, self.settings)
+            return data
+        except ValueError:  # urlsplit's: brackets that are no IPv6 address, a port that is no number
+            raise FetchFailed("invalid_url") from None
+        except _Failed as f:
+            raise FetchFailed(f.reason, f.http_status) from None
+
+    def process(self, data: bytes) -> ProcessedImage:
+        """Image bytes (fetched, or from elsewhere such as a data: URL) checked and re-encoded as the downloader does,
+        within the same byte and pixel limits; raises FetchFailed."""
+        try:
+            if len(data) > self.settings.max_bytes:
+                raise _Failed("too_large")
+            return _process(data, self.settings)
+        except _Failed as f:
+            raise FetchFailed(f.reason) from None
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
 def _session(s: "DownloadSettings", guard: "_AddressGuard | None", ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
     """The session the transport would make, but for the resolver; the transport makes it on the loop at the first request."""
     resolver = guard or aiohttp.DefaultResolver()

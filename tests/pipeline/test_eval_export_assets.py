@@ -93,6 +93,7 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     assert rows["nf4"]["size_mb"] < rows["reference"]["size_mb"] and rows["llava"]["score_delta"] == 0
     assert all(r["total"] == total and r["tokens_per_s"] > 0 for r in rows.values())
     assert (data / "exports" / "nf4" / "model.safetensors").is_file() and (data / "exports" / "llava" / "config.json").is_file()
+    assert exports["serve"] == f"- `beni serve {data / 'exports' / 'nf4'}`\n- `beni serve {data / 'exports' / 'llava'}`"
 
     # The check fails once the report lacks a sample.
     report_dir = data / "ocr_eval" / "report"

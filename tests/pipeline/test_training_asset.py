@@ -41,6 +41,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     assert metadata["checkpoint"].endswith("step_0000012") and Path(metadata["final_model"], "model.safetensors").is_file()
     png = base64.b64decode(metadata["loss_curve"].split("base64,")[1].rstrip(")"))
     assert png == Path(metadata["loss_curve_path"]).read_bytes()
+    assert metadata["serve"].endswith(f"`beni serve {tmp_path / 'data' / 'model' / 'final'}`")  # what to run to chat with it
     streamed = logs(instance, first)
     assert "step=12 loss=" in streamed and "starting at step 0 of 12 on 2 x cpu" in streamed
 

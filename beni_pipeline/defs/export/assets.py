@@ -49,5 +49,8 @@ def quantized_exports(context: dg.AssetExecutionContext, config: ExportsConfig, 
             "skipped": dg.MetadataValue.md("\n".join(f"- **{k}**: {v}" for k, v in report.skipped.items()) or "none"),
             "reference_score": f"{report.rows[0]['correct']}/{report.rows[0]['total']}",
             "path": dg.MetadataValue.path(str(out_dir)),
+            "serve": dg.MetadataValue.md(
+                "\n".join(f"- `beni serve {out_dir / r['name']}`" for r in report.rows if r["name"] != "reference")
+            ),
         }
     )

@@ -109,6 +109,7 @@ def trained_model(
             "final_model": dg.MetadataValue.path(summary["final_model"]),
             "loss_curve": dg.MetadataValue.md(f"![loss curve](data:image/png;base64,{base64.b64encode(png).decode()})"),
             "loss_curve_path": dg.MetadataValue.path(summary["loss_curve"]),
+            "serve": dg.MetadataValue.md(f"Chat with it (a page at `/`, the OpenAI API at `/v1`): `beni serve {layout.final_model}`"),
         }
     )
 

@@ -5,6 +5,10 @@ results in parts of `part_size` rows: it renames the part's tar into place, then
 one JSON line for the parent, which writes the part's parquet last. Images are decoded and re-encoded on the loop:
 handing them to threads cost more CPU than it saved (bench/BENCHMARKS.md). The worker imports no pyarrow (~0.25 s
 of CPU) and no pydantic (~70 ms): the parent checks the settings.
+
+Over 400 lines because it is one process's whole program, kept apart from the rest of the package so the worker
+imports nothing else: the transport (with its address guard), the retrying fetch, the image checks and the part
+commits. The serving `Fetcher` wraps the same functions.
 """
 
 import asyncio

@@ -8,6 +8,9 @@ and formulas, none of them visual.
 
 A score here against the same-generator set (ocr_eval.py) measures how much of a model's reading is reading, and how
 much is having learned the corpus's fonts and layouts.
+
+Over 400 lines because it is a second renderer on purpose: every layout, background, colour scheme and camera
+effect here must be its own code (sharing one with synthetic.py would make the set less unseen), each a few lines.
 """
 
 import colorsys

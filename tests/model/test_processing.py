@@ -160,8 +160,8 @@ def test_the_readme_example_runs_as_written(saved, monkeypatch):
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("## Use the trained model with transformers") :]
     code = section[section.index("```python\n") + len("```python\n") : section.index("```\n", section.index("```python\n") + 10)]
-    assert 'folder = "data/model/final"' in code
+    assert 'folder = "data/datasets/demo/model/final"' in code  # where the demo publishes its model
     monkeypatch.chdir(saved.parent)
-    (saved.parent / "data" / "model").mkdir(parents=True, exist_ok=True)
-    (saved.parent / "data" / "model" / "final").symlink_to(saved)
+    (saved.parent / "data" / "datasets" / "demo" / "model").mkdir(parents=True, exist_ok=True)
+    (saved.parent / "data" / "datasets" / "demo" / "model" / "final").symlink_to(saved)
     exec(compile(code, "README.md", "exec"), {})

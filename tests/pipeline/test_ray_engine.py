@@ -17,6 +17,7 @@ from ray.cluster_utils import Cluster
 
 from beni_pipeline.cli import materialize_all
 from beni_pipeline.defs.data.assets import downloaded, source_manifest
+from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.prep.locks import exclusive
 from tests.pipeline.conftest import materialize
 
@@ -57,7 +58,7 @@ def write_source(path: Path, server) -> Path:
 
 
 def outputs(data: Path) -> dict[str, bytes]:
-    """Every file the data graph publishes, by path under the data root (staging tars aside: their names are per run)."""
+    """Every file the data graph publishes, by path under the dataset's folder (staging tars aside: their names are per run)."""
     files = [data / "manifest" / "manifest.parquet", *sorted((data / "dedup").glob("*.parquet")), *sorted((data / "shards").glob("*"))]
     return {str(p.relative_to(data)): p.read_bytes() for p in files if p.is_file()}
 
@@ -90,9 +91,9 @@ def test_the_data_graph_on_ray_equals_the_local_run_with_a_worker_node_killed_mi
 
     def kill_a_worker_node_once_a_part_is_committed():
         deadline = time.monotonic() + 120
-        while not list(ray_data.glob("downloaded/*/*-*-*.parquet")) and time.monotonic() < deadline:
+        while not list(DataLayout(root=str(ray_data)).base.glob("downloaded/*/*-*-*.parquet")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        killed["chunks_complete"] = len(list(ray_data.glob("downloaded/*/index.parquet")))
+        killed["chunks_complete"] = len(list(DataLayout(root=str(ray_data)).base.glob("downloaded/*/index.parquet")))
         cluster.remove_node(workers[0], allow_graceful=False)
         killed["at"] = time.monotonic()
 
@@ -105,21 +106,22 @@ def test_the_data_graph_on_ray_equals_the_local_run_with_a_worker_node_killed_mi
     checks = {e.check_name: e.passed for r in results for e in r.get_asset_check_evaluations()}
     assert checks and all(checks.values()), checks
 
-    local, remote = outputs(tmp_path / "local"), outputs(ray_data)
+    local_base, ray_base = DataLayout(root=str(tmp_path / "local")).base, DataLayout(root=str(ray_data)).base
+    local, remote = outputs(local_base), outputs(ray_base)
     assert sorted(remote) == sorted(local) and any(name.endswith(".tar") for name in local)
     assert [name for name in local if local[name] != remote[name]] == []
-    manifest_ids = sorted(pq.read_table(ray_data / "manifest" / "manifest.parquet").column("sample_id").to_pylist())
-    assert [r["sample_id"] for r in statuses(ray_data)] == manifest_ids  # every row once: none lost, none twice
-    assert statuses(ray_data) == statuses(tmp_path / "local")
-    assert pq.read_table(ray_data / "dedup" / "duplicates.parquet").num_rows == 4
+    manifest_ids = sorted(pq.read_table(ray_base / "manifest" / "manifest.parquet").column("sample_id").to_pylist())
+    assert [r["sample_id"] for r in statuses(ray_base)] == manifest_ids  # every row once: none lost, none twice
+    assert statuses(ray_base) == statuses(local_base)
+    assert pq.read_table(ray_base / "dedup" / "duplicates.parquet").num_rows == 4
 
     # a chunk another process holds: the task on the cluster waits, then the run fails with the one-machine sentence
-    with exclusive(ray_data / "downloaded" / "00003" / ".lock", 0, "unused"):
+    with exclusive(ray_base / "downloaded" / "00003" / ".lock", 0, "unused"):
         result = materialize(
             [source_manifest, downloaded],
             instance=instance,
             selection=[downloaded],
-            partition_key="00003",
+            partition_key="demo/00003",
             run_config={"ops": {"downloaded": {"config": {**config["downloaded"], "lock_wait_s": 1}}}},
             raise_on_error=False,
         )

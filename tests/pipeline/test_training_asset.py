@@ -41,7 +41,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
     assert metadata["checkpoint"].endswith("step_0000012") and Path(metadata["final_model"], "model.safetensors").is_file()
     png = base64.b64decode(metadata["loss_curve"].split("base64,")[1].rstrip(")"))
     assert png == Path(metadata["loss_curve_path"]).read_bytes()
-    assert metadata["serve"].endswith(f"`beni serve {tmp_path / 'data' / 'model' / 'final'}`")  # what to run to chat with it
+    assert metadata["serve"].endswith(f"`beni serve {DataLayout().final_model}`")  # what to run to chat with it
     streamed = logs(instance, first)
     assert "step=12 loss=" in streamed and "starting at step 0 of 12 on 2 x cpu" in streamed
 
@@ -57,7 +57,7 @@ def test_trained_model_streams_metrics_and_resumes_when_rematerialized(instance,
 def test_trained_model_on_two_nodes_waits_for_the_other_node_it_logs_the_command_of(instance, tmp_path, monkeypatch):
     """The other host, played by a thread: it runs each command the step logs, as a person would on a second machine."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    write_toy_shards(tmp_path / "data" / "shards", samples=48, per_shard=12)
+    write_toy_shards(DataLayout().shards, samples=48, per_shard=12)
     done, others = threading.Event(), []
 
     def other_node():

@@ -38,8 +38,9 @@ def test_beni_serve_answers_and_stops_on_sigterm(model_dir):
         body = {"model": "final", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60).status_code == 200
         process.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then raises the signal it caught again, so the exit status still says SIGTERM.
-        assert process.wait(timeout=60) == -signal.SIGTERM
+        # uvicorn shuts down gracefully, then raises the signal it caught again: the status says SIGTERM, or 0 where a
+        # library of the process handles that re-raised signal; either way after the graceful shutdown the log shows.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
         log = process.stdout.read()
         assert f"serving {model_dir}" in log and "Application shutdown complete." in log and "Traceback" not in log
     finally:

@@ -317,7 +317,7 @@ def side_by_side_markdown(rows: list[dict]) -> str:
 def comparison_line(rows: list[dict]) -> str:
     """The last `side_by_side` row ("all") in one line: each column's accuracy and the gap between the first two."""
     total = rows[-1]
-    parts = [f"{name} {'-' if v is None else f'{100 * v:.1f}%'}" for name, v in total.items() if name not in ("type", "gap")]
+    parts = [f"{name} {'not scored' if v is None else f'{100 * v:.1f}%'}" for name, v in total.items() if name not in ("type", "gap")]
     return " | ".join(parts) + ("" if total["gap"] is None else f" | gap {total['gap']:+.1f} points")
 
 

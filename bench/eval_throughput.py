@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlavaForConditionalGeneration, SiglipVisio
 from beni_model.config import BeniConfig
 from beni_model.export import llava_config, llava_state_dict
 from beni_model.modeling import BeniForConditionalGeneration
+from beni_model.tiny import TINY_LLAMA
 
 # SigLIP-B/16-224 + SmolLM2-135M shapes (the "small" config of DESIGN.md), or a tiny one for a CPU smoke run.
 SMALL = (
@@ -43,15 +44,7 @@ SMALL = (
 )
 TINY = (
     SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
-    LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
+    LlamaConfig(vocab_size=512, **TINY_LLAMA),
 )
 
 

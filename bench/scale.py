@@ -12,6 +12,7 @@ worker), and precision / recall of the planted pairs by true Jaccard band. Both 
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -118,28 +119,22 @@ class Jobs:
         return results
 
 
-def run_local(raws: list[Path], work: Path, settings: DedupSettings) -> dict:
+def run(engine: str, raws: list[Path], work: Path, settings: DedupSettings) -> dict:
+    """Signatures then clustering of `raws` on `engine`: `local` (two processes, one clustering process) or `ray`
+    (tasks on the cluster, bucketed clustering)."""
     start, cpu = time.perf_counter(), time.process_time()
-    with ProcessPoolExecutor(2) as pool:
-        jobs = Jobs(lambda *a: list(pool.map(*a)))
-        features = jobs(sign_chunk, raws, [work / "local" / r.name for r in raws], [settings] * len(raws))
+    with contextlib.ExitStack() as stack:
+        if engine == "local":
+            pool = stack.enter_context(ProcessPoolExecutor(2))
+            jobs = Jobs(lambda *a: list(pool.map(*a)))
+        else:
+            jobs = Jobs(ray_map)
+        features = jobs(sign_chunk, raws, [work / engine / r.name for r in raws], [settings] * len(raws))
     signed = time.perf_counter() - start
-    result = find_duplicates(features, settings, work_dir=work)
-    return {
-        "result": result,
-        "wall": time.perf_counter() - start,
-        "signatures_wall": signed,
-        "cpu": jobs.cpu + time.process_time() - cpu,
-        "peaks": {"driver": _own_peak(), **{f"worker {pid}": p for pid, p in jobs.peak.items()}},
-    }
-
-
-def run_ray(raws: list[Path], work: Path, settings: DedupSettings) -> dict:
-    start, cpu = time.perf_counter(), time.process_time()
-    jobs = Jobs(ray_map)
-    features = jobs(sign_chunk, raws, [work / "ray" / r.name for r in raws], [settings] * len(raws))
-    signed = time.perf_counter() - start
-    result = find_duplicates_parallel(features, settings, work_dir=work, map_=jobs)
+    if engine == "local":  # the local pool is closed by now: clustering runs in this one process, as the asset's does
+        result = find_duplicates(features, settings, work_dir=work)
+    else:
+        result = find_duplicates_parallel(features, settings, work_dir=work, map_=jobs)
     return {
         "result": result,
         "wall": time.perf_counter() - start,
@@ -191,7 +186,7 @@ def measure(engine: str, work: Path) -> None:
     raws = sorted((work / "raw").glob("*.parquet"))
     cluster = start_ray_cluster() if engine == "ray" else None
     try:
-        out = (run_local if engine == "local" else run_ray)(raws, work, settings)
+        out = run(engine, raws, work, settings)
     finally:
         if cluster:
             import ray

@@ -13,6 +13,11 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The tiny LLM's shape: the CPU recipe's LLM, and the benches' stand-in for one.
+TINY_LLAMA = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+)
+
 
 def tiny_llm(folder: Path) -> Path:
     """A 2-layer Llama with a byte-level BPE tokenizer (any text tokenizes) and a ChatML template: seconds on CPU."""
@@ -27,17 +32,7 @@ def tiny_llm(folder: Path) -> Path:
     bpe.train_from_iterator(["Describe the image. The text in the picture reads: hello world 0123456789."], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=CHATML)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    )
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA))
     with atomic_path(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -38,6 +38,7 @@ from beni_model.chat import IGNORE_INDEX, load_tokenizer
 from beni_model.data import (
     DataPosition,
     DataSettings,
+    DevicePixels,
     decode_image,
     make_loader,
     read_samples,
@@ -182,6 +183,7 @@ def run_ctc(args, name: str, chars: int) -> dict:
     )
     processor = BeniProcessor.for_model(beni, tokenizer)
     batches = iter(make_loader(settings, processor, 0, 1, DataPosition(), config.workers, device.type == "cuda"))
+    pixels = DevicePixels(processor.image_processor, device)
     embed = model.get_input_embeddings()
     blank = torch.nn.Parameter(torch.zeros(embed.weight.shape[1], device=device))
     params = [p for p in model.parameters() if p.requires_grad] + [blank]
@@ -194,7 +196,7 @@ def run_ctc(args, name: str, chars: int) -> dict:
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         answers = [tokenizer.decode(row[row != IGNORE_INDEX], skip_special_tokens=True).strip() for row in batch["labels"]]
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            image = model.connector(model.vision_tower(batch["pixel_values"].to(device)))
+            image = model.connector(model.vision_tower(pixels(batch["pixel_values"])))
             embeds = embed(ids).masked_scatter((ids == beni.image_token_id).unsqueeze(-1), image.to(embed.weight.dtype))
             logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)

@@ -40,8 +40,10 @@ from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
+from beni_model.data import DevicePixels
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.ocr.heads import reading_targets
+from beni_model.processing import image_processor_for
 from beni_model.recipe import load_recipe
 from beni_model.training.config import TrainConfig
 from beni_model.training.metrics import train_flops
@@ -153,7 +155,7 @@ def synthetic_batch(spec: dict, image_tokens: int, transcripts: bool = False) ->
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
-        "pixel_values": torch.randn(batch, 3, size, size, generator=generator),
+        "pixel_values": torch.randint(0, 256, (batch, 3, size, size), generator=generator, dtype=torch.uint8),  # as the loader's
     }
     if transcripts:
         rng = random.Random(0)
@@ -199,7 +201,7 @@ def run_peer(spec: dict, batch: dict, warmup: int, steps: int, profile: bool) ->
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     inputs = {k: v.cuda() for k, v in batch.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    inputs["pixel_values"] = (inputs["pixel_values"] / 127.5 - 1).bfloat16()
 
     def step():
         model(**inputs).loss.backward()
@@ -228,13 +230,16 @@ def run_beni(
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), fused=True)
+    pixels = DevicePixels(image_processor_for(config), torch.device("cuda"))
     if full_logits:
 
         def step():  # the loss as transformers computes it: logits at every position
             labels = batch["labels"]
             num_items = (labels[:, 1:] != IGNORE_INDEX).sum().cuda()
             with torch.autocast("cuda", torch.bfloat16):
-                loss = model(**{k: v.cuda(non_blocking=True) for k, v in batch.items()}, num_items_in_batch=num_items, use_cache=False).loss
+                inputs = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+                inputs["pixel_values"] = pixels(inputs["pixel_values"])
+                loss = model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -251,6 +256,7 @@ def run_beni(
                 1.0,
                 config,
                 torch.device("cuda"),
+                pixels,
                 {"ocr": 1.0} if "ocr" in config.extensions else None,
             )
 

@@ -6,9 +6,9 @@ first), so lengths inside a batch are close and padding stays small, and an epoc
 with its first samples, so every batch is full; the batch order is shuffled inside windows of `window` batches.
 Every rank reads the modality of micro-step n (image+text or text-only) from the same seeded schedule, so no
 rank runs the connector while another skips it.
-Images are decoded and preprocessed by the model's processor (BeniProcessor: the encoder's resize, crop and
-normalization) in DataLoader workers: worker w builds micro-steps n with n % workers == w, and the DataLoader hands
-them back in order.
+Images are decoded and resized by the model's processor (BeniProcessor: the encoder's resize and crop) in
+DataLoader workers and left uint8; DevicePixels rescales and normalizes them (and augments them, where asked) on the
+model's device. Worker w builds micro-steps n with n % workers == w, and the DataLoader hands them back in order.
 
 A stream is a pure function of (seed, rank, world size, position): `DataPosition` is all a checkpoint needs
 to resume the exact batch sequence. Streams never end (epochs roll over), so ranks never run out at
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageFilter, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
@@ -55,7 +55,6 @@ class DataSettings:
     extensions: dict[str, dict] = field(default_factory=dict)  # the model's (BeniConfig.extensions): their reply_ids hooks
     targets: tuple[str, ...] = ()  # extensions whose targets image batches carry (Extension.collate)
     grid: int = 0  # the image's patch grid side, for the extensions' targets
-    augment: bool = False  # new pixels for every image each time it is read (see `augment`)
     seed: int = 0
 
 
@@ -146,32 +145,60 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A camera's and a printer's ways of changing an image without moving its text: colour and contrast, inverted
-    ink, light falling off across the frame, sensor noise, blur, JPEG artefacts. Nothing geometric: the reading
-    extensions' targets say where each line sits. In Pillow's uint8 operations: float arithmetic in numpy cost the
-    loader several times an image's decoding."""
-    if rng.random() < 0.5:
-        gains, offsets = rng.uniform(0.6, 1.4, 3), rng.uniform(-40, 40, 3)
-        image = image.point([min(255, max(0, round(v * g + o))) for g, o in zip(gains, offsets) for v in range(256)])
-    if rng.random() < 0.15:
-        image = ImageOps.invert(image)
-    w, h = image.size
-    if rng.random() < 0.3:
-        ramp = np.linspace(255, 255 * rng.uniform(0.5, 0.8), w).astype(np.uint8)
-        light = Image.fromarray(np.broadcast_to(ramp[None, :], (h, w)).copy()).rotate(90 * int(rng.integers(4)), expand=True).resize((w, h))
-        image = ImageChops.multiply(image, light.convert("RGB"))
-    if rng.random() < 0.3:
-        amplitude = int(rng.integers(2, 10))
-        grain = Image.fromarray(rng.integers(0, 2 * amplitude + 1, (h, w), np.uint8)).convert("RGB")
-        image = ImageChops.add(image, grain, 1, -amplitude)
-    if rng.random() < 0.3:
-        image = image.filter(ImageFilter.BoxBlur(rng.uniform(0.3, 1.0)))
-    if rng.random() < 0.3:
-        encoded = io.BytesIO()
-        image.save(encoded, "JPEG", quality=int(rng.integers(30, 80)))
-        image = Image.open(encoded)
-    return image.convert("RGB")
+class DevicePixels:
+    """Finishes the loader's pixels where the model runs: the loader hands over the image processor's resized images as
+    uint8 (a quarter of float32's bytes through the workers' shared memory, the pinned copy and the bus), and the
+    device rescales and normalizes them as the processor would, after `augment` where asked."""
+
+    def __init__(self, image_processor, device: torch.device, augment: bool = False, seed: int = 0):
+        rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
+        normalize = getattr(image_processor, "do_normalize", True)
+        mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3, device=device).view(1, 3, 1, 1)
+        self.device, self.augment, self.seed = device, augment, seed
+        self.scale, self.shift = rescale / std, -mean / std
+
+    def __call__(self, pixels: torch.Tensor, rank: int = 0, step: int = 0) -> torch.Tensor:
+        """`pixels` uint8 [images, 3, H, W] (on the host or the device) as the model's float32 pixel values; augmented
+        images are drawn from (seed, rank, step): every epoch sees new ones, and a resumed run the same ones."""
+        pixels = pixels.to(self.device, non_blocking=True).float()
+        if self.augment and len(pixels):
+            draw = random.Random(f"{self.seed}:{rank}:{step}")
+            generator = torch.Generator(self.device).manual_seed(draw.getrandbits(63))
+            pixels = augment(pixels / 255, generator, shrink=draw.uniform(0.4, 0.8)) * 255
+        return pixels * self.scale + self.shift
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, shrink: float = 0.6) -> torch.Tensor:
+    """A camera's and a printer's ways of changing images [n, 3, H, W] in [0, 1] without moving their text, each drawn
+    per image: colour and contrast, inverted ink, light falling off across the frame, sensor noise, blur, lost
+    resolution (to `shrink` of the size and back). Nothing geometric: the reading extensions' targets say where each line sits. Batched tensor arithmetic,
+    so it runs on the device beside the model (in the loader's workers, Pillow's took longer than the GPU's step)."""
+    n, device = len(images), images.device
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(n, *shape, device=device).uniform_(low, high, generator=generator)
+
+    def chosen(p: float) -> torch.Tensor:
+        return (torch.rand(n, 1, 1, 1, device=device, generator=generator) < p).float()
+
+    def blend(p: float, changed: torch.Tensor) -> torch.Tensor:
+        mask = chosen(p)
+        return images * (1 - mask) + changed * mask
+
+    images = blend(0.5, images * uniform(0.6, 1.4, 3, 1, 1) + uniform(-0.16, 0.16, 3, 1, 1))
+    images = blend(0.15, 1 - images)
+    height, width = images.shape[-2:]
+    angle = uniform(0, 2 * torch.pi, 1, 1, 1)
+    across = torch.linspace(-0.5, 0.5, width, device=device).view(1, 1, 1, -1) * angle.cos()
+    across = across + torch.linspace(-0.5, 0.5, height, device=device).view(1, 1, -1, 1) * angle.sin()
+    images = blend(0.3, images * (1 - uniform(0.2, 0.5, 1, 1, 1) * (across + 0.5)))
+    images = blend(0.3, images + uniform(2 / 255, 10 / 255, 1, 1, 1) * (2 * uniform(0, 1, 1, height, width) - 1))
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    images = blend(0.3, images + uniform(0.3, 1.0, 1, 1, 1) * (blurred - images))
+    small = torch.nn.functional.interpolate(images, scale_factor=shrink, mode="area")
+    images = blend(0.3, torch.nn.functional.interpolate(small, size=(height, width), mode="bilinear", align_corners=False))
+    return images.clamp(0, 1)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -198,8 +225,8 @@ def reply_hook(settings: DataSettings, meta: dict, tokenizer):
     return reply_ids
 
 
-def collate(samples: list[dict], modality: str, processor, settings: DataSettings, rng: np.random.Generator | None = None) -> dict:
-    """One micro-batch; with settings.augment, `rng` draws each image's augmentation."""
+def collate(samples: list[dict], modality: str, processor, settings: DataSettings) -> dict:
+    """One micro-batch; its `pixel_values` uint8, to be finished by DevicePixels."""
     input_ids, labels, pixels, metas = [], [], [], []
     tokenizer = processor.tokenizer
     for sample in samples:
@@ -210,8 +237,7 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:
-            decoded = decode_image(image)
-            pixels.append(augment(decoded, rng) if settings.augment else decoded)
+            pixels.append(decode_image(image))
             metas.append(meta)
     if settings.pack:
         batch = pack_batch(input_ids, labels, settings.max_length, tokenizer.pad_token_id, settings.pad_to_multiple_of)
@@ -219,8 +245,11 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
         batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels, multiple_of=settings.pad_to_multiple_of)
     if modality == "image":
         size = settings.image_size
+        # Resized as the encoder's processor resizes, left uint8: DevicePixels finishes them where the model runs.
         batch["pixel_values"] = (
-            processor.image_processor(pixels, return_tensors="pt")["pixel_values"] if pixels else torch.zeros(0, 3, size, size)
+            processor.image_processor(pixels, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"].to(torch.uint8)
+            if pixels
+            else torch.zeros(0, 3, size, size, dtype=torch.uint8)
         )
         for name in settings.targets:
             batch.update(extension_class(name).collate(settings.extensions[name], settings.grid, metas))
@@ -239,9 +268,7 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for position, modality, samples in raw_stream(self.settings, self.rank, self.world_size, self.position):
             if (position.step - 1) % workers == worker:
-                # Seeded by the micro-step: every epoch draws new augmentations, and a resumed run the same ones.
-                rng = np.random.default_rng([self.settings.seed, self.rank, position.step])
-                batch = collate(samples, modality, self.processor, self.settings, rng)
+                batch = collate(samples, modality, self.processor, self.settings)
                 yield {**batch, "modality": modality, "position": asdict(position)}
 
 

@@ -191,6 +191,11 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"pixel_values are {list(pixel_values.shape)} but this model takes [images, 3, {size}, {size}]: preprocess the "
                 "images with the model's processor (AutoProcessor.from_pretrained on its folder)."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values are {pixel_values.dtype}, not the normalized floats this model takes: finish a training loader's "
+                "images with beni_model.data.DevicePixels, or preprocess them with the model's processor."
+            )
         return self.vision_tower(pixel_values)
 
     def merge(self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None) -> torch.Tensor:

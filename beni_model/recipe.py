@@ -77,7 +77,9 @@ class StageSpec(pydantic.BaseModel):
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     text_fraction: float = pydantic.Field(0.0, ge=0, le=1)
     pack: bool = False
-    augment: bool = pydantic.Field(False, description="the loader draws new colours, light, blur, noise and JPEG for every image read")
+    augment: bool = pydantic.Field(
+        False, description="every image read gets new colours, light, noise, blur and resolution, drawn on the device"
+    )
     lora_rank: int = pydantic.Field(0, ge=0)
     activation_checkpointing: bool = False
     compile: bool = False

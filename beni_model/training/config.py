@@ -45,7 +45,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     text_fraction: float = 0.0
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
-    augment: bool = False  # the loader changes every image's colours, light, blur, noise and JPEG each time it reads it (data.augment)
+    augment: bool = False  # each image read gets new colours, light, noise, blur and resolution, on the device (data.augment)
     # Extension name -> its settings for a new model (BeniConfig.extensions), plus "weight": its loss's weight in this
     # stage (default 1; 0: the extension runs but its loss does not train). An init_from model keeps its own settings.
     extensions: dict[str, dict] = field(default_factory=dict)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from beni_model.chat import load_tokenizer
-from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.data import DataPosition, DataSettings, DevicePixels, make_loader
 from beni_model.processing import BeniProcessor, load_processor
 from beni_model.training.checkpoint import Checkpoints, save_final
 from beni_model.training.config import GRAPHED_WIDTH_MULTIPLE, PARTS, TrainConfig
@@ -66,9 +66,9 @@ def train(config: TrainConfig) -> dict:
         extensions=beni_config.extensions,
         targets=tuple(config.trained_extensions),
         grid=beni_config.image_size // beni_config.patch_size,
-        augment=config.augment,
         seed=config.seed,
     )
+    pixels = DevicePixels(processor.image_processor, device, config.augment, config.seed)
     batches = iter(make_loader(settings, processor, rank, world_size, position, config.workers, device.type == "cuda"))
     model.train()
     profiler = step_profiler(config.profile_steps, out, device.type == "cuda") if config.profile_steps and rank == 0 else None
@@ -118,6 +118,7 @@ def train(config: TrainConfig) -> dict:
             config.max_grad_norm,
             beni_config,
             device,
+            pixels,
             config.trained_extensions,
             extensions_only=config.stage == "encoder",
         )

@@ -9,7 +9,7 @@ from torch import nn
 
 from beni_model.chat import IGNORE_INDEX
 from beni_model.config import BeniConfig
-from beni_model.data import to_device
+from beni_model.data import DevicePixels, to_device
 from beni_model.modeling import check_image_tokens
 from beni_model.training.metrics import train_flops
 from beni_model.training.model import beni_of
@@ -76,12 +76,13 @@ def train_step(
     max_grad_norm: float,
     beni_config: BeniConfig,
     device: torch.device,
+    pixels: DevicePixels,
     weights: dict[str, float] | None = None,
     extensions_only: bool = False,
 ) -> StepStats:
     """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
     every rank's label tokens, plus the extensions' losses by their `weights` (the sum's mean over micro-batches and
-    ranks) where the batches carry their targets; `extensions_only` (the encoder stage) trains on that sum alone and
+    ranks) where the batches carry their targets; `pixels` finishes the loader's uint8 images on the device; `extensions_only` (the encoder stage) trains on that sum alone and
     never runs the LLM. The step never waits on the device: `optimizer` is a fused one (AdamW(fused=True)), which
     skips a step whose gradient norm is not finite on the device, on every rank alike (the norm is global), so one
     overflow never turns the weights into NaN. The stats (see StepStats.host): the loss (the LM's; the extensions'
@@ -120,7 +121,9 @@ def train_step(
         # Packed rows go without attention_mask: transformers then builds the per-sample causal mask from position_ids.
         # Padded rows go without one too: their padding is on the right, after every real token, so causal attention
         # never reads it, and SDPA runs its causal kernel instead of building and applying a padding mask.
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "pixel_values") if k in batch}
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids") if k in batch}
+        if "pixel_values" in batch:
+            inputs["pixel_values"] = pixels(batch["pixel_values"], dist.get_rank(), batch.get("position", {}).get("step", 0))
         if targets := {k: batch[k].to(device, non_blocking=True) for k in target_keys if k in batch}:
             inputs["extension_targets"] = targets
         if extensions_only:

@@ -13,6 +13,7 @@ from beni_model.chat import IGNORE_INDEX, load_tokenizer
 from beni_model.data import (
     DataPosition,
     DataSettings,
+    DevicePixels,
     make_loader,
     rank_shards,
     raw_stream,
@@ -150,13 +151,22 @@ def test_loader_workers_decode_in_order_with_padding_labels_and_processed_images
         assert (batch["labels"] != IGNORE_INDEX).any(dim=1).all()
         image_token = tokenizer.convert_tokens_to_ids("<image>")
         if modality == "image":
-            assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+            assert batch["pixel_values"].shape == (n, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
             assert ((batch["input_ids"] == image_token).sum(dim=1) == 16).all()
         else:
             assert "pixel_values" not in batch and not (batch["input_ids"] == image_token).any()
-    solid = next(b for b in batches if b["modality"] == "image")["pixel_values"][0]  # SigLIP's processor: (x - 0.5) / 0.5
+    stored = next(b for b in batches if b["modality"] == "image")["pixel_values"]
+    solid = DevicePixels(processor.image_processor, torch.device("cpu"))(stored)[0]  # SigLIP's processor: (x / 255 - 0.5) / 0.5
     assert solid.min() >= -1 and solid.max() <= 1 and solid.std() > 0
     assert torch.allclose(solid.mean(dim=(1, 2)), solid[:, 0, 0], atol=0.05)  # a solid colour survives the resize
+
+
+def test_device_pixels_finish_images_as_the_processor_does(tmp_path, processor):
+    images = [Image.effect_mandelbrot((40, 30), (-2, -1.5, 1, 1.5), 50).convert("RGB"), Image.new("RGB", (20, 50), (200, 30, 90))]
+    expected = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    stored = processor.image_processor(images, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    assert stored.dtype == torch.uint8
+    torch.testing.assert_close(DevicePixels(processor.image_processor, torch.device("cpu"))(stored), expected, rtol=0, atol=1e-6)
 
 
 def test_packed_batches_hold_the_same_samples_in_fewer_rows_and_cells(tmp_path, processor):
@@ -242,18 +252,18 @@ def test_documents_lines_reach_the_batch_as_one_target_per_row(tmp_path, process
     assert documents == 16  # every third image of the epoch
 
 
-def test_augmented_images_are_new_pixels_with_the_same_text_and_resume_the_same(tmp_path, processor):
-    shards = write_toy_shards(tmp_path, samples=16, per_shard=8)
-
-    def batches(augment: bool, position: DataPosition = DataPosition(), n: int = 8) -> list[dict]:
-        loader = make_loader(settings(shards, augment=augment), processor, 0, 1, position, workers=0, pin_memory=False)
-        return [b for b, _ in zip(loader, range(n))]
-
-    plain, augmented = batches(False), batches(True)
-    for a, b in zip(plain, augmented):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-        assert a["pixel_values"].shape == b["pixel_values"].shape
-    changed = [not torch.equal(a["pixel_values"][i], b["pixel_values"][i]) for a, b in zip(plain, augmented) for i in range(4)]
-    assert sum(changed) > len(changed) // 2
-    resumed = batches(True, DataPosition(**augmented[3]["position"]), 4)
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(resumed, augmented[4:]))
+def test_augmented_images_are_new_pixels_per_step_and_the_same_for_the_same_step(processor):
+    stored = torch.stack([torch.full((3, 32, 32), v, dtype=torch.uint8) for v in (0, 90, 180, 255)] * 8)
+    stored[:, :, 12:20, 4:28] = 255 - stored[:, :, 12:20, 4:28]  # a bar of "ink" on each
+    plain = DevicePixels(processor.image_processor, torch.device("cpu"))
+    augmented = DevicePixels(processor.image_processor, torch.device("cpu"), augment=True, seed=3)
+    steps = {step: augmented(stored, rank=0, step=step) for step in (1, 2)}
+    assert steps[1].shape == stored.shape and steps[1].dtype == torch.float32
+    assert steps[1].min() >= -1 and steps[1].max() <= 1
+    changed = [not torch.allclose(a, b) for a, b in zip(plain(stored), steps[1])]
+    assert len(stored) // 2 < sum(changed) < len(stored)  # each change is drawn per image, most images get one
+    assert not torch.allclose(steps[1], steps[2])  # every epoch reads new pixels
+    torch.testing.assert_close(augmented(stored, rank=0, step=1), steps[1], rtol=0, atol=0)  # a resumed run reads the same
+    assert not torch.allclose(augmented(stored, rank=1, step=1), steps[1])
+    ink = (steps[1][:, :, 12:20, 4:28].mean(dim=(1, 2, 3)) - steps[1][:, :, :8].mean(dim=(1, 2, 3))).abs()
+    assert (ink > 0.1).float().mean() > 0.9  # the text stays readable: its bar still stands out from the background

@@ -11,7 +11,7 @@ from torch import nn
 
 from beni_model.chat import load_tokenizer
 from beni_model.config import BeniConfig
-from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.data import DataPosition, DataSettings, DevicePixels, make_loader
 from beni_model.extensions import Extension, register
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.processing import load_processor
@@ -116,7 +116,8 @@ def test_a_toy_extension_trains_through_the_trainer_and_reloads_with_identical_l
     assert processor.num_image_tokens == final.config.num_image_tokens()
     settings = DataSettings(str(shards), batch_size=8, image_size=32, max_length=128)
     batch = next(iter(make_loader(settings, processor, 0, 1, DataPosition(), workers=0, pin_memory=False)))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    inputs["pixel_values"] = DevicePixels(processor.image_processor, torch.device("cpu"))(batch["pixel_values"])
     final.save_pretrained(tmp_path / "again")
     reloaded = BeniForConditionalGeneration.from_pretrained(tmp_path / "again")
     with torch.no_grad():

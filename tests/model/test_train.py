@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from beni_model.chat import IGNORE_INDEX, build_example, load_tokenizer, pack_batch, pad_batch
 from beni_model.config import BeniConfig
-from beni_model.data import DataPosition, DataSettings, make_loader
+from beni_model.data import DataPosition, DataSettings, DevicePixels, make_loader
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.processing import BeniProcessor, load_processor
 from beni_model.train import torchrun_command
@@ -100,9 +100,11 @@ def test_loss_falls_and_a_killed_run_resumes_on_the_same_curve(tmp_path, parts):
 
     model = BeniForConditionalGeneration.from_pretrained(out / "final")
     settings = DataSettings(shards=str(shards), batch_size=8, image_size=32, max_length=128)
-    batch = next(iter(make_loader(settings, load_processor(out / "final"), 0, 1, DataPosition(), workers=0, pin_memory=False)))
+    processor = load_processor(out / "final")
+    batch = next(iter(make_loader(settings, processor, 0, 1, DataPosition(), workers=0, pin_memory=False)))
+    pixels = DevicePixels(processor.image_processor, torch.device("cpu"))(batch["pixel_values"])
     with torch.no_grad():
-        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, pixel_values=pixels).loss
     assert loss.item() < losses[0] - 1.0
 
 
@@ -288,7 +290,8 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
             model.connector.get_parameter(name)[0, 0] = float("inf")
         before = {k: v.clone() for k, v in model.state_dict().items()}
 
-        stats = train_step(model.train(), [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
+        pixels = DevicePixels(processor.image_processor, torch.device("cpu"))
+        stats = train_step(model.train(), [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"), pixels).host()
         assert stats["skipped"] and not math.isfinite(stats["grad_norm"])
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # inf stays, no NaN spread
         assert all(p.grad is None for p in trainable)
@@ -296,7 +299,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped(tmp_path, build):
 
         with torch.no_grad():
             model.connector.get_parameter(name)[0, 0] = 0.0
-        stats = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
+        stats = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cpu"), pixels).host()
         assert not stats["skipped"] and math.isfinite(stats["grad_norm"])
         assert all(torch.isfinite(v).all() for v in model.state_dict().values())
         assert all(float(state["step"]) == 1 for state in optimizer.state.values())
@@ -333,12 +336,20 @@ def test_one_gpu_feeds_its_blocks_bf16_and_its_fused_loss_equals_the_fp32_one(tm
             block.register_forward_pre_hook(record, with_kwargs=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trainable, lr=0.0, fused=True)
-        gpu = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cuda")).host()
+        finish = {kind: DevicePixels(processor.image_processor, torch.device(kind)) for kind in ("cuda", "cpu")}
+        gpu = train_step(model, [batch], optimizer, trainable, 1.0, model.config, torch.device("cuda"), finish["cuda"]).host()
         assert len(seen) >= len(transformer_blocks(model)) and set(seen) == {torch.bfloat16}
         assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
         cpu_trainable = [p for p in on_cpu.parameters() if p.requires_grad]
         cpu = train_step(
-            on_cpu, [batch], torch.optim.SGD(cpu_trainable, lr=0.0, fused=True), cpu_trainable, 1.0, on_cpu.config, torch.device("cpu")
+            on_cpu,
+            [batch],
+            torch.optim.SGD(cpu_trainable, lr=0.0, fused=True),
+            cpu_trainable,
+            1.0,
+            on_cpu.config,
+            torch.device("cpu"),
+            finish["cpu"],
         ).host()
         assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2) and cpu["loss"] > 1.0
     finally:
@@ -366,7 +377,9 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model, tokenizer = build()
-        examples = [build_example(c, BeniProcessor.for_model(model.config, tokenizer)) for c in PACKED_CONVERSATIONS]
+        processor = BeniProcessor.for_model(model.config, tokenizer)
+        examples = [build_example(c, processor) for c in PACKED_CONVERSATIONS]
+        finish = DevicePixels(processor.image_processor, torch.device("cpu"))
         ids, labels = [e.input_ids for e in examples], [e.labels for e in examples]
         pixels = torch.randint(0, 256, (sum(e.num_images for e in examples), 3, 32, 32), dtype=torch.uint8)
         max_length = max(map(len, ids))  # the longest sample fills a row, the shorter ones share rows
@@ -379,7 +392,7 @@ def test_packed_rows_give_the_loss_of_one_sample_per_row(build):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0, fused=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         steps = [
-            train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu")).host()
+            train_step(model.train(), [b], optimizer, trainable, 1.0, model.config, torch.device("cpu"), finish).host()
             for b in (padded, packed, wide)
         ]
         assert steps[1]["loss"] == pytest.approx(steps[0]["loss"], abs=1e-5)

@@ -245,9 +245,13 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
         batch = pad_batch(input_ids, tokenizer.pad_token_id, labels=labels, multiple_of=settings.pad_to_multiple_of)
     if modality == "image":
         size = settings.image_size
-        # Resized as the encoder's processor resizes, left uint8: DevicePixels finishes them where the model runs.
+        # Resized as the encoder's processor resizes, left uint8: DevicePixels finishes them where the model runs. A
+        # processor that resizes in floats gives fractions: rounded, not truncated.
         batch["pixel_values"] = (
-            processor.image_processor(pixels, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"].to(torch.uint8)
+            processor.image_processor(pixels, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
             if pixels
             else torch.zeros(0, 3, size, size, dtype=torch.uint8)
         )

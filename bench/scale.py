@@ -6,7 +6,7 @@ Ray with two one-CPU worker nodes on the same machine, through the functions the
 Each size: chunks of generated captions with planted near-copies (a word or more replaced, the image's dHash one bit
 off, a quarter byte-identical), then per engine
   local: signatures per chunk in 2 processes, then `find_duplicates` in this process (today's path);
-  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, confirm per bucket) as tasks.
+  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, candidate pairs per bucket) as tasks.
 Reported: wall time, CPU seconds of every process, captions per CPU-second, peak RSS of each process (this one and each
 worker), and precision / recall of the planted pairs by true Jaccard band. Both engines must find the same clusters.
 """
@@ -37,6 +37,7 @@ from beni_pipeline.prep.dedup import (
     find_duplicates_parallel,
     minhash_signatures,
     shingles,
+    write_features,
 )
 
 CHUNK_ROWS = 50_000  # a manifest chunk's rows: the unit of the per-chunk jobs
@@ -91,8 +92,7 @@ def sign_chunk(raw: Path, out: Path, settings: DedupSettings) -> Path:
     features = table.drop(["text"]).append_column(
         "signature", pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), settings.num_perm)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(features, out)
+    write_features(features, out)
     return out
 
 

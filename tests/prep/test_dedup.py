@@ -256,7 +256,7 @@ def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_pa
         one = find_duplicates(paths, settings)
         jobs = []
         parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(f.__name__) or map(f, *a))
-        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_confirmed_pairs"], (one.clusters.num_rows, jobs)
+        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_candidate_pairs"], (one.clusters.num_rows, jobs)
         assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
 
 
@@ -327,6 +327,26 @@ def test_large_exact_group_is_one_cluster_with_bounded_pairs(tmp_path):
     result = find_duplicates([path], settings)
     assert result.clusters.num_rows == 1 and result.clusters["size"][0].as_py() == n
     assert result.clusters["kept_id"][0].as_py() == min(sid(i) for i in range(n))
+
+
+def test_candidate_pairs_grow_with_the_copies_not_the_square_of_the_rows(tmp_path):
+    """Unrelated rows share a ~18-bit dHash band-pair key by chance ~rows^2 / 2^18 times (about 4k pairs at 10k
+    rows, 64k at 40k); those pairs must not reach the feature comparison, while every planted copy does."""
+    settings = DedupSettings()
+    rng = np.random.default_rng(0)
+    for n in (10_000, 40_000):
+        copies = n // 200
+        texts = [" ".join(f"r{i}w{k}" for k in range(8)) for i in range(n)]
+        phashes = rng.integers(0, 2**63, n, dtype=np.uint64)
+        thumbs = rng.integers(0, 256, (n, THUMB * THUMB), dtype=np.uint8)
+        for c in range(copies):  # row n - 1 - c: a copy of row c, its image's dHash two bits off
+            texts[n - 1 - c], thumbs[n - 1 - c] = texts[c], thumbs[c]
+            phashes[n - 1 - c] = phashes[c] ^ np.uint64(0b101 << (c % 60))
+        shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+        path = synthetic_features(tmp_path / f"{n}.parquet", texts, phashes.tolist(), shas, [t.tobytes() for t in thumbs], settings)
+        result = find_duplicates([path], settings, work_dir=tmp_path)
+        assert result.duplicates.num_rows == copies
+        assert copies <= result.candidate_pairs <= copies + n // 1000, (n, result.candidate_pairs)
 
 
 def test_settings_fail_early_with_one_sentence():

@@ -25,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -83,13 +84,17 @@ class DedupSettings(pydantic.BaseModel):
     Images: dHash of re-encoded or resized copies stays within a few bits (on the default corpus, planted
     copies found: 91% within 3 bits, 97% within 5, with no false pair at either); `phash_max_distance` d
     cuts the 64 bits into d + 2 bands and keys on every pair of bands (pigeonhole: two hashes within d bits
-    agree exactly on at least two bands), so near images are found by grouping, not by comparing all pairs.
-    At d = 5 a key is two ~9-bit bands (~18 bits), so unrelated rows share one ~21 N^2 / 2^19 times (40 M at 1 M
-    rows): inside a bucket each such pair is dropped on its whole 64-bit hashes before any feature is read,
-    which keeps that square term to two array lookups a pair. Under "text_and_image" the candidates come from
-    these image keys, not from the text's LSH bands: a band catches a pair with a chance set by the texts' real
-    Jaccard, and captions share common words (unrelated ones often ~0.15), so bands loose enough to catch
-    J = 0.5 pairs would make a large share of all pairs candidates.
+    agree exactly on at least two bands; with `phash_key_bands` m, d + m bands taken m at a time), so near
+    images are found by grouping, not by comparing all pairs. At d = 5 a key is two ~9-bit bands (~18 bits), so
+    unrelated rows share one ~21 N^2 / 2^19 times (40 M at 1 M rows): inside a bucket each such pair is dropped
+    on its whole 64-bit hashes before any feature is read, which keeps that square term to two array lookups a
+    pair. It still outgrows the keys' own cost (one spilled and sorted entry per key and row) near ten million
+    rows: past that, `phash_key_bands` = 3 (56 keys of ~24 bits at d = 5: 2.6x the entries, 1/25 of the chance
+    pairs) is the cheaper; both find the same pairs.
+
+    Under "text_and_image" the candidates come from these image keys, not from the text's LSH bands: a band
+    catches a pair with a chance set by the texts' real Jaccard, and captions share common words (unrelated ones
+    often ~0.15), so bands loose enough to catch J = 0.5 pairs would make a large share of all pairs candidates.
 
     dHash alone is weak on flat images (a plain background hashes to nearly all zeros, so distinct text renders
     land within 3 bits of each other), so a near pair must also have 16x16 grey thumbnails within
@@ -113,6 +118,7 @@ class DedupSettings(pydantic.BaseModel):
     lsh_bands: int = 21
     lsh_rows: int = 6
     phash_max_distance: int = 5
+    phash_key_bands: int = 2
     thumb_max_diff: int = 12
     max_group_pairs: int = 64
     buckets: int = 8
@@ -132,6 +138,8 @@ class DedupSettings(pydantic.BaseModel):
             )
         if not 0 <= self.phash_max_distance <= 15:
             raise ValueError(f"DedupSettings.phash_max_distance must be 0..15 (bits of 64), got {self.phash_max_distance}")
+        if not 1 <= self.phash_key_bands <= 4:
+            raise ValueError(f"DedupSettings.phash_key_bands must be 1..4 (bands joined in one key), got {self.phash_key_bands}")
         if not 0 <= self.thumb_max_diff <= 255:
             raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
         if min(self.max_group_pairs, self.buckets, self.workers) < 1:
@@ -449,11 +457,14 @@ def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np
     sha = np.frombuffer(bytes.fromhex("".join(s[:16] for s in table["content_sha256"].to_pylist())), dtype=">u8")
     keys = [_fmix64(sha.astype(np.uint64) ^ np.uint64(0x5A))]
     h = table["phash"].to_numpy()
-    bands = settings.phash_max_distance + 2
+    bands = settings.phash_max_distance + settings.phash_key_bands
     edges = [64 * i // bands for i in range(bands + 1)]
     values = [(h >> np.uint64(edges[i])) & np.uint64((1 << (edges[i + 1] - edges[i])) - 1) for i in range(bands)]
-    for i, j in itertools.combinations(range(bands), 2):
-        keys.append(_fmix64(_fmix64(values[i] ^ np.uint64((i + 1) << 56)) ^ values[j] ^ np.uint64((j + 1) << 48)))
+    for first, *rest in itertools.combinations(range(bands), settings.phash_key_bands):
+        key = values[first] ^ np.uint64((first + 1) << 56)
+        for j in rest:
+            key = _fmix64(key) ^ values[j] ^ np.uint64((j + 1) << 48)
+        keys.append(_fmix64(key))
     used = [np.ones(table.num_rows, dtype=bool)] * len(keys)
     if settings.policy == "text_or_image":
         sig = _signatures(table, settings.num_perm)
@@ -465,7 +476,7 @@ def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np
             keys.append(key)
             used.append(has_words)
     phash_key = np.zeros(len(keys), dtype=bool)
-    phash_key[1 : 1 + bands * (bands - 1) // 2] = True
+    phash_key[1 : 1 + math.comb(bands, settings.phash_key_bands)] = True
     return np.stack(keys, axis=1), np.stack(used, axis=1), phash_key
 
 

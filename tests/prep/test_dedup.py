@@ -241,6 +241,8 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     one = find_duplicates(paths, DedupSettings(buckets=1))
     other = find_duplicates(list(reversed(paths)), DedupSettings(buckets=5))
     assert one.duplicates.equals(other.duplicates) and one.clusters.equals(other.clusters)
+    triples = find_duplicates(paths, DedupSettings(phash_key_bands=3))  # other keys, the same pairs within the distance
+    assert one.duplicates.equals(triples.duplicates) and one.clusters.equals(triples.clusters)
     write_result(one, tmp_path / "out")
     assert pq.read_table(tmp_path / "out" / "clusters.parquet").equals(one.clusters)
     kept = set(kept_ids(paths[0], one).to_pylist()) | set(kept_ids(paths[1], one).to_pylist())
@@ -352,5 +354,7 @@ def test_candidate_pairs_grow_with_the_copies_not_the_square_of_the_rows(tmp_pat
 def test_settings_fail_early_with_one_sentence():
     with pytest.raises(ValueError, match="policy"):
         DedupSettings(policy="text")
+    with pytest.raises(ValueError, match="phash_key_bands"):
+        DedupSettings(phash_key_bands=5)
     with pytest.raises(ValueError, match="lsh_bands x lsh_rows"):
         DedupSettings(lsh_bands=20, lsh_rows=8)

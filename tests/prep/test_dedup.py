@@ -332,8 +332,8 @@ def test_large_exact_group_is_one_cluster_with_bounded_pairs(tmp_path):
 
 
 def test_candidate_pairs_grow_with_the_copies_not_the_square_of_the_rows(tmp_path):
-    """Unrelated rows share a ~18-bit dHash band-pair key by chance ~rows^2 / 2^18 times (about 4k pairs at 10k
-    rows, 64k at 40k); those pairs must not reach the feature comparison, while every planted copy does."""
+    """Unrelated rows share one of 21 ~18-bit dHash band-pair keys by chance ~21 rows^2 / 2^19 times (about 4k
+    pairs at 10k rows, 64k at 40k); those pairs must not reach the feature comparison, while every planted copy does."""
     settings = DedupSettings()
     rng = np.random.default_rng(0)
     for n in (10_000, 40_000):

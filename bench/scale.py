@@ -6,7 +6,7 @@ Ray with two one-CPU worker nodes on the same machine, through the functions the
 Each size: chunks of generated captions with planted near-copies (a word or more replaced, the image's dHash one bit
 off, a quarter byte-identical), then per engine
   local: signatures per chunk in 2 processes, then `find_duplicates` in this process (today's path);
-  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, confirm per bucket) as tasks.
+  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, candidate pairs per bucket) as tasks.
 Reported: wall time, CPU seconds of every process, captions per CPU-second, peak RSS of each process (this one and each
 worker), and precision / recall of the planted pairs by true Jaccard band. Both engines must find the same clusters.
 """
@@ -37,6 +37,7 @@ from beni_pipeline.prep.dedup import (
     find_duplicates_parallel,
     minhash_signatures,
     shingles,
+    write_features,
 )
 
 CHUNK_ROWS = 50_000  # a manifest chunk's rows: the unit of the per-chunk jobs
@@ -91,8 +92,7 @@ def sign_chunk(raw: Path, out: Path, settings: DedupSettings) -> Path:
     features = table.drop(["text"]).append_column(
         "signature", pa.FixedSizeListArray.from_arrays(pa.array(signatures.ravel()), settings.num_perm)
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(features, out)
+    write_features(features, out)
     return out
 
 
@@ -100,7 +100,7 @@ def measured(function, *args):
     """function(*args), with the CPU seconds it took and the peak RSS (MiB) of the process that ran it."""
     start = time.process_time()
     result = function(*args)
-    return result, time.process_time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, os.getpid()
+    return result, time.process_time() - start, _own_peak(), os.getpid()
 
 
 class Jobs:
@@ -145,6 +145,11 @@ def run(engine: str, raws: list[Path], work: Path, settings: DedupSettings) -> d
 
 
 def _own_peak() -> float:
+    """This process's peak RSS in MiB: VmHWM, which starts afresh at exec. ru_maxrss does not: a measuring process
+    started by `main` reported the parent's peak, the generated corpus (~900 MiB at 1M rows), as its own."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -6,11 +6,11 @@ Flow, one download partition (chunk) at a time, then one global clustering:
    grey thumbnail of the stored image and a MinHash signature of its text, cached as
    `<features_dir>/<chunk>.parquet` (`cached_features` tells which chunks are current, so a rebuild hashes
    only new or re-downloaded chunks).
-2. `find_duplicates` turns every sample into band keys (exact image hash, 16-bit phash bands, MinHash LSH
-   bands), spills (key, row) pairs into hash buckets on disk, groups each bucket by sorting, confirms the
-   candidate pairs against the policy and joins the confirmed pairs with union-find. Memory is bounded by
-   one bucket plus the candidate pairs, not by the corpus: see `bench/minhash.py` for the measured bytes
-   per million rows.
+2. `find_duplicates` turns every sample into band keys (exact image hash, phash band pairs, MinHash LSH
+   bands), spills (key, row, phash) entries into hash buckets on disk, groups each bucket by sorting and pairs
+   the rows of a group whose whole phashes are near, confirms those candidate pairs against the policy and joins
+   the confirmed pairs with union-find. Memory is bounded by one bucket plus the candidate pairs, not by the
+   corpus: see `bench/minhash.py` and `bench/scale.py` for the measured bytes per million rows.
 
 The perceptual hash (a 64-bit dHash) is `beni_pipeline.prep.images.dhash`, the function the downloader stores in its
 index: grey-scale, BILINEAR resize to 9x8, bit = pixel brighter than its right neighbour, row-major,
@@ -20,10 +20,12 @@ Over 400 lines because signatures, image features and the bucketed clustering ar
 the settings and the band-key layout; split apart, each would need the others to be read.
 """
 
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -33,7 +35,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -83,13 +84,24 @@ class DedupSettings(pydantic.BaseModel):
     Images: dHash of re-encoded or resized copies stays within a few bits (on the default corpus, planted
     copies found: 91% within 3 bits, 97% within 5, with no false pair at either); `phash_max_distance` d
     cuts the 64 bits into d + 2 bands and keys on every pair of bands (pigeonhole: two hashes within d bits
-    agree exactly on at least two bands), so near images are found by grouping, not by comparing all pairs.
-    At d = 5 a key is two ~9-bit bands (~18 bits); single 16-bit bands would give N^2 / 2^16 chance pairs
-    (30 M at 1 M rows), and the per-group cap below bounds the rest. dHash alone is weak on flat images (a plain background hashes to nearly all
-    zeros, so distinct text renders land within 3 bits of each other), so a near pair must also have
-    16x16 grey thumbnails within `thumb_max_diff` grey levels at every pixel (measured: copies <= 6,
-    distinct renders that dHash calls near >= 16). Inside a key group rows are ordered by thumbnail
-    brightness, so copies sit next to each other even in a crowded group.
+    agree exactly on at least two bands; with `phash_key_bands` m, d + m bands taken m at a time), so near
+    images are found by grouping, not by comparing all pairs. At d = 5 a key is two ~9-bit bands (~18 bits), so
+    unrelated rows share one ~21 N^2 / 2^19 times (40 M at 1 M rows): inside a bucket each such pair is dropped
+    on its whole 64-bit hashes before any feature is read, which keeps that square term to two array lookups a
+    pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
+    than `max_group_pairs` + 1, so copies in a group could go unpaired. `phash_key_bands` = 3 (56 keys of ~24
+    bits at d = 5: 2.6x the spilled keys, groups of ~N / 2^24, 1/25 of the chance pairs) is for corpora that
+    large; both find the same pairs.
+
+    Under "text_and_image" the candidates come from these image keys, not from the text's LSH bands: a band
+    catches a pair with a chance set by the texts' real Jaccard, and captions share common words (unrelated ones
+    often ~0.15), so bands loose enough to catch J = 0.5 pairs would make a large share of all pairs candidates.
+
+    dHash alone is weak on flat images (a plain background hashes to nearly all zeros, so distinct text renders
+    land within 3 bits of each other), so a near pair must also have 16x16 grey thumbnails within
+    `thumb_max_diff` grey levels at every pixel (measured: copies <= 6, distinct renders that dHash calls near
+    >= 16). Inside a key group rows are ordered by thumbnail brightness, so copies sit next to each other even in
+    a crowded group.
 
     `max_group_pairs`: inside one key group each row is compared with at most this many following rows,
     so a degenerate group (a blank image shared by 100k samples) costs O(n * max_group_pairs), not O(n^2);
@@ -107,6 +119,7 @@ class DedupSettings(pydantic.BaseModel):
     lsh_bands: int = 21
     lsh_rows: int = 6
     phash_max_distance: int = 5
+    phash_key_bands: int = 2
     thumb_max_diff: int = 12
     max_group_pairs: int = 64
     buckets: int = 8
@@ -126,6 +139,8 @@ class DedupSettings(pydantic.BaseModel):
             )
         if not 0 <= self.phash_max_distance <= 15:
             raise ValueError(f"DedupSettings.phash_max_distance must be 0..15 (bits of 64), got {self.phash_max_distance}")
+        if not 1 <= self.phash_key_bands <= 4:
+            raise ValueError(f"DedupSettings.phash_key_bands must be 1..4 (bands joined in one key), got {self.phash_key_bands}")
         if not 0 <= self.thumb_max_diff <= 255:
             raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
         if min(self.max_group_pairs, self.buckets, self.workers) < 1:
@@ -160,12 +175,18 @@ def minhash_signatures(texts: list[str], num_perm: int = 128, ngram: int = 1, se
     out = np.full((len(texts), num_perm), _MAX32, dtype=np.uint32)
     batch = max(1, 2_000_000 // (num_perm * 16))  # ~16 shingles a text: keeps the hash matrix near 128 MB
     for start in range(0, len(texts), batch):
-        docs = [shingles(t, ngram) for t in texts[start : start + batch]]
+        if ngram == 1:  # each word is a shingle: no joins, and a word repeated in a text hashed once
+            docs = [set(_WORD.findall(t.lower())) for t in texts[start : start + batch]]
+            flat = [w for doc in docs for w in doc]
+            hashes = map(zlib.crc32, map(str.encode, flat))
+        else:
+            docs = [shingles(t, ngram) for t in texts[start : start + batch]]
+            flat = [s for doc in docs for s in doc]
+            hashes = map(zlib.crc32, flat)
         counts = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-        flat = [s for doc in docs for s in doc]
         if not flat:
             continue
-        hv = _fmix32(np.fromiter(map(zlib.crc32, flat), dtype=np.uint32, count=len(flat)))
+        hv = _fmix32(np.fromiter(hashes, dtype=np.uint32, count=len(flat)))
         hashed = hv[:, None] * a[None, :] + b[None, :]
         nonempty = np.flatnonzero(counts)
         starts = (np.cumsum(counts) - counts)[nonempty]
@@ -243,9 +264,15 @@ def write_chunk_features(manifest_rows: pa.Table, chunk_dir: Path, out_path: Pat
     """Hash one chunk and write its features parquet atomically, tagged with what it was computed from."""
     table = chunk_features(manifest_rows, chunk_dir, settings)
     table = table.replace_schema_metadata({"beni_features": _fingerprint(chunk_dir, settings)})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(table, out_path)
+    write_features(table, out_path)
     return out_path
+
+
+def write_features(table: pa.Table, out_path: Path) -> None:
+    """A features table written atomically as `find_duplicates` reads it, without dictionary encoding: hashes and
+    signatures hardly repeat, so a dictionary only costs time to build when written and to look up when read."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(table, out_path, use_dictionary=False)
 
 
 def hash_chunks(
@@ -317,11 +344,12 @@ def _thumbnails(chunk_dir: Path, rows: pa.Table) -> list[bytes]:
 # ---- clustering ----------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class DedupResult:
     rows: int
     duplicates: pa.Table  # sample_id, duplicate_of, cluster_id, reason: one row per dropped sample
     clusters: pa.Table  # cluster_id, kept_id, dropped_ids, size, reasons
+    candidate_pairs: int = 0  # pairs compared on their features: near image hashes (and texts sharing a band, where text alone counts)
 
     def stats(self) -> dict:
         sizes = Counter(self.clusters["size"].to_pylist())
@@ -331,6 +359,7 @@ class DedupResult:
             "dropped": self.duplicates.num_rows,
             "duplicate_rate": self.duplicates.num_rows / max(1, self.rows),
             "clusters": self.clusters.num_rows,
+            "candidate_pairs": self.candidate_pairs,
             "dropped_by_reason": dict(Counter(self.duplicates["reason"].to_pylist())),
             "cluster_size_histogram": {str(k): sizes[k] for k in sorted(sizes)},
         }
@@ -341,8 +370,8 @@ def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSe
     paths = sorted(Path(p) for p in feature_paths)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         offsets = _spill_band_keys(paths, Path(tmp), settings)
-        pairs = _unique_pairs(np.concatenate([_bucket_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]))
-    return _join(_confirmed(pairs, paths, offsets, settings), paths, offsets)
+        pairs = [_candidate_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]
+    return _confirm_and_join(pairs, paths, offsets, settings)
 
 
 def find_duplicates_parallel(
@@ -352,12 +381,13 @@ def find_duplicates_parallel(
     (a Ray cluster's tasks over a shared folder, or plain `map`); the result is the same, row for row.
 
     1. one job per chunk spills its band keys into the buckets' folders (the shuffle goes through files);
-    2. one job per bucket pairs the rows that share a key, reads the features of just those rows from the chunks'
-       files and returns the pairs it confirms (two global rows and a reason, 24 bytes a pair);
-    3. this process joins the confirmed pairs into clusters. It gathers only those pairs, the sample ids of the rows
-       in them and one offset per chunk: a size set by the duplicates found, not by the corpus.
-    A job's memory is bounded by one chunk (step 1) or by one bucket's keys and candidate pairs (step 2): more
-    `buckets` make each smaller."""
+    2. one job per bucket pairs the rows that share a key and returns the pairs whose image hashes are near (two
+       global rows, 16 bytes a pair): every row's key is there, so this is where the corpus-sized work runs;
+    3. this process confirms those pairs against the features of just their rows (read from the chunks' files) and
+       joins the confirmed ones into clusters. It gathers the candidate pairs, the features and sample ids of the
+       rows in them and one offset per chunk: a size set by the near-duplicates found, not by the corpus.
+       (Confirming in the bucket jobs instead made each of them read every chunk's signatures.)
+    A job's memory is bounded by one chunk (step 1) or by one bucket's keys (step 2): more `buckets` make each smaller."""
     paths = sorted(Path(p) for p in feature_paths)
     offsets = _offsets(paths)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -365,25 +395,24 @@ def find_duplicates_parallel(
         n = len(paths)
         list(map_(_spill_chunk, paths, range(n), offsets[:-1].tolist(), [Path(tmp)] * n, [settings] * n))
         buckets = [Path(tmp) / f"bucket-{b}" for b in range(settings.buckets)]
-        confirmed = list(map_(_confirmed_pairs, buckets, [paths] * len(buckets), [offsets] * len(buckets), [settings] * len(buckets)))
-    confirmed = np.concatenate([np.zeros((0, 3), np.int64)] + confirmed)
-    # a pair whose rows share keys in two buckets is confirmed in both, with the same reason: keep it once
-    confirmed = confirmed[np.lexsort((confirmed[:, 1], confirmed[:, 0]))]
-    confirmed = confirmed[np.r_[True, (np.diff(confirmed[:, :2], axis=0) != 0).any(axis=1)]] if len(confirmed) else confirmed
-    return _join(confirmed, paths, offsets)
+        pairs = list(map_(_candidate_pairs, buckets, [settings] * len(buckets)))
+    return _confirm_and_join(pairs, paths, offsets, settings)
 
 
-def _confirmed_pairs(bucket_dir: Path, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
-    """The pairs of one bucket that the policy confirms (see `_confirmed`)."""
-    return _confirmed(_unique_pairs(_bucket_pairs(bucket_dir, settings)), paths, offsets, settings)
+def _confirm_and_join(pairs: list[np.ndarray], paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> DedupResult:
+    """The clusters of the pairs the policy confirms among the buckets' candidates (a pair whose rows share keys in two
+    buckets comes from both)."""
+    candidates = _unique_pairs(np.concatenate([np.zeros((0, 2), np.int64)] + pairs))
+    result = _join(_confirmed(candidates, paths, offsets, settings), paths, offsets)
+    return dataclasses.replace(result, candidate_pairs=len(candidates))
 
 
 def _confirmed(pairs: np.ndarray, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
     """int64 [pairs, 3]: the global rows of each candidate pair that the policy confirms, and the reason's index."""
     nodes = _unique_rows(pairs)
-    features = _gather(paths, offsets, nodes, settings.num_perm)
+    features = _gather(paths, offsets, nodes, settings)
     left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
-    step = 1 << 18  # pairs confirmed at a time: bounds the gathered signature pairs to ~256 MB
+    step = 1 << 16  # pairs confirmed at a time: bounds the gathered signature pairs to ~64 MB
     reason = np.concatenate(
         [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
     )
@@ -404,7 +433,8 @@ def _sample_ids(paths: list[Path], offsets: np.ndarray, rows: np.ndarray) -> np.
     for i, path in enumerate(paths):
         mine = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
         if len(mine):
-            ids.append(np.array(pq.read_table(path, columns=["sample_id"])["sample_id"].take(pa.array(mine)).to_pylist(), dtype=object))
+            column = pq.read_table(path, columns=["sample_id"], use_threads=False)["sample_id"]
+            ids.append(np.array(column.take(pa.array(mine)).to_pylist(), dtype=object))
     return np.concatenate(ids)
 
 
@@ -421,17 +451,21 @@ def write_result(result: DedupResult, out_dir: Path) -> None:
         write_parquet_atomic(table, out_dir / f"{name}.parquet")
 
 
-def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 [rows, keys] and which are used: the exact image hash, the phash bands, and (only when text
-    alone counts) the LSH bands of every text that has words."""
+def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint64 [rows, keys], which are used, and which are phash band keys (their pairs must have near image
+    hashes): the exact image hash, the phash bands, and (only when text alone counts) the LSH bands of every text
+    that has words."""
     sha = np.frombuffer(bytes.fromhex("".join(s[:16] for s in table["content_sha256"].to_pylist())), dtype=">u8")
     keys = [_fmix64(sha.astype(np.uint64) ^ np.uint64(0x5A))]
     h = table["phash"].to_numpy()
-    bands = settings.phash_max_distance + 2
+    bands = settings.phash_max_distance + settings.phash_key_bands
     edges = [64 * i // bands for i in range(bands + 1)]
     values = [(h >> np.uint64(edges[i])) & np.uint64((1 << (edges[i + 1] - edges[i])) - 1) for i in range(bands)]
-    for i, j in itertools.combinations(range(bands), 2):
-        keys.append(_fmix64(_fmix64(values[i] ^ np.uint64((i + 1) << 56)) ^ values[j] ^ np.uint64((j + 1) << 48)))
+    for first, *rest in itertools.combinations(range(bands), settings.phash_key_bands):
+        key = values[first] ^ np.uint64((first + 1) << 56)
+        for j in rest:
+            key = _fmix64(key) ^ values[j] ^ np.uint64((j + 1) << 48)
+        keys.append(_fmix64(key))
     used = [np.ones(table.num_rows, dtype=bool)] * len(keys)
     if settings.policy == "text_or_image":
         sig = _signatures(table, settings.num_perm)
@@ -442,11 +476,13 @@ def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np
                 key = _fmix64(key ^ col.astype(np.uint64))
             keys.append(key)
             used.append(has_words)
-    return np.stack(keys, axis=1), np.stack(used, axis=1)
+    phash_key = np.zeros(len(keys), dtype=bool)
+    phash_key[1 : 1 + math.comb(bands, settings.phash_key_bands)] = True
+    return np.stack(keys, axis=1), np.stack(used, axis=1), phash_key
 
 
 def _spill_band_keys(paths: list[Path], tmp: Path, settings: DedupSettings) -> np.ndarray:
-    """Write (key, global row) pairs into `settings.buckets` files by key hash; returns row offsets per chunk."""
+    """Write every row's band keys into `settings.buckets` files by key hash; returns row offsets per chunk."""
     _bucket_dirs(tmp, settings)
     offsets = _offsets(paths)
     for i, path in enumerate(paths):
@@ -464,39 +500,80 @@ def _offsets(paths: list[Path]) -> np.ndarray:
     return np.cumsum([0] + [pq.read_metadata(path).num_rows for path in paths], dtype=np.int64)
 
 
+_ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bits 0-31), thumbnail brightness (32-39),
+_ANY_IMAGE = np.uint64(1 << 40)  # and this bit when its key is not a phash band key (no image-hash filter on its pairs)
+
+
 def _spill_chunk(path: Path, i: int, first_row: int, tmp: Path, settings: DedupSettings) -> None:
-    """One chunk's (key, brightness, global row) triples, one file per bucket: `bucket-<b>/<i>.npy`."""
+    """One chunk's band keys, one file per bucket `bucket-<b>/<i>.npy` of uint64 [3, entries]: key, the row with its
+    thumbnail brightness (see _ROW), the row's phash (column-major: the bucket job gathers whole columns)."""
     columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
-    table = pq.read_table(path, columns=columns)
-    keys, used = _band_keys(table, settings)
-    rows = np.repeat(np.arange(first_row, first_row + table.num_rows, dtype=np.uint64), keys.shape[1])
-    brightness = np.repeat(_thumbs(table).mean(axis=1, dtype=np.float64).astype(np.uint64), keys.shape[1])
-    keys, rows, brightness = keys.ravel()[used.ravel()], rows[used.ravel()], brightness[used.ravel()]
-    bucket = keys % np.uint64(settings.buckets)
-    for b in range(settings.buckets):
-        mine = bucket == b
-        np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", np.stack([keys[mine], brightness[mine], rows[mine]], axis=1))
+    table = pq.read_table(path, columns=columns, use_threads=False)
+    if first_row + table.num_rows > 1 << 32:
+        raise ValueError(f"dedup takes at most 2**32 rows, got {first_row + table.num_rows}; deduplicate the corpus in parts")
+    keys, used, phash_key = _band_keys(table, settings)
+    brightness = _thumbs(table).sum(axis=1, dtype=np.uint64) // np.uint64(THUMB * THUMB)  # the mean grey level, floored
+    row = np.arange(first_row, first_row + table.num_rows, dtype=np.uint64) | (brightness << np.uint64(32))
+    row = row[:, None] | np.where(phash_key, np.uint64(0), _ANY_IMAGE)[None, :]
+    phash = np.broadcast_to(table["phash"].to_numpy()[:, None], keys.shape)
+    keys = keys[used]
+    bucket = (keys % np.uint64(settings.buckets)).astype(np.min_scalar_type(settings.buckets))  # small ints: a radix sort
+    order = np.argsort(bucket, kind="stable")
+    entries = np.stack([keys[order], row[used][order], phash[used][order]])
+    ends = np.cumsum(np.bincount(bucket, minlength=settings.buckets))
+    for b, part in enumerate(np.split(entries, ends[:-1], axis=1)):
+        np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", part)
 
 
-def _bucket_pairs(bucket_dir: Path, settings: DedupSettings) -> np.ndarray:
-    """Sort one bucket by key, then thumbnail brightness; pair each row with up to `max_group_pairs`
-    following rows of its key group."""
+def _candidate_pairs(bucket_dir: Path, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket that share a key, each row
+    paired with up to `max_group_pairs` following rows of its key group, and kept when the key is not a phash band
+    key or the two phashes are within `phash_max_distance` bits. The dHash band-pair keys are ~18 bits, so in a
+    large corpus most rows sharing one do so by chance; testing the whole hash here, before any feature is read,
+    keeps the pairs that leave a bucket those of near images."""
     parts = [np.load(p) for p in sorted(bucket_dir.glob("*.npy"))]
-    data = np.concatenate(parts) if parts else np.zeros((0, 3), np.uint64)
-    data = data[np.lexsort((data[:, 2], data[:, 1], data[:, 0]))]
-    keys, rows = data[:, 0], data[:, 2].astype(np.int64)
-    if len(keys) < 2:
-        return np.zeros((0, 2), np.int64)
-    new_group = np.r_[True, keys[1:] != keys[:-1]]
-    group_start = np.flatnonzero(new_group)
-    group_size = np.diff(np.r_[group_start, len(keys)])
-    position = np.arange(len(keys)) - np.repeat(group_start, group_size)
-    partners = np.minimum(np.repeat(group_size, group_size) - position - 1, settings.max_group_pairs)
-    src = np.repeat(np.arange(len(keys)), partners)
-    step = np.arange(len(src)) - np.repeat(np.cumsum(partners) - partners, partners) + 1
-    pairs = np.stack([rows[src], rows[src + step]], axis=1)
+    data = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.uint64)
+    key, row, phash = _sorted_groups(data, settings)
+    near = (row & _ANY_IMAGE) == 0
+    pairs, left = [np.zeros((0, 2), np.int64)], np.arange(len(key) - 1)
+    # pair each entry with the one `step` further on while both share the key: the entries still in a group at one
+    # step are the only ones that can be at the next, so the work is the entries plus the pairs
+    for step in range(1, settings.max_group_pairs + 1):
+        left = left[: np.searchsorted(left, len(key) - step)]
+        left = left[key[left] == key[left + step]]
+        if not len(left):
+            break
+        right = left + step
+        ok = ~near[left] | (np.bitwise_count(phash[left] ^ phash[right]) <= settings.phash_max_distance)
+        pairs.append(np.stack([row[left[ok]] & _ROW, row[right[ok]] & _ROW], axis=1).astype(np.int64))
+    pairs = np.concatenate(pairs)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # one row can hit a group twice only via a band collision
-    return np.sort(pairs, axis=1)
+    return _unique_pairs(np.sort(pairs, axis=1))
+
+
+def _sorted_groups(data: np.ndarray, settings: DedupSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The columns of spilled entries ordered by key, and inside a key group of more than `max_group_pairs` + 1 rows
+    (where not every pair is formed) by thumbnail brightness then row, so that copies sit next to each other.
+
+    One flat sort of (the key's top 32 bits, entry number) orders the entries, several times faster than a lexsort on
+    three columns; groups whose top bits are shared by two keys, and crowded groups, are then re-sorted exactly."""
+    if data.shape[1] >= 1 << 32:
+        raise ValueError(f"a dedup bucket holds {data.shape[1]} keys, more than 2**32; raise DedupSettings.buckets")
+    if data.shape[1] < 2:
+        return data[0], data[1], data[2]
+    order = (np.sort((data[0] & ~_ROW) | np.arange(data.shape[1], dtype=np.uint64)) & _ROW).astype(np.int64)
+    key, row, phash = data[0][order], data[1][order], data[2][order]
+    top = key >> np.uint64(32)
+    run_start = np.r_[True, top[1:] != top[:-1]]
+    run = np.cumsum(run_start) - 1
+    size = np.bincount(run)
+    redo = size > settings.max_group_pairs + 1
+    redo[run[1:][(key[1:] != key[:-1]) & ~run_start[1:]]] = True
+    at = np.flatnonzero(redo[run])
+    if len(at):
+        exact = at[np.lexsort((row[at] & ~_ANY_IMAGE, key[at]))]
+        key[at], row[at], phash[at] = key[exact], row[exact], phash[exact]
+    return key, row, phash
 
 
 def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
@@ -519,32 +596,35 @@ def _signatures(table: pa.Table, num_perm: int) -> np.ndarray:
 
 
 def _thumbs(table: pa.Table) -> np.ndarray:
-    return np.frombuffer(b"".join(table["thumb"].to_pylist()), dtype=np.uint8).reshape(-1, THUMB * THUMB)
+    thumbs = table["thumb"].combine_chunks()
+    if not len(thumbs):
+        return np.zeros((0, THUMB * THUMB), np.uint8)
+    data = np.frombuffer(thumbs.buffers()[1], dtype=np.uint8)
+    return data[thumbs.offset * THUMB * THUMB :][: len(thumbs) * THUMB * THUMB].reshape(-1, THUMB * THUMB)
 
 
-def _gather(paths: list[Path], offsets: np.ndarray, rows: np.ndarray, num_perm: int) -> dict:
-    """Features of the given global rows (sorted), reading one chunk file at a time."""
+def _gather(paths: list[Path], offsets: np.ndarray, rows: np.ndarray, settings: DedupSettings) -> dict:
+    """Features of the given global rows (sorted), reading one chunk file at a time, only the columns the policy compares."""
+    columns = ["content_sha256", "phash", "thumb"] + ([] if settings.policy == "image" else ["signature"])
     parts = []
     for i, path in enumerate(paths):
         mine = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
         if len(mine):
-            parts.append(pq.read_table(path).take(pa.array(mine)))
-    table = pa.concat_tables(parts) if parts else None
-    if table is None:
+            parts.append(pq.read_table(path, columns=columns, use_threads=False).take(pa.array(mine)))
+    if not parts:
         return {
-            "sample_id": np.array([], dtype=object),
             "sha": np.zeros((0, 4), np.uint64),
             "phash": np.zeros(0, np.uint64),
             "thumb": np.zeros((0, THUMB * THUMB), np.uint8),
-            "signature": np.zeros((0, num_perm), np.uint32),
+            "signature": np.zeros((0, settings.num_perm), np.uint32),
         }
+    table = pa.concat_tables(parts)
     sha = np.frombuffer(bytes.fromhex("".join(table["content_sha256"].to_pylist())), dtype=np.uint64)
     return {
-        "sample_id": np.array(table["sample_id"].to_pylist(), dtype=object),
         "sha": sha.reshape(-1, 4),
         "phash": table["phash"].to_numpy(),
         "thumb": _thumbs(table),
-        "signature": _signatures(table, num_perm),
+        "signature": _signatures(table, settings.num_perm) if "signature" in columns else None,
     }
 
 
@@ -561,7 +641,8 @@ def _confirm(f: dict, left: np.ndarray, right: np.ndarray, settings: DedupSettin
         return image
 
     def jaccard(rows: np.ndarray | slice) -> np.ndarray:
-        return (f["signature"][left[rows]] == f["signature"][right[rows]]).mean(axis=1)
+        # a count, not .mean(): the mean of a bool matrix makes a float64 copy of it, 8 bytes per permutation and pair
+        return np.count_nonzero(f["signature"][left[rows]] == f["signature"][right[rows]], axis=1) / settings.num_perm
 
     if settings.policy == "text_and_image":
         matched = np.flatnonzero(image >= 0)

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 from beni_model.files import atomic_path
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+def write_parquet_atomic(table: pa.Table, path: Path, **options) -> None:
+    """`options` go to `pyarrow.parquet.write_table` (e.g. use_dictionary=False)."""
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **options)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

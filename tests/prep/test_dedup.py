@@ -241,6 +241,8 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     one = find_duplicates(paths, DedupSettings(buckets=1))
     other = find_duplicates(list(reversed(paths)), DedupSettings(buckets=5))
     assert one.duplicates.equals(other.duplicates) and one.clusters.equals(other.clusters)
+    triples = find_duplicates(paths, DedupSettings(phash_key_bands=3))  # other keys, the same pairs within the distance
+    assert one.duplicates.equals(triples.duplicates) and one.clusters.equals(triples.clusters)
     write_result(one, tmp_path / "out")
     assert pq.read_table(tmp_path / "out" / "clusters.parquet").equals(one.clusters)
     kept = set(kept_ids(paths[0], one).to_pylist()) | set(kept_ids(paths[1], one).to_pylist())
@@ -256,7 +258,7 @@ def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_pa
         one = find_duplicates(paths, settings)
         jobs = []
         parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(f.__name__) or map(f, *a))
-        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_confirmed_pairs"], (one.clusters.num_rows, jobs)
+        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_candidate_pairs"], (one.clusters.num_rows, jobs)
         assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
 
 
@@ -329,8 +331,30 @@ def test_large_exact_group_is_one_cluster_with_bounded_pairs(tmp_path):
     assert result.clusters["kept_id"][0].as_py() == min(sid(i) for i in range(n))
 
 
+def test_candidate_pairs_grow_with_the_copies_not_the_square_of_the_rows(tmp_path):
+    """Unrelated rows share one of 21 ~18-bit dHash band-pair keys by chance ~21 rows^2 / 2^19 times (about 4k
+    pairs at 10k rows, 64k at 40k); those pairs must not reach the feature comparison, while every planted copy does."""
+    settings = DedupSettings()
+    rng = np.random.default_rng(0)
+    for n in (10_000, 40_000):
+        copies = n // 200
+        texts = [" ".join(f"r{i}w{k}" for k in range(8)) for i in range(n)]
+        phashes = rng.integers(0, 2**63, n, dtype=np.uint64)
+        thumbs = rng.integers(0, 256, (n, THUMB * THUMB), dtype=np.uint8)
+        for c in range(copies):  # row n - 1 - c: a copy of row c, its image's dHash two bits off
+            texts[n - 1 - c], thumbs[n - 1 - c] = texts[c], thumbs[c]
+            phashes[n - 1 - c] = phashes[c] ^ np.uint64(0b101 << (c % 60))
+        shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+        path = synthetic_features(tmp_path / f"{n}.parquet", texts, phashes.tolist(), shas, [t.tobytes() for t in thumbs], settings)
+        result = find_duplicates([path], settings, work_dir=tmp_path)
+        assert result.duplicates.num_rows == copies
+        assert copies <= result.candidate_pairs <= copies + n // 1000, (n, result.candidate_pairs)
+
+
 def test_settings_fail_early_with_one_sentence():
     with pytest.raises(ValueError, match="policy"):
         DedupSettings(policy="text")
+    with pytest.raises(ValueError, match="phash_key_bands"):
+        DedupSettings(phash_key_bands=5)
     with pytest.raises(ValueError, match="lsh_bands x lsh_rows"):
         DedupSettings(lsh_bands=20, lsh_rows=8)

@@ -53,9 +53,3 @@ def remove_leftovers(path: str | Path) -> None:
     path = Path(path)
     for tmp in path.parent.glob(f".{path.name}.*.tmp*"):
         _remove(tmp)
-
-
-def cache_dir(name: str) -> Path:
-    """A folder of the machine's model cache, $BENI_CACHE (default ~/.cache/beni): models built or converted once per
-    machine, which every data root and test run shares."""
-    return Path(os.environ.get("BENI_CACHE", Path.home() / ".cache" / "beni")) / name

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from beni_model.config import BeniConfig
-from beni_model.files import atomic_path, cache_dir
+from beni_model.files import atomic_path
 from beni_model.training.config import TrainConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -202,10 +202,9 @@ def run_recipe(recipe: Recipe, configs: list[TrainConfig], config_dir: Path, lau
 
 
 def _tiny_llm(parts_dir: Path) -> Path:
-    from beni_model.tiny import COPY_STEPS, tiny_llm
+    from beni_model.tiny import tiny_llm
 
-    # Taught to copy for minutes: built once per machine, as SmolLM2 is converted once, not once per data root.
-    return tiny_llm(cache_dir("tiny-llama"), copy_steps=COPY_STEPS)
+    return tiny_llm(parts_dir / "tiny-llama")
 
 
 def _smollm2(parts_dir: Path) -> Path:

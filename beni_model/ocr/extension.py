@@ -3,6 +3,9 @@ its own character embeddings.
 
 Settings (`BeniConfig.extensions["ocr"]`):
 - `tokens`: each image's tokens end with the reading head's soft transcript (`reading_embeddings`);
+- `collapsed`: with `tokens`, that transcript after CTC's collapse: each read the collapse keeps as its best
+  character's token (the gradient passing straight through to its probabilities), packed left, blanks after; one
+  token per character, as the text itself would sit in a prompt, for an LLM that copies from its prompt;
 - `lines`: a head that reads each row of patches as a text line (LineReadingHead), trained on documents' lines;
   with `tokens` its collapsed transcript follows (`line_embeddings`);
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
@@ -32,6 +35,7 @@ from beni_model.ocr.heads import (
 @dataclass
 class OcrSettings:
     tokens: bool = False
+    collapsed: bool = False
     lines: bool = False
     token_ids: list[int] | None = None
 
@@ -39,7 +43,10 @@ class OcrSettings:
 def ocr_settings(settings: dict) -> OcrSettings:
     if unknown := set(settings) - set(OcrSettings.__dataclass_fields__):
         raise ValueError(f"The ocr extension has no settings {sorted(unknown)}: use {sorted(OcrSettings.__dataclass_fields__)}.")
-    return OcrSettings(**settings)
+    options = OcrSettings(**settings)
+    if options.collapsed and not options.tokens:
+        raise ValueError("The ocr extension's collapsed setting shapes the reads handed to the LLM: set tokens too, or collapsed off.")
+    return options
 
 
 @register("ocr")
@@ -169,8 +176,13 @@ class OcrExtension(Extension):
     def reading_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:
         """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
         over blank and READING_ALPHABET weigh a learned blank and the LLM's own embedding of each character, so what
-        the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt."""
+        the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt. With
+        `collapsed`, the token of each read CTC's collapse keeps, packed left (see `packed`), the slots after blank."""
         probs = self.reading_scores(model, features).float().softmax(-1)
+        if self.options.collapsed:  # the best character's token; its probability's gradient passes straight through
+            best = probs.argmax(-1)
+            probs = nn.functional.one_hot(best, probs.shape[-1]).float() + probs - probs.detach()
+            probs = packed(probs, kept_reads(best), probs.shape[1])
         return probs @ self.reading_table(model)[:-1]
 
     def line_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:
@@ -181,22 +193,34 @@ class OcrExtension(Extension):
         shapes never depend on what was read, so the step needs no sync and graphs."""
         scores = self.line_scores(model, features).float()  # [images, rows, reads, classes]
         images, rows, _, classes = scores.shape
-        best = scores.argmax(-1)
-        kept = (best != 0) & (best != nn.functional.pad(best, (1, 0))[..., :-1])
+        kept = kept_reads(scores.argmax(-1))
         kept = torch.cat([kept, kept.any(-1, keepdim=True)], dim=2).flatten(1)  # each row's reads, then its line break
-        # Slots over the table [blank, characters, line break]: the reads, a break per row, a last slot of blank.
-        one_hot = torch.eye(classes + 1, device=scores.device)
-        slots = torch.cat([nn.functional.pad(scores.softmax(-1), (0, 1)), one_hot[-1].expand(images, rows, 1, -1)], dim=2).flatten(1, 2)
-        slots = torch.cat([slots, one_hot[0].expand(images, 1, -1)], dim=1)
-        place = torch.where(kept, kept.cumsum(1) - 1, LINE_TOKENS).clamp(max=LINE_TOKENS)
-        source = torch.full((images, LINE_TOKENS + 1), slots.shape[1] - 1, device=scores.device)
-        source.scatter_(1, place, torch.arange(kept.shape[1], device=scores.device).expand(images, -1))
-        picked = slots.gather(1, source[:, :LINE_TOKENS, None].expand(-1, -1, classes + 1))
-        return picked @ self.reading_table(model)
+        # Slots over the table [blank, characters, line break]: the reads and a break per row.
+        line_break = torch.eye(classes + 1, device=scores.device)[-1].expand(images, rows, 1, -1)
+        slots = torch.cat([nn.functional.pad(scores.softmax(-1), (0, 1)), line_break], dim=2).flatten(1, 2)
+        return packed(slots, kept, LINE_TOKENS) @ self.reading_table(model)
 
     def reading_table(self, model) -> torch.Tensor:
         """The reads' embeddings, [blank, READING_ALPHABET's characters, line break] x text hidden (float32)."""
         return torch.cat([self.blank[None], model.get_input_embeddings()(self.token_ids)]).float()
+
+
+def kept_reads(best: torch.Tensor) -> torch.Tensor:
+    """Where CTC's collapse keeps a read, given each read's best class [..., reads]: neither the blank nor the read
+    before's class."""
+    return (best != 0) & (best != nn.functional.pad(best, (1, 0))[..., :-1])
+
+
+def packed(slots: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """The `kept` [images, n] of each image's `slots` [images, n, classes] packed left in order into `width` slots, the
+    slots after the last a one-hot blank (class 0), those kept past `width` cut. The shapes never depend on what was
+    kept, so the step needs no sync and graphs."""
+    images, n, classes = slots.shape
+    slots = torch.cat([slots, torch.eye(classes, device=slots.device)[0].expand(images, 1, -1)], dim=1)
+    place = torch.where(kept, kept.cumsum(1) - 1, width).clamp(max=width)
+    source = torch.full((images, width + 1), n, device=slots.device)
+    source.scatter_(1, place, torch.arange(n, device=slots.device).expand(images, -1))
+    return slots.gather(1, source[:, :width, None].expand(-1, -1, classes))
 
 
 def character_token_ids(tokenizer) -> list[int]:

@@ -97,6 +97,27 @@ def test_reading_tokens_hand_the_heads_transcript_to_the_llm_in_its_own_embeddin
         BeniConfig(**{**model.config.to_dict(), "extensions": {"ocr": {"colour": True}}})
 
 
+def test_collapsed_reads_hand_the_llm_each_kept_reads_token_packed_left_then_blanks(build):
+    """Columns 0 and 2 read "b" twice, columns 1 and 3 "a" twice: the LLM gets the tokens of b, a, b, a, then blanks;
+    the answer's gradient still reaches the head."""
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu", extensions={"ocr": {"tokens": True, "collapsed": True}})
+    ocr, grid, classes = model.extensions["ocr"], model.config.image_size // model.config.patch_size, 1 + len(READING_ALPHABET)
+    table = ocr.reading_table(model)
+    a, b = (1 + READING_ALPHABET.index(c) for c in "ab")
+    features = torch.zeros(1, grid * grid, ocr.reading_head.pool.shape[0])
+    features.view(1, grid, grid, -1)[:, :, [0, 2], 0] = 100.0
+    with torch.no_grad():
+        head = ocr.reading_head.classify
+        head.weight.zero_().view(READS_PER_COLUMN, classes, -1)[:, b, 0] = 1.0
+        head.bias.zero_().view(READS_PER_COLUMN, classes)[:, a] = 50.0
+        reads = ocr.reading_embeddings(model, features)[0]
+    torch.testing.assert_close(reads, table[[b, a, b, a] + [0] * (grid * READS_PER_COLUMN - 4)])
+    model(**batch_for(model, tokenizer, [TWO_IMAGES]), pixel_values=images(2)).loss.backward()
+    assert ocr.reading_head.classify.weight.grad.abs().sum() > 0 and ocr.blank.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="collapsed setting shapes the reads handed to the LLM: set tokens too"):
+        BeniConfig(**{**model.config.to_dict(), "extensions": {"ocr": {"collapsed": True}}})
+
+
 def test_the_line_head_reads_rows_and_hands_the_llm_their_collapsed_transcript(build):
     """Rows 1 and 3 of a 16 x 16 grid carry text (feature 0), which the head reads as one "a" per column between
     blanks: the LLM gets each of those rows as 16 a's and a line break, then blanks. A head reading "ab" at every

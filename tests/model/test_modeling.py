@@ -235,6 +235,14 @@ def test_images_of_the_wrong_size_are_named_as_such(build, connector):
         model(**batch, pixel_values=images(2, size=48))
 
 
+def test_a_training_loaders_uint8_pixels_are_named_as_such(build):
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu")
+    batch = batch_for(model, tokenizer, [TWO_IMAGES])
+    stored = images(2).mul(127.5).add(127.5).clamp(0, 255).to(torch.uint8)  # as the loader hands them over
+    with pytest.raises(ValueError, match="pixel_values are torch.uint8, not the normalized floats.*DevicePixels"):
+        model(**batch, pixel_values=stored)
+
+
 def test_output_loading_info_gives_the_model_and_its_info(build, tmp_path):
     model, _ = build()
     model.save_pretrained(tmp_path)

@@ -24,3 +24,10 @@ def instance(tmp_path, monkeypatch):
 def materialize(assets: list, **kwargs) -> dg.ExecuteInProcessResult:
     """dg.materialize with the project's resources (the data layout, the Pipes client), as the code location has them."""
     return dg.materialize(assets, resources=RESOURCES, **kwargs)
+
+
+def run_check(asset, check, instance) -> dg.AssetCheckEvaluation:
+    """One asset check run alone against the asset as it stands (the asset is not rematerialized)."""
+    result = materialize([asset, check], instance=instance, selection=dg.AssetSelection.checks(check), raise_on_error=False)
+    [evaluation] = result.get_asset_check_evaluations()
+    return evaluation

@@ -16,7 +16,7 @@ from beni_pipeline.cli import materialize_all
 from beni_pipeline.definitions import defs as definitions
 from beni_pipeline.defs.data.assets import downloaded, manifest_chunks, source_manifest
 from beni_pipeline.defs.data.checks import every_row_has_one_status
-from tests.pipeline.conftest import materialize
+from tests.pipeline.conftest import materialize, run_check
 
 REPO = Path(__file__).parents[2]
 
@@ -66,10 +66,7 @@ def test_materialize_manifest_then_every_partition(instance, fault_server, tmp_p
 
     index_path = tmp_path / "data" / "datasets" / "demo" / "downloaded" / "00002" / "index.parquet"
     pq.write_table(pq.read_table(index_path).slice(1), index_path)  # a status row goes missing
-    result = materialize(
-        [downloaded, every_row_has_one_status], instance=instance, selection=dg.AssetSelection.checks(every_row_has_one_status)
-    )
-    (evaluation,) = result.get_asset_check_evaluations()
+    evaluation = run_check(downloaded, every_row_has_one_status, instance)
     assert not evaluation.passed and "chunk 00002: 8 rows, 7 with a status" in evaluation.metadata["problems"].value
 
 

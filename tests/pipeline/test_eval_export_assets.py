@@ -16,7 +16,7 @@ from beni_pipeline.prep import tesseract
 from beni_pipeline.prep.ocr_eval import CATEGORIES
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 from tests.model.conftest import CHATML, TEXT, VISION, train_tokenizer
-from tests.pipeline.conftest import materialize
+from tests.pipeline.conftest import materialize, run_check
 
 EVAL_SET = {"per_category": 1}
 EVAL = {"batch_size": 8, "max_new_tokens": 4, "device": "cpu"}
@@ -100,13 +100,7 @@ def test_eval_report_and_exports_of_the_trained_model(data):
     lines = (report_dir / "predictions.jsonl").read_text().splitlines()
     (report_dir / "predictions.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     with dg.DagsterInstance.get() as instance:
-        check = materialize(
-            [ocr_eval_report, report_covers_every_sample],
-            instance=instance,
-            selection=dg.AssetSelection.checks(report_covers_every_sample),
-            raise_on_error=False,
-        )
-    [evaluation] = check.get_asset_check_evaluations()
+        evaluation = run_check(ocr_eval_report, report_covers_every_sample, instance)
     assert not evaluation.passed and evaluation.metadata["missing"].value == 1
 
 

@@ -3,19 +3,12 @@ import dagster as dg
 from beni_pipeline.defs.layout import DataLayout
 from beni_pipeline.defs.training.assets import trained_model
 from beni_pipeline.defs.training.checks import published_model_answers
-from tests.pipeline.conftest import materialize
+from tests.pipeline.conftest import run_check
 from tests.pipeline.test_eval_export_assets import save_tiny_model
 
 
 def check(instance) -> dg.AssetCheckEvaluation:
-    result = materialize(
-        [trained_model, published_model_answers],
-        instance=instance,
-        selection=dg.AssetSelection.checks(published_model_answers),
-        raise_on_error=False,
-    )
-    [evaluation] = result.get_asset_check_evaluations()
-    return evaluation
+    return run_check(trained_model, published_model_answers, instance)
 
 
 def test_the_published_model_answers_through_the_server(instance, tmp_path):

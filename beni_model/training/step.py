@@ -80,14 +80,14 @@ def train_step(
     weights: dict[str, float] | None = None,
     extensions_only: bool = False,
 ) -> StepStats:
-    """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over
-    every rank's label tokens, plus the extensions' losses by their `weights` (the sum's mean over micro-batches and
-    ranks) where the batches carry their targets; `pixels` finishes the loader's uint8 images on the device;
-    `extensions_only` (the encoder stage) trains on that sum alone and never runs the LLM. The step never waits on the device: `optimizer` is a fused one (AdamW(fused=True)), which
-    skips a step whose gradient norm is not finite on the device, on every rank alike (the norm is global), so one
-    overflow never turns the weights into NaN. The stats (see StepStats.host): the loss (the LM's; the extensions'
-    when `extensions_only`), the extensions' weighted loss (None without targets), grad norm, whether the step was
-    skipped and the step's global counts (no text tokens when `extensions_only`)."""
+    """One optimizer step over the micro-batches (gradient sync on the last only); loss is the token mean over every
+    rank's label tokens, plus the extensions' losses by their `weights` (the sum's mean over micro-batches and ranks)
+    where the batches carry their targets; `pixels` finishes the loader's uint8 images on the device; `extensions_only`
+    (the encoder stage) trains on that sum alone and never runs the LLM. The step never waits on the device: `optimizer`
+    is a fused one (AdamW(fused=True)), which skips a step whose gradient norm is not finite on the device, on every
+    rank alike (the norm is global), so one overflow never turns the weights into NaN. The stats (see StepStats.host):
+    the loss (the LM's; the extensions' when `extensions_only`), the extensions' weighted loss (None without targets),
+    grad norm, whether the step was skipped and the step's global counts (no text tokens when `extensions_only`)."""
     world_size = dist.get_world_size()
     weights = weights or {}
     target_keys = tuple(k for e in beni_of(model).extensions.values() for k in e.batch_keys) if weights else ()

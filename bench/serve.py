@@ -251,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a saved beni model, quantized export or LLaVA export (default: a tiny random one)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the served weights' dtype (both sides)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 16)")
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -263,7 +264,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or tiny_model(Path(tmp))
-        model, processor = load_model(model_dir, args.device)
+        model, processor = load_model(model_dir, args.device, args.dtype)
         settings = ServeSettings(max_batch=max(args.concurrency), max_waiting=max(args.requests, 2 * max(args.concurrency), 16))
         servers = {
             "beni serve": BackgroundServer(create_app(model, processor, "model", settings)),
@@ -299,7 +300,7 @@ def main() -> None:
         torch.cuda.get_device_name() if torch.cuda.is_available() and (args.device or "cuda") == "cuda" else platform.processor() or "cpu"
     )
     print(
-        f"\nmodel {args.model or 'tiny random'}, {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}\n"
+        f"\nmodel {args.model or 'tiny random'} in {args.dtype}, {device}, torch {torch.__version__}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}\n"
     )
     print(
         "| server | concurrency | requests/s | output tokens/s | TTFT p50 / p95 ms | latency p50 / p95 ms | answers identical to beni serve's |"

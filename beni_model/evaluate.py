@@ -197,15 +197,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_for_eval(model_dir: str | Path, device: str | None = None):
+def load_for_eval(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
     """(model, processor) from a saved beni folder, a quantized export of one, or a LLaVA export, ready to generate:
-    bf16 on a GPU, float32 on CPU; every part frozen (inference only)."""
+    in `dtype` (default: bf16 on a GPU, float32 on CPU); every part frozen (inference only)."""
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No model at {model_dir}: expected a save_pretrained folder with config.json.")
     device = device or default_device()
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if json.loads(config_file.read_text()).get("model_type") == "llava":
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, device_map=device)
     else:

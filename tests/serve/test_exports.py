@@ -1,8 +1,10 @@
 """Quantized and LLaVA exports serve through the same server, their answers equal to their own greedy generate."""
 
 import pytest
+import torch
 from openai import OpenAI
 
+from beni_model.evaluate import placement
 from beni_model.export import export_llava
 from beni_model.quantize import export_quantized, unavailable
 from beni_pipeline.serve.app import load_model
@@ -42,3 +44,12 @@ def test_a_quantized_export_answers_as_its_greedy_generate(model_dir, tmp_path, 
     quantized = load_model(export_quantized(model_dir, tmp_path / scheme, scheme, "cpu"), "cpu")
     image = jpeg_bytes(64, 48, seed=6)
     assert answer(quantized, image) == greedy(quantized, QUESTION, image, 12)
+
+
+def test_bfloat16_serving_loads_bf16_weights_and_answers_as_their_greedy_generate(model_dir):
+    model, processor = bf16 = load_model(model_dir, "cpu", "bfloat16")
+    assert placement(model)[1] == torch.bfloat16
+    image = jpeg_bytes(64, 48, seed=7)
+    assert answer(bf16, image) == greedy(bf16, QUESTION, image, 12)
+    with pytest.raises(ValueError, match="Unknown dtype 'float16'"):
+        load_model(model_dir, "cpu", "float16")

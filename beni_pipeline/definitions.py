@@ -4,9 +4,15 @@ import dagster as dg
 
 from beni_pipeline.defs.engine import Engine
 from beni_pipeline.defs.layout import DataLayout
+from beni_pipeline.defs.training.pipes import WholeLineMessageReader
 from beni_pipeline.defs.training.resources import TrainingRecipe
 
-RESOURCES = {"pipes": dg.PipesSubprocessClient(), "layout": DataLayout(), "recipe": TrainingRecipe(), "engine": Engine()}
+RESOURCES = {
+    "pipes": dg.PipesSubprocessClient(message_reader=WholeLineMessageReader()),
+    "layout": DataLayout(),
+    "recipe": TrainingRecipe(),
+    "engine": Engine(),
+}
 
 
 @dg.definitions

@@ -1,5 +1,6 @@
 import logging
 import os
+import warnings
 
 # transformers (5.25 and later) loads models with `use_kernels` on by default, which fetches kernels from the hub at
 # load time: offline that fails (or asks to trust remote code). beni runs offline, so hub kernels are off unless the
@@ -34,3 +35,8 @@ class _DropLines(logging.Filter):
 
 for _logger, _text in THIRD_PARTY_NOISE.items():
     logging.getLogger(_logger).addFilter(_DropLines(_text))
+
+# torch.compile's inductor notes, as a UserWarning ending "Cut an issue to PyTorch", that it split a long reduction
+# and so left its online softmax out: a detail of the kernels it chose, printed in every compiled training run.
+INDUCTOR_NOTE = "Online softmax is disabled on the fly"
+warnings.filterwarnings("ignore", message=rf"\s*{INDUCTOR_NOTE}", category=UserWarning)

@@ -13,7 +13,6 @@ against a corpus.jsonl by image content hash and by answer text.
 
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -24,6 +23,7 @@ from PIL import Image
 
 from beni_pipeline.prep import synthetic as syn
 from beni_pipeline.prep.files import write_text_atomic
+from beni_pipeline.prep.processes import process_pool
 
 MAX_ATTEMPTS = 100  # draws of one item before giving up on finding an answer the corpus lacks
 RECOGNITION_QUESTION = "what is written in the image?"  # OCRBench's own wording for recognition items
@@ -287,8 +287,8 @@ def find_overlaps(eval_json: str | Path, eval_image_root: str | Path, corpus_jso
         if "://" not in url.removeprefix("file://") and path.is_file():
             paths.append(path)
     # Decoding is ~1.6 ms an image: minutes for a GPU run's corpus on one core.
-    with multiprocessing.get_context("spawn").Pool(max(1, min(os.cpu_count() or 1, len(paths) // 1000))) as pool:
-        corpus_images = set(pool.imap_unordered(image_hash, paths, chunksize=256))
+    with process_pool(max(1, min(os.cpu_count() or 1, len(paths) // 1000))) as pool:
+        corpus_images = set(pool.map(image_hash, paths, chunksize=256))
     answers = corpus_answers(corpus_jsonl)
     overlaps = []
     for item in json.loads(Path(eval_json).read_text()):

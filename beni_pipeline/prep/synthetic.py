@@ -14,7 +14,6 @@ import glob
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -31,6 +30,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
 from beni_model.files import atomic_path, remove_leftovers
 from beni_pipeline.prep.files import write_text_atomic
 from beni_pipeline.prep.fonts import covers
+from beni_pipeline.prep.processes import process_pool
 
 FONT_GLOB = "/usr/share/fonts/**/*.ttf"
 MIN_FONT_SIZE = 16  # smallest text we render; below it OCR labels stop being trustworthy
@@ -1118,13 +1118,13 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
         indices = range(start, min(start + CHUNK, settings.samples))
         tasks.append((settings, indices, {i: duplicates[i] for i in indices if i in duplicates}, str(images), width))
     with (
-        multiprocessing.get_context("spawn").Pool(min(os.cpu_count() or 1, len(tasks))) as pool,
+        process_pool(min(os.cpu_count() or 1, len(tasks))) as pool,
         atomic_path(corpus) as corpus_tmp,
         atomic_path(planted) as planted_tmp,
         corpus_tmp.open("w") as rows,
         planted_tmp.open("w") as dups,
     ):
-        for lines in pool.imap(_write_chunk, tasks):
+        for lines in pool.map(_write_chunk, tasks):
             for row, dup in lines:
                 rows.write(row + "\n")
                 if dup:

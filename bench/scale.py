@@ -214,12 +214,15 @@ def main() -> None:
         measure(args.measure[0], Path(args.measure[1]))
         return
     settings = DedupSettings()
-    print(f"policy {settings.policy}, {settings.buckets} buckets, {CHUNK_ROWS} rows a chunk, {os.cpu_count()} cores")
+    print(f"policy {settings.policy}, a bucket per {settings.bucket_rows} rows, {CHUNK_ROWS} rows a chunk, {os.cpu_count()} cores")
     for rows in args.rows:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             start = time.perf_counter()
             raws, planted = generate(Path(tmp), rows)
-            print(f"\n{rows} rows in {len(raws)} chunks, {len(planted)} planted copies (generated in {time.perf_counter() - start:.0f} s)")
+            print(
+                f"\n{rows} rows in {len(raws)} chunks, {settings.bucket_count(rows)} buckets, {len(planted)} planted copies "
+                f"(generated in {time.perf_counter() - start:.0f} s)"
+            )
             walls = {}
             for engine in args.engines:
                 load = os.getloadavg()[0]

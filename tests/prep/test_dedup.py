@@ -2,9 +2,11 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import random
 import tarfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 from PIL import Image, ImageDraw, ImageFont
 
+from beni_pipeline.prep import dedup
 from beni_pipeline.prep.dedup import (
     THUMB,
     DedupSettings,
@@ -240,6 +243,9 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     paths = features(corpus, tmp_path, DedupSettings())
     one = find_duplicates(paths, DedupSettings(buckets=1))
     other = find_duplicates(list(reversed(paths)), DedupSettings(buckets=5))
+    assert DedupSettings(bucket_rows=50).bucket_count(one.rows) == -(-one.rows // 50) and DedupSettings(buckets=5).bucket_count(10**9) == 5
+    by_rows = find_duplicates(paths, DedupSettings(bucket_rows=50))
+    assert one.clusters.equals(by_rows.clusters) and one.duplicates.equals(by_rows.duplicates)
     assert one.duplicates.equals(other.duplicates) and one.clusters.equals(other.clusters)
     triples = find_duplicates(paths, DedupSettings(phash_key_bands=3))  # other keys, the same pairs within the distance
     assert one.duplicates.equals(triples.duplicates) and one.clusters.equals(triples.clusters)
@@ -250,16 +256,23 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     assert not kept & set(one.duplicates["sample_id"].to_pylist())
 
 
-def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path):
-    """Jobs per chunk and per bucket (as the cluster engine runs them) against the one-process clustering, on each policy."""
-    for policy in ("text_and_image", "text_or_image"):
-        settings = DedupSettings(policy=policy, buckets=3)
-        paths = features(corpus, tmp_path / policy, settings)
-        one = find_duplicates(paths, settings)
-        jobs = []
-        parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(f.__name__) or map(f, *a))
-        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_candidate_pairs"], (one.clusters.num_rows, jobs)
-        assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
+def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path, monkeypatch):
+    """Jobs per chunk, per bucket and per confirmation group, run in two other processes (as the cluster engine runs
+    them), against one bucket and one group in this process, on each policy."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        for policy in ("text_and_image", "text_or_image"):
+            paths = features(corpus, tmp_path / policy, DedupSettings(policy=policy))
+            one = find_duplicates(paths, DedupSettings(policy=policy, buckets=1))
+            monkeypatch.setattr(dedup, "_CONFIRM_PAIRS", 16)  # several groups, each reading a slice of every chunk's rows
+            settings = DedupSettings(policy=policy, bucket_rows=100)
+            jobs = []
+            parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(a[0][0].__name__) or pool.map(f, *a))
+            monkeypatch.undo()
+            assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_candidate_pairs", "_write_rows", "_confirm_group"], jobs
+            assert settings.bucket_count(one.rows) == 3 and one.candidate_pairs > 2 * 16, one.candidate_pairs
+            assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
+            workers = set(parallel.peak_rss_mib) - {"this process"}
+            assert len(workers) == 2 and all(parallel.peak_rss_mib[w] > 10 for w in workers), parallel.peak_rss_mib
 
 
 def test_features_cache_follows_index_and_settings(corpus, tmp_path):
@@ -356,5 +369,7 @@ def test_settings_fail_early_with_one_sentence():
         DedupSettings(policy="text")
     with pytest.raises(ValueError, match="phash_key_bands"):
         DedupSettings(phash_key_bands=5)
+    with pytest.raises(ValueError, match="bucket_rows"):
+        DedupSettings(bucket_rows=0)
     with pytest.raises(ValueError, match="lsh_bands x lsh_rows"):
         DedupSettings(lsh_bands=20, lsh_rows=8)

@@ -559,8 +559,7 @@ def _offsets(paths: list[Path]) -> np.ndarray:
     return np.cumsum([0] + [pq.read_metadata(path).num_rows for path in paths], dtype=np.int64)
 
 
-_ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bits 0-31), thumbnail brightness (32-39),
-_ANY_IMAGE = np.uint64(1 << 40)  # and this bit when its key is not a phash band key (no image-hash filter on its pairs)
+_ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bits 0-31), thumbnail brightness (32-39)
 
 
 def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: DedupSettings) -> np.ndarray:
@@ -574,8 +573,9 @@ def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: 
     keys, used, phash_key = _band_keys(table, settings)
     brightness = _thumbs(table).sum(axis=1, dtype=np.uint64) // np.uint64(THUMB * THUMB)  # the mean grey level, floored
     row = np.arange(first_row, first_row + table.num_rows, dtype=np.uint64) | (brightness << np.uint64(32))
-    row = row[:, None] | np.where(phash_key, np.uint64(0), _ANY_IMAGE)[None, :]
-    phash = np.broadcast_to(table["phash"].to_numpy()[:, None], keys.shape)
+    row = np.broadcast_to(row[:, None], keys.shape)
+    # the pairs of a key that is not a phash band key pass the bucket's image-hash test: their hashes are written as 0
+    phash = np.where(phash_key[None, :], table["phash"].to_numpy()[:, None], np.uint64(0))
     keys = keys[used]
     bucket = (keys % np.uint64(buckets)).astype(np.min_scalar_type(buckets))  # small ints: a radix sort
     order = np.argsort(bucket, kind="stable")
@@ -586,24 +586,26 @@ def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: 
 def _candidate_pairs(keys: list[Path], slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
     """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket (its `slices` of the chunks' `keys`
     files, see _spill_chunk) that share a key, each row
-    paired with up to `max_group_pairs` following rows of its key group, and kept when the key is not a phash band
-    key or the two phashes are within `phash_max_distance` bits. The dHash band-pair keys are ~18 bits, so in a
+    paired with up to `max_group_pairs` preceding rows of its key group, and kept when the two phashes are within
+    `phash_max_distance` bits (always, for a key that is not a phash band key: its entries' phashes are 0). The dHash band-pair keys are ~18 bits, so in a
     large corpus most rows sharing one do so by chance; testing the whole hash here, before any feature is read,
     keeps the pairs that leave a bucket those of near images."""
     parts = [np.load(path, mmap_mode="r")[:, a:b] for path, (a, b) in zip(keys, slices.tolist()) if b > a]  # this bucket's slice of each chunk's keys
     data = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.uint64)
     key, row, phash = _sorted_groups(data, settings)
-    near = (row & _ANY_IMAGE) == 0
-    pairs, left = [np.zeros((0, 2), np.int64)], np.arange(len(key) - 1)
-    # pair each entry with the one `step` further on while both share the key: the entries still in a group at one
-    # step are the only ones that can be at the next, so the work is the entries plus the pairs
+    # each entry's place in its key group, capped where pairing stops
+    index = np.arange(len(key))
+    place = index - np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], index, 0))
+    place = np.minimum(place, settings.max_group_pairs).astype(np.min_scalar_type(settings.max_group_pairs))
+    pairs, right = [np.zeros((0, 2), np.int64)], np.flatnonzero(place)
+    # pair each entry with the one `step` before it in its group: the entries still paired at one step are the only
+    # ones that can be at the next, so the work is the entries plus the pairs, a pair costing a few array passes
     for step in range(1, settings.max_group_pairs + 1):
-        left = left[: np.searchsorted(left, len(key) - step)]
-        left = left[key[left] == key[left + step]]
-        if not len(left):
+        right = right[place[right] >= step]
+        if not len(right):
             break
-        right = left + step
-        ok = ~near[left] | (np.bitwise_count(phash[left] ^ phash[right]) <= settings.phash_max_distance)
+        left = right - step
+        ok = np.bitwise_count(phash[left] ^ phash[right]) <= settings.phash_max_distance
         pairs.append(np.stack([row[left[ok]] & _ROW, row[right[ok]] & _ROW], axis=1).astype(np.int64))
     pairs = np.concatenate(pairs)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # one row can hit a group twice only via a band collision
@@ -630,7 +632,7 @@ def _sorted_groups(data: np.ndarray, settings: DedupSettings) -> tuple[np.ndarra
     redo[run[1:][(key[1:] != key[:-1]) & ~run_start[1:]]] = True
     at = np.flatnonzero(redo[run])
     if len(at):
-        exact = at[np.lexsort((row[at] & ~_ANY_IMAGE, key[at]))]
+        exact = at[np.lexsort((row[at], key[at]))]
         key[at], row[at], phash[at] = key[exact], row[exact], phash[exact]
     return key, row, phash
 

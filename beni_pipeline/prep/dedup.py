@@ -446,9 +446,7 @@ def _write_rows(path: Path, rows: np.ndarray, out: Path, settings: DedupSettings
 def _confirm_group(pairs: np.ndarray, rows: np.ndarray, files: list[Path], slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
     """int64 [pairs, 3]: the group's candidate pairs the policy confirms, and the reason's index; `rows` are the pairs'
     rows, sorted, whose features are the `slices` of the chunks' `files`, in chunk order."""
-    width = _packed_width(settings)
-    parts = [np.load(f, mmap_mode="r")[a:b] for f, (a, b) in zip(files, slices.tolist()) if b > a]
-    features = _unpack(np.concatenate([np.zeros((0, width), np.uint8)] + parts), settings)
+    features = _unpack(_read_rows(files, slices, _packed_width(settings), np.uint8), settings)
     left, right = np.searchsorted(rows, pairs[:, 0]), np.searchsorted(rows, pairs[:, 1])
     step = 1 << 14  # pairs compared at a time: bounds the gathered signatures and thumbnails to ~40 MB
     reason = np.concatenate(
@@ -563,7 +561,7 @@ _ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bit
 
 
 def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: DedupSettings) -> np.ndarray:
-    """One chunk's band keys written to `out` as uint64 [3, entries] ordered by bucket (key % buckets): key, the row with
+    """One chunk's band keys written to `out` as uint64 [entries, 3] ordered by bucket (key % buckets): key, the row with
     its thumbnail brightness (see _ROW), the row's phash. Returns where each bucket starts in it, and the end: a bucket
     job reads its slice of every chunk's file, so the shuffle is one file per chunk, not one per chunk and bucket."""
     columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
@@ -579,7 +577,7 @@ def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: 
     keys = keys[used]
     bucket = (keys % np.uint64(buckets)).astype(np.min_scalar_type(buckets))  # small ints: a radix sort
     order = np.argsort(bucket, kind="stable")
-    np.save(out, np.stack([keys[order], row[used][order], phash[used][order]]))
+    np.save(out, np.stack([keys[order], row[used][order], phash[used][order]], axis=1))
     return np.r_[0, np.cumsum(np.bincount(bucket, minlength=buckets))].astype(np.int64)
 
 
@@ -590,9 +588,7 @@ def _candidate_pairs(keys: list[Path], slices: np.ndarray, settings: DedupSettin
     `phash_max_distance` bits (always, for a key that is not a phash band key: its entries' phashes are 0). The dHash band-pair keys are ~18 bits, so in a
     large corpus most rows sharing one do so by chance; testing the whole hash here, before any feature is read,
     keeps the pairs that leave a bucket those of near images."""
-    parts = [np.load(path, mmap_mode="r")[:, a:b] for path, (a, b) in zip(keys, slices.tolist()) if b > a]  # this bucket's slice of each chunk's keys
-    data = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.uint64)
-    key, row, phash = _sorted_groups(data, settings)
+    key, row, phash = _sorted_groups(_read_rows(keys, slices, 3, np.uint64).T, settings)
     # each entry's place in its key group, capped where pairing stops
     index = np.arange(len(key))
     place = index - np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], index, 0))
@@ -662,6 +658,24 @@ def _thumbs(table: pa.Table) -> np.ndarray:
         return np.zeros((0, THUMB * THUMB), np.uint8)
     data = np.frombuffer(thumbs.buffers()[1], dtype=np.uint8)
     return data[thumbs.offset * THUMB * THUMB :][: len(thumbs) * THUMB * THUMB].reshape(-1, THUMB * THUMB)
+
+
+def _read_rows(files: list[Path], slices: np.ndarray, width: int, dtype: type) -> np.ndarray:
+    """Rows a:b of each file's [rows, width] array (as np.save wrote it), one file after another in one array. Plain
+    reads, not memory maps: a map of each file kept resident every page the kernel read around the slice, so a job
+    reading a slice of many files held far more than the slices."""
+    sizes = (slices[:, 1] - slices[:, 0]).clip(0).tolist()
+    out = np.empty((sum(sizes), width), dtype)
+    at = 0
+    for path, (a, _), size in zip(files, slices.tolist(), sizes):
+        if size:
+            with open(path, "rb") as f:
+                major, minor = np.lib.format.read_magic(f)
+                getattr(np.lib.format, f"read_array_header_{major}_{minor}")(f)  # past the header, to the first row
+                f.seek(f.tell() + a * width * out.itemsize)
+                f.readinto(memoryview(out[at : at + size]).cast("B"))
+            at += size
+    return out
 
 
 def _read_features(path: Path, rows: np.ndarray, settings: DedupSettings) -> dict:

@@ -410,7 +410,8 @@ def find_duplicates_parallel(
     peaks = _Peaks(map_)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         keys = [Path(tmp) / f"keys-{i:06d}.npy" for i in range(n)]
-        starts = np.stack([np.zeros(buckets + 1, np.int64)] + peaks(_spill_chunk, paths, keys, offsets[:-1].tolist(), [buckets] * n, [settings] * n))[1:]
+        ends = peaks(_spill_chunk, paths, keys, offsets[:-1].tolist(), [buckets] * n, [settings] * n)
+        starts = np.array(ends, np.int64).reshape(n, buckets + 1)  # where each bucket starts in each chunk's keys
         slices = [starts[:, b : b + 2] for b in range(buckets)]
         pairs = peaks(_candidate_pairs, [keys] * buckets, slices, [settings] * buckets)
         candidates = _unique_pairs(np.concatenate([np.zeros((0, 2), np.int64)] + pairs))
@@ -422,7 +423,9 @@ def find_duplicates_parallel(
 _CONFIRM_PAIRS = 1 << 15  # candidate pairs a confirmation job takes: the features of their rows stay near 50 MB
 
 
-def _confirm_in_jobs(candidates: np.ndarray, paths: list[Path], offsets: np.ndarray, tmp: Path, settings: DedupSettings, map_) -> np.ndarray:
+def _confirm_in_jobs(
+    candidates: np.ndarray, paths: list[Path], offsets: np.ndarray, tmp: Path, settings: DedupSettings, map_
+) -> np.ndarray:
     """int64 [pairs, 3]: the candidate pairs the policy confirms, and the reason's index (steps 3 and 4 above)."""
     groups = np.array_split(candidates, max(1, -(-len(candidates) // _CONFIRM_PAIRS)))
     rows = [_unique_rows(group) for group in groups]
@@ -593,16 +596,23 @@ def _candidate_pairs(keys: list[Path], slices: np.ndarray, settings: DedupSettin
     index = np.arange(len(key))
     place = index - np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], index, 0))
     place = np.minimum(place, settings.max_group_pairs).astype(np.min_scalar_type(settings.max_group_pairs))
-    pairs, right = [np.zeros((0, 2), np.int64)], np.flatnonzero(place)
-    # pair each entry with the one `step` before it in its group: the entries still paired at one step are the only
-    # ones that can be at the next, so the work is the entries plus the pairs, a pair costing a few array passes
+    reach = np.cumsum(np.bincount(place, minlength=settings.max_group_pairs + 1)[::-1])[::-1]  # entries placed >= step
+    pairs, right = [np.zeros((0, 2), np.int64)], None
+    # pair each entry with the one `step` before it in its group. While many entries are that far into their group,
+    # passes over the whole arrays (no gathers) are the cheaper; past that, only the entries still reaching the step
+    # are gathered (they are the only ones that can reach the next), so the work is the entries plus the pairs
     for step in range(1, settings.max_group_pairs + 1):
-        right = right[place[right] >= step]
-        if not len(right):
+        if not reach[step]:
             break
-        left = right - step
-        ok = np.bitwise_count(phash[left] ^ phash[right]) <= settings.phash_max_distance
-        pairs.append(np.stack([row[left[ok]] & _ROW, row[right[ok]] & _ROW], axis=1).astype(np.int64))
+        if right is None and reach[step] * 16 < len(place):
+            right = np.flatnonzero(place >= step)
+        if right is None:
+            near = np.bitwise_count(phash[step:] ^ phash[:-step]) <= settings.phash_max_distance
+            later = np.flatnonzero(near & (place[step:] >= step)) + step
+        else:
+            right = right[place[right] >= step]
+            later = right[np.bitwise_count(phash[right - step] ^ phash[right]) <= settings.phash_max_distance]
+        pairs.append(np.stack([row[later - step] & _ROW, row[later] & _ROW], axis=1).astype(np.int64))
     pairs = np.concatenate(pairs)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # one row can hit a group twice only via a band collision
     return _unique_pairs(np.sort(pairs, axis=1))

@@ -90,8 +90,8 @@ class DedupSettings(pydantic.BaseModel):
     agree exactly on at least two bands; with `phash_key_bands` m, d + m bands taken m at a time), so near
     images are found by grouping, not by comparing all pairs. At d = 5 a key is two ~9-bit bands (~18 bits), so
     unrelated rows share one ~21 N^2 / 2^19 times (40 M at 1 M rows): inside a bucket each such pair is dropped
-    on its whole 64-bit hashes before any feature is read, which keeps that square term to two array lookups a
-    pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
+    on its whole 64-bit hashes before any feature is read, which keeps that square term to a few passes over
+    arrays a pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
     than `max_group_pairs` + 1, so copies in a group could go unpaired. `phash_key_bands` = 3 (56 keys of ~24
     bits at d = 5: 2.6x the spilled keys, groups of ~N / 2^24, 1/25 of the chance pairs) is for corpora that
     large; both find the same pairs.

@@ -409,11 +409,10 @@ def find_duplicates_parallel(
     n, buckets = len(paths), settings.bucket_count(int(offsets[-1]))
     peaks = _Peaks(map_)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        keys = [Path(tmp) / f"keys-{i:06d}.npy" for i in range(n)]
-        ends = peaks(_spill_chunk, paths, keys, offsets[:-1].tolist(), [buckets] * n, [settings] * n)
+        ends = peaks(_spill_chunk, paths, _chunk_files(Path(tmp), "keys", n), offsets[:-1].tolist(), [buckets] * n, [settings] * n)
         starts = np.array(ends, np.int64).reshape(n, buckets + 1)  # where each bucket starts in each chunk's keys
         slices = [starts[:, b : b + 2] for b in range(buckets)]
-        pairs = peaks(_candidate_pairs, [keys] * buckets, slices, [settings] * buckets)
+        pairs = peaks(_candidate_pairs, [Path(tmp)] * buckets, slices, [settings] * buckets)
         candidates = _unique_pairs(np.concatenate([np.zeros((0, 2), np.int64)] + pairs))
         confirmed = _confirm_in_jobs(candidates, paths, offsets, Path(tmp), settings, peaks)
     result = _join(confirmed, paths, offsets)
@@ -433,11 +432,10 @@ def _confirm_in_jobs(
     counts = np.diff(cuts, axis=1)
     n = len(paths)
     wanted = [np.concatenate([r[cuts[g, i] : cuts[g, i + 1]] for g, r in enumerate(rows)]) - offsets[i] for i in range(n)]
-    files = [tmp / f"features-{i:06d}.npy" for i in range(n)]
-    map_(_write_rows, paths, wanted, files, [settings] * n)
+    map_(_write_rows, paths, wanted, _chunk_files(tmp, "features", n), [settings] * n)
     starts = np.cumsum(counts, axis=0) - counts  # [group, chunk]: where a group's rows start in a chunk's file
     slices = [np.stack([starts[g], starts[g] + counts[g]], axis=1) for g in range(len(groups))]
-    confirmed = map_(_confirm_group, groups, rows, [files] * len(groups), slices, [settings] * len(groups))
+    confirmed = map_(_confirm_group, groups, rows, [tmp] * len(groups), slices, [settings] * len(groups))
     return np.concatenate([np.zeros((0, 3), np.int64)] + confirmed)
 
 
@@ -446,9 +444,10 @@ def _write_rows(path: Path, rows: np.ndarray, out: Path, settings: DedupSettings
     np.save(out, _pack(_read_features(path, rows, settings)))
 
 
-def _confirm_group(pairs: np.ndarray, rows: np.ndarray, files: list[Path], slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
+def _confirm_group(pairs: np.ndarray, rows: np.ndarray, folder: Path, slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
     """int64 [pairs, 3]: the group's candidate pairs the policy confirms, and the reason's index; `rows` are the pairs'
-    rows, sorted, whose features are the `slices` of the chunks' `files`, in chunk order."""
+    rows, sorted, whose features are the `slices` of the chunks' features files in `folder`, in chunk order."""
+    files = _chunk_files(folder, "features", len(slices))
     features = _unpack(_read_rows(files, slices, _packed_width(settings), np.uint8), settings)
     left, right = np.searchsorted(rows, pairs[:, 0]), np.searchsorted(rows, pairs[:, 1])
     step = 1 << 14  # pairs compared at a time: bounds the gathered signatures and thumbnails to ~40 MB
@@ -457,6 +456,12 @@ def _confirm_group(pairs: np.ndarray, rows: np.ndarray, files: list[Path], slice
     )
     keep = reason >= 0
     return np.stack([pairs[keep, 0], pairs[keep, 1], reason[keep]], axis=1).astype(np.int64)
+
+
+def _chunk_files(folder: Path, name: str, chunks: int) -> list[Path]:
+    """The files the jobs of one clustering write per chunk; a job is told the folder, not the paths, so that what every
+    bucket's or group's job is sent does not grow with the chunks."""
+    return [folder / f"{name}-{i:06d}.npy" for i in range(chunks)]
 
 
 def _join(confirmed: np.ndarray, paths: list[Path], offsets: np.ndarray) -> DedupResult:
@@ -584,14 +589,15 @@ def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: 
     return np.r_[0, np.cumsum(np.bincount(bucket, minlength=buckets))].astype(np.int64)
 
 
-def _candidate_pairs(keys: list[Path], slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
-    """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket (its `slices` of the chunks' `keys`
-    files, see _spill_chunk) that share a key, each row
-    paired with up to `max_group_pairs` preceding rows of its key group, and kept when the two phashes are within
-    `phash_max_distance` bits (always, for a key that is not a phash band key: its entries' phashes are 0). The dHash band-pair keys are ~18 bits, so in a
-    large corpus most rows sharing one do so by chance; testing the whole hash here, before any feature is read,
-    keeps the pairs that leave a bucket those of near images."""
-    key, row, phash = _sorted_groups(_read_rows(keys, slices, 3, np.uint64).T, settings)
+def _candidate_pairs(folder: Path, slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket (its `slices` of the chunks' keys
+    files in `folder`, see _spill_chunk) that share a key, each row paired with up to `max_group_pairs` preceding rows
+    of its key group, and kept when the two phashes are within `phash_max_distance` bits (always, for a key that is not
+    a phash band key: its entries' phashes are 0). The dHash band-pair keys are ~18 bits, so in a large corpus most rows
+    sharing one do so by chance; testing the whole hash here, before any feature is read, keeps the pairs that leave a
+    bucket those of near images."""
+    keys = _read_rows(_chunk_files(folder, "keys", len(slices)), slices, 3, np.uint64)
+    key, row, phash = _sorted_groups(keys.T, settings)
     # each entry's place in its key group, capped where pairing stops
     index = np.arange(len(key))
     place = index - np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], index, 0))
@@ -625,7 +631,7 @@ def _sorted_groups(data: np.ndarray, settings: DedupSettings) -> tuple[np.ndarra
     One flat sort of (the key's top 32 bits, entry number) orders the entries, several times faster than a lexsort on
     three columns; groups whose top bits are shared by two keys, and crowded groups, are then re-sorted exactly."""
     if data.shape[1] >= 1 << 32:
-        raise ValueError(f"a dedup bucket holds {data.shape[1]} keys, more than 2**32; raise DedupSettings.buckets")
+        raise ValueError(f"a dedup bucket holds {data.shape[1]} keys, more than 2**32; lower DedupSettings.bucket_rows")
     if data.shape[1] < 2:
         return data[0], data[1], data[2]
     order = (np.sort((data[0] & ~_ROW) | np.arange(data.shape[1], dtype=np.uint64)) & _ROW).astype(np.int64)

@@ -428,6 +428,11 @@ def _confirm_in_jobs(
     """int64 [pairs, 3]: the candidate pairs the policy confirms, and the reason's index (steps 3 and 4 above)."""
     groups = np.array_split(candidates, max(1, -(-len(candidates) // _CONFIRM_PAIRS)))
     rows = [_unique_rows(group) for group in groups]
+    every = _unique_rows(candidates)
+    if sum(map(len, rows)) > 2 * len(every):
+        # dense pairs (where text alone counts, a row pairs with rows all over the corpus): every group would read the
+        # features of most rows, so one job confirms them all, holding each candidate row's features once
+        groups, rows = [candidates], [every]
     cuts = np.stack([np.searchsorted(r, offsets) for r in rows])  # [group, chunk + 1]: where each chunk's rows start in a group's
     counts = np.diff(cuts, axis=1)
     n = len(paths)

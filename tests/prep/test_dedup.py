@@ -258,21 +258,26 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
 
 def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path, monkeypatch):
     """Jobs per chunk, per bucket and per confirmation group, run in two other processes (as the cluster engine runs
-    them), against one bucket and one group in this process, on each policy."""
+    them), against one bucket and one group in this process, on each policy. Sparse candidate pairs (image keys) are
+    confirmed in groups of `_CONFIRM_PAIRS`; dense ones (text alone: most pairs of rows sharing words) in one group,
+    so that no row's features are read by most groups."""
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-        for policy in ("text_and_image", "text_or_image"):
+        for policy, sparse in (("text_and_image", True), ("text_or_image", False)):
             paths = features(corpus, tmp_path / policy, DedupSettings(policy=policy))
             one = find_duplicates(paths, DedupSettings(policy=policy, buckets=1))
             monkeypatch.setattr(dedup, "_CONFIRM_PAIRS", 16)  # several groups, each reading a slice of every chunk's rows
             settings = DedupSettings(policy=policy, bucket_rows=100)
-            jobs = []
+            calls = []
             parallel = find_duplicates_parallel(
-                paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append((a[0][0].__name__, len(a[0]))) or pool.map(f, *a)
+                paths, settings, work_dir=tmp_path, map_=lambda f, *a: calls.append((a[0][0].__name__, a[1:])) or pool.map(f, *a)
             )
             monkeypatch.undo()
-            groups = -(-one.candidate_pairs // 16)
-            assert one.clusters.num_rows > 10 and groups > 2, (one.clusters.num_rows, one.candidate_pairs)
+            groups = -(-one.candidate_pairs // 16) if sparse else 1
+            assert one.clusters.num_rows > 10 and one.candidate_pairs > 2 * 16, (one.clusters.num_rows, one.candidate_pairs)
+            jobs = [(name, len(args[0])) for name, args in calls]
             assert jobs == [("_spill_chunk", 2), ("_candidate_pairs", 3), ("_write_rows", 2), ("_confirm_group", groups)], jobs
+            rows = calls[3][1][1]  # each group's candidate rows: every one of them read from the files once per group
+            assert sum(map(len, rows)) <= 2 * len(np.unique(np.concatenate(rows))), policy
             assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates), policy
             assert parallel.clusters.equals(one.clusters), policy
             workers = set(parallel.peak_rss_mib) - {"this process"}

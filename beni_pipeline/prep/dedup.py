@@ -396,14 +396,15 @@ def find_duplicates_parallel(
     2. one job per bucket reads its slice of every chunk's file, pairs the rows that share a key and returns the pairs
        whose image hashes are near (two global rows, 16 bytes a pair);
     3. one job per chunk writes the features of its rows that are in candidate pairs, in the order of the confirmation
-       groups (`_CONFIRM_PAIRS` pairs each) that need them;
+       groups (`_CONFIRM_PAIRS` pairs each, or one group where the pairs are dense) that need them;
     4. one job per group reads its rows' slice of every chunk's file and returns the pairs the policy confirms;
     5. this process joins the confirmed pairs into clusters named by their rows' sample ids.
     This process gathers the candidate pairs and their rows (16 and 8 bytes each), one offset per chunk and bucket and per
     chunk and group, the confirmed pairs and the sample ids of their rows: sizes set by the duplicates found, not by the
-    corpus; no process gathers the features of every candidate row. A job holds one chunk (steps 1 and 3), one bucket's
-    keys (step 2: `bucket_rows` rows' worth, whatever the corpus's size) or one group's pairs and the features of their
-    rows (step 4: ~0.8 KB a row). `DedupResult.peak_rss_mib` has each process's peak."""
+    corpus; no process gathers the features of every candidate row, but the one job of dense pairs. A job holds one
+    chunk (steps 1 and 3), one bucket's keys (step 2: `bucket_rows` rows' worth, whatever the corpus's size) or one
+    group's pairs and the features of their rows (step 4: ~0.8 KB a row). `DedupResult.peak_rss_mib` has each
+    process's peak."""
     paths = sorted(Path(p) for p in feature_paths)
     offsets = _offsets(paths)
     n, buckets = len(paths), settings.bucket_count(int(offsets[-1]))

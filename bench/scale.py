@@ -5,8 +5,9 @@ Ray with two one-CPU worker nodes on the same machine, through the functions the
 
 Each size: chunks of generated captions with planted near-copies (a word or more replaced, the image's dHash one bit
 off, a quarter byte-identical), then per engine
-  local: signatures per chunk in 2 processes, then `find_duplicates` in this process (today's path);
-  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, candidate pairs per bucket) as tasks.
+  local: signatures per chunk in 2 processes, then `find_duplicates` (the clustering's jobs, one after another) in this process;
+  ray:   signatures per chunk as tasks, then `find_duplicates_parallel`'s jobs (keys per chunk, candidate pairs per bucket,
+         candidate rows' features per chunk, confirmation per group of pairs) as tasks.
 Reported: wall time, CPU seconds of every process, captions per CPU-second, peak RSS of each process (this one and each
 worker), and precision / recall of the planted pairs by true Jaccard band. Both engines must find the same clusters.
 """

@@ -5,8 +5,9 @@ Ray with two one-CPU worker nodes on the same machine, through the functions the
 
 Each size: chunks of generated captions with planted near-copies (a word or more replaced, the image's dHash one bit
 off, a quarter byte-identical), then per engine
-  local: signatures per chunk in 2 processes, then `find_duplicates` in this process (today's path);
-  ray:   signatures per chunk as tasks, then `find_duplicates_parallel` (spill per chunk, candidate pairs per bucket) as tasks.
+  local: signatures per chunk in 2 processes, then `find_duplicates` (the clustering's jobs, one after another) in this process;
+  ray:   signatures per chunk as tasks, then `find_duplicates_parallel`'s jobs (keys per chunk, candidate pairs per bucket,
+         candidate rows' features per chunk, confirmation per group of pairs) as tasks.
 Reported: wall time, CPU seconds of every process, captions per CPU-second, peak RSS of each process (this one and each
 worker), and precision / recall of the planted pairs by true Jaccard band. Both engines must find the same clusters.
 """
@@ -214,12 +215,15 @@ def main() -> None:
         measure(args.measure[0], Path(args.measure[1]))
         return
     settings = DedupSettings()
-    print(f"policy {settings.policy}, {settings.buckets} buckets, {CHUNK_ROWS} rows a chunk, {os.cpu_count()} cores")
+    print(f"policy {settings.policy}, a bucket per {settings.bucket_rows} rows, {CHUNK_ROWS} rows a chunk, {os.cpu_count()} cores")
     for rows in args.rows:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
             start = time.perf_counter()
             raws, planted = generate(Path(tmp), rows)
-            print(f"\n{rows} rows in {len(raws)} chunks, {len(planted)} planted copies (generated in {time.perf_counter() - start:.0f} s)")
+            print(
+                f"\n{rows} rows in {len(raws)} chunks, {settings.bucket_count(rows)} buckets, {len(planted)} planted copies "
+                f"(generated in {time.perf_counter() - start:.0f} s)"
+            )
             walls = {}
             for engine in args.engines:
                 load = os.getloadavg()[0]

@@ -8,9 +8,10 @@ Flow, one download partition (chunk) at a time, then one global clustering:
    only new or re-downloaded chunks).
 2. `find_duplicates` turns every sample into band keys (exact image hash, phash band pairs, MinHash LSH
    bands), spills (key, row, phash) entries into hash buckets on disk, groups each bucket by sorting and pairs
-   the rows of a group whose whole phashes are near, confirms those candidate pairs against the policy and joins
-   the confirmed pairs with union-find. Memory is bounded by one bucket plus the candidate pairs, not by the
-   corpus: see `bench/minhash.py` and `bench/scale.py` for the measured bytes per million rows.
+   the rows of a group whose whole phashes are near, confirms those candidate pairs against the policy in groups
+   (each reading the features of just its pairs' rows) and joins the confirmed pairs with union-find. Memory is
+   bounded by one chunk, one bucket (`bucket_rows` rows' keys) or one group of pairs, not by the corpus: see
+   `bench/scale.py` for the measured peaks.
 
 The perceptual hash (a 64-bit dHash) is `beni_pipeline.prep.images.dhash`, the function the downloader stores in its
 index: grey-scale, BILINEAR resize to 9x8, bit = pixel brighter than its right neighbour, row-major,
@@ -29,6 +30,8 @@ import math
 import multiprocessing
 import os
 import re
+import resource
+import socket
 import tempfile
 import time
 import zlib
@@ -87,8 +90,8 @@ class DedupSettings(pydantic.BaseModel):
     agree exactly on at least two bands; with `phash_key_bands` m, d + m bands taken m at a time), so near
     images are found by grouping, not by comparing all pairs. At d = 5 a key is two ~9-bit bands (~18 bits), so
     unrelated rows share one ~21 N^2 / 2^19 times (40 M at 1 M rows): inside a bucket each such pair is dropped
-    on its whole 64-bit hashes before any feature is read, which keeps that square term to two array lookups a
-    pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
+    on its whole 64-bit hashes before any feature is read, which keeps that square term to a few passes over
+    arrays a pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
     than `max_group_pairs` + 1, so copies in a group could go unpaired. `phash_key_bands` = 3 (56 keys of ~24
     bits at d = 5: 2.6x the spilled keys, groups of ~N / 2^24, 1/25 of the chance pairs) is for corpora that
     large; both find the same pairs.
@@ -102,6 +105,10 @@ class DedupSettings(pydantic.BaseModel):
     `thumb_max_diff` grey levels at every pixel (measured: copies <= 6, distinct renders that dHash calls near
     >= 16). Inside a key group rows are ordered by thumbnail brightness, so copies sit next to each other even in
     a crowded group.
+
+    `bucket_rows`: rows per bucket of band keys (`buckets` sets the count instead). A bucket is what one clustering job
+    sorts and pairs, so its memory is set by this and not by the corpus; the buckets are the same on every engine,
+    and any count finds the same pairs (a key's rows are always in one bucket).
 
     `max_group_pairs`: inside one key group each row is compared with at most this many following rows,
     so a degenerate group (a blank image shared by 100k samples) costs O(n * max_group_pairs), not O(n^2);
@@ -122,7 +129,8 @@ class DedupSettings(pydantic.BaseModel):
     phash_key_bands: int = 2
     thumb_max_diff: int = 12
     max_group_pairs: int = 64
-    buckets: int = 8
+    buckets: int | None = None
+    bucket_rows: int = 50_000
     workers: int = pydantic.Field(default_factory=lambda: os.cpu_count() or 1, description="processes hashing chunks in parallel")
 
     def model_post_init(self, _context) -> None:
@@ -143,8 +151,13 @@ class DedupSettings(pydantic.BaseModel):
             raise ValueError(f"DedupSettings.phash_key_bands must be 1..4 (bands joined in one key), got {self.phash_key_bands}")
         if not 0 <= self.thumb_max_diff <= 255:
             raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
-        if min(self.max_group_pairs, self.buckets, self.workers) < 1:
-            raise ValueError("DedupSettings.max_group_pairs, buckets and workers must be at least 1")
+        if min(self.max_group_pairs, self.buckets or 1, self.bucket_rows, self.workers) < 1:
+            raise ValueError("DedupSettings.max_group_pairs, buckets, bucket_rows and workers must be at least 1")
+
+    def bucket_count(self, rows: int) -> int:
+        """`buckets` when set, else one bucket per `bucket_rows` rows: a bucket job's keys, and so its memory and
+        its sort, stay the same size whatever the corpus's."""
+        return self.buckets or max(1, -(-rows // self.bucket_rows))
 
 
 # ---- MinHash -------------------------------------------------------------------------------------
@@ -350,6 +363,7 @@ class DedupResult:
     duplicates: pa.Table  # sample_id, duplicate_of, cluster_id, reason: one row per dropped sample
     clusters: pa.Table  # cluster_id, kept_id, dropped_ids, size, reasons
     candidate_pairs: int = 0  # pairs compared on their features: near image hashes (and texts sharing a band, where text alone counts)
+    peak_rss_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # "this process" and each job's host:pid
 
     def stats(self) -> dict:
         sizes = Counter(self.clusters["size"].to_pylist())
@@ -366,12 +380,9 @@ class DedupResult:
 
 
 def find_duplicates(feature_paths: list[Path], settings: DedupSettings = DedupSettings(), work_dir: Path | None = None) -> DedupResult:
-    """Cluster near-duplicates across all chunks' feature files; in each cluster the smallest sample_id is kept."""
-    paths = sorted(Path(p) for p in feature_paths)
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        offsets = _spill_band_keys(paths, Path(tmp), settings)
-        pairs = [_candidate_pairs(Path(tmp) / f"bucket-{b}", settings) for b in range(settings.buckets)]
-    return _confirm_and_join(pairs, paths, offsets, settings)
+    """Cluster near-duplicates across all chunks' feature files; in each cluster the smallest sample_id is kept.
+    The jobs of `find_duplicates_parallel`, one after another in this process."""
+    return find_duplicates_parallel(feature_paths, settings, work_dir, map_=map)
 
 
 def find_duplicates_parallel(
@@ -380,44 +391,83 @@ def find_duplicates_parallel(
     """`find_duplicates` cut into jobs that `map_(function, *argument lists)` runs anywhere that sees `work_dir`
     (a Ray cluster's tasks over a shared folder, or plain `map`); the result is the same, row for row.
 
-    1. one job per chunk spills its band keys into the buckets' folders (the shuffle goes through files);
-    2. one job per bucket pairs the rows that share a key and returns the pairs whose image hashes are near (two
-       global rows, 16 bytes a pair): every row's key is there, so this is where the corpus-sized work runs;
-    3. this process confirms those pairs against the features of just their rows (read from the chunks' files) and
-       joins the confirmed ones into clusters. It gathers the candidate pairs, the features and sample ids of the
-       rows in them and one offset per chunk: a size set by the near-duplicates found, not by the corpus.
-       (Confirming in the bucket jobs instead made each of them read every chunk's signatures.)
-    A job's memory is bounded by one chunk (step 1) or by one bucket's keys (step 2): more `buckets` make each smaller."""
+    1. one job per chunk writes its band keys into one file, ordered by bucket (`settings.bucket_count`), and returns
+       where each bucket starts in it (the shuffle goes through files);
+    2. one job per bucket reads its slice of every chunk's file, pairs the rows that share a key and returns the pairs
+       whose image hashes are near (two global rows, 16 bytes a pair);
+    3. one job per chunk writes the features of its rows that are in candidate pairs, in the order of the confirmation
+       groups (`_CONFIRM_PAIRS` pairs each, or one group where the pairs are dense) that need them;
+    4. one job per group reads its rows' slice of every chunk's file and returns the pairs the policy confirms;
+    5. this process joins the confirmed pairs into clusters named by their rows' sample ids.
+    This process gathers the candidate pairs and their rows (16 and 8 bytes each), one offset per chunk and bucket and per
+    chunk and group, the confirmed pairs and the sample ids of their rows: sizes set by the duplicates found, not by the
+    corpus; no process gathers the features of every candidate row, but the one job of dense pairs. A job holds one
+    chunk (steps 1 and 3), one bucket's keys (step 2: `bucket_rows` rows' worth, whatever the corpus's size) or one
+    group's pairs and the features of their rows (step 4: ~0.8 KB a row). `DedupResult.peak_rss_mib` has each
+    process's peak."""
     paths = sorted(Path(p) for p in feature_paths)
     offsets = _offsets(paths)
+    n, buckets = len(paths), settings.bucket_count(int(offsets[-1]))
+    peaks = _Peaks(map_)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        _bucket_dirs(Path(tmp), settings)
-        n = len(paths)
-        list(map_(_spill_chunk, paths, range(n), offsets[:-1].tolist(), [Path(tmp)] * n, [settings] * n))
-        buckets = [Path(tmp) / f"bucket-{b}" for b in range(settings.buckets)]
-        pairs = list(map_(_candidate_pairs, buckets, [settings] * len(buckets)))
-    return _confirm_and_join(pairs, paths, offsets, settings)
+        ends = peaks(_spill_chunk, paths, _chunk_files(Path(tmp), "keys", n), offsets[:-1].tolist(), [buckets] * n, [settings] * n)
+        starts = np.array(ends, np.int64).reshape(n, buckets + 1)  # where each bucket starts in each chunk's keys
+        slices = [starts[:, b : b + 2] for b in range(buckets)]
+        pairs = peaks(_candidate_pairs, [Path(tmp)] * buckets, slices, [settings] * buckets)
+        candidates = _unique_pairs(np.concatenate([np.zeros((0, 2), np.int64)] + pairs))
+        confirmed = _confirm_in_jobs(candidates, paths, offsets, Path(tmp), settings, peaks)
+    result = _join(confirmed, paths, offsets)
+    return dataclasses.replace(result, candidate_pairs=len(candidates), peak_rss_mib=peaks.report())
 
 
-def _confirm_and_join(pairs: list[np.ndarray], paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> DedupResult:
-    """The clusters of the pairs the policy confirms among the buckets' candidates (a pair whose rows share keys in two
-    buckets comes from both)."""
-    candidates = _unique_pairs(np.concatenate([np.zeros((0, 2), np.int64)] + pairs))
-    result = _join(_confirmed(candidates, paths, offsets, settings), paths, offsets)
-    return dataclasses.replace(result, candidate_pairs=len(candidates))
+_CONFIRM_PAIRS = 1 << 15  # candidate pairs a confirmation job takes: the features of their rows stay near 50 MB
 
 
-def _confirmed(pairs: np.ndarray, paths: list[Path], offsets: np.ndarray, settings: DedupSettings) -> np.ndarray:
-    """int64 [pairs, 3]: the global rows of each candidate pair that the policy confirms, and the reason's index."""
-    nodes = _unique_rows(pairs)
-    features = _gather(paths, offsets, nodes, settings)
-    left, right = np.searchsorted(nodes, pairs[:, 0]), np.searchsorted(nodes, pairs[:, 1])
-    step = 1 << 16  # pairs confirmed at a time: bounds the gathered signature pairs to ~64 MB
+def _confirm_in_jobs(
+    candidates: np.ndarray, paths: list[Path], offsets: np.ndarray, tmp: Path, settings: DedupSettings, map_
+) -> np.ndarray:
+    """int64 [pairs, 3]: the candidate pairs the policy confirms, and the reason's index (steps 3 and 4 above)."""
+    groups = np.array_split(candidates, max(1, -(-len(candidates) // _CONFIRM_PAIRS)))
+    rows = [_unique_rows(group) for group in groups]
+    every = _unique_rows(candidates)
+    if sum(map(len, rows)) > 2 * len(every):
+        # dense pairs (where text alone counts, a row pairs with rows all over the corpus): every group would read the
+        # features of most rows, so one job confirms them all, holding each candidate row's features once
+        groups, rows = [candidates], [every]
+    cuts = np.stack([np.searchsorted(r, offsets) for r in rows])  # [group, chunk + 1]: where each chunk's rows start in a group's
+    counts = np.diff(cuts, axis=1)
+    n = len(paths)
+    wanted = [np.concatenate([r[cuts[g, i] : cuts[g, i + 1]] for g, r in enumerate(rows)]) - offsets[i] for i in range(n)]
+    map_(_write_rows, paths, wanted, _chunk_files(tmp, "features", n), [settings] * n)
+    starts = np.cumsum(counts, axis=0) - counts  # [group, chunk]: where a group's rows start in a chunk's file
+    slices = [np.stack([starts[g], starts[g] + counts[g]], axis=1) for g in range(len(groups))]
+    confirmed = map_(_confirm_group, groups, rows, [tmp] * len(groups), slices, [settings] * len(groups))
+    return np.concatenate([np.zeros((0, 3), np.int64)] + confirmed)
+
+
+def _write_rows(path: Path, rows: np.ndarray, out: Path, settings: DedupSettings) -> None:
+    """The features of a chunk's `rows` (in that order), one packed row of bytes each, for `_confirm_group`."""
+    np.save(out, _pack(_read_features(path, rows, settings)))
+
+
+def _confirm_group(pairs: np.ndarray, rows: np.ndarray, folder: Path, slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 3]: the group's candidate pairs the policy confirms, and the reason's index; `rows` are the pairs'
+    rows, sorted, whose features are the `slices` of the chunks' features files in `folder`, in chunk order."""
+    files = _chunk_files(folder, "features", len(slices))
+    features = _unpack(_read_rows(files, slices, _packed_width(settings), np.uint8), settings)
+    left, right = np.searchsorted(rows, pairs[:, 0]), np.searchsorted(rows, pairs[:, 1])
+    step = 1 << 14  # pairs compared at a time: bounds the gathered signatures and thumbnails to ~40 MB
     reason = np.concatenate(
         [np.zeros(0, np.int64)] + [_confirm(features, left[i : i + step], right[i : i + step], settings) for i in range(0, len(left), step)]
     )
     keep = reason >= 0
     return np.stack([pairs[keep, 0], pairs[keep, 1], reason[keep]], axis=1).astype(np.int64)
+
+
+def _chunk_files(folder: Path, name: str, chunks: int) -> list[Path]:
+    """The files the jobs of one clustering write per chunk; a job is told the folder, not the paths, so that what every
+    bucket's or group's job is sent does not grow with the chunks."""
+    return [folder / f"{name}-{i:06d}.npy" for i in range(chunks)]
 
 
 def _join(confirmed: np.ndarray, paths: list[Path], offsets: np.ndarray) -> DedupResult:
@@ -481,18 +531,39 @@ def _band_keys(table: pa.Table, settings: DedupSettings) -> tuple[np.ndarray, np
     return np.stack(keys, axis=1), np.stack(used, axis=1), phash_key
 
 
-def _spill_band_keys(paths: list[Path], tmp: Path, settings: DedupSettings) -> np.ndarray:
-    """Write every row's band keys into `settings.buckets` files by key hash; returns row offsets per chunk."""
-    _bucket_dirs(tmp, settings)
-    offsets = _offsets(paths)
-    for i, path in enumerate(paths):
-        _spill_chunk(path, i, int(offsets[i]), tmp, settings)
-    return offsets
+class _Peaks:
+    """A map_ that also keeps the peak RSS of each process its jobs ran in; results in a list, in order."""
+
+    def __init__(self, map_: Callable):
+        self.map_, self.peak = map_, {}
+
+    def __call__(self, function: Callable, *args) -> list:
+        results = []
+        for result, process, peak in self.map_(_measured, [function] * len(args[0]), *args):
+            results.append(result)
+            self.peak[process] = max(self.peak.get(process, 0.0), peak)
+        return results
+
+    def report(self) -> dict[str, float]:
+        here = _process()
+        return {"this process": round(peak_rss_mib(), 1)} | {p: round(v, 1) for p, v in sorted(self.peak.items()) if p != here}
 
 
-def _bucket_dirs(tmp: Path, settings: DedupSettings) -> None:
-    for b in range(settings.buckets):
-        (tmp / f"bucket-{b}").mkdir()
+def _measured(function: Callable, *args) -> tuple:
+    return function(*args), _process(), peak_rss_mib()
+
+
+def _process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: VmHWM where Linux has it. Not ru_maxrss: a process started by fork
+    and exec inherits its parent's, so a small worker of a big parent reports the parent's peak as its own."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _offsets(paths: list[Path]) -> np.ndarray:
@@ -500,13 +571,13 @@ def _offsets(paths: list[Path]) -> np.ndarray:
     return np.cumsum([0] + [pq.read_metadata(path).num_rows for path in paths], dtype=np.int64)
 
 
-_ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bits 0-31), thumbnail brightness (32-39),
-_ANY_IMAGE = np.uint64(1 << 40)  # and this bit when its key is not a phash band key (no image-hash filter on its pairs)
+_ROW = np.uint64(0xFFFFFFFF)  # a spilled entry's second column: global row (bits 0-31), thumbnail brightness (32-39)
 
 
-def _spill_chunk(path: Path, i: int, first_row: int, tmp: Path, settings: DedupSettings) -> None:
-    """One chunk's band keys, one file per bucket `bucket-<b>/<i>.npy` of uint64 [3, entries]: key, the row with its
-    thumbnail brightness (see _ROW), the row's phash (column-major: the bucket job gathers whole columns)."""
+def _spill_chunk(path: Path, out: Path, first_row: int, buckets: int, settings: DedupSettings) -> np.ndarray:
+    """One chunk's band keys written to `out` as uint64 [entries, 3] ordered by bucket (key % buckets): key, the row with
+    its thumbnail brightness (see _ROW), the row's phash. Returns where each bucket starts in it, and the end: a bucket
+    job reads its slice of every chunk's file, so the shuffle is one file per chunk, not one per chunk and bucket."""
     columns = ["content_sha256", "phash", "thumb"] + (["signature"] if settings.policy == "text_or_image" else [])
     table = pq.read_table(path, columns=columns, use_threads=False)
     if first_row + table.num_rows > 1 << 32:
@@ -514,38 +585,46 @@ def _spill_chunk(path: Path, i: int, first_row: int, tmp: Path, settings: DedupS
     keys, used, phash_key = _band_keys(table, settings)
     brightness = _thumbs(table).sum(axis=1, dtype=np.uint64) // np.uint64(THUMB * THUMB)  # the mean grey level, floored
     row = np.arange(first_row, first_row + table.num_rows, dtype=np.uint64) | (brightness << np.uint64(32))
-    row = row[:, None] | np.where(phash_key, np.uint64(0), _ANY_IMAGE)[None, :]
-    phash = np.broadcast_to(table["phash"].to_numpy()[:, None], keys.shape)
+    row = np.broadcast_to(row[:, None], keys.shape)
+    # the pairs of a key that is not a phash band key pass the bucket's image-hash test: their hashes are written as 0
+    phash = np.where(phash_key[None, :], table["phash"].to_numpy()[:, None], np.uint64(0))
     keys = keys[used]
-    bucket = (keys % np.uint64(settings.buckets)).astype(np.min_scalar_type(settings.buckets))  # small ints: a radix sort
+    bucket = (keys % np.uint64(buckets)).astype(np.min_scalar_type(buckets))  # small ints: a radix sort
     order = np.argsort(bucket, kind="stable")
-    entries = np.stack([keys[order], row[used][order], phash[used][order]])
-    ends = np.cumsum(np.bincount(bucket, minlength=settings.buckets))
-    for b, part in enumerate(np.split(entries, ends[:-1], axis=1)):
-        np.save(tmp / f"bucket-{b}" / f"{i:06d}.npy", part)
+    np.save(out, np.stack([keys[order], row[used][order], phash[used][order]], axis=1))
+    return np.r_[0, np.cumsum(np.bincount(bucket, minlength=buckets))].astype(np.int64)
 
 
-def _candidate_pairs(bucket_dir: Path, settings: DedupSettings) -> np.ndarray:
-    """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket that share a key, each row
-    paired with up to `max_group_pairs` following rows of its key group, and kept when the key is not a phash band
-    key or the two phashes are within `phash_max_distance` bits. The dHash band-pair keys are ~18 bits, so in a
-    large corpus most rows sharing one do so by chance; testing the whole hash here, before any feature is read,
-    keeps the pairs that leave a bucket those of near images."""
-    parts = [np.load(p) for p in sorted(bucket_dir.glob("*.npy"))]
-    data = np.concatenate(parts, axis=1) if parts else np.zeros((3, 0), np.uint64)
-    key, row, phash = _sorted_groups(data, settings)
-    near = (row & _ANY_IMAGE) == 0
-    pairs, left = [np.zeros((0, 2), np.int64)], np.arange(len(key) - 1)
-    # pair each entry with the one `step` further on while both share the key: the entries still in a group at one
-    # step are the only ones that can be at the next, so the work is the entries plus the pairs
+def _candidate_pairs(folder: Path, slices: np.ndarray, settings: DedupSettings) -> np.ndarray:
+    """int64 [pairs, 2], each (smaller row, larger row) once: the rows of one bucket (its `slices` of the chunks' keys
+    files in `folder`, see _spill_chunk) that share a key, each row paired with up to `max_group_pairs` preceding rows
+    of its key group, and kept when the two phashes are within `phash_max_distance` bits (always, for a key that is not
+    a phash band key: its entries' phashes are 0). The dHash band-pair keys are ~18 bits, so in a large corpus most rows
+    sharing one do so by chance; testing the whole hash here, before any feature is read, keeps the pairs that leave a
+    bucket those of near images."""
+    keys = _read_rows(_chunk_files(folder, "keys", len(slices)), slices, 3, np.uint64)
+    key, row, phash = _sorted_groups(keys.T, settings)
+    # each entry's place in its key group, capped where pairing stops
+    index = np.arange(len(key))
+    place = index - np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], index, 0))
+    place = np.minimum(place, settings.max_group_pairs).astype(np.min_scalar_type(settings.max_group_pairs))
+    reach = np.cumsum(np.bincount(place, minlength=settings.max_group_pairs + 1)[::-1])[::-1]  # entries placed >= step
+    pairs, right = [np.zeros((0, 2), np.int64)], None
+    # pair each entry with the one `step` before it in its group. While many entries are that far into their group,
+    # passes over the whole arrays (no gathers) are the cheaper; past that, only the entries still reaching the step
+    # are gathered (they are the only ones that can reach the next), so the work is the entries plus the pairs
     for step in range(1, settings.max_group_pairs + 1):
-        left = left[: np.searchsorted(left, len(key) - step)]
-        left = left[key[left] == key[left + step]]
-        if not len(left):
+        if not reach[step]:
             break
-        right = left + step
-        ok = ~near[left] | (np.bitwise_count(phash[left] ^ phash[right]) <= settings.phash_max_distance)
-        pairs.append(np.stack([row[left[ok]] & _ROW, row[right[ok]] & _ROW], axis=1).astype(np.int64))
+        if right is None and reach[step] * 16 < len(place):
+            right = np.flatnonzero(place >= step)
+        if right is None:
+            near = np.bitwise_count(phash[step:] ^ phash[:-step]) <= settings.phash_max_distance
+            later = np.flatnonzero(near & (place[step:] >= step)) + step
+        else:
+            right = right[place[right] >= step]
+            later = right[np.bitwise_count(phash[right - step] ^ phash[right]) <= settings.phash_max_distance]
+        pairs.append(np.stack([row[later - step] & _ROW, row[later] & _ROW], axis=1).astype(np.int64))
     pairs = np.concatenate(pairs)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]  # one row can hit a group twice only via a band collision
     return _unique_pairs(np.sort(pairs, axis=1))
@@ -558,7 +637,7 @@ def _sorted_groups(data: np.ndarray, settings: DedupSettings) -> tuple[np.ndarra
     One flat sort of (the key's top 32 bits, entry number) orders the entries, several times faster than a lexsort on
     three columns; groups whose top bits are shared by two keys, and crowded groups, are then re-sorted exactly."""
     if data.shape[1] >= 1 << 32:
-        raise ValueError(f"a dedup bucket holds {data.shape[1]} keys, more than 2**32; raise DedupSettings.buckets")
+        raise ValueError(f"a dedup bucket holds {data.shape[1]} keys, more than 2**32; lower DedupSettings.bucket_rows")
     if data.shape[1] < 2:
         return data[0], data[1], data[2]
     order = (np.sort((data[0] & ~_ROW) | np.arange(data.shape[1], dtype=np.uint64)) & _ROW).astype(np.int64)
@@ -571,7 +650,7 @@ def _sorted_groups(data: np.ndarray, settings: DedupSettings) -> tuple[np.ndarra
     redo[run[1:][(key[1:] != key[:-1]) & ~run_start[1:]]] = True
     at = np.flatnonzero(redo[run])
     if len(at):
-        exact = at[np.lexsort((row[at] & ~_ANY_IMAGE, key[at]))]
+        exact = at[np.lexsort((row[at], key[at]))]
         key[at], row[at], phash[at] = key[exact], row[exact], phash[exact]
     return key, row, phash
 
@@ -603,28 +682,60 @@ def _thumbs(table: pa.Table) -> np.ndarray:
     return data[thumbs.offset * THUMB * THUMB :][: len(thumbs) * THUMB * THUMB].reshape(-1, THUMB * THUMB)
 
 
-def _gather(paths: list[Path], offsets: np.ndarray, rows: np.ndarray, settings: DedupSettings) -> dict:
-    """Features of the given global rows (sorted), reading one chunk file at a time, only the columns the policy compares."""
+def _read_rows(files: list[Path], slices: np.ndarray, width: int, dtype: type) -> np.ndarray:
+    """Rows a:b of each file's [rows, width] array (as np.save wrote it), one file after another in one array. Plain
+    reads, not memory maps: a map of each file kept resident every page the kernel read around the slice, so a job
+    reading a slice of many files held far more than the slices."""
+    sizes = (slices[:, 1] - slices[:, 0]).clip(0).tolist()
+    out = np.empty((sum(sizes), width), dtype)
+    at = 0
+    for path, (a, _), size in zip(files, slices.tolist(), sizes):
+        if size:
+            with open(path, "rb") as f:
+                major, minor = np.lib.format.read_magic(f)
+                getattr(np.lib.format, f"read_array_header_{major}_{minor}")(f)  # past the header, to the first row
+                f.seek(f.tell() + a * width * out.itemsize)
+                f.readinto(memoryview(out[at : at + size]).cast("B"))
+            at += size
+    return out
+
+
+def _read_features(path: Path, rows: np.ndarray, settings: DedupSettings) -> dict:
+    """Features of the given rows of one chunk's file, only the columns the policy compares."""
     columns = ["content_sha256", "phash", "thumb"] + ([] if settings.policy == "image" else ["signature"])
-    parts = []
-    for i, path in enumerate(paths):
-        mine = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
-        if len(mine):
-            parts.append(pq.read_table(path, columns=columns, use_threads=False).take(pa.array(mine)))
-    if not parts:
+    table = pq.read_table(path, columns=columns, use_threads=False).take(pa.array(rows, pa.int64())) if len(rows) else None
+    if table is None:
         return {
             "sha": np.zeros((0, 4), np.uint64),
             "phash": np.zeros(0, np.uint64),
             "thumb": np.zeros((0, THUMB * THUMB), np.uint8),
-            "signature": np.zeros((0, settings.num_perm), np.uint32),
+            "signature": None if settings.policy == "image" else np.zeros((0, settings.num_perm), np.uint32),
         }
-    table = pa.concat_tables(parts)
     sha = np.frombuffer(bytes.fromhex("".join(table["content_sha256"].to_pylist())), dtype=np.uint64)
     return {
         "sha": sha.reshape(-1, 4),
         "phash": table["phash"].to_numpy(),
         "thumb": _thumbs(table),
         "signature": _signatures(table, settings.num_perm) if "signature" in columns else None,
+    }
+
+
+def _packed_width(settings: DedupSettings) -> int:
+    return 32 + 8 + THUMB * THUMB + (0 if settings.policy == "image" else 4 * settings.num_perm)
+
+
+def _pack(f: dict) -> np.ndarray:
+    """uint8 [rows, _packed_width]: sha256, phash, thumbnail and signature side by side, so one slice of a file is rows."""
+    parts = [f["sha"], f["phash"][:, None], f["thumb"]] + ([] if f["signature"] is None else [f["signature"]])
+    return np.concatenate([np.ascontiguousarray(p).view(np.uint8).reshape(len(p), p.shape[1] * p.itemsize) for p in parts], axis=1)
+
+
+def _unpack(packed: np.ndarray, settings: DedupSettings) -> dict:
+    return {
+        "sha": packed[:, :32].copy().view(np.uint64),
+        "phash": packed[:, 32:40].copy().view(np.uint64)[:, 0],
+        "thumb": packed[:, 40 : 40 + THUMB * THUMB],
+        "signature": None if settings.policy == "image" else packed[:, 40 + THUMB * THUMB :].copy().view(np.uint32),
     }
 
 

@@ -114,6 +114,9 @@ def test_the_data_graph_on_ray_equals_the_local_run_with_a_worker_node_killed_mi
     assert [r["sample_id"] for r in statuses(ray_base)] == manifest_ids  # every row once: none lost, none twice
     assert statuses(ray_base) == statuses(local_base)
     assert pq.read_table(ray_base / "dedup" / "duplicates.parquet").num_rows == 4
+    [dedup] = [e for r in results for e in r.get_asset_materialization_events() if e.asset_key == dg.AssetKey("deduplicated")]
+    peaks = dedup.materialization.metadata["clustering_peak_rss_mib"].value
+    assert len(peaks) >= 2 and all(mib > 0 for mib in peaks.values()), peaks  # this process and the workers that ran its jobs
 
     # a chunk another process holds: the task on the cluster waits, then the run fails with the one-machine sentence
     with exclusive(ray_base / "downloaded" / "00003" / ".lock", 0, "unused"):

@@ -2,9 +2,11 @@ import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import random
 import tarfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 from PIL import Image, ImageDraw, ImageFont
 
+from beni_pipeline.prep import dedup
 from beni_pipeline.prep.dedup import (
     THUMB,
     DedupSettings,
@@ -240,6 +243,9 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     paths = features(corpus, tmp_path, DedupSettings())
     one = find_duplicates(paths, DedupSettings(buckets=1))
     other = find_duplicates(list(reversed(paths)), DedupSettings(buckets=5))
+    assert DedupSettings(bucket_rows=50).bucket_count(one.rows) == -(-one.rows // 50) and DedupSettings(buckets=5).bucket_count(10**9) == 5
+    by_rows = find_duplicates(paths, DedupSettings(bucket_rows=50))
+    assert one.clusters.equals(by_rows.clusters) and one.duplicates.equals(by_rows.duplicates)
     assert one.duplicates.equals(other.duplicates) and one.clusters.equals(other.clusters)
     triples = find_duplicates(paths, DedupSettings(phash_key_bands=3))  # other keys, the same pairs within the distance
     assert one.duplicates.equals(triples.duplicates) and one.clusters.equals(triples.clusters)
@@ -250,16 +256,32 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     assert not kept & set(one.duplicates["sample_id"].to_pylist())
 
 
-def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path):
-    """Jobs per chunk and per bucket (as the cluster engine runs them) against the one-process clustering, on each policy."""
-    for policy in ("text_and_image", "text_or_image"):
-        settings = DedupSettings(policy=policy, buckets=3)
-        paths = features(corpus, tmp_path / policy, settings)
-        one = find_duplicates(paths, settings)
-        jobs = []
-        parallel = find_duplicates_parallel(paths, settings, work_dir=tmp_path, map_=lambda f, *a: jobs.append(f.__name__) or map(f, *a))
-        assert one.clusters.num_rows > 10 and jobs == ["_spill_chunk", "_candidate_pairs"], (one.clusters.num_rows, jobs)
-        assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates) and parallel.clusters.equals(one.clusters), policy
+def test_the_parallel_path_finds_the_same_clusters_as_one_process(corpus, tmp_path, monkeypatch):
+    """Jobs per chunk, per bucket and per confirmation group, run in two other processes (as the cluster engine runs
+    them), against one bucket and one group in this process, on each policy. Sparse candidate pairs (image keys) are
+    confirmed in groups of `_CONFIRM_PAIRS`; dense ones (text alone: most pairs of rows sharing words) in one group,
+    so that no row's features are read by most groups."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        for policy, sparse in (("text_and_image", True), ("text_or_image", False)):
+            paths = features(corpus, tmp_path / policy, DedupSettings(policy=policy))
+            one = find_duplicates(paths, DedupSettings(policy=policy, buckets=1))
+            monkeypatch.setattr(dedup, "_CONFIRM_PAIRS", 16)  # several groups, each reading a slice of every chunk's rows
+            settings = DedupSettings(policy=policy, bucket_rows=100)
+            calls = []
+            parallel = find_duplicates_parallel(
+                paths, settings, work_dir=tmp_path, map_=lambda f, *a: calls.append((a[0][0].__name__, a[1:])) or pool.map(f, *a)
+            )
+            monkeypatch.undo()
+            groups = -(-one.candidate_pairs // 16) if sparse else 1
+            assert one.clusters.num_rows > 10 and one.candidate_pairs > 2 * 16, (one.clusters.num_rows, one.candidate_pairs)
+            jobs = [(name, len(args[0])) for name, args in calls]
+            assert jobs == [("_spill_chunk", 2), ("_candidate_pairs", 3), ("_write_rows", 2), ("_confirm_group", groups)], jobs
+            rows = calls[3][1][1]  # each group's candidate rows: every one of them read from the files once per group
+            assert sum(map(len, rows)) <= 2 * len(np.unique(np.concatenate(rows))), policy
+            assert parallel.rows == one.rows and parallel.duplicates.equals(one.duplicates), policy
+            assert parallel.clusters.equals(one.clusters), policy
+            workers = set(parallel.peak_rss_mib) - {"this process"}
+            assert len(workers) == 2 and all(parallel.peak_rss_mib[w] > 10 for w in workers), parallel.peak_rss_mib
 
 
 def test_features_cache_follows_index_and_settings(corpus, tmp_path):
@@ -356,5 +378,7 @@ def test_settings_fail_early_with_one_sentence():
         DedupSettings(policy="text")
     with pytest.raises(ValueError, match="phash_key_bands"):
         DedupSettings(phash_key_bands=5)
+    with pytest.raises(ValueError, match="bucket_rows"):
+        DedupSettings(bucket_rows=0)
     with pytest.raises(ValueError, match="lsh_bands x lsh_rows"):
         DedupSettings(lsh_bands=20, lsh_rows=8)

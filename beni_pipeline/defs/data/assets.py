@@ -230,6 +230,8 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
             "clusters": stats["clusters"],
             "chunks_hashed_this_run": len(hashed),
             "samples_per_s": round(stats["rows"] / seconds, 1),
+            # where the clustering's memory went: this process and each process that ran one of its jobs
+            "clustering_peak_rss_mib": dg.MetadataValue.json(result.peak_rss_mib),
             "dropped_by_reason": counts_table(stats["dropped_by_reason"], "reason"),
             "cluster_sizes": counts_table(stats["cluster_size_histogram"], "size"),
             "clusters_preview": _clusters_md(layout, result.clusters.slice(0, 5).to_pylist()),

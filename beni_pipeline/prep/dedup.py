@@ -27,7 +27,6 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import re
 import resource
@@ -37,7 +36,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +49,7 @@ from datasketch import LeanMinHash, MinHash
 from PIL import Image
 
 from beni_pipeline.prep.files import write_parquet_atomic
+from beni_pipeline.prep.processes import process_pool
 
 Policy = Literal["text_and_image", "text_or_image", "image"]
 POLICIES = ("text_and_image", "text_or_image", "image")
@@ -307,8 +307,7 @@ def hash_chunks(
         for job in todo:
             done(*hash_chunk(*job, settings))
         return [job[2] for job in todo]
-    # spawn: the caller (a Dagster run, a torch process) holds threads that a fork would copy mid-flight.
-    with ProcessPoolExecutor(min(settings.workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(min(settings.workers, len(todo))) as pool:
         for future in as_completed([pool.submit(hash_chunk, *job, settings) for job in todo]):
             done(*future.result())
     return [job[2] for job in todo]

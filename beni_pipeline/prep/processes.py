@@ -15,6 +15,7 @@ def process_pool(processes: int) -> Iterator[ProcessPoolExecutor]:
     background job, a service) Dagster leaves SIGTERM ignored too (it maps SIGTERM to SIGINT's handler), the workers
     inherit that, and the wait never ended (seen in CI). An executor's workers leave when told to, with no signal.
     """
+    # spawn: the caller (a Dagster run, a torch process) holds threads that a fork would copy mid-flight.
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
         yield pool

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from beni_pipeline.prep.dedup import (
     find_duplicates,
     find_duplicates_parallel,
     minhash_signatures,
+    peak_rss_mib,
     shingles,
     write_features,
 )
@@ -101,7 +101,7 @@ def measured(function, *args):
     """function(*args), with the CPU seconds it took and the peak RSS (MiB) of the process that ran it."""
     start = time.process_time()
     result = function(*args)
-    return result, time.process_time() - start, _own_peak(), os.getpid()
+    return result, time.process_time() - start, peak_rss_mib(), os.getpid()
 
 
 class Jobs:
@@ -141,17 +141,8 @@ def run(engine: str, raws: list[Path], work: Path, settings: DedupSettings) -> d
         "wall": time.perf_counter() - start,
         "signatures_wall": signed,
         "cpu": jobs.cpu + time.process_time() - cpu,
-        "peaks": {"driver": _own_peak(), **{f"worker {pid}": p for pid, p in jobs.peak.items()}},
+        "peaks": {"driver": peak_rss_mib(), **{f"worker {pid}": p for pid, p in jobs.peak.items()}},
     }
-
-
-def _own_peak() -> float:
-    """This process's peak RSS in MiB: VmHWM, which starts afresh at exec. ru_maxrss does not: a measuring process
-    started by `main` reported the parent's peak, the generated corpus (~900 MiB at 1M rows), as its own."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def quality(result, planted: list[tuple[str, str, float]], settings: DedupSettings) -> str:

@@ -50,7 +50,7 @@ from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.tiny import tiny_llm
 from beni_pipeline.prep.download import DownloadSettings
 from beni_pipeline.prep.images import process_image
-from beni_pipeline.serve.app import BackgroundServer, ServeSettings, create_app, load_model
+from beni_pipeline.serve.app import DTYPES, BackgroundServer, ServeSettings, create_app, load_model
 from beni_pipeline.serve.engine import Busy
 
 QUESTIONS = ["What is written in the image?", "Read the text.", "Describe the picture.", "What number is shown?"]
@@ -251,7 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a saved beni model, quantized export or LLaVA export (default: a tiny random one)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where there is one)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the served weights' dtype (both sides)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the served weights' dtype (both sides)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, at least 16)")
     parser.add_argument("--max-tokens", type=int, default=32)

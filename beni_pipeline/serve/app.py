@@ -76,9 +76,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def load_model(model_dir: str | Path, device: str | None = None, dtype: str = "float32"):
     """(model, processor) of a saved beni model, a quantized export of one, or a LLaVA export, in `dtype`.
 
-    float32 by default, with TF32 off: a batch of 32 then answers exactly as `generate` answers each request alone. In
-    bf16, the padded, batched kernels round differently from a lone request's and flip greedy near-ties (a third of the
-    answers at 32 requests at once, measured on an H100): faster, not the same answers.
+    float32 by default, with TF32 off: a batch then answers exactly as `generate` answers each request alone. In bf16,
+    padded, batched kernels round differently from a lone request's and can flip a greedy near-tie (bench/BENCHMARKS.md).
     """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")

@@ -23,7 +23,7 @@ class WholeLineMessageReader(dg.PipesMessageReader):
     @contextmanager
     def read_messages(self, handler) -> Iterator[dict]:
         with tempfile.TemporaryDirectory(prefix="beni-pipes-") as tmp:
-            path = self.path = Path(tmp) / "messages.jsonl"
+            path = Path(tmp) / "messages.jsonl"
             path.touch()
             done = threading.Event()
             thread = threading.Thread(target=self._read, args=(path, handler, done.is_set), name="beni-pipes-reader", daemon=True)
@@ -47,7 +47,7 @@ class WholeLineMessageReader(dg.PipesMessageReader):
         return 1
 
     def no_messages_debug_text(self) -> str:
-        return f"Read messages from {self.path}, where open_dagster_pipes' default writer appends them."
+        return "Read messages from a temporary messages.jsonl, where open_dagster_pipes' default writer appends them."
 
 
 def whole_lines(path: Path, stopped: Callable[[], bool], poll_s: float = 0.01) -> Iterator[str]:

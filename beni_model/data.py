@@ -172,8 +172,9 @@ class DevicePixels:
 def augment(images: torch.Tensor, generator: torch.Generator, shrink: float = 0.6) -> torch.Tensor:
     """A camera's and a printer's ways of changing images [n, 3, H, W] in [0, 1] without moving their text, each drawn
     per image: colour and contrast, inverted ink, light falling off across the frame, sensor noise, blur, lost
-    resolution (to `shrink` of the size and back). Nothing geometric: the reading extensions' targets say where each line sits. Batched tensor arithmetic,
-    so it runs on the device beside the model (in the loader's workers, Pillow's took longer than the GPU's step)."""
+    resolution (to `shrink` of the size and back). Nothing geometric: the reading extensions' targets say where each
+    line sits. Batched tensor arithmetic, so it runs on the device beside the model (in the loader's workers, Pillow's
+    took longer than the GPU's step)."""
     n, device = len(images), images.device
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:

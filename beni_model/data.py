@@ -145,17 +145,24 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+# What `augment` can draw anew for each image read: "camera" (colour, light, noise, blur, resolution: `augment`),
+# "glyphs" (slant, width, wobble, stroke weight: `reshape_glyphs`).
+AUGMENTATIONS = ("camera", "glyphs")
+
+
 class DevicePixels:
     """Finishes the loader's pixels where the model runs: the loader hands over the image processor's resized images as
     uint8 (a quarter of float32's bytes through the workers' shared memory, the pinned copy and the bus), and the
     device rescales and normalizes them as the processor would, after `augment` where asked."""
 
-    def __init__(self, image_processor, device: torch.device, augment: bool = False, seed: int = 0):
+    def __init__(self, image_processor, device: torch.device, augment: tuple[str, ...] | list[str] = (), seed: int = 0):
         rescale = image_processor.rescale_factor if getattr(image_processor, "do_rescale", True) else 1.0
         normalize = getattr(image_processor, "do_normalize", True)
         mean = torch.tensor(image_processor.image_mean if normalize else [0.0] * 3, device=device).view(1, 3, 1, 1)
         std = torch.tensor(image_processor.image_std if normalize else [1.0] * 3, device=device).view(1, 3, 1, 1)
-        self.device, self.augment, self.seed = device, augment, seed
+        if unknown := set(augment) - set(AUGMENTATIONS):
+            raise ValueError(f"Unknown augmentation {sorted(unknown)}: use any of {list(AUGMENTATIONS)}.")
+        self.device, self.augment, self.seed = device, tuple(augment), seed
         self.scale, self.shift = rescale / std, -mean / std
 
     def __call__(self, pixels: torch.Tensor, rank: int = 0, step: int = 0) -> torch.Tensor:
@@ -165,8 +172,45 @@ class DevicePixels:
         if self.augment and len(pixels):
             draw = random.Random(f"{self.seed}:{rank}:{step}")
             generator = torch.Generator(self.device).manual_seed(draw.getrandbits(63))
-            pixels = augment(pixels / 255, generator, shrink=draw.uniform(0.4, 0.8)) * 255
+            pixels = pixels / 255
+            if "glyphs" in self.augment:
+                pixels = reshape_glyphs(pixels, generator)
+            if "camera" in self.augment:
+                pixels = augment(pixels, generator, shrink=draw.uniform(0.4, 0.8))
+            pixels = pixels * 255
         return pixels * self.scale + self.shift
+
+
+def reshape_glyphs(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """New glyph shapes for images [n, 3, H, W] in [0, 1], drawn per image, for a reader that must know letters in
+    fonts it never saw: a slant, a narrower set, a wobble of a pixel or so on the scale of a letter, heavier or
+    lighter strokes. Lines stay on their rows (the reading extensions' targets say which row a line is on) and no
+    text leaves the frame: the slant comes with at least as much narrowing, the edges repeat the background."""
+    n, device = len(images), images.device
+    height, width = images.shape[-2:]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(n, *shape, device=device).uniform_(low, high, generator=generator)
+
+    # Where each output pixel reads the input, in grid_sample's [-1, 1] coordinates: x = narrow * u + slant * v.
+    v, u = torch.meshgrid(torch.linspace(-1, 1, height, device=device), torch.linspace(-1, 1, width, device=device), indexing="ij")
+    slant = uniform(-0.25, 0.25, 1, 1) * (torch.rand(n, 1, 1, device=device, generator=generator) < 0.5)
+    narrow = 1 + slant.abs() + uniform(0, 0.25, 1, 1)
+    x = narrow * u + slant * v
+    # The wobble: a displacement field of about a pixel (2 at most), smooth over about a letter (a control point every ~24 px).
+    points = (max(2, height // 24), max(2, width // 24))
+    wobble = torch.randn(n, 2, *points, device=device, generator=generator).clamp(-2, 2) * uniform(0.5, 1.0, 1, 1, 1)
+    wobble = torch.nn.functional.interpolate(wobble, size=(height, width), mode="bicubic", align_corners=True)
+    x = x + wobble[:, 0] * 2 / width
+    y = v + wobble[:, 1] * 2 / height
+    images = torch.nn.functional.grid_sample(images, torch.stack([x, y], -1), mode="bilinear", padding_mode="border", align_corners=True)
+    # Stroke weight: a 3 x 3 minimum darkens and a maximum lightens every stroke by up to a pixel each side, dark ink on
+    # light or light on dark alike; blended in part for sub-pixel weights.
+    darker = -torch.nn.functional.max_pool2d(-images, 3, stride=1, padding=1)
+    lighter = torch.nn.functional.max_pool2d(images, 3, stride=1, padding=1)
+    side = (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5).float()
+    amount = uniform(0, 0.8, 1, 1, 1) * (torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5)
+    return (images + amount * (side * darker + (1 - side) * lighter - images)).clamp(0, 1)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, shrink: float = 0.6) -> torch.Tensor:

@@ -77,8 +77,10 @@ class StageSpec(pydantic.BaseModel):
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     text_fraction: float = pydantic.Field(0.0, ge=0, le=1)
     pack: bool = False
-    augment: bool = pydantic.Field(
-        False, description="every image read gets new colours, light, noise, blur and resolution, drawn on the device"
+    augment: list[Literal["camera", "glyphs"]] = pydantic.Field(
+        [],
+        description="drawn anew for every image read, on the device: camera (colours, light, noise, blur, resolution), "
+        "glyphs (slant, width, wobble, stroke weight); true: both, false: none",
     )
     lora_rank: int = pydantic.Field(0, ge=0)
     activation_checkpointing: bool = False
@@ -89,6 +91,11 @@ class StageSpec(pydantic.BaseModel):
     keep_checkpoints: int = pydantic.Field(2, ge=1)
     profile_steps: int = pydantic.Field(0, ge=0)
     seed: int = 0
+
+    @pydantic.field_validator("augment", mode="before")
+    @classmethod
+    def _augment_on_or_off(cls, value):
+        return (["camera", "glyphs"] if value else []) if isinstance(value, bool) else value
 
     @pydantic.model_validator(mode="after")
     def _lr_names_what_it_trains(self):
@@ -130,7 +137,7 @@ class Recipe(pydantic.BaseModel):
         hyperparameter (e.g. max_steps) in every stage."""
         configs, previous = [], None
         for stage in self.stages:
-            values = {**stage.model_dump(), **overrides}
+            values = StageSpec(**{**stage.model_dump(), **overrides}).model_dump()  # overrides validated as the file is
             lr = {part: rate * lr_scale for part, rate in values.pop("lr").items()}
             weights = values.pop("loss_weights")
             name, kind = values.pop("name"), values.pop("kind")

@@ -45,7 +45,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     text_fraction: float = 0.0
     pack: bool = False  # concatenate each micro-batch's samples into rows of up to max_length tokens: fewer rows, less padding
-    augment: bool = False  # each image read gets new colours, light, noise, blur and resolution, on the device (data.augment)
+    # What each image read gets anew on the device (data.AUGMENTATIONS): "camera" (colours, light, noise, blur,
+    # resolution), "glyphs" (slant, width, wobble, stroke weight)
+    augment: list[str] = field(default_factory=list)
     # Extension name -> its settings for a new model (BeniConfig.extensions), plus "weight": its loss's weight in this
     # stage (default 1; 0: the extension runs but its loss does not train). An init_from model keeps its own settings.
     extensions: dict[str, dict] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from beni_model.data import (
     make_loader,
     rank_shards,
     raw_stream,
+    reshape_glyphs,
     shard_paths,
     step_modality,
 )
@@ -256,7 +257,7 @@ def test_augmented_images_are_new_pixels_per_step_and_the_same_for_the_same_step
     stored = torch.stack([torch.full((3, 32, 32), v, dtype=torch.uint8) for v in (0, 90, 180, 255)] * 8)
     stored[:, :, 12:20, 4:28] = 255 - stored[:, :, 12:20, 4:28]  # a bar of "ink" on each
     plain = DevicePixels(processor.image_processor, torch.device("cpu"))
-    augmented = DevicePixels(processor.image_processor, torch.device("cpu"), augment=True, seed=3)
+    augmented = DevicePixels(processor.image_processor, torch.device("cpu"), augment=["camera"], seed=3)
     steps = {step: augmented(stored, rank=0, step=step) for step in (1, 2)}
     assert steps[1].shape == stored.shape and steps[1].dtype == torch.float32
     assert steps[1].min() >= -1 and steps[1].max() <= 1
@@ -267,3 +268,23 @@ def test_augmented_images_are_new_pixels_per_step_and_the_same_for_the_same_step
     assert not torch.allclose(augmented(stored, rank=1, step=1), steps[1])
     ink = (steps[1][:, :, 12:20, 4:28].mean(dim=(1, 2, 3)) - steps[1][:, :, :8].mean(dim=(1, 2, 3))).abs()
     assert (ink > 0.1).float().mean() > 0.9  # the text stays readable: its bar still stands out from the background
+
+
+def test_glyph_augmentation_reshapes_the_ink_but_keeps_it_in_the_frame_and_on_its_rows():
+    images = torch.ones(32, 3, 64, 64)
+    images[:, :, 24:40, :] = 0  # a line of "ink" across the whole width
+    images[:, :, 26:38, 8:56:6] = 1  # with gaps, so there are strokes to slant and thicken
+    generator = torch.Generator().manual_seed(0)
+    reshaped = reshape_glyphs(images, generator)
+    assert reshaped.shape == images.shape and reshaped.min() >= 0 and reshaped.max() <= 1
+    ink = (1 - reshaped).mean(1)
+    assert ink[:, :20].max() < 0.05 and ink[:, 44:].max() < 0.05  # nothing moved to other rows
+    kept = ink.sum((1, 2)) / (1 - images).mean(1).sum((1, 2))
+    assert kept.min() > 0.5  # nothing left the frame (strokes a pixel lighter at most)
+    assert len({round(float(d), 3) for d in (reshaped - images).abs().mean((1, 2, 3))}) > 16  # shapes drawn per image
+    torch.testing.assert_close(reshape_glyphs(images, torch.Generator().manual_seed(0)), reshaped, rtol=0, atol=0)
+
+
+def test_augment_names_what_it_draws(processor):
+    with pytest.raises(ValueError, match="Unknown augmentation"):
+        DevicePixels(processor.image_processor, torch.device("cpu"), augment=["colour"])

@@ -22,6 +22,10 @@ def test_lr_scale_and_overrides_change_every_stage_and_say_so(tmp_path):
     scaled = recipe.train_configs(tmp_path, tmp_path, tmp_path / "parts", lr_scale=0.5, max_steps=7)
     for a, b in zip(plain, scaled):
         assert b.max_steps == 7 and b.part_lr == {part: rate / 2 for part, rate in a.part_lr.items()}
+    assert [c.augment for c in recipe.train_configs(tmp_path, tmp_path, tmp_path / "parts", augment=["glyphs"])] == [["glyphs"]] * 2
+    assert recipe.train_configs(tmp_path, tmp_path, tmp_path / "parts", augment=True)[0].augment == ["camera", "glyphs"]
+    with pytest.raises(ValueError, match="augment"):  # an override is checked as the recipe's file is
+        recipe.train_configs(tmp_path, tmp_path, tmp_path / "parts", augment=["colour"])
 
 
 @pytest.mark.parametrize(

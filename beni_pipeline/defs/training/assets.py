@@ -27,7 +27,9 @@ class TrainedModelConfig(Config):
     lr_scale: float = pydantic.Field(1.0, gt=0, description="multiplies every part's peak learning rate in every stage (their ratios stay)")
     save_every: int | None = pydantic.Field(None, ge=1, description="sets every stage's steps between checkpoints")
     peak_tflops: float | None = pydantic.Field(None, ge=0, description="one device's bf16 peak, for MFU")
-    augment: bool | None = pydantic.Field(None, description="sets every stage's loader augmentation (on or off); empty: the recipe's")
+    augment: list[str] | None = pydantic.Field(
+        None, description="sets every stage's augmentation: any of camera, glyphs ([]: none); empty: the recipe's"
+    )
     wandb: bool = pydantic.Field(False, description="also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     nodes: int = pydantic.Field(
         1,

@@ -94,7 +94,8 @@ class DedupSettings(pydantic.BaseModel):
     arrays a pair, but it still grows as N^2, and a key group holds ~N / 2^18 unrelated rows: past ~17 M rows that is more
     than `max_group_pairs` + 1, so copies in a group could go unpaired. `phash_key_bands` = 3 (56 keys of ~24
     bits at d = 5: 2.6x the spilled keys, groups of ~N / 2^24, 1/25 of the chance pairs) is for corpora that
-    large; both find the same pairs.
+    large; both find the same pairs. Left empty (the default), it is chosen from the corpus's rows (`key_bands`):
+    the fewest bands, at least 2, whose key groups hold no more unrelated rows than `max_group_pairs` + 1.
 
     Under "text_and_image" the candidates come from these image keys, not from the text's LSH bands: a band
     catches a pair with a chance set by the texts' real Jaccard, and captions share common words (unrelated ones
@@ -126,7 +127,7 @@ class DedupSettings(pydantic.BaseModel):
     lsh_bands: int = 21
     lsh_rows: int = 6
     phash_max_distance: int = 5
-    phash_key_bands: int = 2
+    phash_key_bands: int | None = None
     thumb_max_diff: int = 12
     max_group_pairs: int = 64
     buckets: int | None = None
@@ -147,12 +148,21 @@ class DedupSettings(pydantic.BaseModel):
             )
         if not 0 <= self.phash_max_distance <= 15:
             raise ValueError(f"DedupSettings.phash_max_distance must be 0..15 (bits of 64), got {self.phash_max_distance}")
-        if not 1 <= self.phash_key_bands <= 4:
+        if self.phash_key_bands is not None and not 1 <= self.phash_key_bands <= 4:
             raise ValueError(f"DedupSettings.phash_key_bands must be 1..4 (bands joined in one key), got {self.phash_key_bands}")
         if not 0 <= self.thumb_max_diff <= 255:
             raise ValueError(f"DedupSettings.thumb_max_diff is in grey levels 0..255, got {self.thumb_max_diff}")
         if min(self.max_group_pairs, self.buckets or 1, self.bucket_rows, self.workers) < 1:
             raise ValueError("DedupSettings.max_group_pairs, buckets, bucket_rows and workers must be at least 1")
+
+    def key_bands(self, rows: int) -> int:
+        """`phash_key_bands` when set, else the fewest bands joined in a key (2 to 4) for which a key group of `rows`
+        unrelated hashes (rows / 2^bits of its narrowest key) stays within `max_group_pairs` + 1 rows: 2 up to ~17M
+        rows at the defaults, 3 up to ~1G."""
+        if self.phash_key_bands is not None:
+            return self.phash_key_bands
+        d = self.phash_max_distance
+        return next((m for m in (2, 3) if rows <= 2 ** (64 // (d + m) * m) * (self.max_group_pairs + 1)), 4)
 
     def bucket_count(self, rows: int) -> int:
         """`buckets` when set, else one bucket per `bucket_rows` rows: a bucket job's keys, and so its memory and
@@ -407,6 +417,7 @@ def find_duplicates_parallel(
     paths = sorted(Path(p) for p in feature_paths)
     offsets = _offsets(paths)
     n, buckets = len(paths), settings.bucket_count(int(offsets[-1]))
+    settings = settings.model_copy(update={"phash_key_bands": settings.key_bands(int(offsets[-1]))})  # one choice for every job
     peaks = _Peaks(map_)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         ends = peaks(_spill_chunk, paths, _chunk_files(Path(tmp), "keys", n), offsets[:-1].tolist(), [buckets] * n, [settings] * n)

@@ -190,6 +190,7 @@ def test_a_clean_dataset_runs_to_shards_with_nothing_failed_or_dropped(instance,
     assert (downloaded_meta["rows"], downloaded_meta["ok"], downloaded_meta["failed"]) == (30, 30, 0)
     dedup = latest_metadata(instance, "deduplicated")
     assert (dedup["rows"], dedup["kept"], dedup["dropped"], dedup["clusters"]) == (30, 30, 0, 0)
+    assert dedup["phash_key_bands"] == 2  # chosen by the corpus's size
     assert dedup["clusters_preview"] == "no duplicates"
     assert latest_metadata(instance, "training_shards")["samples"] == 30
 

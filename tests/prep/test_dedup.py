@@ -247,6 +247,8 @@ def test_deterministic_across_buckets_and_chunk_order(corpus, tmp_path):
     by_rows = find_duplicates(paths, DedupSettings(bucket_rows=50))
     assert one.clusters.equals(by_rows.clusters) and one.duplicates.equals(by_rows.duplicates)
     assert one.duplicates.equals(other.duplicates) and one.clusters.equals(other.clusters)
+    assert [DedupSettings().key_bands(rows) for rows in (one.rows, 17_000_000, 17_100_000, 10**9, 2 * 10**9)] == [2, 2, 3, 3, 4]
+    assert DedupSettings(max_group_pairs=1).key_bands(10**9) == 4 and DedupSettings(phash_key_bands=3).key_bands(10) == 3
     triples = find_duplicates(paths, DedupSettings(phash_key_bands=3))  # other keys, the same pairs within the distance
     assert one.duplicates.equals(triples.duplicates) and one.clusters.equals(triples.clusters)
     write_result(one, tmp_path / "out")

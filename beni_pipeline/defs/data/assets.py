@@ -228,6 +228,7 @@ def deduplicated(context: dg.AssetExecutionContext, config: DedupConfig, layout:
             "dropped": stats["dropped"],
             "duplicate_rate": round(stats["duplicate_rate"], 4),
             "clusters": stats["clusters"],
+            "phash_key_bands": settings.key_bands(stats["rows"]),  # chosen by the corpus's size unless set
             "chunks_hashed_this_run": len(hashed),
             "samples_per_s": round(stats["rows"] / seconds, 1),
             # where the clustering's memory went: this process and each process that ran one of its jobs

@@ -30,7 +30,8 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 # Typed content flattened to one string before the LLM's template runs (the LLM templates read string content): an
-# image item is IMAGE_MARKER and a line break, a text item its text, as `flatten` does in Python.
+# image item is IMAGE_MARKER and a line break, a text item its text, as `flatten` does in Python. With images last
+# (BeniConfig.images_last), a user turn's images, each already expanded to its tokens or not, follow its text.
 TYPED_CONTENT = (
     "{%- set flat = namespace(messages=[]) -%}"
     "{%- for message in messages -%}"
@@ -40,6 +41,10 @@ TYPED_CONTENT = (
     "{%- if item['type'] == 'image' -%}{%- set parts.text = parts.text + '@IMAGE@\n' -%}"
     "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- set content = parts.text -%}{%- endif -%}"
+    "{%- if @IMAGES_LAST@ and message['role'] == 'user' and '@IMAGE@' in content -%}"
+    "{%- set text = content.replace('@IMAGE@\n', '').replace('@IMAGE@', '').rstrip('\n') -%}"
+    "{%- set content = (text ~ '\n' if text else '') ~ '@IMAGE@' * content.count('@IMAGE@') -%}"
+    "{%- endif -%}"
     "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': content}] -%}"
     "{%- endfor -%}"
     "{%- set messages = flat.messages -%}"
@@ -67,9 +72,10 @@ def load_tokenizer(path: str, image_token: str = IMAGE_MARKER) -> PreTrainedToke
     return tokenizer
 
 
-def chat_template(llm_template: str | None, image_token: str = IMAGE_MARKER) -> str:
+def chat_template(llm_template: str | None, image_token: str = IMAGE_MARKER, images_last: bool = False) -> str:
     """A processor's template: TYPED_CONTENT's preamble, then the LLM's template (FALLBACK_TEMPLATE without one)."""
-    return TYPED_CONTENT.replace("@IMAGE@", image_token) + (llm_template or FALLBACK_TEMPLATE)
+    preamble = TYPED_CONTENT.replace("@IMAGE@", image_token).replace("@IMAGES_LAST@", "true" if images_last else "false")
+    return preamble + (llm_template or FALLBACK_TEMPLATE)
 
 
 def flatten(content: str | list[dict]) -> str:

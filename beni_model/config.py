@@ -44,6 +44,9 @@ class BeniConfig(PretrainedConfig):
     image_size: int | None = None  # None: the encoder's own; larger sizes interpolate its position embeddings
     image_token: str = "<image>"
     image_token_id: int | None = None  # set by chat.load_tokenizer's token when the model is built
+    # A user turn's images (with their extensions' tokens) after its text, wherever the prompt puts them: what the LLM
+    # copies from an image then sits a fixed distance before the answer, whatever the question's length
+    images_last: bool = False
     freeze_vision: bool = False
     freeze_connector: bool = False
     freeze_text: bool = False

@@ -71,8 +71,9 @@ class Extension(nn.Module):
         """This extension's loss on the vision tower's output, or None where `targets` hold none of its keys."""
         return None
 
-    def image_embeddings(self, model, features: torch.Tensor) -> torch.Tensor | None:
-        """[images, image_tokens, text hidden] for the LLM after each image's connector tokens, or None."""
+    def image_embeddings(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """[images, image_tokens, text hidden] for the LLM after each image's connector tokens, or None. `targets`: the
+        batch's (`collate`'s), where training has them: what the extension should have read, for teacher forcing."""
         return None
 
     def answers(self, model, features: torch.Tensor) -> list[str] | None:

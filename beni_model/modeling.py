@@ -198,14 +198,17 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
             )
         return self.vision_tower(pixel_values)
 
-    def merge(self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None) -> torch.Tensor:
-        """`embed` from the vision tower's output for the batch's images (None: no images)."""
+    def merge(
+        self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None, extension_targets: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`embed` from the vision tower's output for the batch's images (None: no images); `extension_targets`, where
+        training has them, reach the extensions' `image_embeddings`."""
         embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         features = None
         if vision_features is not None:
             features = self.connector(vision_features)
-            extra = [e.image_embeddings(self, vision_features) for e in self.extensions.values()]
+            extra = [e.image_embeddings(self, vision_features, extension_targets) for e in self.extensions.values()]
             features = torch.cat([features, *(x.to(features.dtype) for x in extra if x is not None)], dim=1)
         images, per_image = features.shape[:2] if features is not None else (0, 0)
         if (self.training and input_ids.is_cuda) or torch.compiler.is_compiling():
@@ -249,7 +252,7 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 losses = {name: loss for name, loss in losses.items() if loss is not None} or None
             if input_ids is None:  # images and targets alone (the encoder stage): the extensions' losses, the LLM not run
                 return BeniOutput(extension_losses=losses)
-            inputs_embeds = self.merge(input_ids, features)
+            inputs_embeds = self.merge(input_ids, features, extension_targets)
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
         return BeniOutput(**out, extension_losses=losses)
 

@@ -17,13 +17,23 @@ class BeniProcessor(ProcessorMixin):
     image token in the text becomes `num_image_tokens` of them (the count the model's connector and extensions emit
     per image at its image size)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", num_image_tokens=1, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_token="<image>",
+        num_image_tokens=1,
+        images_last=False,
+        **kwargs,
+    ):
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
+        self.images_last = images_last  # the chat template puts a user turn's images after its text
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token: load it with beni_model.chat.load_tokenizer.")
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template(tokenizer, image_token))
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template(tokenizer, image_token, images_last))
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
@@ -32,11 +42,17 @@ class BeniProcessor(ProcessorMixin):
     def for_model(cls, config: BeniConfig, tokenizer) -> "BeniProcessor":
         """A new model's processor: the encoder's image processor at the model's image size, the LLM's tokenizer
         (with the image token) and its chat template."""
-        return cls(image_processor_for(config), tokenizer, image_token=config.image_token, num_image_tokens=config.num_image_tokens())
+        return cls(
+            image_processor_for(config),
+            tokenizer,
+            image_token=config.image_token,
+            num_image_tokens=config.num_image_tokens(),
+            images_last=config.images_last,
+        )
 
 
-def default_template(tokenizer, image_token: str) -> str:
-    return chat_template(tokenizer.chat_template, image_token)
+def default_template(tokenizer, image_token: str, images_last: bool = False) -> str:
+    return chat_template(tokenizer.chat_template, image_token, images_last)
 
 
 def image_processor_for(config: BeniConfig):

@@ -47,6 +47,7 @@ class ModelSpec(pydantic.BaseModel):
     connector: str = "mlp2x_gelu"
     vision_stem: Literal["conv"] | None = None
     image_size: int | None = None
+    images_last: bool = pydantic.Field(False, description="a user turn's images after its text, wherever the prompt puts them")
     extensions: dict[str, dict] = pydantic.Field({}, description="extension name -> its settings, e.g. {ocr: {tokens: true}}")
 
     @pydantic.model_validator(mode="after")
@@ -156,10 +157,11 @@ class Recipe(pydantic.BaseModel):
             else:
                 config.text_model = str(resolve_model(self.model.text_model, parts_dir))
                 config.vision_model, config.vision_config = self.model.vision_model, self.model.vision_config
-                config.connector, config.vision_stem, config.image_size = (
+                config.connector, config.vision_stem, config.image_size, config.images_last = (
                     self.model.connector,
                     self.model.vision_stem,
                     self.model.image_size,
+                    self.model.images_last,
                 )
             configs.append(config)
             previous = out_root / name / "final"

@@ -6,6 +6,9 @@ Settings (`BeniConfig.extensions["ocr"]`):
 - `collapsed`: with `tokens`, that transcript after CTC's collapse: each read the collapse keeps as its best
   character's token (the gradient passing straight through to its probabilities), packed left, blanks after; one
   token per character, as the text itself would sit in a prompt, for an LLM that copies from its prompt;
+- `teacher_reads`: with `collapsed`, while training with an image's transcript at hand the LLM is handed the
+  transcript itself, one character a slot, instead of the head's reads (teacher forcing): it learns to copy clean
+  reads while the head is still learning to make them, and at inference copies the head's;
 - `lines`: a head that reads each row of patches as a text line (LineReadingHead), trained on documents' lines;
   with `tokens` its collapsed transcript follows (`line_embeddings`);
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
@@ -36,6 +39,7 @@ from beni_model.ocr.heads import (
 class OcrSettings:
     tokens: bool = False
     collapsed: bool = False
+    teacher_reads: bool = False
     lines: bool = False
     token_ids: list[int] | None = None
 
@@ -46,6 +50,8 @@ def ocr_settings(settings: dict) -> OcrSettings:
     options = OcrSettings(**settings)
     if options.collapsed and not options.tokens:
         raise ValueError("The ocr extension's collapsed setting shapes the reads handed to the LLM: set tokens too, or collapsed off.")
+    if options.teacher_reads and not options.collapsed:
+        raise ValueError("The ocr extension's teacher_reads hands the LLM a transcript one character a slot: set collapsed too.")
     return options
 
 
@@ -126,10 +132,12 @@ class OcrExtension(Extension):
             loss = loss + self.line_loss(model, features, targets["line_targets"], targets["line_lengths"])
         return loss
 
-    def image_embeddings(self, model, features: torch.Tensor) -> torch.Tensor | None:
+    def image_embeddings(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         if not self.options.tokens:
             return None
-        reads = [self.reading_embeddings(model, features)] + ([self.line_embeddings(model, features)] if self.options.lines else [])
+        taught = targets if self.options.teacher_reads and targets and "reading_lengths" in targets else None
+        reads = [self.reading_embeddings(model, features, taught)]
+        reads += [self.line_embeddings(model, features)] if self.options.lines else []
         return torch.cat(reads, dim=1)
 
     def answers(self, model, features: torch.Tensor) -> list[str]:
@@ -173,16 +181,23 @@ class OcrExtension(Extension):
 
     # ------------------------------------------------------------ the reads as LLM input
 
-    def reading_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:
+    def reading_embeddings(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The reading head's soft transcript as LLM input, [images, reads, text hidden]: each read's probabilities
         over blank and READING_ALPHABET weigh a learned blank and the LLM's own embedding of each character, so what
         the vision tower reads reaches the LLM as (nearly) the text's tokens, to copy as it copies a prompt. With
-        `collapsed`, the token of each read CTC's collapse keeps, packed left (see `packed`), the slots after blank."""
+        `collapsed`, the token of each read CTC's collapse keeps, packed left (see `packed`), the slots after blank.
+        Given `targets` (`teacher_reads`), an image with a transcript hands over the transcript instead, packed alike."""
         probs = self.reading_scores(model, features).float().softmax(-1)
         if self.options.collapsed:  # the best character's token; its probability's gradient passes straight through
             best = probs.argmax(-1)
             probs = nn.functional.one_hot(best, probs.shape[-1]).float() + probs - probs.detach()
             probs = packed(probs, kept_reads(best), probs.shape[1])
+        if targets is not None:
+            slots = probs.shape[1]
+            classes = targets["reading_targets"].to(probs.device)[:, :slots]  # padded with 0, the blank
+            classes = nn.functional.pad(classes, (0, slots - classes.shape[1]))
+            transcribed = (targets["reading_lengths"].to(probs.device) >= 0)[:, None, None]
+            probs = torch.where(transcribed, nn.functional.one_hot(classes, probs.shape[-1]).float(), probs)
         return probs @ self.reading_table(model)[:-1]
 
     def line_embeddings(self, model, features: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class TrainConfig:
     connector: str = "mlp2x_gelu"
     vision_stem: str | None = None  # "conv": a conv stem instead of the encoder's patchify (BeniConfig.vision_stem)
     image_size: int | None = None
+    images_last: bool = False  # BeniConfig.images_last
     # "encoder": the vision tower alone on the extensions' losses, the LLM not run; "align": the connector alone;
     # "finetune": train_parts, or LoRA when lora_rank > 0
     stage: str = "finetune"

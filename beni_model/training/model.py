@@ -20,6 +20,7 @@ def build_model(config: TrainConfig, tokenizer) -> nn.Module:
             connector=config.connector,
             vision_stem=config.vision_stem,
             image_size=config.image_size,
+            images_last=config.images_last,
             extensions=config.model_extensions,
         )
         model = BeniForConditionalGeneration.from_parts(beni_config, tokenizer)

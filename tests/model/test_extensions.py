@@ -51,7 +51,7 @@ class MeanColour(Extension):
     def loss(self, model, features, targets):
         return nn.functional.mse_loss(self.guess(features).float(), targets["colour"].float()) if "colour" in targets else None
 
-    def image_embeddings(self, model, features):
+    def image_embeddings(self, model, features, targets=None):
         return self.embed(self.guess(features))[:, None] if self.settings.get("token") else None
 
 

@@ -118,6 +118,24 @@ def test_collapsed_reads_hand_the_llm_each_kept_reads_token_packed_left_then_bla
         BeniConfig(**{**model.config.to_dict(), "extensions": {"ocr": {"collapsed": True}}})
 
 
+def test_teacher_reads_hand_the_llm_the_transcript_while_training_and_the_heads_reads_after(build):
+    settings = {"tokens": True, "collapsed": True, "teacher_reads": True}
+    model, tokenizer = build("siglip", "llama", "mlp2x_gelu", extensions={"ocr": settings})
+    ocr, slots = model.extensions["ocr"], (model.config.image_size // model.config.patch_size) * READS_PER_COLUMN
+    table = ocr.reading_table(model)
+    features = model.vision_features(images(3))
+    targets, lengths = reading_targets(["ab1", None, "x" * (slots + 5)])  # one image without a transcript, one too long
+    embeddings = ocr.image_embeddings(model, features, {"reading_targets": targets, "reading_lengths": lengths})
+    head = ocr.image_embeddings(model, features)  # inference: no transcript at hand
+    classes = [1 + READING_ALPHABET.index(c) for c in "ab1"]
+    torch.testing.assert_close(embeddings[0], table[classes + [0] * (slots - 3)])
+    torch.testing.assert_close(embeddings[1], head[1])  # no transcript: the head's reads
+    torch.testing.assert_close(embeddings[2], table[[1 + READING_ALPHABET.index("x")] * slots])  # cut at the slots
+    assert not torch.allclose(head[0], embeddings[0])
+    with pytest.raises(ValueError, match="teacher_reads hands the LLM a transcript one character a slot: set collapsed too"):
+        BeniConfig(**{**model.config.to_dict(), "extensions": {"ocr": {"tokens": True, "teacher_reads": True}}})
+
+
 def test_the_line_head_reads_rows_and_hands_the_llm_their_collapsed_transcript(build):
     """Rows 1 and 3 of a 16 x 16 grid carry text (feature 0), which the head reads as one "a" per column between
     blanks: the LLM gets each of those rows as 16 a's and a line break, then blanks. A head reading "ab" at every

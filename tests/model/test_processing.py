@@ -16,7 +16,7 @@ from transformers import (
     pipeline,
 )
 
-from beni_model.chat import load_tokenizer, prompt_text
+from beni_model.chat import build_example, load_tokenizer, prompt_text
 from beni_model.config import BeniConfig
 from beni_model.modeling import BeniForConditionalGeneration
 from beni_model.processing import BeniProcessor
@@ -63,6 +63,37 @@ def test_typed_messages_and_llava_turns_give_the_same_inputs(build):
     templated = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     for inputs in (typed, templated):
         assert torch.equal(inputs["input_ids"], llava["input_ids"]) and torch.equal(inputs["pixel_values"], llava["pixel_values"])
+
+
+def test_images_last_puts_each_user_turns_images_after_its_text_in_every_path(build, tmp_path):
+    model, tokenizer = build(images_last=True)
+    processor = processor_of(model, tokenizer)
+    image, image_id = pictures(1)[0], model.config.image_token_id
+    with_image = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    ids = [
+        processor(text=prompt_text(LLAVA_TURN, processor), images=[image], return_tensors="pt")["input_ids"],
+        processor(text=prompt_text(TYPED, processor), images=[image], return_tensors="pt")["input_ids"],
+        processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")[
+            "input_ids"
+        ],
+        torch.tensor([build_example(LLAVA_TURN + [{"from": "gpt", "value": "hi"}], processor).input_ids]),
+    ]
+    text = tokenizer.decode(ids[0][0])
+    assert text.index(QUESTION) < text.index("<image>") and text.index("<image>") > text.rindex("<|im_start|>user")
+    assert all(torch.equal(i[:, : ids[0].shape[1]], ids[0]) for i in ids)  # the same prompt, whichever way it came
+    image_at = (ids[0][0] == image_id).nonzero().flatten()
+    assert len(image_at) == model.config.num_image_tokens() and int(image_at[-1]) == ids[0].shape[1] - 1 - len(
+        tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    )  # the image ends the turn: the answer starts a fixed distance after it
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.images_last and torch.equal(
+        loaded(text=prompt_text(LLAVA_TURN, loaded), images=[image], return_tensors="pt")["input_ids"], ids[0]
+    )
+    plain = processor_of(*build())
+    plain_text = tokenizer.decode(plain(text=prompt_text(LLAVA_TURN, plain), images=[image])["input_ids"][0])
+    assert plain_text.index("<image>") < plain_text.index(QUESTION)  # off, as the prompt puts them
 
 
 @pytest.fixture(scope="module")

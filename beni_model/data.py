@@ -181,6 +181,15 @@ class DevicePixels:
         return pixels * self.scale + self.shift
 
 
+def _uniform_draws(n: int, device: torch.device, generator: torch.Generator):
+    """uniform(low, high, *shape): one draw of that shape per image, [n, *shape], from `generator`."""
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.empty(n, *shape, device=device).uniform_(low, high, generator=generator)
+
+    return uniform
+
+
 def reshape_glyphs(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """New glyph shapes for images [n, 3, H, W] in [0, 1], drawn per image, for a reader that must know letters in
     fonts it never saw: a slant, a narrower set, a wobble of a pixel or so on the scale of a letter, heavier or
@@ -189,8 +198,7 @@ def reshape_glyphs(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     n, device = len(images), images.device
     height, width = images.shape[-2:]
 
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return torch.empty(n, *shape, device=device).uniform_(low, high, generator=generator)
+    uniform = _uniform_draws(n, device, generator)
 
     # Where each output pixel reads the input, in grid_sample's [-1, 1] coordinates: x = narrow * u + slant * v.
     v, u = torch.meshgrid(torch.linspace(-1, 1, height, device=device), torch.linspace(-1, 1, width, device=device), indexing="ij")
@@ -221,8 +229,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, shrink: float = 0.
     took longer than the GPU's step)."""
     n, device = len(images), images.device
 
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return torch.empty(n, *shape, device=device).uniform_(low, high, generator=generator)
+    uniform = _uniform_draws(n, device, generator)
 
     def chosen(p: float) -> torch.Tensor:
         return (torch.rand(n, 1, 1, 1, device=device, generator=generator) < p).float()

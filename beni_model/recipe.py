@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from beni_model.config import BeniConfig
+from beni_model.data import AUGMENTATIONS
 from beni_model.files import atomic_path
 from beni_model.training.config import TrainConfig
 
@@ -78,7 +79,7 @@ class StageSpec(pydantic.BaseModel):
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
     text_fraction: float = pydantic.Field(0.0, ge=0, le=1)
     pack: bool = False
-    augment: list[Literal["camera", "glyphs"]] = pydantic.Field(
+    augment: list[Literal[AUGMENTATIONS]] = pydantic.Field(
         [],
         description="drawn anew for every image read, on the device: camera (colours, light, noise, blur, resolution), "
         "glyphs (slant, width, wobble, stroke weight); true: both, false: none",
@@ -96,7 +97,7 @@ class StageSpec(pydantic.BaseModel):
     @pydantic.field_validator("augment", mode="before")
     @classmethod
     def _augment_on_or_off(cls, value):
-        return (["camera", "glyphs"] if value else []) if isinstance(value, bool) else value
+        return (list(AUGMENTATIONS) if value else []) if isinstance(value, bool) else value
 
     @pydantic.model_validator(mode="after")
     def _lr_names_what_it_trains(self):

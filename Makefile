@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/beni demo
 
-# Fonts by Debian package (train and unseen splits, about 47 MB) into FONTS. The corpus and the unseen-renderer eval set
+# Fonts by Debian package (train and unseen splits, about 170 MB) into FONTS. The corpus and the unseen-renderer eval set
 # find them at <data root>/fonts, or wherever BENI_FONTS says. Needs Debian's apt, no install; the folder can be copied to
 # a machine without internet.
 FONTS ?= data/fonts

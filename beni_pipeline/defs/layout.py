@@ -162,6 +162,15 @@ class DataLayout(dg.ConfigurableResource):
         return self.heldout_unseen / "eval_set.json"
 
     @property
+    def heldout_unseen_no_camera(self) -> Path:
+        """The unseen-renderer set's items as drawn, before its camera (the same questions; only the photo effects gone)."""
+        return self.base / "heldout_unseen_no_camera"
+
+    @property
+    def unseen_no_camera_eval_set(self) -> Path:
+        return self.heldout_unseen_no_camera / "eval_set.json"
+
+    @property
     def ocr_eval(self) -> Path:
         return self.base / "ocr_eval" / "report"
 
@@ -169,6 +178,10 @@ class DataLayout(dg.ConfigurableResource):
     def ocr_eval_unseen(self) -> Path:
         """The report on the unseen-renderer set."""
         return self.base / "ocr_eval" / "unseen"
+
+    @property
+    def ocr_eval_unseen_no_camera(self) -> Path:
+        return self.base / "ocr_eval" / "unseen_no_camera"
 
     @property
     def comparison(self) -> Path:

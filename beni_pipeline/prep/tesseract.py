@@ -3,9 +3,9 @@
 Tesseract reads in the image, so a question answers right when its answer is in there, as the substring rule has it.
 
 A machine without Tesseract (the GPU machine) takes the scores from one that has it. Either score the very sets a
-run made (its data root's heldout/ and heldout_unseen/, a few MB to copy):
+run made (its data root's heldout/ and heldout_unseen*/, a few MB to copy):
 
-    python -m beni_pipeline.prep.tesseract tesseract.json DATA/heldout DATA/heldout_unseen
+    python -m beni_pipeline.prep.tesseract tesseract.json DATA/heldout DATA/heldout_unseen DATA/heldout_unseen_no_camera
 
 or generate them here, as `heldout_eval_set` does, from the same seed, size, fonts and corpus answers:
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, help="the JSON to write (an existing one keeps its other sets' scores)")
     parser.add_argument("sets", nargs="*", type=Path, help="set folders, each with ocr_eval.json and its images")
-    parser.add_argument("--generate", type=Path, help="generate both held-out sets into this folder and score them")
+    parser.add_argument("--generate", type=Path, help="generate the held-out sets into this folder and score them")
     parser.add_argument(
         "--fonts", type=Path, default=os.environ.get("BENI_FONTS"), help="with --generate: the fonts root (default: $BENI_FONTS)"
     )

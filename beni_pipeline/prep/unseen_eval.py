@@ -17,6 +17,7 @@ import colorsys
 import io
 import math
 import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -128,10 +129,25 @@ def perspective(image: Image.Image, rng: random.Random, strength: float) -> Imag
     return image.transform(image.size, Image.Transform.PERSPECTIVE, tuple(coefficients), Image.Resampling.BICUBIC, fillcolor=edge)
 
 
+_camera_on = True  # off inside `without_camera`
+
+
+@contextmanager
+def without_camera():
+    """Renderers inside the block return their images as drawn, not photographed. `camera` still makes its random
+    draws, so every item keeps its text and question: the two sets differ only by the photo effects."""
+    global _camera_on
+    previous, _camera_on = _camera_on, False
+    try:
+        yield
+    finally:
+        _camera_on = previous
+
+
 def camera(image: Image.Image, rng: random.Random, strength: float = 0.06) -> Image.Image:
     """A phone photo of `image`: perspective, Gaussian or motion blur, a light spot and dark corners, sensor noise (or
     salt and pepper), then heavy JPEG."""
-    image = perspective(image, rng, strength)
+    drawn, image = image, perspective(image, rng, strength)
     if rng.random() < 0.5:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     else:  # a short horizontal or vertical smear
@@ -153,7 +169,7 @@ def camera(image: Image.Image, rng: random.Random, strength: float = 0.06) -> Im
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     out = io.BytesIO()
     image.save(out, "JPEG", quality=rng.randint(25, 60))
-    return Image.open(io.BytesIO(out.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(out.getvalue())).convert("RGB") if _camera_on else drawn
 
 
 def fit(image: Image.Image) -> Image.Image:
@@ -447,13 +463,19 @@ def categories(fonts: Fonts) -> dict:
 
 
 def make_unseen_set(
-    out_dir: Path, fonts_root: Path | None, settings: ocr_eval.EvalSetSettings, exclude_answers: set[str] = frozenset()
+    out_dir: Path,
+    fonts_root: Path | None,
+    settings: ocr_eval.EvalSetSettings,
+    exclude_answers: set[str] = frozenset(),
+    camera: bool = True,
 ) -> Path | None:
     """The unseen-renderer set's JSON in out_dir (see ocr_eval.generate_eval_set), or None when `fonts_root` holds no
-    fetched fonts (an unseen set drawn in the corpus's fonts would not be unseen)."""
+    fetched fonts (an unseen set drawn in the corpus's fonts would not be unseen). `camera` False: the same items
+    as drawn, before the camera (`without_camera`), which tells unseen glyphs and layouts from photo effects."""
     if not (fonts_root and (Path(fonts_root) / MANIFEST).is_file()):
         return None
-    return ocr_eval.generate_eval_set(out_dir, settings, exclude_answers, categories(Fonts.unseen(fonts_root)), "unseen")
+    with nullcontext() if camera else without_camera():
+        return ocr_eval.generate_eval_set(out_dir, settings, exclude_answers, categories(Fonts.unseen(fonts_root)), "unseen")
 
 
 def make_sets(
@@ -463,10 +485,13 @@ def make_sets(
     settings: ocr_eval.EvalSetSettings,
     exclude_answers: set[str] = frozenset(),
 ) -> dict[str, Path]:
-    """Both held-out sets, as `heldout_eval_set` makes them: {"heldout": the same-generator set's JSON, drawn with the
-    corpus's fonts, in heldout_dir; "unseen": the unseen-renderer set's, in unseen_dir, when fonts are fetched}.
+    """The held-out sets, as `heldout_eval_set` makes them: {"heldout": the same-generator set's JSON, drawn with the
+    corpus's fonts, in heldout_dir; when fonts are fetched, "unseen": the unseen-renderer set's, in unseen_dir, and
+    "unseen_no_camera": its items before the camera, in unseen_dir's sibling "<name>_no_camera"}.
     `exclude_answers`: the corpus's (ocr_eval.corpus_answers)."""
     sets = {"heldout": ocr_eval.generate_eval_set(heldout_dir, replace(settings, fonts=corpus_fonts(fonts_root)), exclude_answers)}
     if unseen := make_unseen_set(unseen_dir, fonts_root, settings, exclude_answers):
         sets["unseen"] = unseen
+        no_camera = unseen_dir.with_name(unseen_dir.name + "_no_camera")
+        sets["unseen_no_camera"] = make_unseen_set(no_camera, fonts_root, settings, exclude_answers, camera=False)
     return sets

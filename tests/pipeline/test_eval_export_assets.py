@@ -112,19 +112,21 @@ def test_both_sets_side_by_side_with_tesseract_beside_them(data, fonts_root, tmp
     with dg.DagsterInstance.get() as instance:
         result = materialize([heldout_eval_set, ocr_eval_report], instance=instance, run_config=run_config)
     sets, report = metadata_of(result, "heldout_eval_set"), metadata_of(result, "ocr_eval_report")
-    assert sets["unseen_items"] == sets["items"] == len(CATEGORIES)
+    assert sets["unseen_items"] == sets["unseen_no_camera_items"] == sets["items"] == len(CATEGORIES)
     assert report["unseen_score"].startswith(f"{round(report['unseen_accuracy'] * len(CATEGORIES))}/{len(CATEGORIES)} ")
     comparison = json.loads((data / "ocr_eval" / "comparison" / "comparison.json").read_text())
     rows = {r["type"]: r for r in comparison["rows"]}
     assert list(rows) == [*sorted(CATEGORIES), "all"]
     assert rows["all"]["held-out set"] == report["accuracy"] and rows["all"]["unseen renderer"] == report["unseen_accuracy"]
+    assert rows["all"]["unseen renderer, no camera"] == report["unseen_no_camera_accuracy"]
     assert rows["all"]["gap"] == round(100 * (report["accuracy"] - report["unseen_accuracy"]), 1) == report["gap_points"]
     assert report["comparison"].startswith(f"held-out set {100 * report['accuracy']:.1f}% | unseen renderer ")
     assert report["side_by_side"].count("\n") == len(CATEGORIES) + 3  # header, rule, categories, all
-    if tesseract.installed():  # scored here, both sets, and kept by fingerprint for the next report
+    if tesseract.installed():  # scored here, every set, and kept by fingerprint for the next report
         assert report["tesseract"].startswith("scored by the same rule: held-out set ")
-        assert len(json.loads((data / "ocr_eval" / "tesseract.json").read_text())) == 2
-        assert all(0 <= rows["all"][f"tesseract, {name}"] <= 1 for name in ("held-out set", "unseen renderer"))
+        assert len(json.loads((data / "ocr_eval" / "tesseract.json").read_text())) == 3
+        names = ("held-out set", "unseen renderer", "unseen renderer, no camera")
+        assert all(0 <= rows["all"][f"tesseract, {name}"] <= 1 for name in names)
         monkeypatch.setenv("PATH", str(tmp_path))  # a machine without it takes the kept scores
         with dg.DagsterInstance.get() as instance:
             again = materialize([ocr_eval_report], instance=instance, run_config=report_config)

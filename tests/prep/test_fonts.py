@@ -36,6 +36,16 @@ def test_fetch_unpacks_each_package_and_lists_its_fonts(fonts_root):
     check_disjoint(fonts_root)
 
 
+def test_the_corpus_takes_at_most_a_few_faces_of_a_package_its_families_before_their_weights(fonts_root, monkeypatch):
+    hermit = [str(fonts_root / f"fonts-hermit/Hermit-{w}.otf") for w in ("bold", "light", "medium")]
+    goudy = str(fonts_root / "fonts-goudybookletter/GoudyBookletter1911.otf")
+    assert fonts.faces([*hermit, goudy], limit=2) == [goudy, hermit[0]]  # one face of each family first
+    assert fonts.faces([*hermit, goudy], limit=9) == [goudy, hermit[0], hermit[1], hermit[2]]
+    assert set(corpus_fonts(fonts_root)) == set(split_fonts(fonts_root, "train"))  # two one-face packages
+    monkeypatch.setattr(fonts, "FACES_PER_PACKAGE", 0)
+    assert corpus_fonts(fonts_root) == ()
+
+
 def test_a_family_in_both_splits_fails(fonts_root, tmp_path):
     root = tmp_path / "fonts"
     shutil.copytree(fonts_root, root)
@@ -85,6 +95,12 @@ def test_the_unseen_set_has_every_category_and_is_a_function_of_its_seed(fonts_r
             assert image.format == "JPEG" and max(image.size) <= 800 and item["answers"][0].strip()
     make_unseen_set(tmp_path / "b", fonts_root, EvalSetSettings(per_category=2, seed=1))
     assert files(tmp_path / "a") == files(tmp_path / "b")
+    # Without the camera: the same items, each image as drawn (not JPEG-blurred: sharper, and every one different).
+    drawn = json.loads(make_unseen_set(tmp_path / "c", fonts_root, EvalSetSettings(per_category=2, seed=1), camera=False).read_text())
+    assert drawn == items
+    for item in items:
+        with Image.open(tmp_path / "a" / item["image_path"]) as shot, Image.open(tmp_path / "c" / item["image_path"]) as flat:
+            assert shot.size == flat.size and shot.tobytes() != flat.tobytes()
     assert list(categories(Fonts.unseen(fonts_root))) == list(CATEGORIES)
 
 

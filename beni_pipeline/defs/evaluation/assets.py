@@ -1,5 +1,6 @@
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 import pydantic
@@ -31,6 +32,32 @@ CPU_RECIPE = "tiny"  # the CPU demo's recipe (beni_model/recipes/tiny.yaml)
 EVAL_SET = dg.AssetKey("heldout_eval_set")
 SOURCE_MANIFEST = dg.AssetKey("source_manifest")
 UNSEEN = "unseen renderer"  # the unseen-renderer set's column in the side-by-side table
+UNSEEN_NO_CAMERA = "unseen renderer, no camera"
+
+
+class UnseenSet(NamedTuple):
+    column: str  # in the side-by-side table
+    key: str  # of the metadata
+    camera: bool
+    folder: Path
+    pointer: Path  # {"name", "json", "images"}, when made
+    report: Path
+
+
+def unseen_sets(layout: DataLayout) -> list[UnseenSet]:
+    """The unseen-renderer set, photographed and as drawn: the report's gap is to the first; the second tells how much
+    of it the photo effects make."""
+    return [
+        UnseenSet(UNSEEN, "unseen", True, layout.heldout_unseen, layout.unseen_eval_set, layout.ocr_eval_unseen),
+        UnseenSet(
+            UNSEEN_NO_CAMERA,
+            "unseen_no_camera",
+            False,
+            layout.heldout_unseen_no_camera,
+            layout.unseen_no_camera_eval_set,
+            layout.ocr_eval_unseen_no_camera,
+        ),
+    ]
 
 
 class EvalSetConfig(Config):
@@ -86,7 +113,8 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
     """The OCRBench-format set every model is scored on: the real OCRBench when configured, else a set generated
     with held-out seeds and vocabulary and checked to share no image or answer with the generated training corpus.
     Made once; the eval report and the exports read it. Beside it, when fonts are fetched, the unseen-renderer set
-    (prep/unseen_eval.py): unseen font packages, layouts, backgrounds, colours and camera."""
+    (prep/unseen_eval.py): unseen font packages, layouts, backgrounds, colours and camera; and its items again as
+    drawn, before the camera."""
     corpus = layout.corpus_jsonl
     if config.ocrbench_json or config.ocrbench_images:
         if not (config.ocrbench_json and config.ocrbench_images):
@@ -110,20 +138,21 @@ def heldout_eval_set(context: dg.AssetExecutionContext, config: EvalSetConfig, l
         "categories": len({i["type"] for i in items}),
         "path": dg.MetadataValue.path(eval_set["json"]),
     }
-    layout.unseen_eval_set.unlink(missing_ok=True)
+    for unseen in unseen_sets(layout):
+        unseen.pointer.unlink(missing_ok=True)
     settings = EvalSetSettings(config.per_category, config.seed)
-    unseen = (
-        make_unseen_set(layout.heldout_unseen, layout.fonts, settings, corpus_answers(corpus) if corpus.is_file() else set())
-        if config.unseen
-        else None
-    )
-    if unseen:
-        check_against_corpus(context, unseen, layout.heldout_unseen, corpus)
-        write_text_atomic(
-            layout.unseen_eval_set, json.dumps({"name": "unseen-renderer set", "json": str(unseen), "images": str(layout.heldout_unseen)})
-        )
-        metadata.update(unseen_items=len(json.loads(unseen.read_text())), unseen_path=dg.MetadataValue.path(str(unseen)))
-    else:
+    answers = corpus_answers(corpus) if corpus.is_file() and config.unseen else set()
+    made = []
+    for unseen in unseen_sets(layout) if config.unseen else []:
+        if not (unseen_json := make_unseen_set(unseen.folder, layout.fonts, settings, answers, unseen.camera)):
+            break  # no fetched fonts
+        check_against_corpus(context, unseen_json, unseen.folder, corpus)
+        pointer = {"name": f"{unseen.column} set", "json": str(unseen_json), "images": str(unseen.folder)}
+        write_text_atomic(unseen.pointer, json.dumps(pointer))
+        metadata[f"{unseen.key}_items"] = len(json.loads(unseen_json.read_text()))
+        metadata[f"{unseen.key}_path"] = dg.MetadataValue.path(str(unseen_json))
+        made.append(unseen)
+    if not made:
         why = (
             "unseen: false in the config"
             if not config.unseen
@@ -214,23 +243,18 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
         if key in summary:
             metadata[key] = summary[key]
     sets, columns = {set_name: (eval_json, image_root)}, {set_name: summary}
-    if layout.unseen_eval_set.is_file():
-        unseen_set = json.loads(layout.unseen_eval_set.read_text())
-        unseen_json, unseen_root = Path(unseen_set["json"]), Path(unseen_set["images"])
-        unseen = evaluate(
-            model,
-            tokenizer,
-            unseen_json,
-            unseen_root,
-            layout.ocr_eval_unseen,
-            config.eval_settings(),
-            f"{title} (unseen renderer)",
-            trained=trained,
+    for unseen in unseen_sets(layout):
+        if not unseen.pointer.is_file():
+            continue
+        pointer = json.loads(unseen.pointer.read_text())
+        unseen_json, unseen_root = Path(pointer["json"]), Path(pointer["images"])
+        scores = evaluate(
+            model, tokenizer, unseen_json, unseen_root, unseen.report, config.eval_settings(), f"{title} ({unseen.column})", trained=trained
         ).summary
-        context.log.info(f"unseen-renderer set: {score_line(unseen)}")
-        sets[UNSEEN] = unseen_json, unseen_root
-        columns[UNSEEN] = unseen
-        metadata.update(unseen_score=score_line(unseen), unseen_accuracy=unseen["accuracy"])
+        context.log.info(f"{unseen.column} set: {score_line(scores)}")
+        sets[unseen.column] = unseen_json, unseen_root
+        columns[unseen.column] = scores
+        metadata.update({f"{unseen.key}_score": score_line(scores), f"{unseen.key}_accuracy": scores["accuracy"]})
     baseline, note = tesseract.summaries(sets, layout.tesseract_scores, score_missing=config.tesseract)
     columns.update({f"tesseract, {name}": s for name, s in baseline.items()})
     rows = side_by_side(columns)

@@ -10,7 +10,7 @@ Prints one line per variant: overall accuracy and per category; needs Debian's `
 import argparse
 import json
 import tempfile
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,46 +51,36 @@ def plain_backgrounds():
     return patched(unseen_eval, "pattern", lambda rng, size, base: Image.new("RGB", size, base))
 
 
-def unseen_renderer_in(files: tuple[str, ...]) -> unseen_eval.Fonts:
-    """The unseen renderer's three font lists drawn from other files (its handwriting and mono lists by file name)."""
-    hand = tuple(f for f in files if any(k in Path(f).stem.lower() for k in ("script", "hand", "kristi", "isabella", "dancing", "comic")))
-    mono = tuple(f for f in files if any(k in Path(f).stem.lower() for k in ("mono", "inconsolata", "hack", "courier")))
-    return unseen_eval.Fonts(files, hand or files, mono or files)
+def unseen_renderer_in(root: Path) -> unseen_eval.Fonts:
+    """The unseen renderer's three font lists from the corpus's faces instead (handwriting and mono by package style,
+    as `Fonts.unseen` takes them from the unseen split)."""
+    faces = corpus_fonts(root)
+    hand, mono = (set(split_fonts(root, "train", style)) for style in ("hand", "mono"))
+    return unseen_eval.Fonts(faces, tuple(f for f in faces if f in hand), tuple(f for f in faces if f in mono))
+
+
+# The unseen renderer with one part of its camera, or all of it, taken out.
+WITHOUT = {"sharp_jpeg": sharp_jpeg, "no_blur": no_blur, "plain_backgrounds": plain_backgrounds, "no_camera": unseen_eval.without_camera}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fonts", type=Path, required=True)
     parser.add_argument("--per-category", type=int, default=40)
-    variants = [
-        "same_train_fonts",
-        "same_unseen_fonts",
-        "unseen",
-        "unseen_train_fonts",
-        "sharp_jpeg",
-        "no_blur",
-        "plain_backgrounds",
-        "no_camera",
-    ]
+    variants = ["same_train_fonts", "same_unseen_fonts", "unseen", "unseen_train_fonts", *WITHOUT]
     parser.add_argument("--variants", nargs="+", default=variants, choices=variants)
     args = parser.parse_args()
     settings = ocr_eval.EvalSetSettings(per_category=args.per_category)
-    train, unseen = corpus_fonts(args.fonts), unseen_eval.Fonts.unseen(args.fonts)
     for variant in args.variants:
-        with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             if variant.startswith("same_"):
-                fonts = train if variant == "same_train_fonts" else split_fonts(args.fonts, "unseen")
+                fonts = corpus_fonts(args.fonts) if variant == "same_train_fonts" else split_fonts(args.fonts, "unseen")
                 eval_json = ocr_eval.generate_eval_set(out, replace(settings, fonts=fonts))
             else:
-                stack.enter_context(
-                    {"sharp_jpeg": sharp_jpeg, "no_blur": no_blur, "plain_backgrounds": plain_backgrounds}.get(variant, ExitStack)()
-                )
-                if variant == "no_camera":
-                    stack.enter_context(unseen_eval.without_camera())
-                fonts = unseen_renderer_in(train) if variant == "unseen_train_fonts" else unseen
-                eval_json = ocr_eval.generate_eval_set(out, settings, set(), unseen_eval.categories(fonts), "unseen")
-                stack.close()
+                fonts = unseen_renderer_in(args.fonts) if variant == "unseen_train_fonts" else unseen_eval.Fonts.unseen(args.fonts)
+                with WITHOUT[variant]() if variant in WITHOUT else nullcontext():
+                    eval_json = ocr_eval.generate_eval_set(out, settings, set(), unseen_eval.categories(fonts), "unseen")
             result = score(eval_json, out)
         by_type = {k: round(100 * v["accuracy"]) for k, v in result["by_type"].items()}
         print(json.dumps({"variant": variant, "accuracy": round(100 * result["accuracy"], 1), "by_type": by_type}), flush=True)

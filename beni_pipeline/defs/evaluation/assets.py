@@ -246,8 +246,8 @@ def ocr_eval_report(context: dg.AssetExecutionContext, config: EvalConfig, layou
     for unseen in unseen_sets(layout):
         if not unseen.pointer.is_file():
             continue
-        pointer = json.loads(unseen.pointer.read_text())
-        unseen_json, unseen_root = Path(pointer["json"]), Path(pointer["images"])
+        made = json.loads(unseen.pointer.read_text())
+        unseen_json, unseen_root = Path(made["json"]), Path(made["images"])
         scores = evaluate(
             model, tokenizer, unseen_json, unseen_root, unseen.report, config.eval_settings(), f"{title} ({unseen.column})", trained=trained
         ).summary

@@ -1,0 +1,128 @@
+"""Do more font families teach a reader trained from scratch glyphs it never saw? A small CNN with a CTC head (the
+project's `ctc_loss`, the reading head's alphabet and greedy decoding) learns to read clean one-line texts drawn in
+F families of the corpus's faces (`fonts.corpus_fonts`, families drawn at random), with the same texts, sizes and
+steps whatever F; then reads new texts in the unseen split's fonts and in its own families. Clean black on white:
+no camera, no layout, so what changes between the columns is the glyphs alone.
+
+    python bench/font_probe.py --fonts FONTS [--families 8 32 226] [--steps 1500]
+
+Prints one JSON line per F: exact-match accuracy on its own families' fonts and on the unseen split's.
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from beni_model.ocr.ctc import ctc_loss
+from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts, reading_targets
+from beni_pipeline.prep import ocr_eval
+from beni_pipeline.prep import synthetic as syn
+from beni_pipeline.prep.fonts import corpus_fonts, family, split_fonts
+from beni_pipeline.prep.widened import text_of
+
+HEIGHT, WIDTH = 32, 192  # 48 reads after the CNN's 4x downsampling of the width
+
+
+def draw(text: str, font_path: str, size: int) -> np.ndarray:
+    """`text` in black on white, scaled to 28 px high (squeezed to WIDTH where longer), left-aligned."""
+    font = ImageFont.truetype(font_path, size)
+    left, top, right, bottom = font.getbbox(text)
+    line = Image.new("L", (right - left + 4, bottom - top + 4), 255)
+    ImageDraw.Draw(line).text((2 - left, 2 - top), text, font=font, fill=0)
+    width = min(WIDTH - 4, max(1, round(line.width * 28 / line.height)))
+    canvas = Image.new("L", (WIDTH, HEIGHT), 255)
+    canvas.paste(line.resize((width, 28), Image.Resampling.BILINEAR), (2, 2))
+    return np.asarray(canvas)
+
+
+def dataset(texts: list[str], fonts: list[str], seed: str) -> np.ndarray:
+    rng = random.Random(seed)
+    return np.stack([draw(text, rng.choice(fonts), rng.randint(20, 40)) for text in texts])
+
+
+class Reader(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+
+        def block(c_in: int, c_out: int, pool: tuple[int, int]) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(pool)]
+
+        self.body = nn.Sequential(*block(1, 32, (2, 2)), *block(32, 64, (2, 2)), *block(64, 128, (2, 1)), *block(128, 128, (4, 1)))
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [batch, HEIGHT, WIDTH] uint8 -> [batch, reads, classes]
+        features = self.body(1 - images[:, None].float() / 255)
+        return self.head(features.squeeze(2).transpose(1, 2))
+
+
+def read(model: Reader, images: np.ndarray) -> list[str]:
+    with torch.no_grad():
+        return [t for i in range(0, len(images), 256) for t in greedy_transcripts(model(torch.from_numpy(images[i : i + 256])))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fonts", type=Path, required=True)
+    parser.add_argument("--families", type=int, nargs="+", default=[8, 32, 226])
+    parser.add_argument("--images", type=int, default=24_000)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    by_family: dict[str, list[str]] = {}
+    for path in corpus_fonts(args.fonts):
+        by_family.setdefault(family(path), []).append(path)
+    names = sorted(by_family)
+    rng = random.Random(args.seed)
+    texts = [text_of(rng)[:14] for _ in range(args.images)]
+    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
+    unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
+    for count in args.families:
+        chosen = random.Random(f"{args.seed}:{count}").sample(names, min(count, len(names)))
+        fonts = [path for name in chosen for path in by_family[name]]
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        train = torch.from_numpy(dataset(texts, fonts, f"{args.seed}:train"))
+        targets, lengths = reading_targets(texts)
+        model = Reader(1 + len(READING_ALPHABET))  # CTC's blank, then the alphabet
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=args.steps, pct_start=0.1)
+        order = torch.Generator().manual_seed(args.seed)
+        for step in range(args.steps):
+            batch = torch.randint(0, len(train), (args.batch_size,), generator=order)
+            loss = ctc_loss(model(train[batch]).log_softmax(-1), targets[batch], lengths[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        model.eval()
+        own = dataset(tests, fonts, f"{args.seed}:own")
+        scores = {
+            name: sum(a == b for a, b in zip(read(model, images), tests)) / len(tests)
+            for name, images in (("own", own), ("unseen", unseen))
+        }
+        print(
+            json.dumps(
+                {
+                    "families": len(chosen),
+                    "faces": len(fonts),
+                    "own_fonts": round(100 * scores["own"], 1),
+                    "unseen_fonts": round(100 * scores["unseen"], 1),
+                    "final_loss": round(loss.item(), 3),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
 
 from beni_model.files import atomic_path, remove_leftovers
+from beni_pipeline.prep import photo
 from beni_pipeline.prep.files import write_text_atomic
 from beni_pipeline.prep.fonts import covers
 from beni_pipeline.prep.processes import process_pool
@@ -196,6 +197,7 @@ class CorpusSettings:
     kinds: dict[str, float] = field(default_factory=lambda: dict(KINDS))  # the kinds of samples drawn, with their weights
     fonts: tuple[str, ...] = ()  # font files to draw with (fonts.split_fonts(root, "train")); empty: the machine's own
     letter_spacing: bool = False  # one-line texts sometimes drawn with letters spread apart or squeezed together
+    photos: float = 0.0  # the share of samples photographed after drawing (photo.py: perspective, light, blur, noise, JPEG)
 
 
 @dataclass(frozen=True)
@@ -980,9 +982,21 @@ KINDS = {
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 
-def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS, letter_spacing: bool = False) -> Rendered:
+def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS, letter_spacing: bool = False, photos: float = 0.0) -> Rendered:
     """Sample `index` of the corpus drawn from `seed` and `kinds` (weights of KINDS' kinds), with letters spread or
-    squeezed when `letter_spacing` (see CorpusSettings): a pure function of them, whatever process runs it."""
+    squeezed when `letter_spacing`, photographed with probability `photos` (see CorpusSettings): a pure function of
+    them, whatever process runs it."""
+    rendered = drawn(seed, index, kinds, letter_spacing)
+    # Its own stream, as the letter spacing's: changing `photos` leaves every other draw of the corpus as it was.
+    camera = random.Random(f"{seed}:{index}:photo")
+    if camera.random() < photos:
+        size = rendered.image.size
+        rendered.image, forward = photo.photograph(rendered.image, camera)
+        rendered.lines = photo.photographed_lines(rendered.lines, forward, size) if rendered.lines else rendered.lines
+    return rendered
+
+
+def drawn(seed: int, index: int, kinds: dict[str, float], letter_spacing: bool) -> Rendered:
     rng = random.Random(f"{seed}:{index}")
     kind = rng.choices(list(kinds), list(kinds.values()))[0]
     if kind in DOCUMENTS:
@@ -1068,12 +1082,12 @@ def _write_sample(settings: CorpusSettings, i: int, duplicates: dict[int, int], 
     seed, kinds = settings.seed, settings.kinds
     url = f"images/{i:0{width}d}.jpg"
     if i in duplicates:
-        original = make_sample(seed, duplicates[i], kinds, settings.letter_spacing)
+        original = make_sample(seed, duplicates[i], kinds, settings.letter_spacing, settings.photos)
         data, change, caption = near_duplicate(seed, i, original)
         of = f"images/{duplicates[i]:0{width}d}.jpg"
         planted = json.dumps({"url": url, "duplicate_of": of, "change": change, "caption_edit": caption != original.caption})
     else:
-        original = make_sample(seed, i, kinds, settings.letter_spacing)
+        original = make_sample(seed, i, kinds, settings.letter_spacing, settings.photos)
         data, caption, planted = jpeg(original.image), original.caption, None
     Path(images, url.removeprefix("images/")).write_bytes(data)
     row = {"url": url, "caption": caption, "conversations": conversations(original.qa), "kind": original.kind}
@@ -1094,8 +1108,8 @@ def generate_corpus(out_dir: Path, settings: CorpusSettings = CorpusSettings()) 
     """Writes out_dir/images/<name>.jpg, out_dir/corpus.jsonl and out_dir/planted_duplicates.jsonl; returns the
     corpus.jsonl path. Returns at once if out_dir already holds a complete corpus for the same settings
     (corpus_settings.json, written last with the settings and FORMAT, marks completion); otherwise images/ is emptied and all is regenerated."""
-    if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1:
-        raise ValueError(f"corpus settings need samples >= 1 and 0 <= duplicate_fraction < 1; got {settings}")
+    if settings.samples < 1 or not 0 <= settings.duplicate_fraction < 1 or not 0 <= settings.photos <= 1:
+        raise ValueError(f"corpus settings need samples >= 1, 0 <= duplicate_fraction < 1 and 0 <= photos <= 1; got {settings}")
     if unknown := set(settings.kinds) - set(KINDS):
         raise ValueError(f"corpus kinds {sorted(unknown)} are not among {sorted(KINDS)}: name kinds the corpus can draw.")
     if not settings.kinds or min(settings.kinds.values()) <= 0:

@@ -177,10 +177,16 @@ def test_renders_without_any_font_files(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "settings", [CorpusSettings(samples=0), CorpusSettings(duplicate_fraction=1.0), CorpusSettings(duplicate_fraction=-0.1)]
+    "settings",
+    [
+        CorpusSettings(samples=0),
+        CorpusSettings(duplicate_fraction=1.0),
+        CorpusSettings(duplicate_fraction=-0.1),
+        CorpusSettings(photos=1.5),
+    ],
 )
 def test_bad_settings_say_so(settings, tmp_path):
-    with pytest.raises(ValueError, match="samples >= 1 and 0 <= duplicate_fraction < 1"):
+    with pytest.raises(ValueError, match="samples >= 1, 0 <= duplicate_fraction < 1 and 0 <= photos <= 1"):
         generate_corpus(tmp_path, settings)
 
 

@@ -35,6 +35,7 @@ from beni_pipeline.prep.synthetic import KINDS, CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
 GPU_CORPUS_SAMPLES = 120_000
+GPU_CORPUS_PHOTOS = 0.5  # half the corpus photographed, half as drawn: the reader sees text both ways
 # The CPU recipe trains for a few minutes: enough for a tiny model to start reading one line of digits, not every kind of
 # the GPU corpus (bench/BENCHMARKS.md), so the CPU default corpus draws digit strings only.
 CPU_CORPUS_KINDS = {"digits": 1.0}
@@ -64,6 +65,13 @@ class SourceManifestConfig(Config, SourceSettings):
         default_factory=torch.cuda.is_available,
         description="draw some one-line texts with letters spread apart or squeezed; default on a GPU machine, off on CPU",
     )
+    corpus_photos: float = pydantic.Field(
+        default_factory=lambda: GPU_CORPUS_PHOTOS if torch.cuda.is_available() else 0.0,
+        ge=0,
+        le=1,
+        description="share of the generated samples photographed after drawing (perspective, uneven light, blur, noise, heavy JPEG); "
+        f"default {GPU_CORPUS_PHOTOS} on a GPU machine, 0 on CPU",
+    )
 
 
 class DownloadConfig(Config, DownloadSettings):
@@ -86,6 +94,7 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
             kinds=config.corpus_kinds,
             fonts=fonts,
             letter_spacing=config.corpus_letter_spacing,
+            photos=config.corpus_photos,
         )
         context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
         start = time.perf_counter()

@@ -6,7 +6,14 @@ no camera, no layout, so what changes between the columns is the glyphs alone.
 
     python bench/font_probe.py --fonts FONTS [--families 8 32 226] [--steps 1500]
 
-Prints one JSON line per F: exact-match accuracy on its own families' fonts and on the unseen split's.
+With --hand-shares, the reader learns the corpus's handwriting instead (`synthetic.ink_line`: each letter at its own
+size, tilt and height), its writers drawn from the corpus's handwriting faces (the train split's "hand" packages)
+that share of the time, else from any of its faces (the corpus's rule: share 0), and reads new texts in the unseen
+split's handwriting faces and in all its faces:
+
+    python bench/font_probe.py --fonts FONTS --hand-shares 0 0.75
+
+Prints one JSON line per F (or share): exact-match accuracy on each test set.
 """
 
 import argparse
@@ -30,21 +37,39 @@ from beni_pipeline.prep.widened import text_of
 HEIGHT, WIDTH = 32, 192  # 48 reads after the CNN's 4x downsampling of the width
 
 
+def fit_line(mask: Image.Image) -> np.ndarray:
+    """A line's ink mask (white on black) as black ink on white, scaled to 28 px high (squeezed to WIDTH where
+    longer), left-aligned."""
+    mask = mask.crop(mask.getbbox() or (0, 0, 1, 1))
+    width = min(WIDTH - 4, max(1, round(mask.width * 28 / mask.height)))
+    canvas = Image.new("L", (WIDTH, HEIGHT), 255)
+    canvas.paste(0, (2, 2), mask.resize((width, 28), Image.Resampling.BILINEAR))
+    return np.asarray(canvas)
+
+
 def draw(text: str, font_path: str, size: int) -> np.ndarray:
-    """`text` in black on white, scaled to 28 px high (squeezed to WIDTH where longer), left-aligned."""
     font = ImageFont.truetype(font_path, size)
     left, top, right, bottom = font.getbbox(text)
-    line = Image.new("L", (right - left + 4, bottom - top + 4), 255)
-    ImageDraw.Draw(line).text((2 - left, 2 - top), text, font=font, fill=0)
-    width = min(WIDTH - 4, max(1, round(line.width * 28 / line.height)))
-    canvas = Image.new("L", (WIDTH, HEIGHT), 255)
-    canvas.paste(line.resize((width, 28), Image.Resampling.BILINEAR), (2, 2))
-    return np.asarray(canvas)
+    mask = Image.new("L", (right - left + 4, bottom - top + 4))
+    ImageDraw.Draw(mask).text((2 - left, 2 - top), text, font=font, fill=255)
+    return fit_line(mask)
 
 
 def dataset(texts: list[str], fonts: list[str], seed: str) -> np.ndarray:
     rng = random.Random(seed)
     return np.stack([draw(text, rng.choice(fonts), rng.randint(20, 40)) for text in texts])
+
+
+def handwriting(texts: list[str], fonts: tuple[str, ...], hands: tuple[str, ...], hand_share: float, seed: str) -> np.ndarray:
+    """`texts` as the corpus's handwriting renderer writes them (`synthetic.ink_line`), each writer's letters imitated
+    from one of `hands` `hand_share` of the time, else from any of `fonts`."""
+    rng = random.Random(seed)
+    lines = []
+    for text in texts:
+        size = rng.randint(28, 52)
+        hand = syn.Hand(rng.choice(hands if rng.random() < hand_share else fonts), rng.randint(0, max(1, size // 24)))
+        lines.append(fit_line(syn.ink_line(rng, text, hand, size)))
+    return np.stack(lines)
 
 
 class Reader(nn.Module):
@@ -67,10 +92,34 @@ def read(model: Reader, images: np.ndarray) -> list[str]:
         return [t for i in range(0, len(images), 256) for t in greedy_transcripts(model(torch.from_numpy(images[i : i + 256])))]
 
 
+def train_and_score(train: np.ndarray, texts: list[str], tests: list[str], sets: dict[str, np.ndarray], args) -> dict:
+    """Trains a Reader on `train` (reading `texts`) and returns its exact-match accuracy on each of `sets` (reading `tests`)."""
+    torch.manual_seed(args.seed)
+    train = torch.from_numpy(train)
+    targets, lengths = reading_targets(texts)
+    model = Reader(1 + len(READING_ALPHABET))  # CTC's blank, then the alphabet
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=args.steps, pct_start=0.1)
+    order = torch.Generator().manual_seed(args.seed)
+    for step in range(args.steps):
+        batch = torch.randint(0, len(train), (args.batch_size,), generator=order)
+        loss = ctc_loss(model(train[batch]).log_softmax(-1), targets[batch], lengths[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    scores = {name: round(100 * sum(a == b for a, b in zip(read(model, images), tests)) / len(tests), 1) for name, images in sets.items()}
+    return {**scores, "final_loss": round(loss.item(), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fonts", type=Path, required=True)
     parser.add_argument("--families", type=int, nargs="+", default=[8, 32, 226])
+    parser.add_argument(
+        "--hand-shares", type=float, nargs="+", help="learn the corpus's handwriting with these shares of handwriting faces"
+    )
     parser.add_argument("--images", type=int, default=24_000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -85,41 +134,30 @@ def main() -> None:
     texts = [text_of(rng)[:14] for _ in range(args.images)]
     tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
     unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
+    if args.hand_shares:
+        fonts = corpus_fonts(args.fonts)
+        hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
+        sets = {
+            "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
+            "unseen_fonts": unseen,
+        }
+        for share in args.hand_shares:
+            start = time.perf_counter()
+            train = handwriting(texts, fonts, hands, share, f"{args.seed}:train")
+            own = {"own_handwriting": handwriting(tests, fonts, hands, share, f"{args.seed}:own")}
+            scores = train_and_score(train, texts, tests, {**own, **sets}, args)
+            print(json.dumps({"hand_share": share, **scores, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        return
     for count in args.families:
         chosen = random.Random(f"{args.seed}:{count}").sample(names, min(count, len(names)))
         fonts = [path for name in chosen for path in by_family[name]]
-        torch.manual_seed(args.seed)
         start = time.perf_counter()
-        train = torch.from_numpy(dataset(texts, fonts, f"{args.seed}:train"))
-        targets, lengths = reading_targets(texts)
-        model = Reader(1 + len(READING_ALPHABET))  # CTC's blank, then the alphabet
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=args.steps, pct_start=0.1)
-        order = torch.Generator().manual_seed(args.seed)
-        for step in range(args.steps):
-            batch = torch.randint(0, len(train), (args.batch_size,), generator=order)
-            loss = ctc_loss(model(train[batch]).log_softmax(-1), targets[batch], lengths[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        model.eval()
-        own = dataset(tests, fonts, f"{args.seed}:own")
-        scores = {
-            name: sum(a == b for a, b in zip(read(model, images), tests)) / len(tests)
-            for name, images in (("own", own), ("unseen", unseen))
-        }
+        train = dataset(texts, fonts, f"{args.seed}:train")
+        scores = train_and_score(
+            train, texts, tests, {"own_fonts": dataset(tests, fonts, f"{args.seed}:own"), "unseen_fonts": unseen}, args
+        )
         print(
-            json.dumps(
-                {
-                    "families": len(chosen),
-                    "faces": len(fonts),
-                    "own_fonts": round(100 * scores["own"], 1),
-                    "unseen_fonts": round(100 * scores["unseen"], 1),
-                    "final_loss": round(loss.item(), 3),
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-            ),
+            json.dumps({"families": len(chosen), "faces": len(fonts), **scores, "seconds": round(time.perf_counter() - start, 1)}),
             flush=True,
         )
 

@@ -1,6 +1,8 @@
 """Corpus kinds that widen what the generator draws beyond synthetic.py's: text turned up to a quarter turn
-("rotated"), and words photographed on a scene ("scene": a photo-like background, a tilted camera, light that falls
-off across the frame, sometimes a bend). Each is a kind of CorpusSettings.kinds, so a run leaves it out by weight.
+("rotated"), words photographed on a scene ("scene": a photo-like background, a tilted camera, light that falls
+off across the frame, sometimes a bend), and words set letter by letter along a bow ("arched": each letter turned
+to the curve, as on a badge, a logo or a bottle, where synthetic.py's curved text bends the whole image's columns).
+Each is a kind of CorpusSettings.kinds, so a run leaves it out by weight.
 
 The unseen-renderer eval set (unseen_eval.py) shares no code with these: its camera, light and layout are its own.
 """
@@ -8,12 +10,13 @@ The unseen-renderer eval set (unseen_eval.py) shares no code with these: its cam
 import random
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from beni_pipeline.prep import synthetic as syn
 
 ROTATED_CAPTIONS = ('The text "{text}" turned on its side.', 'Rotated text that reads "{text}".', 'A tilted label: "{text}".')
 SCENE_CAPTIONS = ('A photo of the word "{text}" in a scene.', 'The text "{text}" photographed at an angle.', 'A snapshot showing "{text}".')
+ARCHED_CAPTIONS = ('The word "{text}" set along a curve.', 'Arched lettering that reads "{text}".', 'A curved line of text: "{text}".')
 MAX_READ_ANGLE = 35  # beyond it a line no longer runs along the image's columns, which the reading head's transcript assumes
 
 
@@ -62,4 +65,48 @@ def scene_sample(rng: random.Random) -> syn.Rendered:
     return syn.Rendered("scene", image, rng.choice(SCENE_CAPTIONS).format(text=text), [(question, text)], text)
 
 
-SAMPLES = {"rotated": rotated_sample, "scene": scene_sample}
+def bow(rng: random.Random, text: str, font, bend: float) -> Image.Image:
+    """A grey mask of `text` along a quadratic Bezier bow as long as the text, its middle raised (or lowered, `bend`
+    < 0) by `bend` of its length, each letter turned to the curve's direction where it stands."""
+    advances = [font.getlength(ch) * 1.05 for ch in text]
+    length = sum(advances)
+    # The bow, sampled densely: points, their running arc length, and the direction at each.
+    t = np.linspace(0, 1, 512)
+    x, y = length * t, -2 * bend * length * t * (1 - t)
+    dx, dy = np.gradient(x), np.gradient(y)
+    along = np.concatenate([[0], np.cumsum(np.hypot(dx, dy)[1:])]) * length / np.hypot(dx, dy).sum()
+    pad = round(abs(bend) * length / 2 + font.size * 1.5)
+    mask = Image.new("L", (round(length + 2 * font.size), round(abs(bend) * length / 2) + 2 * pad))
+    top = pad + (abs(bend) * length / 2 if bend > 0 else 0)
+    position = 0.0
+    for ch, advance in zip(text, advances):
+        i = min(len(t) - 1, int(np.searchsorted(along, position + advance / 2)))
+        position += advance
+        if not ch.strip():
+            continue
+        left, up, right, down = font.getbbox(ch, anchor="ms")
+        glyph = Image.new("L", (right - left + 4, down - up + 4))
+        ImageDraw.Draw(glyph).text((2 - left, 2 - up), ch, font=font, fill=255, anchor="ms")
+        # Turned about its baseline's middle, then laid with that point on the bow.
+        angle = -np.degrees(np.arctan2(dy[i], dx[i]))
+        turned = glyph.rotate(angle, Image.Resampling.BICUBIC, expand=True, center=(2 - left, 2 - up))
+        cx, cy = font.size + x[i], top + y[i]
+        mask.paste(255, (round(cx - turned.width / 2), round(cy - turned.height / 2)), turned)
+    return mask.crop(mask.getbbox())
+
+
+def arched_sample(rng: random.Random) -> syn.Rendered:
+    """A word set along a bow on any background, most often in the middle of it."""
+    text = syn.word(rng, syn.CORPUS_VOCABULARY)
+    font = syn.load_font(rng.choice(syn.font_paths()), rng.randint(28, 56))
+    mask = bow(rng, text, font, rng.choice((-1, 1)) * rng.uniform(0.1, 0.35))  # the end letters turned 11-35 degrees
+    mask.thumbnail((syn.MAX_SIDE - 40, syn.MAX_SIDE - 40))
+    size = (max(syn.MIN_SIDE, mask.width + rng.randint(20, 160)), max(syn.MIN_SIDE, mask.height + rng.randint(20, 160)))
+    canvas = syn.background(rng, size, rng.choice(syn.BACKGROUNDS))
+    on_light = sum(canvas.resize((1, 1)).getpixel((0, 0))) > 3 * 128
+    canvas.paste(syn.ink_colour(rng, on_light), (rng.randint(0, size[0] - mask.width), rng.randint(0, size[1] - mask.height)), mask)
+    question = rng.choice(syn.KIND_QUESTIONS["curved"])
+    return syn.Rendered("arched", canvas, rng.choice(ARCHED_CAPTIONS).format(text=text), [(question, text)], text)
+
+
+SAMPLES = {"rotated": rotated_sample, "scene": scene_sample, "arched": arched_sample}

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from beni_model.evaluate import is_correct
-from beni_pipeline.prep import synthetic
+from beni_pipeline.prep import synthetic, widened
 from beni_pipeline.prep.ocr_eval import HELD_OUT
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
@@ -70,7 +70,7 @@ def test_rows_images_and_planted_duplicates(corpus):
     assert sorted(p.name for p in (folder / "images").iterdir()) == [r["url"].removeprefix("images/") for r in rows]
     assert {r["kind"] for r in rows} == KINDS
     for row in rows:  # images of one line of text name it, for the reading head; the answer reads it
-        if row["kind"] in {"word", "digits", "random", "handwriting", "curved", "artistic", "scene"}:
+        if row["kind"] in {"word", "digits", "random", "handwriting", "curved", "artistic", "scene", "arched"}:
             assert row["transcript"] == row["conversations"][1]["value"]
         elif row["kind"] == "rotated":  # read along its columns only while it is turned a little
             assert row.get("transcript", row["conversations"][1]["value"]) == row["conversations"][1]["value"]
@@ -272,7 +272,26 @@ def test_kinds_choose_what_the_corpus_draws(tmp_path):
     assert {r["kind"] for r in rows} == {"digits", "word"} and len(rows) == 12
     assert all(r["transcript"] == r["conversations"][-1]["value"] for r in rows)
     assert json.loads((tmp_path / "corpus_settings.json").read_text())["kinds"] == {"digits": 1.0, "word": 1.0}
+    optional = read_jsonl(generate_corpus(tmp_path / "arched", CorpusSettings(samples=4, kinds={"arched": 1.0})))
+    assert {r["kind"] for r in optional} == {"arched"} and all(r["transcript"] for r in optional)  # drawn where named
     with pytest.raises(ValueError, match=r"corpus kinds \['poem'\] are not among"):
         generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 1.0, "poem": 1.0}))
     with pytest.raises(ValueError, match="weights above 0"):
         generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 0.0}))
+
+
+def test_an_arched_word_bows_with_every_letter_on_the_curve():
+    font = synthetic.load_font(None, 40)  # Pillow's built-in face: the same on every machine
+    middles = {}
+    for bend in (0.3, -0.3):
+        ink = np.asarray(widened.bow(random.Random(0), "HHHHHHHHHH", font, bend)) > 128
+        rows = np.arange(ink.shape[0])[:, None]
+        columns = np.array_split(np.arange(ink.shape[1]), 10)  # about a letter each
+        heights = [(rows * ink[:, c]).sum() / ink[:, c].sum() for c in columns]
+        assert all(ink[:, c].any() for c in columns)  # no letter lost or piled on another
+        middles[bend] = (heights[4] + heights[5]) / 2 - (heights[0] + heights[9]) / 2
+        # Each letter turned to the curve: the first and last lean apart, symmetric about the middle.
+        assert abs(heights[1] - heights[8]) < 3 and abs(heights[0] - heights[9]) < 3
+    assert middles[0.3] < -10 and middles[-0.3] > 10  # raised in the middle, or lowered
+    sample = widened.arched_sample(random.Random(2))
+    assert sample.kind == "arched" and sample.transcript == sample.qa[0][1] and max(sample.image.size) <= synthetic.MAX_SIDE

@@ -31,7 +31,7 @@ from beni_pipeline.prep.fonts import corpus_fonts
 from beni_pipeline.prep.ingest import IngestError, SourceSettings, build_manifest
 from beni_pipeline.prep.locks import Busy
 from beni_pipeline.prep.shard import ShardSettings, plan_shards, write_shards
-from beni_pipeline.prep.synthetic import KINDS, CorpusSettings, generate_corpus
+from beni_pipeline.prep.synthetic import KINDS, OPTIONAL_KINDS, CorpusSettings, generate_corpus
 
 manifest_chunks = dg.DynamicPartitionsDefinition(name="manifest_chunks")
 GPU_CORPUS_SAMPLES = 120_000
@@ -53,7 +53,7 @@ class SourceManifestConfig(Config, SourceSettings):
     corpus_seed: int = pydantic.Field(0, description="seed of the generated corpus")
     corpus_kinds: dict[str, float] = pydantic.Field(
         default_factory=lambda: dict(KINDS) if torch.cuda.is_available() else dict(CPU_CORPUS_KINDS),
-        description=f"kinds of samples the generated corpus draws, with their weights (of {sorted(KINDS)}); default all on a GPU machine, "
+        description=f"kinds of samples the generated corpus draws, with their weights (of {sorted([*KINDS, *OPTIONAL_KINDS])}); default all but {list(OPTIONAL_KINDS)} on a GPU machine, "
         f"{sorted(CPU_CORPUS_KINDS)} on CPU",
     )
     corpus_fonts: Literal["train", "machine"] = pydantic.Field(

@@ -11,11 +11,14 @@ Settings (`BeniConfig.extensions["ocr"]`):
   reads while the head is still learning to make them, and at inference copies the head's;
 - `lines`: a head that reads each row of patches as a text line (LineReadingHead), trained on documents' lines;
   with `tokens` its collapsed transcript follows (`line_embeddings`);
+- `spell_lines`: with `tokens` and `lines`, a reply written on one of a document's lines (the whole line, or a run
+  of its words, as a field's value is) trains one token per character too, as a transcript's reply does;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
 """
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +44,7 @@ class OcrSettings:
     collapsed: bool = False
     teacher_reads: bool = False
     lines: bool = False
+    spell_lines: bool = False
     token_ids: list[int] | None = None
 
 
@@ -52,6 +56,8 @@ def ocr_settings(settings: dict) -> OcrSettings:
         raise ValueError("The ocr extension's collapsed setting shapes the reads handed to the LLM: set tokens too, or collapsed off.")
     if options.teacher_reads and not options.collapsed:
         raise ValueError("The ocr extension's teacher_reads hands the LLM a transcript one character a slot: set collapsed too.")
+    if options.spell_lines and not (options.tokens and options.lines):
+        raise ValueError("The ocr extension's spell_lines spells replies read off the line head's tokens: set tokens and lines too.")
     return options
 
 
@@ -103,8 +109,12 @@ class OcrExtension(Extension):
     def reply_ids(cls, settings: dict, meta: dict, reply: str, tokenizer) -> list[int] | None:
         """A reply that is exactly the image's transcript, one character at a time, as the reading head hands the
         LLM its transcript (`tokens`): copying it is then token for token, where a word token asks the LLM to know
-        how it is spelled. The model still writes any tokens it likes at inference; they decode to the same text."""
-        if not ocr_settings(settings).tokens or not reply or reply != meta.get("transcript"):
+        how it is spelled. With `spell_lines`, likewise a reply written on one of a document's lines. The model still
+        writes any tokens it likes at inference; they decode to the same text."""
+        options = ocr_settings(settings)
+        if not options.tokens or not reply:
+            return None
+        if reply != meta.get("transcript") and not (options.spell_lines and on_a_line(reply, meta.get("lines"))):
             return None
         return [i for c in reply for i in tokenizer.encode(c, add_special_tokens=False)]
 
@@ -248,3 +258,10 @@ def character_token_ids(tokenizer) -> list[int]:
             f"The ocr extension's tokens need one token per printable character; this tokenizer splits {split[:5]}: set tokens off."
         )
     return [i[0] for i in ids]
+
+
+def on_a_line(text: str, lines: list | None) -> bool:
+    """Whether `text` is written on one of a document's `lines` ([text, height] pairs), whole words of it, in any case
+    (a sign may be written in capitals, its name asked as written)."""
+    pattern = re.compile(rf"(?<!\w){re.escape(text)}(?!\w)", re.IGNORECASE)
+    return any(pattern.search(line) for line, _ in lines or ())

@@ -107,6 +107,24 @@ def test_the_reply_that_is_the_transcript_is_spelled_one_token_per_character(cha
     )
 
 
+def test_with_spell_lines_a_reply_written_on_a_documents_line_is_spelled_too(chatml):
+    sign = {"lines": [["COMPASS FLORIST", 0.3], ["EST. 1952", 0.5], ["OPEN 9:00-19:00", 0.7]]}
+    settings = {"tokens": True, "lines": True, "spell_lines": True}
+
+    def spelled(reply: str, options: dict = settings) -> bool:
+        ids = OcrExtension.reply_ids(options, sign, reply, chatml)
+        assert ids is None or chatml.decode(ids) == reply
+        return ids is not None and len(ids) == len(reply)
+
+    # A whole line in another case, a run of its words, a value after its label: spelled.
+    assert spelled("Compass Florist") and spelled("Florist") and spelled("1952") and spelled("9:00-19:00")
+    # Across two lines, inside a word, not on the sign, or the setting off: as the tokenizer has it.
+    assert not spelled("Florist EST") and not spelled("ompass") and not spelled("Daisy Florist")
+    assert not spelled("Compass Florist", {"tokens": True, "lines": True})
+    with pytest.raises(ValueError, match="spell_lines spells replies read off the line head's tokens: set tokens and lines too"):
+        OcrExtension.reply_ids({"tokens": True, "spell_lines": True}, sign, "1952", chatml)
+
+
 def test_fallback_template_for_tokenizers_without_one(base):
     example = build_example(IMAGE_IN_SECOND_TURN, processor(base))
     eos = base.eos_token

@@ -1,7 +1,7 @@
 """Photos of the corpus's images: what a phone camera does to a page, a label or a sign, drawn for a share of the
 corpus's samples (CorpusSettings.photos) so the reader learns text through perspective, blur, uneven light, sensor
-noise and heavy compression, not only as drawn. Tesseract, which reads any font, loses 20 points to such effects on
-the unseen-renderer set (bench/BENCHMARKS.md), and the corpus drew none of them.
+noise and heavy compression, not only as drawn: such effects, not fonts, are what make the unseen-renderer set hard
+even for a reader of any font (bench/BENCHMARKS.md), and the corpus drew none of them.
 
 Its own models of each effect, not the unseen renderer's camera (unseen_eval.py), which must share nothing visual
 with training: a keystone rather than free corners, a light field of a few random control points and a cast shadow

@@ -65,33 +65,31 @@ def scene_sample(rng: random.Random) -> syn.Rendered:
     return syn.Rendered("scene", image, rng.choice(SCENE_CAPTIONS).format(text=text), [(question, text)], text)
 
 
-def bow(rng: random.Random, text: str, font, bend: float) -> Image.Image:
-    """A grey mask of `text` along a quadratic Bezier bow as long as the text, its middle raised (or lowered, `bend`
-    < 0) by `bend` of its length, each letter turned to the curve's direction where it stands."""
+def bow(text: str, font, bend: float) -> Image.Image:
+    """A grey mask of `text` along a quadratic Bezier bow, its middle raised (or lowered, `bend` < 0) by half `bend` of its
+    chord, each letter centred on the bow and turned to its direction there; letters spaced by their advances along
+    the curve, so the chord is as much shorter than the text as the bow is longer."""
     advances = [font.getlength(ch) * 1.05 for ch in text]
-    length = sum(advances)
-    # The bow, sampled densely: points, their running arc length, and the direction at each.
     t = np.linspace(0, 1, 512)
-    x, y = length * t, -2 * bend * length * t * (1 - t)
+    x, y = t, -2 * bend * t * (1 - t)  # a bow of unit chord, sampled densely
+    steps = np.hypot(np.diff(x), np.diff(y))
+    chord = sum(advances) / steps.sum()
+    x, y, along = x * chord, y * chord, np.concatenate([[0], np.cumsum(steps) * chord])
     dx, dy = np.gradient(x), np.gradient(y)
-    along = np.concatenate([[0], np.cumsum(np.hypot(dx, dy)[1:])]) * length / np.hypot(dx, dy).sum()
-    pad = round(abs(bend) * length / 2 + font.size * 1.5)
-    mask = Image.new("L", (round(length + 2 * font.size), round(abs(bend) * length / 2) + 2 * pad))
-    top = pad + (abs(bend) * length / 2 if bend > 0 else 0)
+    pad, rise = round(font.size * 1.5), abs(bend) * chord / 2
+    mask = Image.new("L", (round(chord) + 2 * pad, round(rise) + 2 * pad))
+    top = pad + (rise if bend > 0 else 0)
     position = 0.0
     for ch, advance in zip(text, advances):
         i = min(len(t) - 1, int(np.searchsorted(along, position + advance / 2)))
         position += advance
         if not ch.strip():
             continue
-        left, up, right, down = font.getbbox(ch, anchor="ms")
+        left, up, right, down = font.getbbox(ch)
         glyph = Image.new("L", (right - left + 4, down - up + 4))
-        ImageDraw.Draw(glyph).text((2 - left, 2 - up), ch, font=font, fill=255, anchor="ms")
-        # Turned about its baseline's middle, then laid with that point on the bow.
-        angle = -np.degrees(np.arctan2(dy[i], dx[i]))
-        turned = glyph.rotate(angle, Image.Resampling.BICUBIC, expand=True, center=(2 - left, 2 - up))
-        cx, cy = font.size + x[i], top + y[i]
-        mask.paste(255, (round(cx - turned.width / 2), round(cy - turned.height / 2)), turned)
+        ImageDraw.Draw(glyph).text((2 - left, 2 - up), ch, font=font, fill=255)
+        turned = glyph.rotate(-np.degrees(np.arctan2(dy[i], dx[i])), Image.Resampling.BICUBIC, expand=True)
+        mask.paste(255, (round(pad + x[i] - turned.width / 2), round(top + y[i] - turned.height / 2)), turned)
     return mask.crop(mask.getbbox())
 
 
@@ -99,7 +97,7 @@ def arched_sample(rng: random.Random) -> syn.Rendered:
     """A word set along a bow on any background, most often in the middle of it."""
     text = syn.word(rng, syn.CORPUS_VOCABULARY)
     font = syn.load_font(rng.choice(syn.font_paths()), rng.randint(28, 56))
-    mask = bow(rng, text, font, rng.choice((-1, 1)) * rng.uniform(0.1, 0.35))  # the end letters turned 11-35 degrees
+    mask = bow(text, font, rng.choice((-1, 1)) * rng.uniform(0.1, 0.35))  # the end letters turned 11-35 degrees
     mask.thumbnail((syn.MAX_SIDE - 40, syn.MAX_SIDE - 40))
     size = (max(syn.MIN_SIDE, mask.width + rng.randint(20, 160)), max(syn.MIN_SIDE, mask.height + rng.randint(20, 160)))
     canvas = syn.background(rng, size, rng.choice(syn.BACKGROUNDS))

@@ -284,7 +284,7 @@ def test_an_arched_word_bows_with_every_letter_on_the_curve():
     font = synthetic.load_font(None, 40)  # Pillow's built-in face: the same on every machine
     middles = {}
     for bend in (0.3, -0.3):
-        ink = np.asarray(widened.bow(random.Random(0), "HHHHHHHHHH", font, bend)) > 128
+        ink = np.asarray(widened.bow("HHHHHHHHHH", font, bend)) > 128
         rows = np.arange(ink.shape[0])[:, None]
         columns = np.array_split(np.arange(ink.shape[1]), 10)  # about a letter each
         heights = [(rows * ink[:, c]).sum() / ink[:, c].sum() for c in columns]

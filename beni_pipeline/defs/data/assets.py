@@ -96,7 +96,9 @@ def source_manifest(context: dg.AssetExecutionContext, config: SourceManifestCon
             letter_spacing=config.corpus_letter_spacing,
             photos=config.corpus_photos,
         )
-        context.log.info(f"rendering the generated corpus of {corpus.samples} samples into {layout.corpus} (kept when already complete)")
+        context.log.info(
+            f"rendering the generated corpus of {corpus.samples} samples, {corpus.photos:.0%} photographed, into {layout.corpus} (kept when already complete)"
+        )
         start = time.perf_counter()
         sources = [generate_corpus(layout.corpus, corpus)]
         context.log.info(f"corpus ready in {time.perf_counter() - start:.1f} s")

@@ -67,8 +67,8 @@ def handwriting(texts: list[str], fonts: tuple[str, ...], hands: tuple[str, ...]
     lines = []
     for text in texts:
         size = rng.randint(28, 52)
-        hand = syn.Hand(rng.choice(hands if rng.random() < hand_share else fonts), rng.randint(0, max(1, size // 24)))
-        lines.append(fit_line(syn.ink_line(rng, text, hand, size)))
+        with syn.using_fonts(hands if rng.random() < hand_share else fonts):
+            lines.append(fit_line(syn.ink_line(rng, text, syn.random_hand(rng, size), size)))
     return np.stack(lines)
 
 

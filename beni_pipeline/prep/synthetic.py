@@ -994,7 +994,8 @@ def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS, letter_s
     if camera.random() < photos:
         size = rendered.image.size
         rendered.image, forward = photo.photograph(rendered.image, camera)
-        rendered.lines = photo.photographed_lines(rendered.lines, forward, size) if rendered.lines else rendered.lines
+        if rendered.lines:
+            rendered.lines = photo.photographed_lines(rendered.lines, forward, size)
     return rendered
 
 

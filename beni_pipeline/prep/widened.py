@@ -10,7 +10,7 @@ The unseen-renderer eval set (unseen_eval.py) shares no code with these: its cam
 import random
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageStat
 
 from beni_pipeline.prep import synthetic as syn
 
@@ -101,7 +101,7 @@ def arched_sample(rng: random.Random) -> syn.Rendered:
     mask.thumbnail((syn.MAX_SIDE - 40, syn.MAX_SIDE - 40))
     size = (max(syn.MIN_SIDE, mask.width + rng.randint(20, 160)), max(syn.MIN_SIDE, mask.height + rng.randint(20, 160)))
     canvas = syn.background(rng, size, rng.choice(syn.BACKGROUNDS))
-    on_light = sum(canvas.resize((1, 1)).getpixel((0, 0))) > 3 * 128
+    on_light = ImageStat.Stat(canvas.convert("L")).mean[0] > 128  # as render_text tells light paper
     canvas.paste(syn.ink_colour(rng, on_light), (rng.randint(0, size[0] - mask.width), rng.randint(0, size[1] - mask.height)), mask)
     question = rng.choice(syn.KIND_QUESTIONS["curved"])
     return syn.Rendered("arched", canvas, rng.choice(ARCHED_CAPTIONS).format(text=text), [(question, text)], text)

@@ -4,7 +4,7 @@ Generates a fresh corpus into a temporary folder and prints samples/s (wall cloc
 worker process, and samples per CPU-second of the workers (the per-core figure that holds up when
 other jobs share the machine), plus the load average, so a run on a busy machine reads as one.
 
-    .venv/bin/python bench/corpus.py [--samples 5000] [--seed 0]
+    .venv/bin/python bench/corpus.py [--samples 5000] [--seed 0] [--photos 0.5]
 """
 
 import argparse
@@ -24,8 +24,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photos", type=float, default=0.0, help="share of the samples photographed (the GPU corpus's: 0.5)")
     args = parser.parse_args()
-    settings = CorpusSettings(samples=args.samples, seed=args.seed)
+    settings = CorpusSettings(samples=args.samples, seed=args.seed, photos=args.photos)
     processes = min(os.cpu_count() or 1, -(-args.samples // CHUNK))
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,8 +7,9 @@ save and load with the model, and a model without extensions carries none of its
 - config and data, without a model (class methods, given the settings): `check` the settings, the `image_tokens`
   it appends to each image, `prepare` settings from the tokenizer (`from_parts`), the batch `targets` built from
   image samples' metadata (`collate`, keys `batch_keys`), and `reply_ids`, its own token ids for a reply;
-- the model (methods): `start` after the parts are loaded, the `loss` of its targets on the vision features, the
-  `image_embeddings` it hands the LLM after each image's connector tokens, its own `answers` (scored by the eval
+- the model (methods): `start` after the parts are loaded, the `loss` of its targets on the vision features (and the
+  images), `refine_features` (the features the model goes on with), the `image_embeddings` it hands the LLM after
+  each image's connector tokens, its own `answers` (scored by the eval
   beside the LLM's), `to_device` (compile or graph its passes); each weight follows a core part (`part_of`) for
   learning rates and freezing.
 
@@ -67,9 +68,15 @@ class Extension(nn.Module):
     def start(self, model) -> None:
         """Initialise what depends on the loaded parts (after `from_parts` loads the LLM)."""
 
-    def loss(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """This extension's loss on the vision tower's output, or None where `targets` hold none of its keys."""
+    def loss(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """This extension's loss on the vision tower's output for `pixel_values`, or None where `targets` hold none of
+        its keys."""
         return None
+
+    def refine_features(self, model, pixel_values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The vision features the model goes on with, given the tower's for `pixel_values`: these by default; an
+        extension may look again (the ocr extension encodes an image again once its text is set level)."""
+        return features
 
     def image_embeddings(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """[images, image_tokens, text hidden] for the LLM after each image's connector tokens, or None. `targets`: the

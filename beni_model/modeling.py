@@ -196,7 +196,10 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"pixel_values are {pixel_values.dtype}, not the normalized floats this model takes: finish a training loader's "
                 "images with beni_model.data.DevicePixels, or preprocess them with the model's processor."
             )
-        return self.vision_tower(pixel_values)
+        features = self.vision_tower(pixel_values)
+        for extension in self.extensions.values():
+            features = extension.refine_features(self, pixel_values, features)
+        return features
 
     def merge(
         self, input_ids: torch.LongTensor, vision_features: torch.Tensor | None, extension_targets: dict[str, torch.Tensor] | None = None
@@ -248,7 +251,7 @@ class BeniForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             features = self.vision_features(pixel_values)
             if extension_targets is not None and features is not None:
-                losses = {name: e.loss(self, features, extension_targets) for name, e in self.extensions.items()}
+                losses = {name: e.loss(self, features, extension_targets, pixel_values) for name, e in self.extensions.items()}
                 losses = {name: loss for name, loss in losses.items() if loss is not None} or None
             if input_ids is None:  # images and targets alone (the encoder stage): the extensions' losses, the LLM not run
                 return BeniOutput(extension_losses=losses)

@@ -13,6 +13,8 @@ Settings (`BeniConfig.extensions["ocr"]`):
   with `tokens` its collapsed transcript follows (`line_embeddings`);
 - `spell_lines`: with `tokens` and `lines`, a reply written on one of a document's lines (the whole line, or a run
   of its words, as a field's value is) trains one token per character too, as a transcript's reply does;
+- `upright`: a head that tells which way an image's text runs (beni_model.ocr.upright), trained on turned copies of
+  images whose text runs level; at inference an image whose text runs off level is set level and encoded again;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from beni_model.extensions import Extension, register
+from beni_model.ocr import upright
 from beni_model.ocr.ctc import CudaGraphed, ctc_backward, ctc_forward, ctc_loss
 from beni_model.ocr.heads import (
     LINE_TOKENS,
@@ -45,6 +48,7 @@ class OcrSettings:
     teacher_reads: bool = False
     lines: bool = False
     spell_lines: bool = False
+    upright: bool = False
     token_ids: list[int] | None = None
 
 
@@ -72,6 +76,8 @@ class OcrExtension(Extension):
         self.reading_head = ReadingHead(hidden)
         if self.options.lines:
             self.line_head = LineReadingHead(hidden)
+        if self.options.upright:
+            self.axes_head = upright.AxesHead(hidden)
         if self.options.tokens:
             if self.options.token_ids is None:
                 raise ValueError("The ocr extension's tokens need the LLM's token of each character: build the model with from_parts.")
@@ -134,13 +140,38 @@ class OcrExtension(Extension):
         if device.type == "cuda":
             self.ctc_passes = (CudaGraphed(ctc_forward), CudaGraphed(ctc_backward))
 
-    def loss(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def loss(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor], pixel_values: torch.Tensor) -> torch.Tensor | None:
         if "reading_lengths" not in targets:
             return None
         loss = self.reading_loss(model, features, targets["reading_targets"], targets["reading_lengths"])
         if "line_lengths" in targets:
             loss = loss + self.line_loss(model, features, targets["line_targets"], targets["line_lengths"])
+        if self.options.upright:
+            loss = loss + self.axes_loss(model, pixel_values, targets)
         return loss
+
+    def refine_features(self, model, pixel_values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """With `upright`, outside training: the images whose text the axes head finds off level, resampled level
+        (upright.levelled) both ways up and encoded again, each going on as the way up its heads read more surely
+        (`legibility`); the others' features as they were."""
+        if not self.options.upright or self.training:
+            return features
+        tilted, axes = upright.off_level(self.axes_head(model.vision_tower.patch_grid(features)))
+        if not tilted.any():  # a sync, at inference only: most images' text runs level and costs no second pass
+            return features
+        axes, n = axes[tilted], int(tilted.sum())
+        again = model.vision_tower(upright.levelled(pixel_values[tilted].repeat(2, 1, 1, 1), torch.cat([axes, -axes])))
+        legible = self.legibility(model, again).view(2, n)
+        chosen = again.view(2, n, *again.shape[1:])[legible.argmax(0), torch.arange(n, device=again.device)]
+        return features.index_put((tilted.nonzero().squeeze(1),), chosen.to(features.dtype))
+
+    def legibility(self, model, features: torch.Tensor) -> torch.Tensor:
+        """How surely the reading heads read each image: their reads' mean best probability (blanks included), the
+        line head's too where there is one. Text the right way up reads surely; upside down, as glyphs never seen."""
+        sureness = self.reading_scores(model, features).float().softmax(-1).amax(-1).mean(-1)
+        if self.options.lines:
+            sureness = sureness + self.line_scores(model, features).float().softmax(-1).amax(-1).mean((1, 2))
+        return sureness
 
     def image_embeddings(self, model, features: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         if not self.options.tokens:
@@ -188,6 +219,23 @@ class OcrExtension(Extension):
         scores = self.line_scores(model, features).flatten(0, 1)
         targets, lengths = (t.to(scores.device, non_blocking=True).flatten(0, 1) for t in (targets, lengths))
         return ctc_loss(scores.float().log_softmax(-1), targets, lengths, self.ctc_passes)
+
+    def axes_loss(self, model, pixel_values: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The axes head's cross-entropy on turned copies (upright.turned_copies) of an eighth of the batch's images,
+        those with a transcript or lines first (their text runs level, so the copy's axes are the turn's). The copies
+        pass the tower eagerly: a second batch shape would cost the compiled blocks another graph capture each."""
+        level = targets["reading_lengths"] >= 0
+        if "line_lengths" in targets:
+            level = level | (targets["line_lengths"] >= 0).any(1)
+        level = level.to(pixel_values.device)
+        # The first images with level text: a fixed count whatever the batch holds, so the step never syncs.
+        chosen = torch.argsort((~level).to(torch.int8), stable=True)[: max(1, len(level) // 8)]
+        axes = upright.random_axes(len(chosen), pixel_values.device)
+        with torch.compiler.set_stance("force_eager"):
+            grid = model.vision_tower.patch_grid(model.vision_tower(upright.turned_copies(pixel_values[chosen], axes)))
+        logits = self.axes_head(grid)
+        errors = nn.functional.cross_entropy(logits.flatten(0, 1), upright.angle_classes(axes).flatten(), reduction="none").view(-1, 2)
+        return (errors.sum(1) * level[chosen]).sum() / level[chosen].sum().clamp(min=1)
 
     # ------------------------------------------------------------ the reads as LLM input
 

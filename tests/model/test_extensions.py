@@ -48,7 +48,7 @@ class MeanColour(Extension):
     def guess(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features.mean(1))
 
-    def loss(self, model, features, targets):
+    def loss(self, model, features, targets, pixel_values):
         return nn.functional.mse_loss(self.guess(features).float(), targets["colour"].float()) if "colour" in targets else None
 
     def image_embeddings(self, model, features, targets=None):

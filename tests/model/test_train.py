@@ -421,7 +421,7 @@ def test_packed_training_under_torchrun_lowers_the_loss_and_profiles_its_steps(t
 
 def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
     """The recipe's order, with the heads' transcripts handed to the LLM as tokens (the line head's trained on the
-    documents' lines), and the recipe's compiled blocks and CUDA graphs, which FSDP's two processes turn off."""
+    documents' lines, the axes head on turned copies), and the recipe's compiled blocks and CUDA graphs, which FSDP's two processes turn off."""
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4, lines=True)
     recipe = {"compile": True, "cuda_graphs": True}
     stages = {
@@ -433,7 +433,7 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
             text_fraction=0.0,
             max_steps=12,
             max_length=320,
-            extensions={"ocr": {"tokens": True, "lines": True}},
+            extensions={"ocr": {"tokens": True, "lines": True, "upright": True}},
             **recipe,
         ),
         "finetune": {
@@ -448,11 +448,12 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
         assert ("cuda_graphs off: they need one process, and this run has 2 (FSDP)" in run.stdout) == (name == "encoder")
     read = rows(tmp_path / "encoder")
     assert all(r["loss"] == r["extension_loss"] and r["tokens_per_s"] == 0 for r in read)  # the LLM never ran
-    assert sum(r["loss"] for r in read[-3:]) < sum(r["loss"] for r in read[:3]) / 2
+    # The axes head's loss (from 2 log 36 = 7.2, the reading heads' ~11) learns slowest in a few steps.
+    assert sum(r["loss"] for r in read[-3:]) < sum(r["loss"] for r in read[:3]) / 1.5
     finetune = rows(tmp_path / "finetune")
     assert all(("extension_loss" in r) == (r["modality"] == "image") for r in finetune) and any(r["modality"] == "text" for r in finetune)
     first = next(r for r in finetune if r["modality"] == "image")
-    assert first["extension_loss"] < read[0]["extension_loss"] / 2  # the head came over from the encoder stage
+    assert first["extension_loss"] < read[0]["extension_loss"] / 1.4  # the heads came over from the encoder stage
     model = BeniForConditionalGeneration.from_pretrained(tmp_path / "finetune" / "final")
     ocr = model.extensions["ocr"]
     assert ocr.reading_head.classify.weight.abs().sum() > 0
@@ -462,3 +463,5 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
     assert ocr.options.tokens and not torch.equal(ocr.blank, encoder.extensions["ocr"].blank)
     lines = [m.extensions["ocr"].line_head.classify.weight for m in (fresh, encoder, model)]
     assert ocr.options.lines and not torch.equal(lines[0], lines[1]) and not torch.equal(lines[1], lines[2])
+    axes = [m.extensions["ocr"].axes_head.predict[-1].weight for m in (fresh, encoder, model)]
+    assert ocr.options.upright and not torch.equal(axes[0], axes[1]) and not torch.equal(axes[1], axes[2])

@@ -13,8 +13,9 @@ Settings (`BeniConfig.extensions["ocr"]`):
   with `tokens` its collapsed transcript follows (`line_embeddings`);
 - `spell_lines`: with `tokens` and `lines`, a reply written on one of a document's lines (the whole line, or a run
   of its words, as a field's value is) trains one token per character too, as a transcript's reply does;
-- `upright`: a head that tells which way an image's text runs (beni_model.ocr.upright), trained on turned copies of
-  images whose text runs level; at inference an image whose text runs off level is set level and encoded again;
+- `upright`: a head that tells which way an image's text runs (beni_model.ocr.upright), trained on the tower's view of
+  turned copies of images whose text runs level; at inference an image whose text runs off level is set level and
+  encoded again;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
@@ -222,8 +223,11 @@ class OcrExtension(Extension):
 
     def axes_loss(self, model, pixel_values: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """The axes head's cross-entropy on turned copies (upright.turned_copies) of an eighth of the batch's images,
-        those with a transcript or lines first (their text runs level, so the copy's axes are the turn's). The copies
-        pass the tower eagerly: a second batch shape would cost the compiled blocks another graph capture each."""
+        those with a transcript or lines first (their text runs level, so the copy's axes are the turn's). The head
+        learns on what the tower sees for reading, the tower untouched: trained through it, the axes cost the reading
+        heads half their reads (bench/BENCHMARKS.md). So the copies pass the tower without gradient, in eval mode
+        (the conv stem's BatchNorm keeps the statistics of the images it reads), and eagerly (a second batch shape
+        would cost the compiled blocks another graph capture each)."""
         level = targets["reading_lengths"] >= 0
         if "line_lengths" in targets:
             level = level | (targets["line_lengths"] >= 0).any(1)
@@ -231,8 +235,12 @@ class OcrExtension(Extension):
         # The first images with level text: a fixed count whatever the batch holds, so the step never syncs.
         chosen = torch.argsort((~level).to(torch.int8), stable=True)[: max(1, len(level) // 8)]
         axes = upright.random_axes(len(chosen), pixel_values.device)
-        with torch.compiler.set_stance("force_eager"):
-            grid = model.vision_tower.patch_grid(model.vision_tower(upright.turned_copies(pixel_values[chosen], axes)))
+        tower, training = model.vision_tower, model.vision_tower.training
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            try:
+                grid = tower.eval().patch_grid(tower(upright.turned_copies(pixel_values[chosen], axes)))
+            finally:
+                tower.train(training)
         logits = self.axes_head(grid)
         errors = nn.functional.cross_entropy(logits.flatten(0, 1), upright.angle_classes(axes).flatten(), reduction="none").view(-1, 2)
         return (errors.sum(1) * level[chosen]).sum() / level[chosen].sum().clamp(min=1)

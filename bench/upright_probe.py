@@ -9,7 +9,9 @@ draw) and level ones:
 - how often the model levels an image (`upright.off_level`): turned texts should be, level ones not;
 - the reading head's exact reads with levelling (`refine_features`) off and on.
 
-    python bench/upright_probe.py [--steps 1500] [--samples 6000]
+`--through-tower` trains the axes head as the first GPU run did instead: the copies' gradient through the tower.
+
+    python bench/upright_probe.py [--steps 1500] [--samples 6000] [--through-tower]
 
 Prints one JSON line.
 """
@@ -86,12 +88,23 @@ def test_set(n: int, turned: bool) -> tuple[torch.Tensor, list[str], torch.Tenso
     return pixels(images), texts, torch.stack(baselines)
 
 
+def axes_loss_through_tower(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`OcrExtension.axes_loss` as the first GPU run trained it: the copies (all images here have level text) pass
+    the tower with gradient, in its training mode."""
+    chosen = torch.arange(max(1, len(pixel_values) // 8))
+    axes = upright.random_axes(len(chosen), pixel_values.device)
+    grid = model.vision_tower.patch_grid(model.vision_tower(upright.turned_copies(pixel_values[chosen], axes)))
+    logits = model.extensions["ocr"].axes_head(grid)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), upright.angle_classes(axes).flatten()) * 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--through-tower", action="store_true", help="train the axes head as the first GPU run did")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -105,7 +118,13 @@ def main() -> None:
     for step in range(args.steps):
         chosen = rng.sample(range(len(transcripts)), args.batch)
         targets = dict(zip(("reading_targets", "reading_lengths"), reading_targets([transcripts[i] for i in chosen])))
-        loss = model(pixel_values=images[chosen], extension_targets=targets).extension_losses["ocr"]
+        if args.through_tower:  # the reading loss alone from the extension, then the axes through the tower
+            ocr.options.upright = False
+            loss = model(pixel_values=images[chosen], extension_targets=targets).extension_losses["ocr"]
+            loss = loss + axes_loss_through_tower(model, images[chosen])
+            ocr.options.upright = True
+        else:
+            loss = model(pixel_values=images[chosen], extension_targets=targets).extension_losses["ocr"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -113,7 +132,7 @@ def main() -> None:
         if step % 250 == 0:
             print(f"step {step}: ocr loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval()
-    result = {"steps": args.steps, "samples": args.samples, "draw_seconds": round(drawn, 1)}
+    result = {"steps": args.steps, "samples": args.samples, "through_tower": args.through_tower, "draw_seconds": round(drawn, 1)}
     with torch.no_grad():
         for name, turned in (("turned", True), ("level", False)):
             test, texts, baselines = test_set(args.test, turned)

@@ -84,16 +84,19 @@ CORNERS = torch.tensor([[-1.0, -1.0, 1.0, 1.0], [-1.0, 1.0, -1.0, 1.0]])  # the 
 def turned_copies(pixels: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     """`pixels` [n, 3, H, W] seen through `axes`: level text becomes text along them. Each copy is enlarged until the
     frame holds no pixel from outside the image, so no filled corner's edge gives the turn away."""
-    inverse = torch.linalg.inv(axes)
-    reach = (inverse @ CORNERS.to(axes)).abs().amax(dim=(1, 2))  # how far outside the image the frame's corners land
-    return resampled(pixels, inverse / reach[:, None, None])
+    return resampled(pixels, torch.linalg.inv(axes) / reach(axes)[:, None, None])
 
 
 def levelled(pixels: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
     """`pixels` whose text runs along `axes`, resampled so it runs level; shrunk until the whole image stays in the
     frame, the edges' pixels carried out into the corners."""
-    reach = (torch.linalg.inv(axes) @ CORNERS.to(axes)).abs().amax(dim=(1, 2))
-    return resampled(pixels, axes * reach[:, None, None])
+    return resampled(pixels, axes * reach(axes)[:, None, None])
+
+
+def reach(axes: torch.Tensor) -> torch.Tensor:
+    """[n]: how far outside the image (in its -1..1 coordinates) the frame's corners land when taken back through
+    `axes`: the scale that keeps a turned copy inside the image, or the whole image inside a levelled frame."""
+    return (torch.linalg.inv(axes) @ CORNERS.to(axes)).abs().amax(dim=(1, 2))
 
 
 def resampled(pixels: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

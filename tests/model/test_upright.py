@@ -54,7 +54,7 @@ def test_a_turned_copy_runs_along_its_axes_and_levelling_undoes_it():
         y, x = torch.meshgrid(*(torch.linspace(-1, 1, size),) * 2, indexing="ij")
         smooth = torch.stack([torch.sin(2 * x + y), torch.cos(3 * y - x), x * y])[None]
         back = upright.levelled(upright.turned_copies(smooth, axes), axes)
-        reach = (torch.linalg.inv(axes[0]) @ upright.CORNERS).abs().max()
+        reach = upright.reach(axes)[0]
         centres = (torch.arange(size) + 0.5) / size * 2 - 1
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         seen = (axes[0] @ torch.stack([cx.flatten(), cy.flatten()]) * reach).abs().amax(0).view(size, size) < 0.9

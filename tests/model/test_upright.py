@@ -3,6 +3,7 @@ head learning them, and a model that encodes an image again once its text is set
 
 import math
 
+import pytest
 import torch
 
 from beni_model.chat import load_tokenizer
@@ -60,6 +61,33 @@ def test_a_turned_copy_runs_along_its_axes_and_levelling_undoes_it():
         seen = (axes[0] @ torch.stack([cx.flatten(), cy.flatten()]) * reach).abs().amax(0).view(size, size) < 0.9
         error = (back - smooth).abs()[0].amax(0)
         assert seen.float().mean() > 0.15 and error[seen].max() < 0.15, (degrees, squash, error[seen].max())
+
+
+def test_the_closed_forms_match_torch_linalg_and_reach_is_the_farthest_corner():
+    axes = upright.random_axes(64, torch.device("cpu")).double()
+    torch.testing.assert_close(upright.determinant(axes), torch.linalg.det(axes))
+    torch.testing.assert_close(upright.inverse(axes), torch.linalg.inv(axes))
+    corners = torch.tensor([[-1.0, -1.0, 1.0, 1.0], [-1.0, 1.0, -1.0, 1.0]], dtype=axes.dtype)
+    torch.testing.assert_close(upright.reach(axes), (torch.linalg.inv(axes) @ corners).abs().amax(dim=(1, 2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a wait on the GPU is a CUDA thing")
+def test_the_axes_loss_never_waits_for_the_gpu(build):
+    """The training step runs ahead of the GPU (its kernels launched as CUDA graphs); a wait in the loss would cost
+    the step its lead."""
+    model, _ = build(extensions={"ocr": {"upright": True}})
+    model.cuda().train()
+    targets = {k: v.cuda() for k, v in zip(("reading_targets", "reading_lengths"), reading_targets(["open", None] * 8))}
+    pixels = images(16).cuda()
+    model.extensions["ocr"].axes_loss(model, pixels, targets)  # first calls may initialize CUDA libraries
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = model.extensions["ocr"].axes_loss(model, pixels, targets)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss.detach().cpu())
 
 
 def logits_of(axes: torch.Tensor, sure: float = 8.0) -> torch.Tensor:

@@ -13,6 +13,11 @@ split's handwriting faces and in all its faces:
 
     python bench/font_probe.py --fonts FONTS --hand-shares 0 0.75
 
+With --pen-shares, the writers write in pen strokes that share of the time (the corpus's optional kind "pen":
+Hershey faces' centre lines drawn with a pen), else imitate any of the corpus's faces, and read the same test sets:
+
+    python bench/font_probe.py --fonts FONTS --pen-shares 0 0.5
+
 Prints one JSON line per F (or share): exact-match accuracy on each test set.
 """
 
@@ -60,15 +65,18 @@ def dataset(texts: list[str], fonts: list[str], seed: str) -> np.ndarray:
     return np.stack([draw(text, rng.choice(fonts), rng.randint(20, 40)) for text in texts])
 
 
-def handwriting(texts: list[str], fonts: tuple[str, ...], hands: tuple[str, ...], hand_share: float, seed: str) -> np.ndarray:
+def handwriting(
+    texts: list[str], fonts: tuple[str, ...], hands: tuple[str, ...], hand_share: float, pen_share: float, seed: str
+) -> np.ndarray:
     """`texts` as the corpus's handwriting renderer writes them (`synthetic.ink_line`), each writer's letters imitated
-    from one of `hands` `hand_share` of the time, else from any of `fonts`."""
+    from one of `hands` `hand_share` of the time, else from any of `fonts`, or written in pen strokes `pen_share` of
+    the time."""
     rng = random.Random(seed)
     lines = []
     for text in texts:
         size = rng.randint(28, 52)
         with syn.using_fonts(hands if rng.random() < hand_share else fonts):
-            lines.append(fit_line(syn.ink_line(rng, text, syn.random_hand(rng, size), size)))
+            lines.append(fit_line(syn.ink_line(rng, text, syn.random_hand(rng, size, rng.random() < pen_share), size)))
     return np.stack(lines)
 
 
@@ -120,6 +128,9 @@ def main() -> None:
     parser.add_argument(
         "--hand-shares", type=float, nargs="+", help="learn the corpus's handwriting with these shares of handwriting faces"
     )
+    parser.add_argument(
+        "--pen-shares", type=float, nargs="+", help="learn the corpus's handwriting with these shares of pen-stroke writers"
+    )
     parser.add_argument("--images", type=int, default=24_000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -134,19 +145,21 @@ def main() -> None:
     texts = [text_of(rng)[:14] for _ in range(args.images)]
     tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
     unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
-    if args.hand_shares:
+    if args.hand_shares or args.pen_shares:
         fonts = corpus_fonts(args.fonts)
         hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
         sets = {
             "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
             "unseen_fonts": unseen,
         }
-        for share in args.hand_shares:
+        runs = [("hand_share", share) for share in args.hand_shares or ()] + [("pen_share", share) for share in args.pen_shares or ()]
+        for name, share in runs:
             start = time.perf_counter()
-            train = handwriting(texts, fonts, hands, share, f"{args.seed}:train")
-            own = {"own_handwriting": handwriting(tests, fonts, hands, share, f"{args.seed}:own")}
+            shares = (share, 0.0) if name == "hand_share" else (0.0, share)
+            train = handwriting(texts, fonts, hands, *shares, f"{args.seed}:train")
+            own = {"own_handwriting": handwriting(tests, fonts, hands, *shares, f"{args.seed}:own")}
             scores = train_and_score(train, texts, tests, {**own, **sets}, args)
-            print(json.dumps({"hand_share": share, **scores, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+            print(json.dumps({name: share, **scores, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         return
     for count in args.families:
         chosen = random.Random(f"{args.seed}:{count}").sample(names, min(count, len(names)))

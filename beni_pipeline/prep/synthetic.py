@@ -25,6 +25,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
+from HersheyFonts import HersheyFonts
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageStat
 
 from beni_model.files import atomic_path, remove_leftovers
@@ -100,6 +101,7 @@ KIND_QUESTIONS = {
     "artistic": READ_QUESTIONS + ("What does the decorative text say?", "Which word is written in this stylised lettering?"),
     "handwriting": READ_QUESTIONS + ("What is handwritten here?", "Transcribe the handwriting."),
 }
+KIND_QUESTIONS["pen"] = KIND_QUESTIONS["handwriting"]
 HME_QUESTION = "Please write out the expression of the formula in the image using LaTeX format."  # OCRBench's wording
 MATH_QUESTIONS = (HME_QUESTION, "Write the handwritten formula in LaTeX.", "What is the LaTeX code of this expression?")
 MEMO_QUESTIONS = {
@@ -129,6 +131,7 @@ DRAWN_CAPTIONS = {
     "handwriting": ('Handwritten text that reads "{text}".', 'A note written by hand: "{text}".', 'The handwriting says "{text}".'),
     "math": ('A handwritten formula: "{text}".', 'The expression "{text}" written by hand.'),
 }
+DRAWN_CAPTIONS["pen"] = DRAWN_CAPTIONS["handwriting"]
 MEMO_CAPTIONS = ("A memo from {by} to {to}.", "A printed memo about the {subject}.", "An office memo dated {date}.")
 SIGN_CAPTIONS = ("A shop sign for {name}.", "A photo of the sign of {name}, open {hours}.", "The sign of {name} on a street.")
 RECEIPT_CAPTIONS = (
@@ -590,31 +593,91 @@ TEXTS = {"word": lambda rng: word(rng, CORPUS_VOCABULARY), "digits": digits, "ra
 # ---------------------------------------------------------------- handwriting and formulas
 
 
+# Writers who write in pen strokes (the optional kind "pen"): the centre lines of the Hershey vector faces (public
+# domain; the hershey-fonts package), print and script, drawn with a round pen and each letter warped on its own.
+# Outline fonts, however jittered, leave every letter a filled outline of a typeface; a pen leaves strokes of one
+# width, as hands do.
+PEN_FACES = ("futural", "futuram", "rowmans", "rowmand", "timesi", "scripts", "scriptc", "cursive")
+HERSHEY_BASELINE, HERSHEY_CAP = 9, -12  # every PEN_FACES face's baseline and cap line, in its units (y down)
+
+
 @dataclass(frozen=True)
 class Hand:
-    """Who writes: the letter shapes imitated (a font file, None for Pillow's built-in font) and the pen's width."""
+    """Who writes: the letter shapes imitated (a font file, None for Pillow's built-in font), or drawn as pen strokes
+    along a Hershey face's centre lines (`pen_face`; the font then draws only what that face lacks), and the pen."""
 
     font: str | None
-    pen: int  # stroke width in pixels around the glyph outline; varied by one per letter
+    pen: int  # stroke width in pixels around the glyph outline (varied by one per letter), or a pen face's pen width
+    pen_face: str | None = None
+    width: float = 1.0  # how wide this writer draws a pen face's letters
 
 
-def random_hand(rng: random.Random, size: int) -> Hand:
+def random_hand(rng: random.Random, size: int, pen: bool = False) -> Hand:
+    """A writer imitating one of the corpus's fonts, or with `pen`, one writing in pen strokes."""
+    if pen:
+        pen = rng.randint(max(2, size // 20), max(3, size // 9))  # a pen's width: the same for every letter it writes
+        return Hand(rng.choice(font_paths()), pen, rng.choice(PEN_FACES), rng.uniform(0.8, 1.25))
     return Hand(rng.choice(font_paths()), rng.randint(0, max(1, size // 24)))
+
+
+@cache
+def pen_glyphs(face: str) -> dict:
+    """A Hershey face's glyphs by character (printable ASCII)."""
+    fonts = HersheyFonts()
+    fonts.load_default_font(face)
+    return {ch: glyph for ch in map(chr, range(33, 127)) for glyph in fonts.glyphs_for_text(ch)}
+
+
+def pen_letter(rng: random.Random, glyph, size: int, hand: Hand) -> tuple[Image.Image, tuple[int, int], float]:
+    """A Hershey glyph drawn by `hand`'s pen at font size `size`: a grey mask, the point of it on the baseline at the
+    letter's left, and the letter's advance. Each point moves along two smooth waves of the letter's own, so no two
+    letters are drawn alike; drawn at twice the size and halved, for smooth edges."""
+    scale = 0.7 * size / (HERSHEY_BASELINE - HERSHEY_CAP)  # a font's capitals stand ~0.7 of its size
+    across, down = scale * hand.width, scale
+    wave = size * rng.uniform(0.0, 0.035)
+    amplitude, frequency, phase = (
+        [rng.gauss(0, wave) for _ in "xy"],
+        [rng.uniform(2, 5) / size for _ in "xy"],
+        [rng.uniform(0, 6.3) for _ in "xy"],
+    )
+    pen, margin = hand.pen, hand.pen + size // 2
+    width, height = round(glyph.char_width * across) + 2 * margin, round(size * 1.6) + 2 * margin
+    origin = (margin, margin + round(size * 1.1))
+    mask = Image.new("L", (2 * width, 2 * height))
+    draw = ImageDraw.Draw(mask)
+    for stroke in glyph.strokes:
+        points = []
+        for u, v in stroke:
+            x, y = (u - glyph.left_offset) * across, (v - HERSHEY_BASELINE) * down
+            x, y = x + amplitude[0] * math.sin(frequency[0] * y + phase[0]), y + amplitude[1] * math.sin(frequency[1] * x + phase[1])
+            points.append((2 * (origin[0] + x), 2 * (origin[1] + y)))
+        if len(points) > 1:
+            draw.line(points, fill=255, width=2 * pen, joint="curve")
+    return mask.resize((width, height), Image.Resampling.BOX), origin, glyph.char_width * across
 
 
 def ink_line(rng: random.Random, text: str, hand: Hand, size: int) -> Image.Image:
     """`text` as one line of pen strokes, a grey mask with the baseline at 1.3 x size: each character at its own
-    size, tilt, height and stroke weight, so no two letters look stamped from one font."""
+    size, tilt, height and stroke weight, so no two letters look stamped from one font; a pen hand's letters drawn
+    along its face's centre lines (`pen_letter`)."""
     height, baseline = round(size * 1.8), round(size * 1.3)
-    line = Image.new("L", (round(size * (1.2 * len(text) + 0.5)), height))
+    line = Image.new("L", (round(size * (1.6 * len(text) + 0.5)), height))  # room for a wide pen hand's widest letters
     x = size // 8
+    pen_glyph = pen_glyphs(hand.pen_face).get if hand.pen_face else lambda ch: None
     for ch in text:
         s = max(10, round(size * rng.uniform(0.85, 1.12)))
-        font = load_font(hand.font, s)
         if ch == " ":
             x += round(s * rng.uniform(0.3, 0.5))
             continue
-        stroke = max(0, hand.pen + rng.choice((-1, 0, 0, 1)))
+        if (drawn := pen_glyph(ch)) is not None:
+            glyph, origin, advance = pen_letter(rng, drawn, s, hand)
+            glyph = glyph.rotate(rng.uniform(-6, 6), Image.Resampling.BILINEAR, center=origin)
+            line.paste(255, (x - origin[0], baseline - origin[1] + round(rng.gauss(0, 0.04 * size))), glyph)
+            x += round(advance * rng.uniform(0.9, 1.04))
+            continue
+        # An outline around the glyph's own strokes; a pen hand's letters its face lacks only a third of its pen
+        stroke = max(0, (hand.pen // 3 if hand.pen_face else hand.pen) + rng.choice((-1, 0, 0, 1)))
+        font = load_font(hand.font, s)
         glyph, origin = Image.new("L", (2 * s, 2 * s)), (s // 2, round(1.3 * s))
         ImageDraw.Draw(glyph).text(origin, ch, font=font, fill=255, anchor="ls", stroke_width=stroke, stroke_fill=255)
         glyph = glyph.rotate(rng.uniform(-8, 8), Image.Resampling.BILINEAR, center=origin)
@@ -694,10 +757,10 @@ def on_paper(rng: random.Random, mask: Image.Image, size: int) -> Image.Image:
     return degrade(paper, rng, 0, rng.randint(2, 8) if rng.random() < 0.4 else 0)
 
 
-def render_handwriting(rng: random.Random, text: str) -> Image.Image:
-    """One handwritten word or line (see `ink_line` and `on_paper`)."""
+def render_handwriting(rng: random.Random, text: str, pen: bool = False) -> Image.Image:
+    """One handwritten word or line (see `ink_line` and `on_paper`), in pen strokes with `pen`."""
     size = rng.randint(28, 52)
-    return on_paper(rng, ink_line(rng, text, random_hand(rng, size), size), size)
+    return on_paper(rng, ink_line(rng, text, random_hand(rng, size, pen), size), size)
 
 
 def render_math(rng: random.Random, nodes: list) -> Image.Image:
@@ -955,8 +1018,11 @@ def drawn_sample(rng: random.Random, kind: str) -> Rendered:
         nodes = math_expression(rng)
         text, image, question = latex(nodes), render_math(rng, nodes), rng.choice(MATH_QUESTIONS)
     else:
-        text = handwritten_text(rng, CORPUS_VOCABULARY) if kind == "handwriting" else word(rng, CORPUS_VOCABULARY)
-        image = {"curved": render_irregular, "artistic": render_artistic, "handwriting": render_handwriting}[kind](rng, text)
+        text = handwritten_text(rng, CORPUS_VOCABULARY) if kind in ("handwriting", "pen") else word(rng, CORPUS_VOCABULARY)
+        if kind == "pen":
+            image = render_handwriting(rng, text, pen=True)
+        else:
+            image = {"curved": render_irregular, "artistic": render_artistic, "handwriting": render_handwriting}[kind](rng, text)
         question = rng.choice(KIND_QUESTIONS[kind])
     transcript = None if kind == "math" else text  # a formula's answer is LaTeX, not the line as drawn
     return Rendered(kind, image, rng.choice(DRAWN_CAPTIONS[kind]).format(text=text), [(question, text)], transcript)
@@ -979,8 +1045,8 @@ KINDS = {
     "rotated": 6,  # widened.py's: text turned up to a quarter turn
     "scene": 8,  # widened.py's: words photographed on a scene
 }
-# Kinds a corpus draws only where its settings name them: not yet measured on a GPU.
-OPTIONAL_KINDS = ("arched",)  # widened.py's: words set letter by letter along a bow
+# Kinds a corpus draws only where its settings name them, until a GPU run shows they pay (bench/BENCHMARKS.md).
+OPTIONAL_KINDS = ("arched", "pen")  # widened.py's words set letter by letter along a bow; handwriting in pen strokes
 DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from beni_model.evaluate import is_correct
-from beni_pipeline.prep import synthetic, widened
+from beni_pipeline.prep import synthetic, tesseract, widened
 from beni_pipeline.prep.ocr_eval import HELD_OUT
 from beni_pipeline.prep.synthetic import CorpusSettings, generate_corpus
 
@@ -206,6 +206,40 @@ def test_handwriting_writes_its_text_and_each_hand_differs():
     assert sample.qa[0][0] in synthetic.KIND_QUESTIONS["handwriting"]
 
 
+def test_pen_hands_write_in_strokes_each_letter_its_own():
+    assert not any(synthetic.random_hand(random.Random(i), 40).pen_face for i in range(50))
+    pens = [synthetic.random_hand(random.Random(i), 40, pen=True) for i in range(200)]
+    assert {hand.pen_face for hand in pens} == set(synthetic.PEN_FACES) and min(hand.pen for hand in pens) >= 2
+    hand = synthetic.Hand(None, 3, "futural")
+    # Two of one letter are drawn apart and unalike; the same seed draws the same line.
+    line = np.asarray(synthetic.ink_line(random.Random(0), "o o", hand, 40)) > 128
+    columns = np.flatnonzero(line.any(0))
+    gap = np.flatnonzero(np.diff(columns) > 1)[0]
+    first, second = line[:, : columns[gap] + 1], line[:, columns[gap + 1] :]
+    first, second = (m[np.ix_(m.any(1), m.any(0))] for m in (first, second))
+    assert first.shape != second.shape or (first != second).any()
+    assert (
+        synthetic.ink_line(random.Random(0), "o o", hand, 40).tobytes() == synthetic.ink_line(random.Random(0), "o o", hand, 40).tobytes()
+    )
+    # What the face lacks comes from the hand's font: nothing of the text is left out.
+    for text in ("é", "aé"):
+        assert (np.asarray(synthetic.ink_line(random.Random(0), text, hand, 40)) > 128).sum() > 100
+
+
+@pytest.mark.skipif(not tesseract.installed(), reason="tesseract-ocr is not installed")
+def test_tesseract_reads_what_the_print_pen_hands_write(tmp_path):
+    """The letters stand in order, spaced and whole: a classic OCR engine reads the print faces' writing."""
+    words, read = ["harbor", "window", "quiet", "Marble 42"], 0
+    faces = [face for face in synthetic.PEN_FACES if not face.startswith(("script", "cursive"))]
+    for face in faces:
+        for i, word in enumerate(words):
+            mask = synthetic.ink_line(random.Random(f"{face}{i}"), word, synthetic.Hand(None, 3, face), 40)
+            path = tmp_path / f"{face}{i}.png"
+            ImageOps.expand(ImageOps.invert(mask.crop(mask.getbbox())), 20, fill=255).save(path)
+            read += tesseract.read((str(path), 7)).lower() == word.lower()
+    assert read >= 0.8 * len(faces) * len(words), read
+
+
 def test_latex_of_layout_nodes():
     assert synthetic.latex([("sup", "x", ["2"]), "+", "1"]) == "x^{2}+1"
     assert synthetic.latex([("frac", ["a", "+", "1"], [r"\alpha", "b"]), "=", ("sqrt", ["y"])]) == r"\frac{a+1}{\alpha b}=\sqrt{y}"
@@ -272,8 +306,9 @@ def test_kinds_choose_what_the_corpus_draws(tmp_path):
     assert {r["kind"] for r in rows} == {"digits", "word"} and len(rows) == 12
     assert all(r["transcript"] == r["conversations"][-1]["value"] for r in rows)
     assert json.loads((tmp_path / "corpus_settings.json").read_text())["kinds"] == {"digits": 1.0, "word": 1.0}
-    optional = read_jsonl(generate_corpus(tmp_path / "arched", CorpusSettings(samples=4, kinds={"arched": 1.0})))
-    assert {r["kind"] for r in optional} == {"arched"} and all(r["transcript"] for r in optional)  # drawn where named
+    for kind in synthetic.OPTIONAL_KINDS:  # drawn where named
+        optional = read_jsonl(generate_corpus(tmp_path / kind, CorpusSettings(samples=4, kinds={kind: 1.0})))
+        assert {r["kind"] for r in optional} == {kind} and all(r["transcript"] for r in optional)
     with pytest.raises(ValueError, match=r"corpus kinds \['poem'\] are not among"):
         generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 1.0, "poem": 1.0}))
     with pytest.raises(ValueError, match="weights above 0"):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,36 @@ def test_tesseract_reads_what_the_print_pen_hands_write(tmp_path):
             ImageOps.expand(ImageOps.invert(mask.crop(mask.getbbox())), 20, fill=255).save(path)
             read += tesseract.read((str(path), 7)).lower() == word.lower()
     assert read >= 0.8 * len(faces) * len(words), read
+
+
+def test_word_art_decorates_the_letters_each_its_own_way():
+    style = synthetic.TextStyle(None, 56, "plain", 0.0, 0, 0)
+    plain = np.asarray(synthetic.render_text(random.Random(0), "Harbor", style).convert("L"), dtype=float)
+    looks = {}
+    for effect in synthetic.WORD_ART:
+        image = synthetic.render_text(random.Random(0), "Harbor", replace(style, effect=effect))
+        assert image.size == synthetic.render_text(random.Random(0), "Harbor", replace(style, effect=effect)).size
+        looks[effect] = np.asarray(image.convert("L"), dtype=float)
+    # On a plain background the outline is the plain ink (outlines are for photos); every other effect draws otherwise.
+    assert len({looks[e].tobytes() for e in synthetic.WORD_ART if e != "outline"}) == len(synthetic.WORD_ART) - 1
+    assert all(not np.array_equal(looks[e], plain) for e in synthetic.WORD_ART if e != "outline")
+    with pytest.raises(ValueError, match="unknown word art effect 'neon'"):
+        synthetic.word_art(random.Random(0), "neon", Image.new("L", (8, 8)), (0, 0, 0), (255, 255, 255), 20)
+    assert set(synthetic.WORD_ART) & {"gradient", "shadow"} == set()  # the unseen renderer's effects stay its own
+
+
+@pytest.mark.skipif(not tesseract.installed(), reason="tesseract-ocr is not installed")
+def test_tesseract_reads_word_art_but_hollow_letters(tmp_path):
+    """The decorations leave the letters whole: a classic OCR engine reads them (hollow letters are its known blind
+    spot, so they are not asked of it)."""
+    words, read = ["Harbor", "window", "Marble", "Quiet", "Lantern"], 0
+    effects = [effect for effect in synthetic.WORD_ART if effect != "hollow"]
+    for effect in effects:
+        for i, word in enumerate(words):
+            image = synthetic.render_text(random.Random(i), word, synthetic.TextStyle(None, 56, "plain", 0.0, 0, 0, effect=effect))
+            image.save(tmp_path / f"{effect}{i}.png")
+            read += tesseract.read((str(tmp_path / f"{effect}{i}.png"), 7)) == word
+    assert read >= 0.8 * len(effects) * len(words), read
 
 
 def test_latex_of_layout_nodes():

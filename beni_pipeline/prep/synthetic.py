@@ -21,7 +21,7 @@ import shutil
 import textwrap
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -659,8 +659,8 @@ class Hand:
 def random_hand(rng: random.Random, size: int, pen: bool = False) -> Hand:
     """A writer imitating one of the corpus's fonts, or with `pen`, one writing in pen strokes."""
     if pen:
-        pen = rng.randint(max(2, size // 20), max(3, size // 9))  # a pen's width: the same for every letter it writes
-        return Hand(rng.choice(font_paths()), pen, rng.choice(PEN_FACES), rng.uniform(0.8, 1.25))
+        width = rng.randint(max(2, size // 20), max(3, size // 9))  # a pen's width: the same for every letter it writes
+        return Hand(rng.choice(font_paths()), width, rng.choice(PEN_FACES), rng.uniform(0.8, 1.25))
     return Hand(rng.choice(font_paths()), rng.randint(0, max(1, size // 24)))
 
 
@@ -1056,6 +1056,14 @@ def sign_sample(rng: random.Random) -> Rendered:
     return Rendered("sign", image, caption, [(SIGN_QUESTIONS[k], info[k]) for k in rng.sample(list(info), rng.randint(2, 3))], lines=lines)
 
 
+DRAWN_RENDERERS = {
+    "curved": render_irregular,
+    "artistic": render_artistic,
+    "handwriting": render_handwriting,
+    "pen": partial(render_handwriting, pen=True),
+}
+
+
 def drawn_sample(rng: random.Random, kind: str) -> Rendered:
     """A curved, artistic or handwritten word or phrase, or a handwritten formula, with one question."""
     if kind == "math":
@@ -1063,10 +1071,7 @@ def drawn_sample(rng: random.Random, kind: str) -> Rendered:
         text, image, question = latex(nodes), render_math(rng, nodes), rng.choice(MATH_QUESTIONS)
     else:
         text = handwritten_text(rng, CORPUS_VOCABULARY) if kind in ("handwriting", "pen") else word(rng, CORPUS_VOCABULARY)
-        if kind == "pen":
-            image = render_handwriting(rng, text, pen=True)
-        else:
-            image = {"curved": render_irregular, "artistic": render_artistic, "handwriting": render_handwriting}[kind](rng, text)
+        image = DRAWN_RENDERERS[kind](rng, text)
         question = rng.choice(KIND_QUESTIONS[kind])
     transcript = None if kind == "math" else text  # a formula's answer is LaTeX, not the line as drawn
     return Rendered(kind, image, rng.choice(DRAWN_CAPTIONS[kind]).format(text=text), [(question, text)], transcript)

@@ -18,6 +18,11 @@ Hershey faces' centre lines drawn with a pen), else imitate any of the corpus's 
 
     python bench/font_probe.py --fonts FONTS --pen-shares 0 0.5
 
+With --trace-shares, that share of the writers trace their strokes as hairlines or outlines (half each; `traced`),
+the rest filled as the letter shapes are (the corpus's writers: share 0):
+
+    python bench/font_probe.py --fonts FONTS --trace-shares 0 0.4
+
 Prints one JSON line per F (or share): exact-match accuracy on each test set.
 """
 
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch import nn
 
 from beni_model.ocr.ctc import ctc_loss
@@ -66,18 +71,59 @@ def dataset(texts: list[str], fonts: list[str], seed: str) -> np.ndarray:
 
 
 def handwriting(
-    texts: list[str], fonts: tuple[str, ...], hands: tuple[str, ...], hand_share: float, pen_share: float, seed: str
+    texts: list[str],
+    fonts: tuple[str, ...],
+    hands: tuple[str, ...],
+    hand_share: float,
+    pen_share: float,
+    trace_share: float,
+    seed: str,
 ) -> np.ndarray:
-    """`texts` as the corpus's handwriting renderer writes them (`synthetic.ink_line`), each writer's letters imitated
-    from one of `hands` `hand_share` of the time, else from any of `fonts`, or written in pen strokes `pen_share` of
-    the time."""
+    """`texts` as the corpus's handwriting renderer writes them (`synthetic.ink_line`), each
+    writer's letters imitated from one of `hands` `hand_share` of the time, else from any of `fonts`, or written in pen
+    strokes `pen_share` of the time; traced as a hairline or an outline `trace_share` of the time, half each."""
     rng = random.Random(seed)
     lines = []
     for text in texts:
         size = rng.randint(28, 52)
+        trace = rng.choices(TRACES, (1 - trace_share, trace_share / 2, trace_share / 2))[0]
         with syn.using_fonts(hands if rng.random() < hand_share else fonts):
-            lines.append(fit_line(syn.ink_line(rng, text, syn.random_hand(rng, size, rng.random() < pen_share), size)))
+            mask = syn.ink_line(rng, text, syn.random_hand(rng, size, rng.random() < pen_share), size)
+            lines.append(fit_line(traced(mask, trace, size)))
     return np.stack(lines)
+
+
+# How a writer's strokes land on paper: filled as the letter shapes are (the corpus's writers), a hairline along their
+# centre lines (a fine pen, a pencil), or an outline around them (letters sketched hollow).
+TRACES = ("solid", "hairline", "outline")
+
+
+def traced(mask: Image.Image, trace: str, size: int) -> Image.Image:
+    if trace == "hairline":  # one pixel wide under 40 px letters, three above
+        line = centre_lines(mask)
+        return line.filter(ImageFilter.MaxFilter(3)) if size >= 40 else line
+    return syn.hollow(mask, size) if trace == "outline" else mask
+
+
+def centre_lines(mask: Image.Image) -> Image.Image:
+    """The mask's strokes (grey levels over half) thinned to lines one pixel wide that keep their shape and joins
+    (Zhang and Suen's thinning, each pass on the whole image)."""
+    ink = np.pad(np.asarray(mask) > 127, 1)
+    changed = True
+    while changed:
+        changed = False
+        for first in (True, False):
+            # The eight neighbours, clockwise from north: p2 .. p9
+            p = [ink[:-2, 1:-1], ink[:-2, 2:], ink[1:-1, 2:], ink[2:, 2:], ink[2:, 1:-1], ink[2:, :-2], ink[1:-1, :-2], ink[:-2, :-2]]
+            count = sum(q.astype(np.uint8) for q in p)
+            turns = sum((~p[i] & p[(i + 1) % 8]).astype(np.uint8) for i in range(8))
+            n, e, s, w = p[0], p[2], p[4], p[6]
+            away = ~(n & e & s) & ~(e & s & w) if first else ~(n & e & w) & ~(n & s & w)
+            drop = ink[1:-1, 1:-1] & (count >= 2) & (count <= 6) & (turns == 1) & away
+            if drop.any():
+                ink[1:-1, 1:-1] &= ~drop
+                changed = True
+    return Image.fromarray((ink[1:-1, 1:-1] * 255).astype(np.uint8))
 
 
 class Reader(nn.Module):
@@ -131,6 +177,12 @@ def main() -> None:
     parser.add_argument(
         "--pen-shares", type=float, nargs="+", help="learn the corpus's handwriting with these shares of pen-stroke writers"
     )
+    parser.add_argument(
+        "--trace-shares",
+        type=float,
+        nargs="+",
+        help="learn the corpus's handwriting with these shares of writers tracing hairlines or outlines (half each)",
+    )
     parser.add_argument("--images", type=int, default=24_000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -145,17 +197,18 @@ def main() -> None:
     texts = [text_of(rng)[:14] for _ in range(args.images)]
     tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
     unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
-    if args.hand_shares or args.pen_shares:
+    if args.hand_shares or args.pen_shares or args.trace_shares:
         fonts = corpus_fonts(args.fonts)
         hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
         sets = {
             "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
             "unseen_fonts": unseen,
         }
-        runs = [("hand_share", share) for share in args.hand_shares or ()] + [("pen_share", share) for share in args.pen_shares or ()]
+        kinds = ("hand_share", "pen_share", "trace_share")
+        runs = [(name, share) for name in kinds for share in getattr(args, name + "s") or ()]
         for name, share in runs:
             start = time.perf_counter()
-            shares = (share, 0.0) if name == "hand_share" else (0.0, share)
+            shares = tuple(share if kind == name else 0.0 for kind in kinds)
             train = handwriting(texts, fonts, hands, *shares, f"{args.seed}:train")
             own = {"own_handwriting": handwriting(tests, fonts, hands, *shares, f"{args.seed}:own")}
             scores = train_and_score(train, texts, tests, {**own, **sets}, args)

@@ -467,7 +467,7 @@ def word_art(rng: random.Random, effect: str, mask: Image.Image, ink: tuple, oth
     """The (paint, mask) layers, in paint order, that draw the letters of `mask` decorated by `effect` (WORD_ART);
     a paint is a colour or an image of the mask's size."""
     if effect == "hollow":
-        return [(ink, ImageChops.subtract(mask.filter(ImageFilter.MaxFilter(3 + 2 * (size // 24))), mask))]
+        return [(ink, hollow(mask, size))]
     if effect == "extruded":  # the side faces halfway between the two colours: apart from the letters and the scene
         dx, depth = rng.choice((-1, 1)), max(2, size // 10)
         sides = Image.new("L", mask.size)
@@ -486,6 +486,11 @@ def word_art(rng: random.Random, effect: str, mask: Image.Image, ink: tuple, oth
             draw.rectangle((0, y, mask.width, y + step - 1), fill=blend(ink, other, 1 / 3))
         return [(bands, mask)]
     raise ValueError(f"unknown word art effect {effect!r}: one of {WORD_ART}")
+
+
+def hollow(mask: Image.Image, size: int) -> Image.Image:
+    """A ring around the mask's strokes, thicker for larger letters: the letters drawn hollow."""
+    return ImageChops.subtract(mask.filter(ImageFilter.MaxFilter(3 + 2 * (size // 24))), mask)
 
 
 def blend(a: tuple, b: tuple, t: float) -> tuple[int, ...]:

@@ -149,22 +149,28 @@ def read(model: Reader, images: np.ndarray) -> list[str]:
 def train_and_score(train: np.ndarray, texts: list[str], tests: list[str], sets: dict[str, np.ndarray], args) -> dict:
     """Trains a Reader on `train` (reading `texts`) and returns its exact-match accuracy on each of `sets` (reading `tests`)."""
     torch.manual_seed(args.seed)
-    train = torch.from_numpy(train)
-    targets, lengths = reading_targets(texts)
     model = Reader(1 + len(READING_ALPHABET))  # CTC's blank, then the alphabet
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=args.steps, pct_start=0.1)
+    loss = fit(model, model, torch.from_numpy(train), texts, args, lr=2e-3)
+    scores = {name: round(100 * sum(a == b for a, b in zip(read(model, images), tests)) / len(tests), 1) for name, images in sets.items()}
+    return {**scores, "final_loss": round(loss, 3)}
+
+
+def fit(model: nn.Module, run, inputs: torch.Tensor, texts: list[str], args, lr: float) -> float:
+    """Trains `model` (`run` reads a batch of `inputs`) by CTC to read `texts`, args.steps batches of args.batch_size
+    drawn from args.seed, one cycle of `lr`; leaves it in eval mode and returns the last loss."""
+    targets, lengths = reading_targets(texts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=args.steps, pct_start=0.1)
     order = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
-        batch = torch.randint(0, len(train), (args.batch_size,), generator=order)
-        loss = ctc_loss(model(train[batch]).log_softmax(-1), targets[batch], lengths[batch])
+        batch = torch.randint(0, len(inputs), (args.batch_size,), generator=order)
+        loss = ctc_loss(run(inputs[batch]).log_softmax(-1), targets[batch], lengths[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     model.eval()
-    scores = {name: round(100 * sum(a == b for a, b in zip(read(model, images), tests)) / len(tests), 1) for name, images in sets.items()}
-    return {**scores, "final_loss": round(loss.item(), 3)}
+    return loss.item()
 
 
 def main() -> None:

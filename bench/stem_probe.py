@@ -1,0 +1,179 @@
+"""Would a conv stem that learned from real text carry a reader to glyphs it never saw? A small reader (a conv stem to
+stride 4, a 2x2 patchify to stride 8, two transformer layers of 128 over the patch grid, each column pooled over the
+rows by attention and read by a CTC head: the shape of the recipe's tower and reading head, at probe size) learns the
+corpus's handwriting as font_probe writes it (`synthetic.ink_line` writers imitating any of the corpus's faces; the
+first --images of its texts), then reads font_probe's 500 test texts in the unseen split's handwriting faces and in all
+its faces. Only the stem changes:
+
+- `pretrained`: the first 21 convolutions of RapidOCR's PP-OCRv4 recognizer (PPLCNetV3 to its last stride-4 layer,
+  240 channels; the ONNX model of the rapidocr_onnxruntime 1.4.4 wheel, trained on real text), frozen, run from the
+  ONNX graph's own weights (`OnnxPrefix`);
+- `scratch`: four 3x3 convolutions to the same stride and channels, trained with the rest. (The pretrained stem's
+  own layers at random, trained, would be the closer control, but its depthwise convolutions' backward pass takes
+  seconds a step on two CPU cores.)
+
+    pip download --no-deps rapidocr_onnxruntime==1.4.4 && unzip -o rapidocr_onnxruntime-1.4.4-*.whl 'rapidocr_onnxruntime/models/*'
+    pip install onnx
+    python bench/stem_probe.py --fonts FONTS --model rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx
+
+Prints one JSON line per stem: exact-match accuracy on each test set.
+"""
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from font_probe import dataset, fit, handwriting
+from onnx import numpy_helper
+from torch import nn
+
+from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
+from beni_pipeline.prep import ocr_eval
+from beni_pipeline.prep import synthetic as syn
+from beni_pipeline.prep.fonts import corpus_fonts, split_fonts
+from beni_pipeline.prep.widened import text_of
+
+STRIDE_4 = "p2o.Add.159"  # the recognizer's last feature map at stride 4 (after its 21st convolution's activation)
+
+
+class OnnxPrefix(nn.Module):
+    """The recognizer's graph up to `output`, run node by node in torch (its ops there: Conv, BatchNormalization and
+    the element-wise ops of hardswish and its learnable affines), its weights as buffers."""
+
+    def __init__(self, path: Path, output: str):
+        super().__init__()
+        graph = onnx.load(str(path)).graph
+        consts = {
+            n.output[0]: torch.from_numpy(numpy_helper.to_array(n.attribute[0].t).copy()) for n in graph.node if n.op_type == "Constant"
+        }
+        self.nodes, self.weights = [], {}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            inputs = []
+            for name in node.input:
+                if name in consts:
+                    key = f"w{len(self.weights)}"
+                    self.weights[key] = consts[name].float()
+                    self.register_buffer(key, self.weights[key])
+                    inputs.append(key)
+                else:
+                    inputs.append(name)
+            self.nodes.append((node.op_type, inputs, node.output[0], attrs))
+            if node.output[0] == output:
+                break
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = {"x": x}
+        get = lambda name: self.weights[name] if name in self.weights else values[name]  # noqa: E731
+        for op, inputs, out, attrs in self.nodes:
+            args = [get(name) for name in inputs]
+            if op == "Conv":
+                pads = attrs.get("pads", [0, 0, 0, 0])
+                values[out] = nn.functional.conv2d(
+                    args[0], args[1], args[2] if len(args) > 2 else None, attrs["strides"], pads[:2], 1, attrs.get("group", 1)
+                )
+            elif op == "BatchNormalization":
+                x_, scale, bias, mean, var = args
+                values[out] = nn.functional.batch_norm(x_, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
+            elif op == "Clip":
+                values[out] = args[0].clamp(float(args[1]), float(args[2]))
+            else:
+                values[out] = {"Mul": torch.mul, "Add": torch.add, "Div": torch.div}[op](args[0], args[1])
+        return values[out]
+
+
+def scratch_stem() -> nn.Module:
+    """A stem of the recipe's kind, trained from scratch: convolutions to stride 4 and the pretrained one's 240
+    channels."""
+
+    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.GELU()]
+
+    return nn.Sequential(*block(3, 32, 2), *block(32, 64, 1), *block(64, 128, 2), *block(128, 240, 1))
+
+
+def pixels(lines: torch.Tensor) -> torch.Tensor:
+    """font_probe's lines [batch, 32, 192] uint8 as the recognizer's input: RGB in -1..1."""
+    return (lines[:, None].float() / 127.5 - 1).expand(-1, 3, -1, -1)
+
+
+class Reader(nn.Module):
+    """A stem's stride-4 features [batch, 240, 8, 48] -> [batch, 24 reads, classes]."""
+
+    def __init__(self, classes: int, width: int = 128):
+        super().__init__()
+        self.patchify = nn.Conv2d(240, width, 2, stride=2)
+        self.position = nn.Parameter(torch.zeros(1, 4 * 24, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.pool = nn.Parameter(torch.zeros(width))
+        self.classify = nn.Linear(width, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        grid = self.patchify(features.float())
+        batch, width, rows, columns = grid.shape
+        tokens = self.encoder(grid.flatten(2).transpose(1, 2) + self.position).view(batch, rows, columns, width)
+        weights = (tokens @ self.pool).softmax(1)
+        return self.classify((weights.unsqueeze(-1) * tokens).sum(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fonts", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="ch_PP-OCRv4_rec_infer.onnx from the rapidocr_onnxruntime wheel")
+    parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"])
+    parser.add_argument("--images", type=int, default=6_000)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)  # font_probe's draws, in its order, for its first --images texts
+    texts = [text_of(rng)[:14] for _ in range(24_000)][: args.images]
+    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
+    fonts = corpus_fonts(args.fonts)
+    hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
+    train = torch.from_numpy(handwriting(texts, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:train"))
+    sets = {
+        "own_handwriting": handwriting(tests, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:own"),
+        "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
+        "unseen_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen"),
+    }
+    sets = {name: torch.from_numpy(images) for name, images in sets.items()}
+    for name in args.stems:
+        start = time.perf_counter()
+        torch.manual_seed(args.seed)
+        if name == "pretrained":  # frozen: its features once, in half precision
+            frozen = OnnxPrefix(args.model, STRIDE_4)
+            with torch.no_grad():
+                cached = lambda images: torch.cat([frozen(pixels(images[i : i + 64])).half() for i in range(0, len(images), 64)])  # noqa: E731
+                inputs, test_inputs = cached(train), {k: cached(v) for k, v in sets.items()}
+            stem = nn.Identity()
+        else:
+            stem = scratch_stem()
+            inputs, test_inputs = train, sets
+        features = time.perf_counter() - start
+        reader = Reader(1 + len(READING_ALPHABET))
+        model = nn.Sequential(stem, reader) if name == "scratch" else reader
+        run = (lambda x: model(pixels(x))) if name == "scratch" else model
+        loss = fit(model, run, inputs, texts, args, lr=1e-3)
+        scores = {}
+        with torch.no_grad():
+            for set_name, images in test_inputs.items():
+                reads = [t for i in range(0, len(images), 100) for t in greedy_transcripts(run(images[i : i + 100]))]
+                scores[set_name] = round(100 * sum(a == b for a, b in zip(reads, tests)) / len(tests), 1)
+        seconds = round(time.perf_counter() - start, 1)
+        print(
+            json.dumps({"stem": name, **scores, "final_loss": round(loss, 3), "seconds": seconds, "features_seconds": round(features, 1)}),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from font_probe import HEIGHT, WIDTH, train_and_score
+from font_probe import HEIGHT, WIDTH, draws, train_and_score
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
-from beni_pipeline.prep import ocr_eval
 from beni_pipeline.prep import synthetic as syn
 from beni_pipeline.prep.fonts import corpus_fonts, split_fonts
-from beni_pipeline.prep.widened import text_of
 
 DECORATED = tuple(effect for effect in syn.WORD_ART if effect != "outline")  # an outline on white is plain text
 
@@ -80,9 +78,7 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    texts = [text_of(rng)[:14] for _ in range(args.images)]
-    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
+    texts, tests = draws(args.seed, args.images, args.test)
     fonts, unseen = list(corpus_fonts(args.fonts)), list(split_fonts(args.fonts, "unseen"))
     sets = {
         "unseen_fonts_plain": dataset(tests, unseen, ("plain",), 0.0, f"{args.seed}:plain"),

@@ -65,6 +65,28 @@ def draw(text: str, font_path: str, size: int) -> np.ndarray:
     return fit_line(mask)
 
 
+def draws(seed: int, images: int, test: int) -> tuple[list[str], list[str]]:
+    """The probes' texts from `seed`: `images` training texts, then `test` test texts (held-out words, digit strings
+    or random strings), each at most 14 characters."""
+    rng = random.Random(seed)
+    texts = [text_of(rng)[:14] for _ in range(images)]
+    return texts, [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(test)]
+
+
+def hand_faces(root: Path, fonts: list[str]) -> tuple[str, ...]:
+    """The corpus's faces from the train split's handwriting packages."""
+    hands = set(split_fonts(root, "train", "hand"))
+    return tuple(path for path in fonts if path in hands)
+
+
+def unseen_sets(root: Path, tests: list[str], seed: int) -> dict[str, np.ndarray]:
+    """`tests` drawn in the unseen split's handwriting faces and in all its faces."""
+    return {
+        "unseen_hand_fonts": dataset(tests, list(split_fonts(root, "unseen", "hand")), f"{seed}:hand"),
+        "unseen_fonts": dataset(tests, list(split_fonts(root, "unseen")), f"{seed}:unseen"),
+    }
+
+
 def dataset(texts: list[str], fonts: list[str], seed: str) -> np.ndarray:
     rng = random.Random(seed)
     return np.stack([draw(text, rng.choice(fonts), rng.randint(20, 40)) for text in texts])
@@ -199,17 +221,11 @@ def main() -> None:
     for path in corpus_fonts(args.fonts):
         by_family.setdefault(family(path), []).append(path)
     names = sorted(by_family)
-    rng = random.Random(args.seed)
-    texts = [text_of(rng)[:14] for _ in range(args.images)]
-    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
-    unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
+    texts, tests = draws(args.seed, args.images, args.test)
     if args.hand_shares or args.pen_shares or args.trace_shares:
         fonts = corpus_fonts(args.fonts)
-        hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
-        sets = {
-            "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
-            "unseen_fonts": unseen,
-        }
+        hands = hand_faces(args.fonts, fonts)
+        sets = unseen_sets(args.fonts, tests, args.seed)
         kinds = ("hand_share", "pen_share", "trace_share")
         runs = [(name, share) for name in kinds for share in getattr(args, name + "s") or ()]
         for name, share in runs:
@@ -220,6 +236,7 @@ def main() -> None:
             scores = train_and_score(train, texts, tests, {**own, **sets}, args)
             print(json.dumps({name: share, **scores, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         return
+    unseen = dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen")
     for count in args.families:
         chosen = random.Random(f"{args.seed}:{count}").sample(names, min(count, len(names)))
         fonts = [path for name in chosen for path in by_family[name]]

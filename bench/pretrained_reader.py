@@ -10,19 +10,15 @@ the gap between it and font_probe's reader is what reading from fonts alone leav
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
-from font_probe import dataset
+from font_probe import dataset, draws, unseen_sets
 from PIL import Image
 
-from beni_pipeline.prep import ocr_eval
-from beni_pipeline.prep import synthetic as syn
-from beni_pipeline.prep.fonts import corpus_fonts, split_fonts
-from beni_pipeline.prep.widened import text_of
+from beni_pipeline.prep.fonts import corpus_fonts
 
 HEIGHT, WIDTH = 48, 320  # the recognizer's input
 
@@ -52,15 +48,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)  # font_probe's draws, in its order: its training texts, then its tests
-    for _ in range(args.images):
-        text_of(rng)
-    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
-    sets = {
-        "unseen_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen"),
-        "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
-        "corpus_fonts": dataset(tests, corpus_fonts(args.fonts), f"{args.seed}:own"),
-    }
+    _, tests = draws(args.seed, args.images, args.test)  # font_probe's test texts
+    sets = {**unseen_sets(args.fonts, tests, args.seed), "corpus_fonts": dataset(tests, corpus_fonts(args.fonts), f"{args.seed}:own")}
     read = reader(args.model)
     scores = {}
     for name, lines in sets.items():

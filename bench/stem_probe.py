@@ -21,28 +21,24 @@ Prints one JSON line per stem: exact-match accuracy on each test set.
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import onnx
 import torch
-from font_probe import dataset, fit, handwriting
+from font_probe import draws, fit, hand_faces, handwriting, unseen_sets
 from onnx import numpy_helper
 from torch import nn
 
 from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
-from beni_pipeline.prep import ocr_eval
-from beni_pipeline.prep import synthetic as syn
-from beni_pipeline.prep.fonts import corpus_fonts, split_fonts
-from beni_pipeline.prep.widened import text_of
+from beni_pipeline.prep.fonts import corpus_fonts
 
 STRIDE_4 = "p2o.Add.159"  # the recognizer's last feature map at stride 4 (after its 21st convolution's activation)
 
 
 class OnnxPrefix(nn.Module):
     """The recognizer's graph up to `output`, run node by node in torch (its ops there: Conv, BatchNormalization and
-    the element-wise ops of hardswish and its learnable affines), its weights as buffers."""
+    the element-wise ops of hardswish and its learnable affines)."""
 
     def __init__(self, path: Path, output: str):
         super().__init__()
@@ -50,7 +46,7 @@ class OnnxPrefix(nn.Module):
         consts = {
             n.output[0]: torch.from_numpy(numpy_helper.to_array(n.attribute[0].t).copy()) for n in graph.node if n.op_type == "Constant"
         }
-        self.nodes, self.weights = [], {}
+        self.nodes, self.weights = [], {}  # plain tensors, not buffers: the stem stays frozen and on the CPU
         for node in graph.node:
             if node.op_type == "Constant":
                 continue
@@ -60,7 +56,6 @@ class OnnxPrefix(nn.Module):
                 if name in consts:
                     key = f"w{len(self.weights)}"
                     self.weights[key] = consts[name].float()
-                    self.register_buffer(key, self.weights[key])
                     inputs.append(key)
                 else:
                     inputs.append(name)
@@ -134,16 +129,14 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rng = random.Random(args.seed)  # font_probe's draws, in its order, for its first --images texts
-    texts = [text_of(rng)[:14] for _ in range(24_000)][: args.images]
-    tests = [rng.choice((lambda r: syn.word(r, ocr_eval.HELD_OUT), syn.digits, syn.random_string))(rng)[:14] for _ in range(args.test)]
+    texts, tests = draws(args.seed, 24_000, args.test)  # font_probe's texts: the first --images of its training ones
+    texts = texts[: args.images]
     fonts = corpus_fonts(args.fonts)
-    hands = tuple(path for path in fonts if path in set(split_fonts(args.fonts, "train", "hand")))
+    hands = hand_faces(args.fonts, fonts)
     train = torch.from_numpy(handwriting(texts, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:train"))
     sets = {
         "own_handwriting": handwriting(tests, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:own"),
-        "unseen_hand_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen", "hand")), f"{args.seed}:hand"),
-        "unseen_fonts": dataset(tests, list(split_fonts(args.fonts, "unseen")), f"{args.seed}:unseen"),
+        **unseen_sets(args.fonts, tests, args.seed),
     }
     sets = {name: torch.from_numpy(images) for name, images in sets.items()}
     for name in args.stems:

@@ -179,13 +179,14 @@ def train_and_score(train: np.ndarray, texts: list[str], tests: list[str], sets:
 
 def fit(model: nn.Module, run, inputs: torch.Tensor, texts: list[str], args, lr: float) -> float:
     """Trains `model` (`run` reads a batch of `inputs`) by CTC to read `texts`, args.steps batches of args.batch_size
-    drawn from args.seed, one cycle of `lr`; leaves it in eval mode and returns the last loss."""
-    targets, lengths = reading_targets(texts)
+    drawn from args.seed, one cycle of `lr`, on the device `inputs` are on; leaves it in eval mode and returns the last
+    loss."""
+    targets, lengths = (t.to(inputs.device) for t in reading_targets(texts))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=args.steps, pct_start=0.1)
     order = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
-        batch = torch.randint(0, len(inputs), (args.batch_size,), generator=order)
+        batch = torch.randint(0, len(inputs), (args.batch_size,), generator=order).to(inputs.device)
         loss = ctc_loss(run(inputs[batch]).log_softmax(-1), targets[batch], lengths[batch])
         optimizer.zero_grad()
         loss.backward()

@@ -6,15 +6,14 @@ first --images of its texts), then reads font_probe's 500 test texts in the unse
 its faces. Only the stem changes:
 
 - `pretrained`: the first 21 convolutions of RapidOCR's PP-OCRv4 recognizer (PPLCNetV3 to its last stride-4 layer,
-  240 channels; the ONNX model of the rapidocr_onnxruntime 1.4.4 wheel, trained on real text), frozen, run from the
-  ONNX graph's own weights (`OnnxPrefix`);
+  240 channels; the ONNX model of the rapidocr_onnxruntime 1.4.4 wheel, trained on real text), frozen: the ocr
+  extension's `TextStem` (vision_stem ocr.pplcnet) without its patchify;
 - `scratch`: four 3x3 convolutions to the same stride and channels, trained with the rest. (The pretrained stem's
   own layers at random, trained, would be the closer control, but its depthwise convolutions' backward pass takes
   seconds a step on two CPU cores.)
 
-    pip download --no-deps rapidocr_onnxruntime==1.4.4 && unzip -o rapidocr_onnxruntime-1.4.4-*.whl 'rapidocr_onnxruntime/models/*'
-    pip install onnx
-    python bench/stem_probe.py --fonts FONTS --model rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx
+    python bench/stem_probe.py --fonts FONTS                    # on CPU: 6,000 lines, 800 steps
+    python bench/stem_probe.py --fonts FONTS --images 48000 --steps 6000 --workers 16   # at the recipe's scale, on a GPU
 
 Prints one JSON line per stem: exact-match accuracy on each test set.
 """
@@ -22,65 +21,17 @@ Prints one JSON line per stem: exact-match accuracy on each test set.
 import argparse
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import onnx
+import numpy as np
 import torch
 from font_probe import draws, fit, hand_faces, handwriting, unseen_sets
-from onnx import numpy_helper
 from torch import nn
 
 from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
+from beni_model.ocr.stem import TextStem
 from beni_pipeline.prep.fonts import corpus_fonts
-
-STRIDE_4 = "p2o.Add.159"  # the recognizer's last feature map at stride 4 (after its 21st convolution's activation)
-
-
-class OnnxPrefix(nn.Module):
-    """The recognizer's graph up to `output`, run node by node in torch (its ops there: Conv, BatchNormalization and
-    the element-wise ops of hardswish and its learnable affines)."""
-
-    def __init__(self, path: Path, output: str):
-        super().__init__()
-        graph = onnx.load(str(path)).graph
-        consts = {
-            n.output[0]: torch.from_numpy(numpy_helper.to_array(n.attribute[0].t).copy()) for n in graph.node if n.op_type == "Constant"
-        }
-        self.nodes, self.weights = [], {}  # plain tensors, not buffers: the stem stays frozen and on the CPU
-        for node in graph.node:
-            if node.op_type == "Constant":
-                continue
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            inputs = []
-            for name in node.input:
-                if name in consts:
-                    key = f"w{len(self.weights)}"
-                    self.weights[key] = consts[name].float()
-                    inputs.append(key)
-                else:
-                    inputs.append(name)
-            self.nodes.append((node.op_type, inputs, node.output[0], attrs))
-            if node.output[0] == output:
-                break
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values = {"x": x}
-        get = lambda name: self.weights[name] if name in self.weights else values[name]  # noqa: E731
-        for op, inputs, out, attrs in self.nodes:
-            args = [get(name) for name in inputs]
-            if op == "Conv":
-                pads = attrs.get("pads", [0, 0, 0, 0])
-                values[out] = nn.functional.conv2d(
-                    args[0], args[1], args[2] if len(args) > 2 else None, attrs["strides"], pads[:2], 1, attrs.get("group", 1)
-                )
-            elif op == "BatchNormalization":
-                x_, scale, bias, mean, var = args
-                values[out] = nn.functional.batch_norm(x_, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
-            elif op == "Clip":
-                values[out] = args[0].clamp(float(args[1]), float(args[2]))
-            else:
-                values[out] = {"Mul": torch.mul, "Add": torch.add, "Div": torch.div}[op](args[0], args[1])
-        return values[out]
 
 
 def scratch_stem() -> nn.Module:
@@ -118,32 +69,45 @@ class Reader(nn.Module):
         return self.classify((weights.unsqueeze(-1) * tokens).sum(1))
 
 
+def drawn(texts: list[str], fonts, hands, seed: str, workers: int) -> np.ndarray:
+    """font_probe's handwriting of `texts`, drawn in `workers` processes (each chunk from a seed of its own)."""
+    if workers == 1:
+        return handwriting(texts, fonts, hands, 0.0, 0.0, 0.0, seed)
+    chunks = [texts[i : i + 1000] for i in range(0, len(texts), 1000)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = pool.map(handwriting, chunks, *zip(*[(fonts, hands, 0.0, 0.0, 0.0, f"{seed}:{i}") for i in range(len(chunks))]))
+        return np.concatenate(list(parts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fonts", type=Path, required=True)
-    parser.add_argument("--model", type=Path, required=True, help="ch_PP-OCRv4_rec_infer.onnx from the rapidocr_onnxruntime wheel")
     parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"])
     parser.add_argument("--images", type=int, default=6_000)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing the training lines (1: the draws of the CPU runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     texts, tests = draws(args.seed, 24_000, args.test)  # font_probe's texts: the first --images of its training ones
     texts = texts[: args.images]
     fonts = corpus_fonts(args.fonts)
     hands = hand_faces(args.fonts, fonts)
-    train = torch.from_numpy(handwriting(texts, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:train"))
+    train = torch.from_numpy(drawn(texts, fonts, hands, f"{args.seed}:train", args.workers)).to(args.device)
     sets = {
         "own_handwriting": handwriting(tests, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:own"),
         **unseen_sets(args.fonts, tests, args.seed),
     }
-    sets = {name: torch.from_numpy(images) for name, images in sets.items()}
+    sets = {name: torch.from_numpy(images).to(args.device) for name, images in sets.items()}
     for name in args.stems:
         start = time.perf_counter()
         torch.manual_seed(args.seed)
         if name == "pretrained":  # frozen: its features once, in half precision
-            frozen = OnnxPrefix(args.model, STRIDE_4)
+            frozen = TextStem(patch_size=4, hidden_size=1).to(args.device)
+            frozen.load_pretrained()
+            frozen.patchify = nn.Identity()
             with torch.no_grad():
                 cached = lambda images: torch.cat([frozen(pixels(images[i : i + 64])).half() for i in range(0, len(images), 64)])  # noqa: E731
                 inputs, test_inputs = cached(train), {k: cached(v) for k, v in sets.items()}
@@ -153,7 +117,7 @@ def main() -> None:
             inputs, test_inputs = train, sets
         features = time.perf_counter() - start
         reader = Reader(1 + len(READING_ALPHABET))
-        model = nn.Sequential(stem, reader) if name == "scratch" else reader
+        model = (nn.Sequential(stem, reader) if name == "scratch" else reader).to(args.device)
         run = (lambda x: model(pixels(x))) if name == "scratch" else model
         loss = fit(model, run, inputs, texts, args, lr=1e-3)
         scores = {}

@@ -37,7 +37,9 @@ class BeniConfig(PretrainedConfig):
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
     connector: str = "mlp2x_gelu"
-    vision_stem: str | None = None  # "conv": a conv stack replaces the encoder's patchify (vision.ConvStem), from scratch only
+    # A stem replaces the encoder's patchify, from scratch only: "conv" (vision.ConvStem) or an extension's,
+    # "<extension>.<stem>" (vision.build_stem; "ocr.pplcnet": beni_model.ocr.stem).
+    vision_stem: str | None = None
     vision_feature_layer: int = -1
     keep_cls: bool = False
     extensions: dict[str, dict] | None = None  # extension name -> its own settings (beni_model.extensions)
@@ -107,13 +109,17 @@ class BeniConfig(PretrainedConfig):
                 f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple."
             )
         if self.vision_stem is not None:
-            if self.vision_stem != "conv":
-                raise ValueError(f"vision_stem {self.vision_stem!r} is unknown: use 'conv' or leave it unset.")
+            extension, dot, _ = self.vision_stem.partition(".")
+            if self.vision_stem != "conv" and not (dot and extension in self.extensions):
+                raise ValueError(
+                    f"vision_stem {self.vision_stem!r} is unknown: use 'conv', an extension's stem named '<extension>.<stem>' "
+                    "(e.g. 'ocr.pplcnet', with that extension in extensions), or leave it unset."
+                )
             if self.vision_model:
                 raise ValueError(
-                    f"vision_stem='conv' is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding."
+                    f"vision_stem={self.vision_stem!r} is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding."
                 )
-            if self.patch_size & (self.patch_size - 1):
+            if self.vision_stem == "conv" and self.patch_size & (self.patch_size - 1):
                 raise ValueError(
                     f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}."
                 )

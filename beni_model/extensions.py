@@ -4,9 +4,10 @@ An extension is an `nn.Module` class registered by name. A model whose `BeniConf
 the extension's own settings (a JSON-able dict) builds one instance under `model.extensions[name]`, so its weights
 save and load with the model, and a model without extensions carries none of its fields or weights. The hooks:
 
-- config and data, without a model (class methods, given the settings): `check` the settings, the `image_tokens`
-  it appends to each image, `prepare` settings from the tokenizer (`from_parts`), the batch `targets` built from
-  image samples' metadata (`collate`, keys `batch_keys`), and `reply_ids`, its own token ids for a reply;
+- config and data, without a model (class methods, given the settings): `check` the settings, a `vision_stem` it
+  provides, the `image_tokens` it appends to each image, `prepare` settings from the tokenizer (`from_parts`), the
+  batch `targets` built from image samples' metadata (`collate`, keys `batch_keys`), and `reply_ids`, its own token
+  ids for a reply;
 - the model (methods): `start` after the parts are loaded, the `loss` of its targets on the vision features (and the
   images), `refine_features` (the features the model goes on with), the `image_embeddings` it hands the LLM after
   each image's connector tokens, its own `answers` (scored by the eval
@@ -59,6 +60,13 @@ class Extension(nn.Module):
     def reply_ids(cls, settings: dict, meta: dict, reply: str, tokenizer) -> list[int] | None:
         """Token ids for an assistant reply of an image sample, where this extension tokenizes it its own way."""
         return None
+
+    @classmethod
+    def vision_stem(cls, name: str, vision_config) -> nn.Module:
+        """A patch embedding this extension provides (`BeniConfig.vision_stem` "<extension>.<name>"), built with
+        blank weights; `start` fills those of a new model. It maps pixels to the encoder's width at its patch grid and
+        has `flops(image_size)`."""
+        raise ValueError(f"The {cls.__name__} has no vision stem {name!r}.")
 
     def part_of(self, name: str) -> str:
         """The core part ("vision_tower", "connector", "language_model") whose learning rate and freezing the

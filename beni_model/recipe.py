@@ -46,7 +46,7 @@ class ModelSpec(pydantic.BaseModel):
     vision_model: str | None = pydantic.Field(None, description="a pretrained encoder (folder or hub id); none: vision_config from scratch")
     vision_config: dict | None = None
     connector: str = "mlp2x_gelu"
-    vision_stem: Literal["conv"] | None = None
+    vision_stem: str | None = pydantic.Field(None, description="conv, or an extension's stem such as ocr.pplcnet (BeniConfig.vision_stem)")
     image_size: int | None = None
     images_last: bool = pydantic.Field(False, description="a user turn's images after its text, wherever the prompt puts them")
     extensions: dict[str, dict] = pydantic.Field({}, description="extension name -> its settings, e.g. {ocr: {tokens: true}}")

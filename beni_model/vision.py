@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from beni_model.config import BeniConfig
+from beni_model.extensions import extension_class
 
 
 class ConvStem(nn.Sequential):
@@ -23,6 +24,7 @@ class ConvStem(nn.Sequential):
         for c_in, c_out in zip(channels, channels[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
         super().__init__(*layers, nn.Conv2d(channels[-1], hidden_size, 1))
+        self.patch_size = patch_size
 
     @property
     def weight(self) -> torch.Tensor:  # encoders read the patch embedding's dtype from its weight
@@ -31,26 +33,46 @@ class ConvStem(nn.Sequential):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # its own code: torch.compile skips nn.Sequential's
         return super().forward(pixels)
 
+    def flops(self, image_size: int) -> float:
+        """Training FLOPs for one image (forward and backward: 3x the forward's; 2 per multiply-add)."""
+        channels = stem_channels(self.patch_size)
+        convs = sum(2 * 9 * c_in * c_out * (image_size >> i) ** 2 for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])))
+        return 3 * (convs + 2 * channels[-1] * self[-1].out_channels * (image_size // self.patch_size) ** 2)
+
 
 def stem_channels(patch_size: int) -> list[int]:
     return [3] + [32 * 2**i for i in range(patch_size.bit_length() - 1)]
 
 
-def conv_stem_flops(patch_size: int, hidden_size: int, image_size: int) -> float:
-    """A ConvStem's forward FLOPs for one image (2 per multiply-add)."""
-    channels = stem_channels(patch_size)
-    convs = sum(2 * 9 * c_in * c_out * (image_size >> i) ** 2 for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])))
-    return convs + 2 * channels[-1] * hidden_size * (image_size // patch_size) ** 2
+def build_stem(name: str, vision_config: PretrainedConfig) -> nn.Module:
+    """The patch embedding `BeniConfig.vision_stem` names: "conv" (ConvStem) or an extension's ("<extension>.<stem>",
+    Extension.vision_stem). Each has `flops(image_size)`, its training FLOPs for one image."""
+    if name == "conv":
+        return ConvStem(vision_config.patch_size, vision_config.hidden_size)
+    extension, _, stem = name.partition(".")
+    return extension_class(extension).vision_stem(stem, vision_config)
+
+
+def stem_flops(config: BeniConfig) -> float:
+    """Training FLOPs of one image through the config's vision stem (0 without one)."""
+    if not config.vision_stem:
+        return 0.0
+    with torch.device("meta"):
+        return build_stem(config.vision_stem, config.vision_config).flops(config.image_size)
+
+
+def embeddings_of(encoder: nn.Module) -> nn.Module | None:
+    return getattr(encoder, "embeddings", None) or getattr(getattr(encoder, "vision_model", None), "embeddings", None)
 
 
 def vision_encoder_from_config(vision_config: PretrainedConfig, stem: str | None = None) -> PreTrainedModel:
-    """A randomly initialised encoder; `stem="conv"` swaps its linear patchify for a `ConvStem`."""
+    """A randomly initialised encoder; `stem` (BeniConfig.vision_stem) swaps its linear patchify for `build_stem`'s."""
     encoder = AutoModel.from_config(vision_config)
-    if stem == "conv":
-        embeddings = getattr(encoder, "embeddings", None) or getattr(getattr(encoder, "vision_model", None), "embeddings", None)
+    if stem:
+        embeddings = embeddings_of(encoder)
         if not isinstance(getattr(embeddings, "patch_embedding", None), nn.Conv2d):
-            raise ValueError(f"vision_stem='conv' replaces a CLIP/SigLIP-style patch_embedding, which {type(encoder).__name__} lacks.")
-        embeddings.patch_embedding = ConvStem(vision_config.patch_size, vision_config.hidden_size)
+            raise ValueError(f"vision_stem={stem!r} replaces a CLIP/SigLIP-style patch_embedding, which {type(encoder).__name__} lacks.")
+        embeddings.patch_embedding = build_stem(stem, vision_config)
     return encoder
 
 
@@ -73,11 +95,16 @@ class VisionTower(nn.Module):
         self.takes_interpolate_flag = "interpolate_pos_encoding" in inspect.signature(encoder.forward).parameters
         self.num_prefix_tokens = config.num_prefix_tokens if config.keep_cls else 0
 
+    def stem(self) -> nn.Module | None:
+        """The vision stem (BeniConfig.vision_stem), None where the encoder keeps its own patchify."""
+        patchify = getattr(embeddings_of(self.encoder), "patch_embedding", None)
+        return None if patchify is None or isinstance(patchify, nn.Conv2d) else patchify
+
     def compile_stem(self) -> None:
-        """torch.compile a conv stem, as the trainer compiles the transformer blocks: eager, its BatchNorms, ReLUs and
-        pools were 18 of the encoder step's 46 GPU ms, compiled the step's GPU time is 38 ms (bench/BENCHMARKS.md)."""
-        stem = getattr(getattr(self.encoder, "embeddings", None), "patch_embedding", None)
-        if isinstance(stem, ConvStem):
+        """torch.compile a vision stem, as the trainer compiles the transformer blocks: eager, the conv stem's
+        BatchNorms, ReLUs and pools were 18 of the encoder step's 46 GPU ms, compiled the step's GPU time is 38 ms
+        (bench/BENCHMARKS.md)."""
+        if (stem := self.stem()) is not None:
             stem.compile()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

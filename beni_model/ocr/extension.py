@@ -17,6 +17,8 @@ Settings (`BeniConfig.extensions["ocr"]`):
   turned copies of images whose text runs level; at inference an image whose text runs off level is set level and
   encoded again;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
+Its vision stem, `vision_stem: ocr.pplcnet` in the model's config, is the first layers of a text recognizer trained
+on real text, frozen (beni_model.ocr.stem); a new model loads them in `start`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
 """
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from beni_model.extensions import Extension, register
-from beni_model.ocr import upright
+from beni_model.ocr import stem, upright
 from beni_model.ocr.ctc import CudaGraphed, ctc_backward, ctc_forward, ctc_loss
 from beni_model.ocr.heads import (
     LINE_TOKENS,
@@ -92,6 +94,14 @@ class OcrExtension(Extension):
     @classmethod
     def check(cls, settings: dict, config) -> None:
         ocr_settings(settings)
+        if config is not None and (config.vision_stem or "").startswith("ocr."):
+            cls.vision_stem(config.vision_stem.removeprefix("ocr."), config.vision_config)
+
+    @classmethod
+    def vision_stem(cls, name: str, vision_config) -> nn.Module:
+        if name != "pplcnet":
+            raise ValueError(f"The ocr extension has no vision stem {name!r}: use 'ocr.pplcnet'.")
+        return stem.TextStem(vision_config.patch_size, vision_config.hidden_size)
 
     @classmethod
     def image_tokens(cls, settings: dict, grid: int) -> int:
@@ -131,6 +141,8 @@ class OcrExtension(Extension):
         return "connector" if name == "blank" else "vision_tower"
 
     def start(self, model) -> None:
+        if model.config.vision_stem == "ocr.pplcnet":
+            model.vision_tower.stem().load_pretrained()
         if self.options.tokens:  # a blank starts as the mean character, not as a token of its own
             characters = self.token_ids[: len(READING_ALPHABET)]
             self.blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from beni_model.config import BeniConfig
 from beni_model.training.config import TrainConfig
-from beni_model.vision import conv_stem_flops
+from beni_model.vision import stem_flops
 
 PROFILE_AFTER = 10  # profile_steps start after this many steps of a launch: the first ones compile and capture
 
@@ -30,8 +30,7 @@ def train_flops(beni_config: BeniConfig, tokens: int, seq_len: int, images: int)
     dv = vision.hidden_size
     vision_params = vision.num_hidden_layers * (4 * dv * dv + 2 * dv * vision.intermediate_size)
     vis = images * (6 * vision_params * patches + 12 * vision.num_hidden_layers * dv * patches * patches)
-    if beni_config.vision_stem:
-        vis += images * 3 * conv_stem_flops(beni_config.patch_size, dv, beni_config.image_size)
+    vis += images * stem_flops(beni_config)
     return llm + vis
 
 

@@ -62,6 +62,8 @@ def test_token_counts_per_connector(parts):
         ({"connector": "perceiver_8x1_h4_kv3"}, "3 kv heads must divide 4"),
         ({"vision_stem": "conv"}, "for an encoder trained from scratch"),
         ({"vision_stem": "resnet"}, "vision_stem 'resnet' is unknown"),
+        ({"vision_stem": "ocr.pplcnet"}, "vision_stem 'ocr.pplcnet' is unknown: use 'conv', an extension's stem"),
+        ({"vision_stem": "ocr.pplcnet", "extensions": {"ocr": {}}}, "for an encoder trained from scratch; .* has its own patch embedding"),
     ],
 )
 def test_invalid_combinations_fail_at_config_time(parts, kwargs, message):

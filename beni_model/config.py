@@ -3,6 +3,7 @@
 import difflib
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -109,7 +110,7 @@ class BeniConfig(PretrainedConfig):
                 f"image_size {self.image_size} is not a multiple of the encoder's patch size {self.patch_size}: pick a multiple."
             )
         if self.vision_stem is not None:
-            extension, dot, _ = self.vision_stem.partition(".")
+            extension, dot, stem = self.vision_stem.rpartition(".")
             if self.vision_stem != "conv" and not (dot and extension in self.extensions):
                 raise ValueError(
                     f"vision_stem {self.vision_stem!r} is unknown: use 'conv', an extension's stem named '<extension>.<stem>' "
@@ -119,6 +120,9 @@ class BeniConfig(PretrainedConfig):
                 raise ValueError(
                     f"vision_stem={self.vision_stem!r} is for an encoder trained from scratch; {self.vision_model!r} has its own patch embedding."
                 )
+            if dot:  # the extension's own checks of its stem, built where it costs nothing
+                with torch.device("meta"):
+                    extension_class(extension).vision_stem(stem, self.vision_config)
             if self.vision_stem == "conv" and self.patch_size & (self.patch_size - 1):
                 raise ValueError(
                     f"vision_stem='conv' halves the image per block: the patch size must be a power of two, not {self.patch_size}."

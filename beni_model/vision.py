@@ -49,7 +49,7 @@ def build_stem(name: str, vision_config: PretrainedConfig) -> nn.Module:
     Extension.vision_stem). Each has `flops(image_size)`, its training FLOPs for one image."""
     if name == "conv":
         return ConvStem(vision_config.patch_size, vision_config.hidden_size)
-    extension, _, stem = name.partition(".")
+    extension, _, stem = name.rpartition(".")
     return extension_class(extension).vision_stem(stem, vision_config)
 
 

@@ -94,8 +94,6 @@ class OcrExtension(Extension):
     @classmethod
     def check(cls, settings: dict, config) -> None:
         ocr_settings(settings)
-        if config is not None and (config.vision_stem or "").startswith("ocr."):
-            cls.vision_stem(config.vision_stem.removeprefix("ocr."), config.vision_config)
 
     @classmethod
     def vision_stem(cls, name: str, vision_config) -> nn.Module:

@@ -18,6 +18,7 @@ from beni_model.processing import load_processor
 from beni_model.training.config import TrainConfig
 from beni_model.training.loop import train
 from beni_model.training.metrics import read_metrics
+from beni_model.vision import stem_flops
 from tests.model.test_data import COLOURS, write_toy_shards
 
 
@@ -42,6 +43,12 @@ class MeanColour(Extension):
     def collate(cls, settings: dict, grid: int, metas: list[dict]) -> dict[str, torch.Tensor]:
         return {"colour": torch.tensor([COLOURS[meta["caption"].split()[1]] for meta in metas]) / 255}
 
+    @classmethod
+    def vision_stem(cls, name: str, vision_config) -> nn.Module:
+        if name != "pooled":
+            raise ValueError(f"mean_colour has no stem {name!r}")
+        return PooledStem(vision_config.patch_size, vision_config.hidden_size)
+
     def part_of(self, name: str) -> str:
         return "connector" if name == "embed" else "vision_tower"
 
@@ -53,6 +60,20 @@ class MeanColour(Extension):
 
     def image_embeddings(self, model, features, targets=None):
         return self.embed(self.guess(features))[:, None] if self.settings.get("token") else None
+
+
+class PooledStem(nn.Sequential):
+    """A toy stem: each patch's mean colour, projected to the encoder's width."""
+
+    def __init__(self, patch_size: int, hidden_size: int):
+        super().__init__(nn.AvgPool2d(patch_size), nn.Conv2d(3, hidden_size, 1))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[1].weight
+
+    def flops(self, image_size: int) -> float:
+        return 3 * 2 * 3 * self[1].out_channels * (image_size // self[0].kernel_size) ** 2
 
 
 def train_in_process(monkeypatch, **config) -> list[dict]:
@@ -136,3 +157,19 @@ def test_a_model_without_extensions_saves_no_extension_fields_or_weights(build, 
     assert not [k for k in weights if k.startswith("extensions.")] and any(k.startswith("vision_tower.") for k in weights)
     with pytest.raises(ValueError, match=r"Unknown extension 'colour_head': use one of \[.*'ocr'.*\] or 'package.module:Class'"):
         BeniConfig(**{**model.config.to_dict(), "extensions": {"colour_head": {}}})
+
+
+def test_an_extensions_vision_stem_replaces_the_patchify_counts_its_flops_and_reloads(parts, tmp_path):
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    config = BeniConfig(vision_config=vision, text_model=parts["llama"], vision_stem="mean_colour.pooled", extensions={"mean_colour": {}})
+    model = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"], config.image_token)).eval()
+    assert isinstance(model.vision_tower.stem(), PooledStem)
+    assert stem_flops(model.config) == model.vision_tower.stem().flops(32) == 3 * 2 * 3 * 32 * 16
+    model.save_pretrained(tmp_path)
+    loaded = BeniForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.vision_tower(pixels), model.vision_tower(pixels))
+    with pytest.raises(ValueError, match="mean_colour has no stem 'square'"):
+        BeniConfig(vision_config=vision, text_model=parts["llama"], vision_stem="mean_colour.square", extensions={"mean_colour": {}})

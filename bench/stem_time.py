@@ -12,7 +12,7 @@ import time
 import torch
 
 import beni_model.config  # noqa: F401  (registers the ocr extension's stem)
-from beni_model.ocr.stem import TextStem
+from beni_model.ocr.stem import CUTS, TextStem
 from beni_model.vision import ConvStem
 
 
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    for name, make in (("conv", lambda: ConvStem(16, 512)), ("ocr.pplcnet", lambda: TextStem(16, 512))):
+    stems = {"conv": lambda: ConvStem(16, 512)} | {f"ocr.{cut}": lambda cut=cut: TextStem(16, 512, cut) for cut in CUTS}
+    for name, make in stems.items():
         for layout in (torch.contiguous_format, torch.channels_last):
             for compiled in (False, True):
                 stem = make().cuda().to(torch.bfloat16).to(memory_format=layout)

@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+import beni_model  # noqa: F401  (first, so its filters drop third-party log noise from every test's imports)
+
 
 def jpeg_bytes(width: int, height: int, seed: int = 0, exif_orientation: int | None = None) -> bytes:
     image = Image.radial_gradient("L").resize((width, height)).convert("RGB")

@@ -11,7 +11,6 @@ import time
 
 import torch
 
-import beni_model.config  # noqa: F401  (registers the ocr extension's stem)
 from beni_model.ocr.stem import CUTS, TextStem
 from beni_model.vision import ConvStem
 

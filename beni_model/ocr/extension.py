@@ -140,8 +140,8 @@ class OcrExtension(Extension):
         return "connector" if name == "blank" else "vision_tower"
 
     def start(self, model) -> None:
-        if isinstance(model.vision_tower.stem(), stem.TextStem):
-            model.vision_tower.stem().load_pretrained()
+        if isinstance(text_stem := model.vision_tower.stem(), stem.TextStem):
+            text_stem.load_pretrained()
         if self.options.tokens:  # a blank starts as the mean character, not as a token of its own
             characters = self.token_ids[: len(READING_ALPHABET)]
             self.blank.data = model.get_input_embeddings()(characters).mean(0).detach().float()

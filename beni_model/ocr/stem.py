@@ -51,9 +51,10 @@ class Cut:
     @property
     def layers(self) -> list[tuple[int, int, int, tuple[int, int], int, bool]]:
         """(in, out, kernel, stride, groups, squeeze-excite) of each convolution up to the cut."""
-        pairs = [(c_in, c_in, k, s, c_in, se, c_out) for c_in, c_out, k, s, se in PAIRS[: self.pairs]]
         return [(3, 16, 3, (2, 2), 1, False)] + [
-            layer for c_in, _, k, s, g, se, c_out in pairs for layer in ((c_in, c_in, k, s, g, se), (c_in, c_out, 1, (1, 1), 1, False))
+            layer
+            for c_in, c_out, k, s, se in PAIRS[: self.pairs]
+            for layer in ((c_in, c_in, k, s, c_in, se), (c_in, c_out, 1, (1, 1), 1, False))
         ]
 
     @property

@@ -10,6 +10,8 @@ its faces. Only the stem changes:
   extension's `TextStem` (vision_stem ocr.pplcnet) without its patchify;
 - `pretrained8`: the same recognizer two depthwise + pointwise pairs deeper (stride 8 down, 4 across, 480 channels,
   with squeeze-excite): `TextStem`'s `ocr.pplcnet8` cut;
+- `pretrained16`: the recognizer's whole backbone (two pairs more, stride 16 down): `ocr.pplcnet16`; its reader
+  patchifies 1 x 2 onto a 2 x 24 grid (the line's 32 px are two of its rows);
 - `scratch`: four 3x3 convolutions to the same stride and channels, trained with the rest. (The pretrained stem's
   own layers at random, trained, would be the closer control, but its depthwise convolutions' backward pass takes
   seconds a step on two CPU cores.)
@@ -36,6 +38,8 @@ from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
 from beni_model.ocr.stem import TextStem
 from beni_pipeline.prep.fonts import corpus_fonts
 
+CUTS = {"pretrained": "pplcnet", "pretrained8": "pplcnet8", "pretrained16": "pplcnet16"}  # the probe's names of TextStem's cuts
+
 
 def scratch_stem() -> nn.Module:
     """A stem of the recipe's kind, trained from scratch: convolutions to stride 4 and the pretrained one's 240
@@ -54,12 +58,12 @@ def pixels(lines: torch.Tensor) -> torch.Tensor:
 
 class Reader(nn.Module):
     """A stem's features (stride 4: [batch, 240, 8, 48]; `pretrained8`'s stride 8 down: [batch, 480, 4, 48]) ->
-    [batch, 24 reads, classes], through the same 4 x 24 patch grid."""
+    [batch, 24 reads, classes], through a `rows` x 24 patch grid (4; 2 for `pretrained16`'s stride 16 down)."""
 
-    def __init__(self, classes: int, width: int = 128, channels: int = 240, kernel: tuple[int, int] = (2, 2)):
+    def __init__(self, classes: int, width: int = 128, channels: int = 240, kernel: tuple[int, int] = (2, 2), rows: int = 4):
         super().__init__()
         self.patchify = nn.Conv2d(channels, width, kernel, stride=kernel)
-        self.position = nn.Parameter(torch.zeros(1, 4 * 24, width))
+        self.position = nn.Parameter(torch.zeros(1, rows * 24, width))
         layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.pool = nn.Parameter(torch.zeros(width))
@@ -99,7 +103,7 @@ def drawn(texts: list[str], fonts, hands, seed: str, workers: int) -> np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fonts", type=Path, required=True)
-    parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "pretrained8", "scratch"])
+    parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"], choices=[*CUTS, "scratch"])
     parser.add_argument("--images", type=int, default=6_000)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -123,16 +127,16 @@ def main() -> None:
         start = time.perf_counter()
         torch.manual_seed(args.seed)
         if name.startswith("pretrained"):  # frozen: its features once, in half precision
-            cut = "pplcnet8" if name == "pretrained8" else "pplcnet"
-            frozen = TextStem(patch_size=8, hidden_size=1, cut=cut).to(args.device)
+            frozen = TextStem(patch_size=16, hidden_size=1, cut=CUTS[name]).to(args.device)
             frozen.load_pretrained()
             frozen.patchify = nn.Identity()
             with torch.no_grad():
                 cached = lambda images: torch.cat([frozen(pixels(images[i : i + 64])).half() for i in range(0, len(images), 64)])  # noqa: E731
                 inputs, test_inputs = cached(train), {k: cached(v) for k, v in sets.items()}
             stride = frozen.cut.stride
-            kernel = (8 // stride[0], 8 // stride[1])
-            model = run = Reader(1 + len(READING_ALPHABET), channels=frozen.layers[-1][1], kernel=kernel).to(args.device)
+            kernel = (max(1, 8 // stride[0]), 8 // stride[1])
+            rows = 32 // (stride[0] * kernel[0])
+            model = run = Reader(1 + len(READING_ALPHABET), channels=frozen.layers[-1][1], kernel=kernel, rows=rows).to(args.device)
         else:
             inputs, test_inputs = train, sets
             model = nn.Sequential(scratch_stem(), Reader(1 + len(READING_ALPHABET))).to(args.device)

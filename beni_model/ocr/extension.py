@@ -17,8 +17,9 @@ Settings (`BeniConfig.extensions["ocr"]`):
   turned copies of images whose text runs level; at inference an image whose text runs off level is set level and
   encoded again;
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
-Its vision stems, `vision_stem: ocr.pplcnet` (or `ocr.pplcnet8`, two layers deeper) in the model's config, are the first
-layers of a text recognizer trained on real text, frozen (beni_model.ocr.stem); a new model loads them in `start`.
+Its vision stems, `vision_stem: ocr.pplcnet` (or `ocr.pplcnet8` and `ocr.pplcnet16`, deeper) in the model's config, are
+the first layers of a text recognizer trained on real text, frozen (beni_model.ocr.stem); a new model loads them in
+`start`.
 The loader's targets come from a sample's `transcript` and `lines` metadata; with `tokens`, a reply that is the
 image's transcript trains one token per character (`reply_ids`).
 """
@@ -98,7 +99,8 @@ class OcrExtension(Extension):
     @classmethod
     def vision_stem(cls, name: str, vision_config) -> nn.Module:
         if name not in stem.CUTS:
-            known = " or ".join(f"'ocr.{cut}'" for cut in stem.CUTS)
+            *others, last = (f"'ocr.{cut}'" for cut in stem.CUTS)
+            known = f"{', '.join(others)} or {last}" if others else last
             raise ValueError(f"The ocr extension has no vision stem {name!r}: use {known}.")
         return stem.TextStem(vision_config.patch_size, vision_config.hidden_size, name)
 

@@ -1,9 +1,10 @@
-"""Vision stems that learned from real text (`vision_stem: ocr.pplcnet` or `ocr.pplcnet8`): the first layers of
-PP-OCRv4's text recognizer (PaddleOCR's PPLCNetV3 backbone: 21 convolutions to its last stride-4 layer, 240 channels;
-or two depthwise + pointwise pairs with squeeze-excite further, to stride 8 down and 4 across, 480 channels), frozen,
-then a learned patchify to the encoder's patch grid. A conv stem trained on our corpus learns the glyphs the corpus
-draws; these layers learned strokes from real text, and a reader on them reads faces and handwriting it never saw far
-better (bench/BENCHMARKS.md, bench/stem_probe.py).
+"""Vision stems that learned from real text (`vision_stem: ocr.pplcnet`, `ocr.pplcnet8` or `ocr.pplcnet16`): the
+first layers of PP-OCRv4's text recognizer (PaddleOCR's PPLCNetV3 backbone: 21 convolutions to its last stride-4
+layer, 240 channels; two depthwise + pointwise pairs with squeeze-excite further, to stride 8 down and 4 across, 480
+channels; or the whole backbone, two pairs more, to stride 16 down), frozen, then a learned patchify to the encoder's
+patch grid. A conv stem trained on our corpus learns the glyphs the corpus draws; these layers learned strokes from
+real text, and a reader on them reads faces and handwriting it never saw far better, the more so the deeper the cut
+(bench/BENCHMARKS.md, bench/stem_probe.py).
 
 The weights come from the recognizer's ONNX model in the `rapidocr_onnxruntime` wheel on PyPI (Apache-2.0), read with
 `onnx` once, when a new model is built (`OcrExtension.start`). They are buffers, so they never train, and a saved
@@ -38,6 +39,8 @@ PAIRS = [
     *[(240, 240, 5, (1, 1), False)] * 4,
     (240, 480, 5, (2, 1), True),
     (480, 480, 5, (1, 1), True),
+    (480, 480, 5, (2, 1), False),
+    (480, 480, 5, (1, 1), False),
 ]
 
 
@@ -63,8 +66,9 @@ class Cut:
 
 
 # `pplcnet`: PPLCNetV3 to its last stride-4 layer (21 convolutions, 240 channels). `pplcnet8`: two pairs further, to
-# stride 8 down and 4 across (480 channels), where each position sees most of a letter.
-CUTS = {"pplcnet": Cut(10, "p2o.Add.159"), "pplcnet8": Cut(12, "p2o.Add.199")}
+# stride 8 down and 4 across (480 channels), where each position sees most of a letter. `pplcnet16`: the whole
+# backbone, to stride 16 down and 4 across, what the recognizer's own sequence model reads (3 rows of a 48 px line).
+CUTS = {"pplcnet": Cut(10, "p2o.Add.159"), "pplcnet8": Cut(12, "p2o.Add.199"), "pplcnet16": Cut(14, "p2o.Add.231")}
 
 
 class TextStem(nn.Module):

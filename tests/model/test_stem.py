@@ -18,7 +18,7 @@ from tests.model.conftest import VISION
 SIGLIP = {**VISION, "model_type": "siglip_vision_model", "image_size": 64, "patch_size": 8}
 
 
-@pytest.mark.parametrize("cut,shape", [("pplcnet", (2, 240, 12, 40)), ("pplcnet8", (2, 480, 6, 40))])
+@pytest.mark.parametrize("cut,shape", [("pplcnet", (2, 240, 12, 40)), ("pplcnet8", (2, 480, 6, 40)), ("pplcnet16", (2, 480, 3, 40))])
 def test_the_stem_computes_what_the_recognizer_computes_on_rgb(cut, shape):
     """The recognizer's own runtime on its graph, cut at the stem's last layer; it was trained on BGR, the stem takes RGB."""
     last = stem.CUTS[cut].last
@@ -27,7 +27,7 @@ def test_the_stem_computes_what_the_recognizer_computes_on_rgb(cut, shape):
     session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     rgb = np.random.default_rng(0).uniform(-1, 1, (2, 3, 48, 160)).astype(np.float32)
     expected = session.run([last], {"x": np.ascontiguousarray(rgb[:, ::-1])})[0]
-    text_stem = stem.TextStem(patch_size=8, hidden_size=32, cut=cut)
+    text_stem = stem.TextStem(patch_size=16, hidden_size=32, cut=cut)
     text_stem.load_pretrained()
     text_stem.patchify = torch.nn.Identity()
     with torch.no_grad():
@@ -38,7 +38,9 @@ def test_the_stem_computes_what_the_recognizer_computes_on_rgb(cut, shape):
 
 @pytest.mark.parametrize("cut", stem.CUTS)
 def test_a_model_on_the_stem_trains_its_patchify_alone_and_reloads_without_the_recognizer(parts, tmp_path, monkeypatch, cut):
-    config = BeniConfig(vision_config=SIGLIP, text_model=parts["llama"], vision_stem=f"ocr.{cut}", extensions={"ocr": {}})
+    patch = max(8, *stem.CUTS[cut].stride)
+    vision = {**SIGLIP, "patch_size": patch, "image_size": 8 * patch}
+    config = BeniConfig(vision_config=vision, text_model=parts["llama"], vision_stem=f"ocr.{cut}", extensions={"ocr": {}})
     torch.manual_seed(0)
     model = BeniForConditionalGeneration.from_parts(config, load_tokenizer(parts["llama"], config.image_token))
     text_stem = model.vision_tower.stem()
@@ -50,7 +52,7 @@ def test_a_model_on_the_stem_trains_its_patchify_alone_and_reloads_without_the_r
     tower, ocr = model.vision_tower, model.extensions["ocr"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     patchify = text_stem.patchify.weight.detach().clone()
-    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    pixels = torch.rand(2, 3, 8 * patch, 8 * patch) * 2 - 1
     loss = ocr.reading_loss(model, tower(pixels), *reading_targets(["ab", "c"]))
     loss.backward()
     optimizer.step()
@@ -66,14 +68,15 @@ def test_a_model_on_the_stem_trains_its_patchify_alone_and_reloads_without_the_r
     loaded = BeniForConditionalGeneration.from_pretrained(tmp_path)
     saved, reloaded = model.vision_tower.state_dict(), loaded.vision_tower.state_dict()
     assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
-    # Buffers read from safetensors sit at unaligned addresses, which reorders the squeeze-excite's sums (~1e-6 apart).
+    # Buffers read from safetensors sit at unaligned addresses, which reorders oneDNN's sums (~1e-6 apart a layer,
+    # ~4e-5 after the whole backbone's 29 layers).
     with torch.no_grad():
-        torch.testing.assert_close(loaded.vision_tower(pixels), model.vision_tower(pixels), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.vision_tower(pixels), model.vision_tower(pixels), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cut", stem.CUTS)
 def test_the_stems_flops_are_what_a_training_pass_runs(cut):
-    text_stem = stem.TextStem(patch_size=8, hidden_size=32, cut=cut)
+    text_stem = stem.TextStem(patch_size=16, hidden_size=32, cut=cut)
     with FlopCounterMode(display=False) as counter:
         text_stem(torch.zeros(1, 3, 64, 64)).sum().backward()
     assert counter.get_total_flops() == text_stem.flops(64)
@@ -82,7 +85,7 @@ def test_the_stems_flops_are_what_a_training_pass_runs(cut):
 @pytest.mark.parametrize(
     "stem_name,patch_size,message",
     [
-        ("ocr.resnet", 8, "The ocr extension has no vision stem 'resnet': use 'ocr.pplcnet' or 'ocr.pplcnet8'."),
+        ("ocr.resnet", 8, "The ocr extension has no vision stem 'resnet': use 'ocr.pplcnet', 'ocr.pplcnet8' or 'ocr.pplcnet16'."),
         ("ocr.pplcnet", 6, "vision_stem 'ocr.pplcnet' ends at stride 4: the patch size must be a multiple of 4, not 6."),
         (
             "ocr.pplcnet8",

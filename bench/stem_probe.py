@@ -17,6 +17,7 @@ its faces. Only the stem changes:
   seconds a step on two CPU cores.)
 
     python bench/stem_probe.py --fonts FONTS                    # on CPU: 6,000 lines, 800 steps
+    python bench/stem_probe.py --fonts FONTS --text-height 56   # words as large as the recipe's tower sees them
     python bench/stem_probe.py --fonts FONTS --images 48000 --steps 6000 --workers 16   # at the recipe's scale, on a GPU
 
 Prints one JSON line per stem: exact-match accuracy on each test set.
@@ -52,13 +53,14 @@ def scratch_stem() -> nn.Module:
 
 
 def pixels(lines: torch.Tensor) -> torch.Tensor:
-    """font_probe's lines [batch, 32, 192] uint8 as the recognizer's input: RGB in -1..1."""
+    """font_probe's lines [batch, 32, 192] (or a multiple, `scaled`) uint8 as the recognizer's input: RGB in -1..1."""
     return (lines[:, None].float() / 127.5 - 1).expand(-1, 3, -1, -1)
 
 
 class Reader(nn.Module):
     """A stem's features (stride 4: [batch, 240, 8, 48]; `pretrained8`'s stride 8 down: [batch, 480, 4, 48]) ->
-    [batch, 24 reads, classes], through a `rows` x 24 patch grid (4; 2 for `pretrained16`'s stride 16 down)."""
+    [batch, 24 reads, classes], through a `rows` x 24 patch grid (4; 2 for `pretrained16`'s stride 16 down on the
+    32 px canvas)."""
 
     def __init__(self, classes: int, width: int = 128, channels: int = 240, kernel: tuple[int, int] = (2, 2), rows: int = 4):
         super().__init__()
@@ -77,13 +79,20 @@ class Reader(nn.Module):
         return self.classify((weights.unsqueeze(-1) * tokens).sum(1))
 
 
-def shrunk(lines: np.ndarray, text_height: int) -> np.ndarray:
-    """font_probe's lines (text 28 px high) scaled to `text_height`, top left on the same white canvas: the small
-    text of a document page at the recipe's 384 px."""
+def canvas_scale(text_height: int) -> int:
+    """How many times font_probe's 32 x 192 canvas the lines are drawn on: 1 up to its 28 px text, 2 up to 56 px."""
+    return max(1, -(-text_height // 28))
+
+
+def scaled(lines: np.ndarray, text_height: int) -> np.ndarray:
+    """font_probe's lines (text 28 px high) scaled to `text_height`, top left on a white canvas `canvas_scale` times
+    theirs: the small text of a document page at the recipe's 384 px, or (56 px, on a 64 x 384 canvas whose 16 px
+    patches make the same 4 x 24 grid) a word as the recipe's tower sees it, its patches 16 px as the recipe's."""
     if text_height == 28:
         return lines
-    out = np.full_like(lines, 255)
+    scale = canvas_scale(text_height)
     height, width = lines.shape[1:]
+    out = np.full((len(lines), height * scale, width * scale), 255, dtype=lines.dtype)
     size = (round(width * text_height / 28), round(height * text_height / 28))
     for line, canvas in zip(lines, out):
         canvas[: size[1], : size[0]] = np.asarray(Image.fromarray(line).resize(size, Image.Resampling.BILINEAR))
@@ -110,19 +119,21 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes drawing the training lines (1: the draws of the CPU runs)")
-    parser.add_argument("--text-height", type=int, default=28, help="the lines' text height in px (28: as drawn; less: shrunk)")
+    parser.add_argument("--text-height", type=int, default=28, help="the lines' text height in px (28: as drawn; 14-56: scaled)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     texts, tests = draws(args.seed, 24_000, args.test)  # font_probe's texts: the first --images of its training ones
     texts = texts[: args.images]
     fonts = corpus_fonts(args.fonts)
     hands = hand_faces(args.fonts, fonts)
-    train = torch.from_numpy(shrunk(drawn(texts, fonts, hands, f"{args.seed}:train", args.workers), args.text_height)).to(args.device)
+    train = torch.from_numpy(scaled(drawn(texts, fonts, hands, f"{args.seed}:train", args.workers), args.text_height)).to(args.device)
     sets = {
         "own_handwriting": handwriting(tests, fonts, hands, 0.0, 0.0, 0.0, f"{args.seed}:own"),
         **unseen_sets(args.fonts, tests, args.seed),
     }
-    sets = {name: torch.from_numpy(shrunk(images, args.text_height)).to(args.device) for name, images in sets.items()}
+    sets = {name: torch.from_numpy(scaled(images, args.text_height)).to(args.device) for name, images in sets.items()}
+    scale = canvas_scale(args.text_height)
+    patch = 8 * scale  # the reader's patch: a 4 x 24 grid over the canvas
     for name in args.stems:
         start = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -134,12 +145,12 @@ def main() -> None:
                 cached = lambda images: torch.cat([frozen(pixels(images[i : i + 64])).half() for i in range(0, len(images), 64)])  # noqa: E731
                 inputs, test_inputs = cached(train), {k: cached(v) for k, v in sets.items()}
             stride = frozen.cut.stride
-            kernel = (max(1, 8 // stride[0]), 8 // stride[1])
-            rows = 32 // (stride[0] * kernel[0])
+            kernel = (max(1, patch // stride[0]), patch // stride[1])
+            rows = 32 * scale // (stride[0] * kernel[0])
             model = run = Reader(1 + len(READING_ALPHABET), channels=frozen.layers[-1][1], kernel=kernel, rows=rows).to(args.device)
         else:
             inputs, test_inputs = train, sets
-            model = nn.Sequential(scratch_stem(), Reader(1 + len(READING_ALPHABET))).to(args.device)
+            model = nn.Sequential(scratch_stem(), Reader(1 + len(READING_ALPHABET), kernel=(2 * scale, 2 * scale))).to(args.device)
             run = lambda x: model(pixels(x))  # noqa: E731
         features = time.perf_counter() - start
         loss = fit(model, run, inputs, texts, args, lr=1e-3)

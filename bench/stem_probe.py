@@ -39,7 +39,7 @@ from beni_model.ocr.heads import READING_ALPHABET, greedy_transcripts
 from beni_model.ocr.stem import TextStem
 from beni_pipeline.prep.fonts import corpus_fonts
 
-CUTS = {"pretrained": "pplcnet", "pretrained8": "pplcnet8", "pretrained16": "pplcnet16"}  # the probe's names of TextStem's cuts
+PRETRAINED = {"pretrained": "pplcnet", "pretrained8": "pplcnet8", "pretrained16": "pplcnet16"}  # probe name -> TextStem cut
 
 
 def scratch_stem() -> nn.Module:
@@ -112,7 +112,7 @@ def drawn(texts: list[str], fonts, hands, seed: str, workers: int) -> np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fonts", type=Path, required=True)
-    parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"], choices=[*CUTS, "scratch"])
+    parser.add_argument("--stems", nargs="+", default=["pretrained", "scratch"], choices=[*PRETRAINED, "scratch"])
     parser.add_argument("--images", type=int, default=6_000)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -138,7 +138,7 @@ def main() -> None:
         start = time.perf_counter()
         torch.manual_seed(args.seed)
         if name.startswith("pretrained"):  # frozen: its features once, in half precision
-            frozen = TextStem(patch_size=16, hidden_size=1, cut=CUTS[name]).to(args.device)
+            frozen = TextStem(patch_size=16, hidden_size=1, cut=PRETRAINED[name]).to(args.device)
             frozen.load_pretrained()
             frozen.patchify = nn.Identity()
             with torch.no_grad():

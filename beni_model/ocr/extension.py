@@ -99,8 +99,8 @@ class OcrExtension(Extension):
     @classmethod
     def vision_stem(cls, name: str, vision_config) -> nn.Module:
         if name not in stem.CUTS:
-            *others, last = (f"'ocr.{cut}'" for cut in stem.CUTS)
-            known = f"{', '.join(others)} or {last}" if others else last
+            names = [f"'ocr.{cut}'" for cut in stem.CUTS]
+            known = f"{', '.join(names[:-1])} or {names[-1]}"
             raise ValueError(f"The ocr extension has no vision stem {name!r}: use {known}.")
         return stem.TextStem(vision_config.patch_size, vision_config.hidden_size, name)
 

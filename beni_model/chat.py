@@ -103,9 +103,10 @@ def render(processor, messages: list[dict], add_generation_prompt: bool = False)
     )
 
 
-def expand_images(messages: list[dict], processor) -> list[dict]:
-    """Each IMAGE_MARKER becomes the processor's image tokens."""
-    tokens = processor.image_token * processor.num_image_tokens
+def expand_images(messages: list[dict], processor, image_text: str = "") -> list[dict]:
+    """Each IMAGE_MARKER becomes the processor's image tokens, followed by `image_text` (the extensions' text after an
+    image, Extension.image_text)."""
+    tokens = processor.image_token * processor.num_image_tokens + image_text
     return [{**m, "content": m["content"].replace(IMAGE_MARKER, tokens)} for m in messages]
 
 
@@ -149,16 +150,21 @@ def _tokenize_with_labels(processor, messages: list[dict], reply_ids: Callable |
 
 
 def build_example(
-    conversation: list[dict], processor, max_length: int | None = None, reply_ids: Callable[[str], list[int] | None] | None = None
+    conversation: list[dict],
+    processor,
+    max_length: int | None = None,
+    reply_ids: Callable[[str], list[int] | None] | None = None,
+    image_text: str = "",
 ) -> Example:
     """Tokens and labels for one conversation. When it is longer than `max_length`, whole trailing turns are
     dropped (never part of an image block; the result says how many); raises SampleTooLong when even the first
     exchange does not fit.
 
     `reply_ids(reply)` may give an assistant reply's token ids itself (an extension's label hook,
-    Extension.reply_ids); None leaves the reply to be tokenized with the rest of the text. Its ids all carry labels."""
+    Extension.reply_ids); None leaves the reply to be tokenized with the rest of the text. Its ids all carry labels.
+    `image_text` follows each image's tokens (Extension.image_text)."""
     plain = to_messages(conversation)
-    messages = expand_images(plain, processor)
+    messages = expand_images(plain, processor, image_text)
     # Cut points: after each assistant reply, longest first.
     ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"][::-1]
     if not ends:

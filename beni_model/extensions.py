@@ -6,8 +6,9 @@ save and load with the model, and a model without extensions carries none of its
 
 - config and data, without a model (class methods, given the settings): `check` the settings, a `vision_stem` it
   provides, the `image_tokens` it appends to each image, `prepare` settings from the tokenizer (`from_parts`), the
-  batch `targets` built from image samples' metadata (`collate`, keys `batch_keys`), and `reply_ids`, its own token
-  ids for a reply;
+  batch `targets` built from image samples' metadata (`collate`, keys `batch_keys`), `reply_ids`, its own token
+  ids for a reply, and prompt text after each image's tokens: from a sample's metadata in training (`image_text`), read
+  from the images by the processor at inference (`read_images`);
 - the model (methods): `start` after the parts are loaded, the `loss` of its targets on the vision features (and the
   images), `refine_features` (the features the model goes on with), the `image_embeddings` it hands the LLM after
   each image's connector tokens, its own `answers` (scored by the eval
@@ -59,6 +60,18 @@ class Extension(nn.Module):
     @classmethod
     def reply_ids(cls, settings: dict, meta: dict, reply: str, tokenizer) -> list[int] | None:
         """Token ids for an assistant reply of an image sample, where this extension tokenizes it its own way."""
+        return None
+
+    @classmethod
+    def image_text(cls, settings: dict, meta: dict) -> str:
+        """Prompt text after an image sample's image tokens in training, from its metadata ("": none): what
+        `read_images` gives for the image at inference."""
+        return ""
+
+    @classmethod
+    def read_images(cls, settings: dict, images: list) -> list[str] | None:
+        """Prompt text after each image's tokens at inference, read from the (PIL) images by the processor, or None
+        where this extension adds none."""
         return None
 
     @classmethod

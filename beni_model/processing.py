@@ -1,15 +1,17 @@
 """BeniProcessor: the model's image processor, tokenizer and chat template in one `ProcessorMixin`, saved with the
 model and loaded by `AutoProcessor`. It renders chats (LLaVA's `from`/`value` turns or transformers' `role`/`content`
-messages), expands each image marker to the model's image tokens and preprocesses the images as the encoder's own
-image processor does."""
+messages), expands each image marker to the model's image tokens (followed by the text its extensions read from the
+image, Extension.read_images) and preprocesses the images as the encoder's own image processor does."""
 
 from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoProcessor, ProcessorMixin
+from transformers.image_utils import make_flat_list_of_images
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES, get_image_processor_class_from_name
 
 from beni_model.chat import chat_template, load_tokenizer
 from beni_model.config import BeniConfig
+from beni_model.extensions import extension_class
 
 
 class BeniProcessor(ProcessorMixin):
@@ -25,15 +27,26 @@ class BeniProcessor(ProcessorMixin):
         image_token="<image>",
         num_image_tokens=1,
         images_last=False,
+        extensions=None,
         **kwargs,
     ):
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
         self.images_last = images_last  # the chat template puts a user turn's images after its text
+        self.extensions = extensions or {}  # the model's, for the text they read from each image
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"The tokenizer has no {image_token!r} token: load it with beni_model.chat.load_tokenizer.")
         super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template(tokenizer, image_token, images_last))
+
+    def _process_images(self, images, **kwargs):
+        processed, replacements = super()._process_images(images, **kwargs)
+        if self.extensions:
+            images = make_flat_list_of_images(images)
+            for name, settings in self.extensions.items():
+                if (texts := extension_class(name).read_images(settings, images)) is not None:
+                    replacements = [tokens + text for tokens, text in zip(replacements, texts)]
+        return processed, replacements
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
@@ -48,6 +61,7 @@ class BeniProcessor(ProcessorMixin):
             image_token=config.image_token,
             num_image_tokens=config.num_image_tokens(),
             images_last=config.images_last,
+            extensions=config.extensions,
         )
 
 

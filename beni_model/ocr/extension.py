@@ -16,6 +16,10 @@ Settings (`BeniConfig.extensions["ocr"]`):
 - `upright`: a head that tells which way an image's text runs (beni_model.ocr.upright), trained on the tower's view of
   turned copies of images whose text runs level; at inference an image whose text runs off level is set level and
   encoded again;
+- `engine`: the processor runs a reading engine trained on real text (PP-OCRv4, beni_model.ocr.engine) on each image
+  and its lines follow the image's tokens in the prompt, as plain text; training puts the sample's own `lines` (or
+  its `transcript`) there in the same form. Replies are then tokenized as text, so that copying a read is copying
+  its tokens (`reply_ids` spells none);
 - `token_ids`: the LLM's token for each READING_ALPHABET character and the line break, set by `prepare`.
 Its vision stems, `vision_stem: ocr.pplcnet` (or `ocr.pplcnet8` and `ocr.pplcnet16`, deeper) in the model's config, are
 the first layers of a text recognizer trained on real text, frozen (beni_model.ocr.stem); a new model loads them in
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from beni_model.extensions import Extension, register
-from beni_model.ocr import stem, upright
+from beni_model.ocr import engine, stem, upright
 from beni_model.ocr.ctc import CudaGraphed, ctc_backward, ctc_forward, ctc_loss
 from beni_model.ocr.heads import (
     LINE_TOKENS,
@@ -53,6 +57,7 @@ class OcrSettings:
     lines: bool = False
     spell_lines: bool = False
     upright: bool = False
+    engine: bool = False
     token_ids: list[int] | None = None
 
 
@@ -130,11 +135,27 @@ class OcrExtension(Extension):
         how it is spelled. With `spell_lines`, likewise a reply written on one of a document's lines. The model still
         writes any tokens it likes at inference; they decode to the same text."""
         options = ocr_settings(settings)
-        if not options.tokens or not reply:
+        if not options.tokens or options.engine or not reply:
             return None
         if reply != meta.get("transcript") and not (options.spell_lines and on_a_line(reply, meta.get("lines"))):
             return None
         return [i for c in reply for i in tokenizer.encode(c, add_special_tokens=False)]
+
+    @classmethod
+    def image_text(cls, settings: dict, meta: dict) -> str:
+        """With `engine`: the sample's own lines (a document's `lines`, else its `transcript`) as the engine's reads
+        would follow its image's tokens."""
+        if not ocr_settings(settings).engine:
+            return ""
+        lines = [text for text, _ in meta.get("lines") or ()] or [t for t in [meta.get("transcript")] if t]
+        return engine.reads_text(lines)
+
+    @classmethod
+    def read_images(cls, settings: dict, images: list) -> list[str] | None:
+        """With `engine`: each image's lines as the engine reads them, to follow its image's tokens."""
+        if not ocr_settings(settings).engine:
+            return None
+        return [engine.reads_text(lines) for lines in engine.read_lines(images)]
 
     # ------------------------------------------------------------ the model
 

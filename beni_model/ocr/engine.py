@@ -1,0 +1,61 @@
+"""A reading engine trained on real text, for the `engine` setting: PP-OCRv4 (text detection, angle classifier,
+recognizer) as the `rapidocr_onnxruntime` wheel ships it, run by onnxruntime on the CPU in the processor, before the
+model. Its lines follow each image's tokens as plain prompt text (`reads_text`), as LayoutLMv3's processor hands its
+model Tesseract's words (`apply_ocr`): glyphs no corpus font drew are read by a recognizer trained on real text.
+Training hands the LLM the corpus's own lines in the same place and form (`OcrExtension.image_text`)."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+from PIL import Image
+from transformers.image_transforms import to_pil_image
+
+PACKAGES = "pip install rapidocr_onnxruntime==1.4.4 onnxruntime opencv-python-headless pyclipper shapely"
+HEADER = "Text in the image:"
+
+
+@cache
+def engine():
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ImportError as error:
+        raise ImportError(f"The ocr extension's engine reads with PP-OCRv4 from rapidocr_onnxruntime ({error}): {PACKAGES}") from None
+    # One onnxruntime thread per image: `read_lines` reads a batch's images side by side.
+    return RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+
+
+def rows(found: list) -> list[str]:
+    """The engine's boxes ([corners, text, score]) as lines in reading order: a box joins the row whose vertical
+    middle falls inside it, rows top to bottom, boxes in a row left to right."""
+    boxes = sorted(
+        ((min(y for _, y in corners), max(y for _, y in corners), min(x for x, _ in corners), text) for corners, text, _ in found),
+        key=lambda box: (box[0] + box[1]) / 2,
+    )
+    lines: list[list[tuple]] = []
+    for box in boxes:
+        middle = (box[0] + box[1]) / 2
+        if lines and lines[-1][0][0] <= middle <= lines[-1][0][1]:
+            lines[-1].append(box)
+        else:
+            lines.append([box])
+    return [" ".join(text for *_, text in sorted(line, key=lambda box: box[2])) for line in lines]
+
+
+def read_lines(images: list) -> list[list[str]]:
+    """Each image's text lines, in reading order ([] where it reads none); PIL images, or arrays and tensors as
+    transformers' processors take them."""
+    read = engine()
+
+    def one(image) -> list[str]:
+        image = image if isinstance(image, Image.Image) else to_pil_image(image)
+        found, _ = read(image.convert("RGB"))
+        return [line for line in rows(found or []) if line.strip()]
+
+    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1) or 1) as pool:  # onnxruntime lets go of the GIL
+        return list(pool.map(one, images))
+
+
+def reads_text(lines: list[str] | None) -> str:
+    """What follows an image's tokens in the prompt: its lines under a header, or nothing where there are none."""
+    return f"\n{HEADER}\n" + "\n".join(lines) if lines else ""

@@ -1,0 +1,116 @@
+"""The ocr extension's `engine`: PP-OCRv4 reads each image in the processor, and its lines follow the image's tokens
+in the prompt exactly where and as training puts a sample's own lines."""
+
+import io
+import json
+import sys
+
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+from transformers import AutoProcessor, pipeline
+
+from beni_model.chat import build_example, prompt_text
+from beni_model.data import DataSettings, collate
+from beni_model.ocr import engine
+from beni_model.ocr.extension import OcrExtension
+from tests.model.conftest import processor_of
+
+ENGINE = {"ocr": {"engine": True}}
+QUESTION = "What is the total?"
+
+
+def page(rows: list[tuple[str, str]], size=(480, 300)) -> Image.Image:
+    """Black text on white, each row a label at the left and a value at the right."""
+    image = Image.new("RGB", size, "white")
+    draw, face = ImageDraw.Draw(image), ImageFont.load_default(size=28)
+    for i, (label, value) in enumerate(rows):
+        draw.text((20, 30 + 80 * i), label, fill="black", font=face)
+        draw.text((300, 30 + 80 * i), value, fill="black", font=face)
+    return image
+
+
+INVOICE = [("Invoice", ""), ("Number", "740025"), ("Total", "94.65")]
+LINES = ["Invoice", "Number 740025", "Total 94.65"]
+
+
+def test_rows_put_boxes_in_reading_order():
+    def box(left, top, text, height=20, width=60):
+        return [[left, top], [left + width, top], [left + width, top + height], [left, top + height]], text, 0.9
+
+    # Two rows, the second row's right box a little higher than its left one, given in no order.
+    found = [box(300, 62, "94.65"), box(20, 10, "Invoice"), box(20, 66, "Total"), box(200, 12, "No. 7")]
+    assert engine.rows(found) == ["Invoice No. 7", "Total 94.65"]
+    assert engine.rows([]) == []
+
+
+def test_the_engine_reads_printed_lines_in_reading_order():
+    blank = Image.new("RGB", (120, 120), "white")
+    assert engine.read_lines([page(INVOICE), blank]) == [LINES, []]
+
+
+@pytest.fixture(scope="module")
+def engine_model(build, tmp_path_factory):
+    model, tokenizer = build("siglip", "llama", extensions=ENGINE)
+    folder = tmp_path_factory.mktemp("engine")
+    model.save_pretrained(folder)
+    processor_of(model, tokenizer).save_pretrained(folder)
+    return model, folder
+
+
+def test_the_processor_hands_the_reads_after_the_image_as_training_hands_the_lines(engine_model):
+    model, folder = engine_model
+    processor = AutoProcessor.from_pretrained(folder)  # the saved processor reads, as the pipeline's will
+    conversation = [{"from": "human", "value": f"<image>\n{QUESTION}"}]
+    inputs = processor(text=prompt_text(conversation, processor), images=[page(INVOICE)], return_tensors="pt")
+    text = processor.tokenizer.decode(inputs["input_ids"][0])
+    assert f"<image>\n{engine.HEADER}\n" + "\n".join(LINES) + f"\n{QUESTION}" in text
+
+    # Training: the sample's own lines ([text, height] pairs), through the same hook the loader calls.
+    meta = {"lines": [[line, 28] for line in LINES]}
+    trained = build_example(
+        [*conversation, {"from": "gpt", "value": "94.65"}], processor, image_text=OcrExtension.image_text(ENGINE["ocr"], meta)
+    )
+    prompt = inputs["input_ids"][0].tolist()
+    assert trained.input_ids[: len(prompt)] == prompt
+
+
+def test_the_loader_puts_a_samples_lines_or_transcript_after_its_image(engine_model):
+    model, folder = engine_model
+    processor = AutoProcessor.from_pretrained(folder)
+    settings = DataSettings(shards="unused", batch_size=3, image_size=model.config.image_size, extensions=ENGINE)
+    buffer = io.BytesIO()
+    page([("Total", "94.65")]).save(buffer, format="JPEG")
+    turns = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "94.65"}]
+    samples = [
+        {"jpg": buffer.getvalue(), "json": json.dumps({"conversations": turns, **meta})}
+        for meta in ({"transcript": "Total 94.65"}, {"lines": [["Total 94.65", 28], ["Paid", 20]]}, {})
+    ]
+    batch = collate(samples, "image", processor, settings)
+    texts = [processor.tokenizer.decode(row) for row in batch["input_ids"]]
+    assert f"<image>\n{engine.HEADER}\nTotal 94.65\n{QUESTION}" in texts[0]
+    assert f"<image>\n{engine.HEADER}\nTotal 94.65\nPaid\n{QUESTION}" in texts[1]
+    assert f"<image>\n{QUESTION}" in texts[2] and engine.HEADER not in texts[2]
+
+
+def test_the_pipeline_reads_with_the_engine(engine_model):
+    _, folder = engine_model
+    reader = pipeline("image-text-to-text", model=str(folder))
+    messages = [{"role": "user", "content": [{"type": "image", "image": page(INVOICE)}, {"type": "text", "text": QUESTION}]}]
+    answer = reader(text=messages, max_new_tokens=4, do_sample=False, min_new_tokens=4, return_full_text=False)[0]["generated_text"]
+    processor, model = reader.processor, reader.model
+    inputs = processor(
+        text=prompt_text([{"from": "human", "value": f"<image>\n{QUESTION}"}], processor), images=[page(INVOICE)], return_tensors="pt"
+    )
+    assert engine.HEADER in processor.tokenizer.decode(inputs["input_ids"][0])
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, min_new_tokens=4)[0, inputs["input_ids"].shape[1] :]
+    assert answer == processor.decode(tokens, skip_special_tokens=True)
+
+
+def test_without_the_engines_packages_the_error_says_what_to_install(monkeypatch):
+    engine.engine.cache_clear()
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if not installed
+    try:
+        with pytest.raises(ImportError, match=r"pip install rapidocr_onnxruntime==1.4.4 onnxruntime opencv-python-headless"):
+            engine.read_lines([page(INVOICE)])
+    finally:
+        engine.engine.cache_clear()

@@ -54,7 +54,8 @@ def main() -> None:
         summaries[name] = summarize(records)
         s = summaries[name]
         print(f"{name}: {s['correct']}/{s['total']} = {100 * s['accuracy']:.1f}% ({time.perf_counter() - started:.0f} s)", flush=True)
-    print("\n| category | " + " | ".join(summaries) + " |\n|---" * (len(summaries) + 1) + "|")
+    print("\n| category | " + " | ".join(summaries) + " |")
+    print("|---" * (len(summaries) + 1) + "|")
     for category in next(iter(summaries.values()))["by_type"]:
         cells = [f"{100 * s['by_type'][category]['accuracy']:.0f}%" for s in summaries.values()]
         print(f"| {category} | " + " | ".join(cells) + " |")

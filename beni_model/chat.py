@@ -174,7 +174,7 @@ def build_example(
         if max_length is None or len(input_ids) <= max_length:
             num_images = sum(m["content"].count(IMAGE_MARKER) for m in plain[:end])
             return Example(input_ids, labels, num_images, dropped_turns=len(messages) - end)
-    raise SampleTooLong(f"The first exchange alone is {len(input_ids)} tokens, over max_length {max_length}: the sample is dropped.")
+    raise SampleTooLong(f"The first exchange alone is {len(input_ids)} tokens, over max_length {max_length}.")
 
 
 def prompt_text(conversation: list[dict], processor) -> str:

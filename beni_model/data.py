@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from beni_model.chat import IMAGE_MARKER, build_example, pack_batch, pad_batch
+from beni_model.chat import IMAGE_MARKER, SampleTooLong, build_example, pack_batch, pad_batch
 from beni_model.extensions import extension_class
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -47,7 +47,7 @@ class DataSettings:
     shards: str  # folder with index.json and the tars
     batch_size: int  # samples per micro-batch per rank
     image_size: int  # the model's (an image batch without images is [0, 3, image_size, image_size])
-    max_length: int = 2048
+    max_length: int | None = 2048  # None: conversations are never cut (the encoder stage, which does not run the LLM)
     text_fraction: float = 0.0  # share of micro-steps that are text-only (needs text-only samples in the shards)
     window: int = 16  # batches shuffled together inside a shard
     pack: bool = False  # concatenate a batch's samples into rows of up to max_length tokens (chat.pack_batch)
@@ -290,7 +290,15 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
         hook, text = (reply_hook(settings, meta, tokenizer), image_text(settings, meta)) if image is not None else (None, "")
-        example = build_example(conversation_of(meta, image is not None), processor, settings.max_length, reply_ids=hook, image_text=text)
+        try:
+            example = build_example(
+                conversation_of(meta, image is not None), processor, settings.max_length, reply_ids=hook, image_text=text
+            )
+        except SampleTooLong as error:
+            raise SampleTooLong(
+                f"Sample {sample.get('__key__')} of {sample.get('__url__')}: {error} Raise the stage's max_length (each image's"
+                " tokens, and the text its extensions put after it, count too)."
+            ) from None
         input_ids.append(example.input_ids)
         labels.append(example.labels)
         if example.num_images:

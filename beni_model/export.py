@@ -36,6 +36,11 @@ def llava_config(model: BeniForConditionalGeneration) -> LlavaConfig:
     grid = config.image_size // config.patch_size
     if adding := [name for name, settings in config.extensions.items() if extension_class(name).image_tokens(settings, grid)]:
         raise ValueError(f"LLaVA export has no place for the image tokens that the extensions {adding} add; export a model without them.")
+    # An extension reads text from each image where read_images, given no images, gives a list and not None.
+    if reading := [name for name, settings in config.extensions.items() if extension_class(name).read_images(settings, []) is not None]:
+        raise ValueError(
+            f"LLaVA's processor has no place for the text that the extensions {reading} read from each image; export a model without them."
+        )
     if (spec.kind, spec.mlp_depth) != ("mlp", 2):
         raise ValueError(f"LLaVA export needs the mlp2x connector, not {config.connector!r}.")
     if config.image_size != config.vision_config.image_size:

@@ -45,6 +45,8 @@ def rows(found: list) -> list[str]:
 def read_lines(images: list) -> list[list[str]]:
     """Each image's text lines, in reading order ([] where it reads none); PIL images, or arrays and tensors as
     transformers' processors take them."""
+    if not images:
+        return []
     read = engine()
 
     def one(image) -> list[str]:

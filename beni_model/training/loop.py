@@ -59,7 +59,8 @@ def train(config: TrainConfig) -> dict:
         shards=config.shards,
         batch_size=config.batch_size,
         image_size=beni_config.image_size,
-        max_length=config.max_length,
+        # The encoder stage never runs the LLM, so its conversations are never cut (nor refused for their length).
+        max_length=None if config.stage == "encoder" and not config.pack else config.max_length,
         text_fraction=config.text_fraction,
         pack=config.pack,
         pad_to_multiple_of=GRAPHED_WIDTH_MULTIPLE if graphs else 1,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoProcessor, pipeline
 
-from beni_model.chat import build_example, prompt_text
+from beni_model.chat import SampleTooLong, build_example, prompt_text
 from beni_model.data import DataSettings, collate
 from beni_model.ocr import engine
 from beni_model.ocr.extension import OcrExtension
@@ -90,6 +90,19 @@ def test_the_loader_puts_a_samples_lines_or_transcript_after_its_image(engine_mo
     assert f"<image>\n{engine.HEADER}\nTotal 94.65\n{QUESTION}" in texts[0]
     assert f"<image>\n{engine.HEADER}\nTotal 94.65\nPaid\n{QUESTION}" in texts[1]
     assert f"<image>\n{QUESTION}" in texts[2] and engine.HEADER not in texts[2]
+
+    # A stage whose max_length leaves no room for the lines: the loader names the sample and the setting to raise.
+    short = DataSettings(
+        shards="unused",
+        batch_size=3,
+        image_size=model.config.image_size,
+        extensions=ENGINE,
+        max_length=int(batch["attention_mask"][2].sum()),
+    )
+    with pytest.raises(
+        SampleTooLong, match=r"Sample 7 of shard-0.tar: The first exchange alone is \d+ tokens.* Raise the stage's max_length"
+    ):
+        collate([{**samples[1], "__key__": "7", "__url__": "shard-0.tar"}], "image", processor, short)
 
 
 def test_the_pipeline_reads_with_the_engine(engine_model):

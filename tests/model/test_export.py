@@ -39,6 +39,12 @@ def test_llava_export_gives_the_same_logits(build, tmp_path, vision, text, layer
             {"extensions": {"ocr": {"tokens": True}}},
             r"no place for the image tokens that the extensions \['ocr'\] add",
         ),
+        (
+            "siglip",
+            "mlp2x_gelu",
+            {"extensions": {"ocr": {"engine": True}}},
+            r"LLaVA's processor has no place for the text that the extensions \['ocr'\] read from each image",
+        ),
     ],
 )
 def test_llava_export_refuses_what_llava_cannot_hold(build, tmp_path, vision, connector, kwargs, message):

@@ -40,6 +40,8 @@ class BeniProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or default_template(tokenizer, image_token, images_last))
 
     def _process_images(self, images, **kwargs):
+        # ProcessorMixin's one step that sees the images beside each image's replacement text (replace_image_token
+        # sees only the processed pixels): the extensions' reads join that text here.
         processed, replacements = super()._process_images(images, **kwargs)
         if self.extensions:
             images = make_flat_list_of_images(images)

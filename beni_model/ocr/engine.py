@@ -26,8 +26,9 @@ def engine():
 
 
 def rows(found: list) -> list[str]:
-    """The engine's boxes ([corners, text, score]) as lines in reading order: a box joins the row whose vertical
-    middle falls inside it, rows top to bottom, boxes in a row left to right."""
+    """The engine's boxes ([corners, text, score]) as lines in reading order: taken by their vertical middles, top
+    to bottom, a box joins the row above when its middle falls within that row's first box's height; rows top to
+    bottom, boxes in a row left to right."""
     boxes = sorted(
         ((min(y for _, y in corners), max(y for _, y in corners), min(x for x, _ in corners), text) for corners, text, _ in found),
         key=lambda box: (box[0] + box[1]) / 2,

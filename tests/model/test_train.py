@@ -419,9 +419,11 @@ def test_packed_training_under_torchrun_lowers_the_loss_and_profiles_its_steps(t
     assert [e["name"] for e in steps] == [f"ProfilerStep#{PROFILE_AFTER + i}" for i in range(3)]
 
 
-def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_under_torchrun(tmp_path, parts):
+@pytest.mark.parametrize("engine", [False, True])
+def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_under_torchrun(tmp_path, parts, engine):
     """The recipe's order, with the heads' transcripts handed to the LLM as tokens (the line head's trained on the
-    documents' lines, the axes head on turned copies), and the recipe's compiled blocks and CUDA graphs, which FSDP's two processes turn off."""
+    documents' lines, the axes head on turned copies), and the recipe's compiled blocks and CUDA graphs, which FSDP's
+    two processes turn off; with `engine`, each image's lines after its tokens too, and the saved processor reads."""
     shards = write_toy_shards(tmp_path / "shards", samples=64, per_shard=16, text_every=4, lines=True)
     recipe = {"compile": True, "cuda_graphs": True}
     stages = {
@@ -433,7 +435,7 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
             text_fraction=0.0,
             max_steps=12,
             max_length=16,  # under any sample's length: the encoder stage never runs the LLM, so never refuses a sample
-            extensions={"ocr": {"tokens": True, "lines": True, "upright": True}},
+            extensions={"ocr": {"tokens": True, "lines": True, "upright": True, "engine": engine}},
             **recipe,
         ),
         "finetune": {
@@ -465,3 +467,4 @@ def test_an_encoder_stage_then_the_ocr_extensions_weight_train_the_reading_head_
     assert ocr.options.lines and not torch.equal(lines[0], lines[1]) and not torch.equal(lines[1], lines[2])
     axes = [m.extensions["ocr"].axes_head.predict[-1].weight for m in (fresh, encoder, model)]
     assert ocr.options.upright and not torch.equal(axes[0], axes[1]) and not torch.equal(axes[1], axes[2])
+    assert ocr.options.engine == engine == bool(load_processor(tmp_path / "finetune" / "final").extensions["ocr"]["engine"])

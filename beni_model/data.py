@@ -277,9 +277,9 @@ def reply_hook(settings: DataSettings, meta: dict, tokenizer):
     return reply_ids
 
 
-def image_text(settings: DataSettings, meta: dict) -> str:
-    """The extensions' prompt text after an image sample's image tokens (Extension.image_text), in their order."""
-    return "".join(extension_class(name).image_text(options, meta) for name, options in settings.extensions.items())
+def image_text(extensions: dict[str, dict], meta: dict) -> str:
+    """The `extensions`' prompt text after an image sample's image tokens (Extension.image_text), in their order."""
+    return "".join(extension_class(name).image_text(options, meta) for name, options in extensions.items())
 
 
 def collate(samples: list[dict], modality: str, processor, settings: DataSettings) -> dict:
@@ -289,7 +289,7 @@ def collate(samples: list[dict], modality: str, processor, settings: DataSetting
     for sample in samples:
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         meta = json.loads(sample["json"])
-        hook, text = (reply_hook(settings, meta, tokenizer), image_text(settings, meta)) if image is not None else (None, "")
+        hook, text = (reply_hook(settings, meta, tokenizer), image_text(settings.extensions, meta)) if image is not None else (None, "")
         try:
             example = build_example(
                 conversation_of(meta, image is not None), processor, settings.max_length, reply_ids=hook, image_text=text

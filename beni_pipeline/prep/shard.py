@@ -55,11 +55,19 @@ def token_lengths(texts: list[str], tokenizer, image_tokens: int, batch: int = 4
     return lengths + image_tokens
 
 
-def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, settings: ShardSettings = ShardSettings()) -> pa.Table:
+def plan_shards(
+    manifest: pa.Table,
+    index: pa.Table,
+    kept: pa.Array,
+    tokenizer,
+    settings: ShardSettings = ShardSettings(),
+    image_text: Callable[[dict], str] | None = None,
+) -> pa.Table:
     """One row per kept sample in shard order: where its image is staged, its `.json` payload, length, shard.
 
     manifest: the manifest rows (any superset of the kept ids); index: the downloaders' index rows of those
-    chunks concatenated (tar names are relative to `<downloaded_root>/<chunk>/`)."""
+    chunks concatenated (tar names are relative to `<downloaded_root>/<chunk>/`). `image_text(payload)`: the text the
+    model's extensions put after a sample's image (beni_model.data.image_text), counted in its length."""
     rows = manifest.filter(pc.is_in(manifest["sample_id"], value_set=kept))
     if rows.num_rows != len(pc.unique(kept)):
         raise ValueError(f"{len(pc.unique(kept)) - rows.num_rows} kept ids are missing from the manifest; pass every chunk's rows")
@@ -70,27 +78,27 @@ def plan_shards(manifest: pa.Table, index: pa.Table, kept: pa.Array, tokenizer, 
     for key in rows["sample_id"].to_pylist():
         if not key or any(c in key for c in "./\\") or key.startswith("_"):
             raise ValueError(f"sample_id {key!r} cannot be a WebDataset key (no dots, slashes or leading underscore)")
-    captions, conversations = rows["caption"].to_pylist(), rows["conversations"].to_pylist()
-    lengths = token_lengths([sample_text(c, v) for c, v in zip(captions, conversations)], tokenizer, settings.image_tokens)
     payloads = [
-        json.dumps(
-            {
-                "sample_id": r["sample_id"],
-                "caption": r["caption"],
-                "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
-                "source": r["source"],
-                "url": r["url"],
-                "width": r["width"],
-                "height": r["height"],
-                "length": int(n),
-                **({"transcript": r["transcript"]} if r.get("transcript") else {}),
-                **({"lines": json.loads(r["lines"])} if r.get("lines") else {}),
-            },
-            ensure_ascii=False,
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
-        for r, n in zip(rows.select([c for c in PAYLOAD_COLUMNS if c in rows.column_names]).to_pylist(), lengths)
+        {
+            "sample_id": r["sample_id"],
+            "caption": r["caption"],
+            "conversations": json.loads(r["conversations"]) if r["conversations"] else [],
+            "source": r["source"],
+            "url": r["url"],
+            "width": r["width"],
+            "height": r["height"],
+            **({"transcript": r["transcript"]} if r.get("transcript") else {}),
+            **({"lines": json.loads(r["lines"])} if r.get("lines") else {}),
+        }
+        for r in rows.select([c for c in PAYLOAD_COLUMNS if c in rows.column_names]).to_pylist()
+    ]
+    texts = [
+        sample_text(p["caption"], r) + (image_text(p) if image_text else "") for p, r in zip(payloads, rows["conversations"].to_pylist())
+    ]
+    lengths = token_lengths(texts, tokenizer, settings.image_tokens)
+    payloads = [
+        json.dumps({**p, "length": int(n)}, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+        for p, n in zip(payloads, lengths)
     ]
     rows = rows.select(["sample_id", "chunk", "tar", "offset", "size", "ext"]).append_column("length", pa.array(lengths))
     rows = rows.append_column("json", pa.array(payloads, pa.binary()))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from beni_model.data import image_text
 from beni_pipeline.prep.dedup import sample_text
 from beni_pipeline.prep.shard import (
     ShardSettings,
@@ -119,6 +121,23 @@ def test_plan_measures_sorts_and_bounds_shards(staged):
     lengths = plan["length"].to_numpy()
     assert (np.diff(lengths) >= 0).all() and lengths.min() < lengths.max()
     assert max(np.bincount(plan["shard"].to_numpy())) <= 32
+
+
+def test_lengths_count_the_text_the_models_extensions_put_after_each_image(staged):
+    """With the ocr extension's engine, a sample's lines (else its transcript) follow its image in every prompt, so
+    they count in its length; the same plan without it measures the text alone."""
+    root, manifest, index, kept = staged
+    tok, engine = tokenizer(), {"ocr": {"engine": True}}
+    plain = dict(zip(*plan_shards(manifest, index, kept, tok, SETTINGS).select(["sample_id", "length"]).to_pydict().values()))
+    read = plan_shards(manifest, index, kept, tok, SETTINGS, partial(image_text, engine))
+    rows = {r["sample_id"]: r for r in manifest.to_pylist()}
+    grew = 0
+    for sample_id, length in zip(read["sample_id"].to_pylist(), read["length"].to_pylist()):
+        row = rows[sample_id]
+        text = image_text(engine, {"transcript": row["transcript"], "lines": json.loads(row["lines"]) if row["lines"] else None})
+        assert length == plain[sample_id] + (len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0)
+        grew += length > plain[sample_id]
+    assert grew == sum(1 for i in kept.to_pylist() if rows[i]["transcript"] or rows[i]["lines"]) > 0
 
 
 def test_shards_read_back_with_webdataset_and_wids(staged, tmp_path):

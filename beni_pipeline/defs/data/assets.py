@@ -1,5 +1,6 @@
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ import pydantic
 import torch
 from transformers import AutoTokenizer
 
+from beni_model.data import image_text
 from beni_pipeline.defs.config import Config
 from beni_pipeline.defs.data.metadata import counts_table, length_histogram_md, preview_md, read_member, rows_md
 from beni_pipeline.defs.engine import Engine
@@ -275,7 +277,7 @@ def training_shards(
     settings = ShardSettings(**config.model_dump(), image_tokens=model.num_image_tokens())
     context.log.info(f"token lengths for recipe {recipe.name!r}: {model.text_model}'s tokenizer, {settings.image_tokens} tokens per image")
     start = time.perf_counter()
-    plan = plan_shards(manifest, index, kept, tokenizer, settings)
+    plan = plan_shards(manifest, index, kept, tokenizer, settings, partial(image_text, model.extensions))
     seconds = time.perf_counter() - start
     context.log.info(f"measured the token length of {plan.num_rows} samples in {seconds:.1f} s ({plan.num_rows / seconds:.0f} samples/s)")
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def read_lines(images: list) -> list[list[str]]:
         found, _ = read(image.convert("RGB"))
         return [line for line in rows(found or []) if line.strip()]
 
-    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1) or 1) as pool:  # onnxruntime lets go of the GIL
+    with ThreadPoolExecutor(min(len(images), os.cpu_count() or 1)) as pool:  # onnxruntime lets go of the GIL
         return list(pool.map(one, images))
 
 

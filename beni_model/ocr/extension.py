@@ -147,8 +147,8 @@ class OcrExtension(Extension):
         would follow its image's tokens."""
         if not ocr_settings(settings).engine:
             return ""
-        lines = [text for text, _ in meta.get("lines") or ()] or [t for t in [meta.get("transcript")] if t]
-        return engine.reads_text(lines)
+        lines = [text for text, _ in meta.get("lines") or ()]
+        return engine.reads_text(lines or ([meta["transcript"]] if meta.get("transcript") else []))
 
     @classmethod
     def read_images(cls, settings: dict, images: list) -> list[str] | None:

@@ -4,6 +4,7 @@ model. Its lines follow each image's tokens as plain prompt text (`reads_text`),
 model Tesseract's words (`apply_ocr`): glyphs no corpus font drew are read by a recognizer trained on real text.
 Training hands the LLM the corpus's own lines in the same place and form (`OcrExtension.image_text`)."""
 
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -11,8 +12,15 @@ from functools import cache
 from PIL import Image
 from transformers.image_transforms import to_pil_image
 
-PACKAGES = "pip install rapidocr_onnxruntime==1.4.4 onnxruntime opencv-python-headless pyclipper shapely"
+# rapidocr_onnxruntime without its dependencies: it asks for the GUI build of OpenCV, the headless one does.
+PACKAGES = "pip install 'beni[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
 HEADER = "Text in the image:"
+MODULES = ("rapidocr_onnxruntime", "onnxruntime", "cv2", "pyclipper", "shapely")
+
+
+def missing() -> list[str]:
+    """The engine's modules this Python cannot import, found without importing them."""
+    return [name for name in MODULES if importlib.util.find_spec(name) is None]
 
 
 @cache

@@ -99,7 +99,9 @@ class OcrExtension(Extension):
 
     @classmethod
     def check(cls, settings: dict, config) -> None:
-        ocr_settings(settings)
+        # Here, so that a training run stops before its first step, not at the eval after it.
+        if ocr_settings(settings).engine and (absent := engine.missing()):
+            raise ValueError(f"The ocr extension's engine needs {', '.join(absent)}, not installed: {engine.PACKAGES}")
 
     @classmethod
     def vision_stem(cls, name: str, vision_config) -> nn.Module:

@@ -13,7 +13,9 @@ from beni_model.chat import SampleTooLong, build_example, prompt_text
 from beni_model.data import DataSettings, collate
 from beni_model.ocr import engine
 from beni_model.ocr.extension import OcrExtension
+from beni_model.training.config import TrainConfig
 from tests.model.conftest import processor_of
+from tests.model.test_data import write_toy_shards
 
 ENGINE = {"ocr": {"engine": True}}
 QUESTION = "What is the total?"
@@ -119,11 +121,17 @@ def test_the_pipeline_reads_with_the_engine(engine_model):
     assert answer == processor.decode(tokens, skip_special_tokens=True)
 
 
-def test_without_the_engines_packages_the_error_says_what_to_install(monkeypatch):
+def test_without_the_engines_packages_the_error_says_what_to_install(monkeypatch, tmp_path):
     engine.engine.cache_clear()
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if not installed
+    advice = r"pip install 'beni\[ocr\]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
     try:
-        with pytest.raises(ImportError, match=r"pip install rapidocr_onnxruntime==1.4.4 onnxruntime opencv-python-headless"):
+        with pytest.raises(ImportError, match=advice):
             engine.read_lines([page(INVOICE)])
     finally:
         engine.engine.cache_clear()
+    # A training run says so before torchrun starts, not at the eval after ten minutes of training.
+    shards = write_toy_shards(tmp_path / "shards", samples=8, per_shard=8)
+    config = TrainConfig(shards=str(shards), output_dir=str(tmp_path / "out"), text_model="x", vision_model="y", extensions=ENGINE)
+    with pytest.raises(ValueError, match=r"The ocr extension's engine needs rapidocr_onnxruntime, not installed: " + advice):
+        config.validate()

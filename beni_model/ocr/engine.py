@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
+import numpy as np
 from PIL import Image
 from transformers.image_transforms import to_pil_image
 
@@ -16,6 +17,10 @@ from transformers.image_transforms import to_pil_image
 PACKAGES = "pip install 'beni[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
 HEADER = "Text in the image:"
 MODULES = ("rapidocr_onnxruntime", "onnxruntime", "cv2", "pyclipper", "shapely")
+# A space goes between two characters where the recognizer gives it at least this probability in the blanks between
+# them. Chosen on the corpus's own samples (train-split fonts), not the held-out sets: the lowest that put no space
+# inside one-line words (bench/engine_spaces.py, bench/BENCHMARKS.md).
+SPACE_P = 0.05
 
 
 def missing() -> list[str]:
@@ -30,7 +35,38 @@ def engine():
     except ImportError as error:
         raise ImportError(f"The ocr extension's engine reads with PP-OCRv4 from rapidocr_onnxruntime ({error}): {PACKAGES}") from None
     # One onnxruntime thread per image: `read_lines` reads a batch's images side by side.
-    return RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+    read = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+    read.text_rec.postprocess_op = SpacedDecode(read.text_rec.postprocess_op.character)
+    return read
+
+
+class SpacedDecode:
+    """The recognizer's greedy CTC decoding (argmax per column, repeats merged, blanks dropped), as the library's
+    decoder, but with the spaces the recognizer leaves out. PP-OCRv4's recognizer learned mostly Chinese, which has
+    none: between English words its space often loses to the blank ("Stackedharvestreview"), though it stands out
+    of the blanks there and nowhere inside a word."""
+
+    def __init__(self, characters: list[str]):
+        self.characters = characters  # the library's: blank first, space last
+        self.space = characters.index(" ")
+
+    def __call__(self, preds: np.ndarray, return_word_box: bool = False, **_) -> list[tuple[str, float]]:
+        return [self.line(columns) for columns in preds]
+
+    def line(self, columns: np.ndarray, space_p: float | None = None) -> tuple[str, float]:
+        space_p = SPACE_P if space_p is None else space_p
+        text, scores, previous, gap = [], [], 0, 0.0
+        for column, best in zip(columns, columns.argmax(1)):
+            if best == 0:
+                gap = max(gap, column[self.space])
+            elif best != previous:
+                if text and gap >= space_p and text[-1] != " " and best != self.space:
+                    text.append(" ")
+                text.append(self.characters[best])
+                scores.append(column[best])
+                gap = 0.0
+            previous = best
+        return "".join(text), float(np.mean(scores)) if scores else 0.0
 
 
 def rows(found: list) -> list[str]:

@@ -5,6 +5,7 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoProcessor, pipeline
@@ -48,6 +49,47 @@ def test_rows_put_boxes_in_reading_order():
 def test_the_engine_reads_printed_lines_in_reading_order():
     blank = Image.new("RGB", (120, 120), "white")
     assert engine.read_lines([page(INVOICE), blank]) == [LINES, []]
+
+
+def columns(*reads: tuple[str, float]) -> np.ndarray:
+    """Recognizer output, one column a read: (character, the space's probability); "" is a blank column."""
+    decode = engine.engine().text_rec.postprocess_op
+    out = np.zeros((len(reads), len(decode.characters)), dtype=np.float32)
+    for row, (character, space) in zip(out, reads):
+        row[decode.characters.index(character) if character else 0] = 1.0 - space
+        row[decode.space] = max(row[decode.space], space)
+    return out
+
+
+def test_a_space_goes_where_the_recognizer_half_believes_one_and_nowhere_else():
+    decode = engine.engine().text_rec.postprocess_op
+    word_gap, letter_gap = engine.SPACE_P * 2, engine.SPACE_P / 5
+    line = columns(("I", 0), ("", word_gap), ("a", 0), ("", letter_gap), ("a", 0), ("a", 0), ("", 0), ("m", 0), ("", 0))
+    assert decode.line(line)[0] == "I aam"  # repeats merge, a blank splits them, as CTC has it
+    assert decode.line(line, space_p=float("inf"))[0] == "Iaam"
+    # A space the recognizer reads itself stays one space.
+    assert decode.line(columns(("a", 0), ("", word_gap), (" ", 0), ("", word_gap), ("b", 0)))[0] == "a b"
+
+
+def test_the_engine_reads_the_spaces_between_closely_set_words(monkeypatch):
+    image = Image.new("RGB", (640, 60), "white")
+    draw, face, x = ImageDraw.Draw(image), ImageFont.load_default(size=28), 10
+    for word in ("Stacked", "harvest", "review"):  # a space and a half between the words
+        draw.text((x, 12), word, fill="black", font=face)
+        x += draw.textlength(word, font=face) + 10
+    assert engine.read_lines([image]) == [["Stacked harvest review"]]
+    monkeypatch.setattr(engine, "SPACE_P", float("inf"))  # the library's decoding drops them
+    assert engine.read_lines([image]) != [["Stacked harvest review"]]
+
+
+def test_without_the_threshold_the_engine_reads_as_the_library_decodes(monkeypatch):
+    from rapidocr_onnxruntime import RapidOCR
+
+    library = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
+    images = [page(INVOICE), page([("Stacked harvest review", ""), ("Ines Lopez", "Valley florist")], size=(640, 200))]
+    monkeypatch.setattr(engine, "SPACE_P", float("inf"))
+    expected = [engine.rows(library(image.convert("RGB"))[0] or []) for image in images]
+    assert engine.read_lines(images) == expected
 
 
 @pytest.fixture(scope="module")

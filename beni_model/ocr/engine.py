@@ -14,7 +14,7 @@ from PIL import Image
 from transformers.image_transforms import to_pil_image
 
 # rapidocr_onnxruntime without its dependencies: it asks for the GUI build of OpenCV, the headless one does.
-PACKAGES = "pip install 'beni[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
+PACKAGES = "in beni's folder, pip install -e '.[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
 HEADER = "Text in the image:"
 MODULES = ("rapidocr_onnxruntime", "onnxruntime", "cv2", "pyclipper", "shapely")
 # A space goes between two characters where the recognizer gives it at least this probability in the blanks between

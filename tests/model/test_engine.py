@@ -166,7 +166,7 @@ def test_the_pipeline_reads_with_the_engine(engine_model):
 def test_without_the_engines_packages_the_error_says_what_to_install(monkeypatch, tmp_path):
     engine.engine.cache_clear()
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if not installed
-    advice = r"pip install 'beni\[ocr\]' && pip install --no-deps rapidocr_onnxruntime==1.4.4"
+    advice = r"in beni's folder, pip install -e '\.\[ocr\]' && pip install --no-deps rapidocr_onnxruntime==1\.4\.4"
     try:
         with pytest.raises(ImportError, match=advice):
             engine.read_lines([page(INVOICE)])

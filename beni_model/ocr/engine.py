@@ -50,17 +50,17 @@ class SpacedDecode:
         self.characters = characters  # the library's: blank first, space last
         self.space = characters.index(" ")
 
+    # The library's signature; the engine never asks for word boxes.
     def __call__(self, preds: np.ndarray, return_word_box: bool = False, **_) -> list[tuple[str, float]]:
         return [self.line(columns) for columns in preds]
 
-    def line(self, columns: np.ndarray, space_p: float | None = None) -> tuple[str, float]:
-        space_p = SPACE_P if space_p is None else space_p
+    def line(self, columns: np.ndarray) -> tuple[str, float]:
         text, scores, previous, gap = [], [], 0, 0.0
         for column, best in zip(columns, columns.argmax(1)):
             if best == 0:
                 gap = max(gap, column[self.space])
             elif best != previous:
-                if text and gap >= space_p and text[-1] != " " and best != self.space:
+                if text and gap >= SPACE_P and text[-1] != " " and best != self.space:
                     text.append(" ")
                 text.append(self.characters[best])
                 scores.append(column[best])

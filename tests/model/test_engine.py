@@ -61,14 +61,15 @@ def columns(*reads: tuple[str, float]) -> np.ndarray:
     return out
 
 
-def test_a_space_goes_where_the_recognizer_half_believes_one_and_nowhere_else():
+def test_a_space_goes_where_the_recognizer_half_believes_one_and_nowhere_else(monkeypatch):
     decode = engine.engine().text_rec.postprocess_op
     word_gap, letter_gap = engine.SPACE_P * 2, engine.SPACE_P / 5
     line = columns(("I", 0), ("", word_gap), ("a", 0), ("", letter_gap), ("a", 0), ("a", 0), ("", 0), ("m", 0), ("", 0))
     assert decode.line(line)[0] == "I aam"  # repeats merge, a blank splits them, as CTC has it
-    assert decode.line(line, space_p=float("inf"))[0] == "Iaam"
     # A space the recognizer reads itself stays one space.
     assert decode.line(columns(("a", 0), ("", word_gap), (" ", 0), ("", word_gap), ("b", 0)))[0] == "a b"
+    monkeypatch.setattr(engine, "SPACE_P", float("inf"))
+    assert decode.line(line)[0] == "Iaam"
 
 
 def test_the_engine_reads_the_spaces_between_closely_set_words(monkeypatch):

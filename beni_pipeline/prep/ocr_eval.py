@@ -188,8 +188,8 @@ CATEGORY_KINDS = {
     "Digit String Recognition": ("digits",),
     "Non-Semantic Text Recognition": ("random",),
     "Handwritten Mathematical Expression Recognition": ("math",),
-    "Key Information Extraction": ("receipt", "form"),
-    "Doc-oriented VQA": ("memo",),
+    "Key Information Extraction": ("receipt", "form", "labelled"),
+    "Doc-oriented VQA": ("memo", "labelled"),
     "Scene Text-centric VQA": ("sign",),
 }
 

@@ -79,6 +79,17 @@ Pasta Rice Tomatoes Soap Batteries Notebook Pen Sandwich Muffin Yogurt Chocolate
 Salad Soup Cookies Oranges""".split()
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 MEMO_TITLES = ("MEMORANDUM", "INTERNAL MEMO", "NOTICE", "MEETING NOTE")
+LABELLED_MEMO_TITLES = MEMO_TITLES + ("MEMO", "OFFICE MEMO", "STAFF BULLETIN", "UPDATE")
+# The optional kind "labelled" draws documents whose labels vary as offices write them: one of each field's per
+# document, in one case, then one of LABEL_ENDS, their order and alignment varying too. A model that saw one
+# spelling and one layout learns where the answer sits, not what its label says (bench/BENCHMARKS.md).
+MEMO_LABELS = {
+    "To": ("To", "Attn", "Attention", "For", "Recipient"),
+    "From": ("From", "By", "Sender", "Author"),
+    "Date": ("Date", "Dated", "Sent"),
+    "Subject": ("Subject", "Re", "Regarding", "Topic"),
+}
+LABEL_ENDS = (": ", ": ", " ", " - ")
 MATH_LETTERS = list("abcxyznkmt")
 GREEK = {r"\alpha": "α", r"\beta": "β", r"\theta": "θ", r"\pi": "π", r"\lambda": "λ", r"\sigma": "σ"}  # LaTeX: glyph
 PEN_INKS = ((25, 45, 150), (20, 20, 30), (35, 35, 110), (80, 80, 90), (140, 25, 35))  # blue, black, navy, pencil, red
@@ -109,6 +120,13 @@ MEMO_QUESTIONS = {
     "From": "Who wrote the memo?",
     "Date": "What is the date of the memo?",
     "Subject": "What is the subject of the memo?",
+}
+# The corpus asks each in several ways (the eval sets ask MEMO_QUESTIONS').
+MEMO_ASKED = {
+    "To": (MEMO_QUESTIONS["To"], "Who is this memo for?", "Who receives the memo?", "To whom is the memo sent?"),
+    "From": (MEMO_QUESTIONS["From"], "Who sent this memo?", "Who is the memo from?", "Whose memo is this?"),
+    "Date": (MEMO_QUESTIONS["Date"], "When was the memo written?", "What date is on the memo?"),
+    "Subject": (MEMO_QUESTIONS["Subject"], "What is the memo about?", "What is the memo's subject line?"),
 }
 SIGN_QUESTIONS = {
     "name": "What is the name of the shop on the sign?",
@@ -832,9 +850,9 @@ def text_sample(rng: random.Random, kind: str, tracking: float = 0.0) -> Rendere
     return Rendered(kind, image, caption, [(rng.choice(KIND_QUESTIONS[kind]), text)], None if kind == "sentence" else text)
 
 
-def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[str, float]]]:
-    """A till receipt; returns the image, its key information (store, date, items, subtotal, tax, total) and its
-    lines (see Rendered.lines)."""
+def render_receipt(rng: random.Random, labelled: bool = False) -> tuple[Image.Image, dict, list[tuple[str, float]]]:
+    """A till receipt; returns the image, its key information (store, date, items, subtotal, tax, total; with
+    `labelled`, a number too, and labels that vary) and its lines (see Rendered.lines)."""
     fonts = [p for p in font_paths() if p and "mono" in Path(p).stem.lower()] or font_paths()
     font_path, size = rng.choice(fonts), rng.randint(MIN_FONT_SIZE, 20)
     font, head = load_font(font_path, size), load_font(font_path, size + rng.randint(2, 8))
@@ -851,12 +869,22 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[st
         "tax": money(tax),
         "total": money(subtotal + tax),
     }
+    heading, total_label = [info["date"]], "TOTAL"
+    if labelled:  # a number, labels that vary; the date stands bare half the time, as tills print it
+        info["number"] = str(rng.randint(1000, 999999))
+        case, end = rng.choice((str, str.upper)), rng.choice(LABEL_ENDS).rstrip()
+        heading = [case(rng.choice(("Receipt No.", "No.", "Number", "Ref", "Trans", "Bill No."))) + end + " " + info["number"]]
+        heading.append(info["date"] if rng.random() < 0.5 else case(rng.choice(("Date", "Dated", "Issued"))) + end + " " + info["date"])
+        rng.shuffle(heading)
+        total_label = case(rng.choice(("Total", "Total due", "Amount due", "Grand total", "Balance")))
     rows = [(name, price) for name, price in info["items"].items()]
-    rows += [("", ""), ("SUBTOTAL", info["subtotal"])] + ([(f"TAX {rate}%", info["tax"])] if rate else []) + [("TOTAL", info["total"])]
+    rows += [("", ""), ("SUBTOTAL", info["subtotal"])] + ([(f"TAX {rate}%", info["tax"])] if rate else []) + [(total_label, info["total"])]
     line_h, margin = int(size * 1.4), rng.randint(12, 24)
     text_w = max(font.getlength(a) + font.getlength(b) for a, b in rows) + 2 * size
+    if labelled:
+        text_w = max([text_w] + [font.getlength(text) + size for text in heading])
     width = max(int(text_w) + 2 * margin, rng.randint(220, 340), int(head.getlength(store)) + 2 * margin)
-    height = 2 * margin + int(head.size * 1.5) + line_h * (len(rows) + 5)
+    height = 2 * margin + int(head.size * 1.5) + line_h * (len(rows) + 4 + len(heading))
     paper = Image.new("RGB", (width, height), light_colour(rng))
     draw, ink = ImageDraw.Draw(paper), ink_colour(rng, True)
     address, thanks = (
@@ -868,9 +896,10 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[st
         draw.text((width / 2, y), text, font=line_font, fill=ink, anchor="ma")
         lines.append(drawn_line((width / 2, y), text, line_font, "ma"))
         y += skip
-    draw.text((margin, y), info["date"], font=font, fill=ink)
-    lines.append(drawn_line((margin, y), info["date"], font))
-    y += line_h
+    for text in heading:
+        draw.text((margin, y), text, font=font, fill=ink)
+        lines.append(drawn_line((margin, y), text, font))
+        y += line_h
     rule = "-" * int((width - 2 * margin) / max(1, font.getlength("-")))
     for name, price in [("", "")] + rows:
         if not name:  # a rule is not text: its rows read nothing
@@ -886,16 +915,28 @@ def render_receipt(rng: random.Random) -> tuple[Image.Image, dict, list[tuple[st
     return degrade(image, rng, *random_degradation(rng, size)), info, line_fractions(lines, image.size)
 
 
-def receipt_sample(rng: random.Random) -> Rendered:
-    image, info, lines = render_receipt(rng)
+RECEIPT_ASKED = {  # the questions of a receipt's fields; "labelled" receipts' also in the words of other documents
+    "total": ("What is the total?", "What is the total amount on this receipt?", "How much was paid in total?"),
+    "date": ("What is the date on the receipt?", "When was this receipt issued?"),
+}
+LABELLED_ASKED = {
+    "total": RECEIPT_ASKED["total"] + ("What is the total amount?",),
+    "date": RECEIPT_ASKED["date"] + ("What is the date on the document?",),
+    "number": ("What is the receipt number?", "What is the document number?", "Which number does this receipt have?"),
+}
+
+
+def receipt_sample(rng: random.Random, labelled: bool = False) -> Rendered:
+    image, info, lines = render_receipt(rng, labelled)
+    asked = LABELLED_ASKED if labelled else RECEIPT_ASKED
     item = rng.choice(list(info["items"]))
     qa = [
-        (rng.choice(("What is the total?", "What is the total amount on this receipt?", "How much was paid in total?")), info["total"]),
+        (rng.choice(asked["total"]), info["total"]),
         (rng.choice(("What is the name of the store?", "Which shop issued this receipt?")), info["store"]),
-        (rng.choice(("What is the date on the receipt?", "When was this receipt issued?")), info["date"]),
+        (rng.choice(asked["date"]), info["date"]),
         (f"What is the price of {item}?", info["items"][item]),
         ("What is the subtotal?", info["subtotal"]),
-    ]
+    ] + ([(rng.choice(asked["number"]), info["number"])] if labelled else [])
     caption = rng.choice(RECEIPT_CAPTIONS).format(store=info["store"], total=info["total"], date=info["date"], n=len(info["items"]))
     return Rendered("receipt", image, caption, rng.sample(qa, rng.randint(2, 3)), lines=lines)
 
@@ -924,9 +965,9 @@ FORM_TITLES = {
 }
 
 
-def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], list[tuple[str, float]]]:
+def render_form(rng: random.Random, labelled: bool = False) -> tuple[Image.Image, str, dict[str, str], list[tuple[str, float]]]:
     """A filled-in form: a title, then label/value fields (values in another font and ink, on lines or in
-    boxes); returns the image, the title, the field values by label and the lines (see Rendered.lines)."""
+    boxes; with `labelled`, the labels' case and ends vary); returns the image, the title, the field values by label and the lines (see Rendered.lines)."""
     title = rng.choice(list(FORM_TITLES))
     fields = {label: FORM_FIELDS[label][1](rng) for label in ["Name"] + rng.sample(list(FORM_FIELDS)[1:], rng.randint(2, 5))}
     size = rng.randint(MIN_FONT_SIZE, 22)
@@ -934,7 +975,9 @@ def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], l
     value_font = load_font(rng.choice(font_paths()), size + rng.randint(0, 4))
     title_font = load_font(rng.choice(font_paths()), size + rng.randint(6, 12))
     margin, boxed = rng.randint(16, 32), rng.random() < 0.5
-    label_w = max(label_font.getlength(f"{k}:") for k in fields) + size
+    case, end = (rng.choice((str, str.upper)), rng.choice(LABEL_ENDS).rstrip()) if labelled else (str, ":")
+    shown = {label: case(label) + end for label in fields}
+    label_w = max(label_font.getlength(shown[k]) for k in fields) + size
     value_w = max(value_font.getlength(v) for v in fields.values()) + size
     width = max(int(label_w + value_w) + 2 * margin, int(title_font.getlength(title)) + 2 * margin, rng.randint(360, 560))
     row_h = int(value_font.size * 2.2)
@@ -946,9 +989,9 @@ def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], l
     lines = [drawn_line((margin, margin), title, title_font)]
     y = margin + int(title_font.size * 2)
     for label, value in fields.items():
-        lines.append((f"{label}: {value}", width / 2, y + row_h // 2))
+        lines.append((f"{shown[label]} {value}", width / 2, y + row_h // 2))
         x = margin + label_w
-        draw.text((margin, y + row_h // 2), f"{label}:", font=label_font, fill=ink, anchor="lm")
+        draw.text((margin, y + row_h // 2), shown[label], font=label_font, fill=ink, anchor="lm")
         if boxed:
             draw.rectangle((x - 6, y + 3, width - margin, y + row_h - 3), outline=ink)
         else:
@@ -959,8 +1002,8 @@ def render_form(rng: random.Random) -> tuple[Image.Image, str, dict[str, str], l
     return degrade(image, rng, *random_degradation(rng, size)), title, fields, line_fractions(lines, image.size)
 
 
-def form_sample(rng: random.Random) -> Rendered:
-    image, title, fields, lines = render_form(rng)
+def form_sample(rng: random.Random, labelled: bool = False) -> Rendered:
+    image, title, fields, lines = render_form(rng, labelled)
     qa = []
     for label in rng.sample(list(fields), min(len(fields), rng.randint(2, 3))):
         phrase = FORM_FIELDS[label][0]
@@ -976,9 +1019,12 @@ def person(rng: random.Random, vocab: Vocabulary) -> str:
     return f"{vocab.pick(rng, vocab.first_names)} {vocab.pick(rng, vocab.last_names)}"
 
 
-def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dict[str, str], list[tuple[str, float]]]:
-    """A memo: title, To/From/Date/Subject header and a short body, scanned or photographed; returns the image, the
-    header by field (the keys of MEMO_QUESTIONS) and the lines (see Rendered.lines)."""
+def render_memo(
+    rng: random.Random, vocab: Vocabulary, labelled: bool = False
+) -> tuple[Image.Image, dict[str, str], list[tuple[str, float]]]:
+    """A memo: title, a To/From/Date/Subject header and a short body, scanned or photographed; with `labelled`, the
+    header's labels, their order and alignment vary, and the body may name another person and date. Returns the
+    image, the header by field (the keys of MEMO_QUESTIONS) and the lines (see Rendered.lines)."""
     topic = rng.choice(("plan", "schedule", "update", "budget"))
     header = {
         "To": person(rng, vocab),
@@ -986,27 +1032,49 @@ def render_memo(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
         "Date": date(rng),
         "Subject": f"{vocab.pick(rng, vocab.adjectives).capitalize()} {vocab.pick(rng, vocab.nouns)} {topic}",
     }
+    rows = [(f"{field}:", value) for field, value in header.items()]
+    if labelled:
+        fields = list(header) if rng.random() < 0.5 else rng.sample(list(header), len(header))
+        case, end = rng.choice((str, str.upper)), rng.choice(LABEL_ENDS).rstrip()
+        rows = [(case(rng.choice(MEMO_LABELS[field])) + end, header[field]) for field in fields]
     body = [
         f"The {rng.choice(vocab.adjectives)} {rng.choice(vocab.nouns)} team {rng.choice(vocab.verbs)} every {rng.choice(vocab.nouns)} "
         f"before the {rng.choice(vocab.nouns)} {rng.choice(('review', 'deadline', 'launch', 'audit'))}."
-        for _ in range(rng.randint(2, 3))
+        for _ in range(rng.randint(0 if labelled else 2, 3))
     ]
+    if labelled and rng.random() < 0.5:  # a name and a date outside the header: only its labels tell which one is asked
+        body.append(f"Please send comments to {person(rng, vocab)} by {date(rng)}.")
     size = rng.randint(MIN_FONT_SIZE, 22)
     font, title_font = load_font(rng.choice(font_paths()), size), load_font(rng.choice(font_paths()), size + rng.randint(6, 12))
     wrap = rng.randint(34, 48)
-    lines = [f"{k}: {v}" for k, v in header.items()] + [""] + [line for s in body for line in textwrap.wrap(s, wrap)]
+    text = [line for s in body for line in textwrap.wrap(s, wrap)]
+    # Values in a column of their own half the time, as a tab stop sets them; else each after its label.
+    tab = max(font.getlength(label) for label, _ in rows) + size if labelled and rng.random() < 0.5 else 0
+    starts = [max(tab, font.getlength(label + " ")) for label, _ in rows]  # each value's, from the margin
     margin, line_h = rng.randint(16, 32), int(size * 1.5)
-    width = int(max(font.getlength(line) for line in lines) + 2 * margin)
-    height = 2 * margin + 2 * title_font.size + line_h * len(lines)
+    ends = [x + font.getlength(v) if tab else font.getlength(f"{label} {v}") for x, (label, v) in zip(starts, rows)]
+    width = int(max([font.getlength(line) for line in text] + ends) + 2 * margin)
+    height = 2 * margin + 2 * title_font.size + line_h * (len(rows) + 1 + len(text))
     page = Image.new("RGB", (min(width, MAX_SIDE), min(height, MAX_SIDE)), light_colour(rng))
-    draw, ink, title = ImageDraw.Draw(page), ink_colour(rng, True), rng.choice(MEMO_TITLES)
+    draw, ink, title = ImageDraw.Draw(page), ink_colour(rng, True), rng.choice(LABELLED_MEMO_TITLES if labelled else MEMO_TITLES)
     draw.text((margin, margin), title, font=title_font, fill=ink)
     drawn = [drawn_line((margin, margin), title, title_font)]
     y = margin + 2 * title_font.size
-    for line in lines:
-        draw.text((margin, y), line, font=font, fill=ink)
+    for start, end, (label, value) in zip(starts, ends, rows):
+        if tab:
+            draw.text((margin, y), label, font=font, fill=ink)
+            draw.text((margin + start, y), value, font=font, fill=ink)
+        else:
+            draw.text((margin, y), f"{label} {value}", font=font, fill=ink)
         # A line the page cuts off on the right would be a transcript the image does not show.
-        if line and margin + font.getlength(line) <= page.width and y + size <= page.height:
+        if margin + end <= page.width and y + size <= page.height:
+            line = drawn_line((margin, y), f"{label} {value}", font)
+            drawn.append((line[0], margin + end / 2, line[2]) if tab else line)  # a tabbed row spans label to value
+        y += line_h
+    y += line_h
+    for line in text:
+        draw.text((margin, y), line, font=font, fill=ink)
+        if margin + font.getlength(line) <= page.width and y + size <= page.height:
             drawn.append(drawn_line((margin, y), line, font))
         y += line_h
     image, drawn = place_on_background(rng, page, drawn)
@@ -1048,10 +1116,10 @@ def render_sign(rng: random.Random, vocab: Vocabulary) -> tuple[Image.Image, dic
     return degrade(scene, rng, *random_degradation(rng, size)), info, line_fractions(shifted_lines(drawn, x, y), scene.size)
 
 
-def memo_sample(rng: random.Random) -> Rendered:
-    image, header, lines = render_memo(rng, CORPUS_VOCABULARY)
+def memo_sample(rng: random.Random, labelled: bool = False) -> Rendered:
+    image, header, lines = render_memo(rng, CORPUS_VOCABULARY, labelled)
     caption = rng.choice(MEMO_CAPTIONS).format(by=header["From"], to=header["To"], subject=header["Subject"].lower(), date=header["Date"])
-    qa = [(MEMO_QUESTIONS[k], header[k]) for k in rng.sample(list(header), rng.randint(2, 3))]
+    qa = [(rng.choice(MEMO_ASKED[k]) if labelled else MEMO_QUESTIONS[k], header[k]) for k in rng.sample(list(header), rng.randint(2, 3))]
     return Rendered("memo", image, caption, qa, lines=lines)
 
 
@@ -1100,8 +1168,17 @@ KINDS = {
     "scene": 8,  # widened.py's: words photographed on a scene
 }
 # Kinds a corpus draws only where its settings name them, until a GPU run shows they pay (bench/BENCHMARKS.md).
-OPTIONAL_KINDS = ("arched", "pen")  # widened.py's words set letter by letter along a bow; handwriting in pen strokes
-DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample}
+# widened.py's words set letter by letter along a bow; handwriting in pen strokes; memos, receipts and forms whose
+# labels vary (see MEMO_LABELS)
+OPTIONAL_KINDS = ("arched", "pen", "labelled")
+
+
+def labelled_sample(rng: random.Random) -> Rendered:
+    make = rng.choices((memo_sample, receipt_sample, form_sample), (KINDS["memo"], KINDS["receipt"], KINDS["form"]))[0]
+    return replace(make(rng, labelled=True), kind="labelled")
+
+
+DOCUMENTS = {"receipt": receipt_sample, "form": form_sample, "memo": memo_sample, "sign": sign_sample, "labelled": labelled_sample}
 
 
 def make_sample(seed: int, index: int, kinds: dict[str, float] = KINDS, letter_spacing: bool = False, photos: float = 0.0) -> Rendered:

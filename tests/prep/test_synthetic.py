@@ -36,7 +36,7 @@ KINDS = {
     "rotated",
     "scene",
 }
-DOCUMENT_KINDS = {"receipt", "form", "memo", "sign"}
+DOCUMENT_KINDS = {"receipt", "form", "memo", "sign", "labelled"}
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -331,6 +331,29 @@ def test_documents_name_their_lines_top_to_bottom_where_their_text_is(kind):
             assert any(answer.lower() in text.lower() for text, _ in sample.lines), (kind, answer)  # signs may be upper-case
 
 
+def test_labelled_documents_label_their_fields_in_many_ways_and_each_value_by_its_own_label():
+    """The optional kind "labelled": a memo's header has each value on a line that starts with one of its own field's
+    labels, the labels' words, cases, ends and order varying across memos, so only the label tells which line a
+    question asks; receipts print a number and are asked it."""
+    spellings, orders = {field: set() for field in synthetic.MEMO_LABELS}, set()
+    for seed in range(60):
+        _, header, lines = synthetic.render_memo(random.Random(seed), synthetic.CORPUS_VOCABULARY, labelled=True)
+        texts = [text for text, _ in lines]
+        order = []
+        for field, value in header.items():
+            [line] = [i for i, text in enumerate(texts) if text.endswith(" " + value) and not text.startswith("Please")]
+            label = texts[line].removesuffix(" " + value)
+            assert label.rstrip(":-").rstrip().lower() in {w.lower() for w in synthetic.MEMO_LABELS[field]}, (seed, label)
+            spellings[field].add(label)
+            order.append((line, field))
+        orders.add(tuple(field for _, field in sorted(order)))
+    assert all(len(labels) >= 6 for labels in spellings.values()), spellings
+    assert len(orders) >= 6
+    receipts = [synthetic.receipt_sample(random.Random(seed), labelled=True) for seed in range(20)]
+    asked = [(r, answer) for r in receipts for question, answer in r.qa if "number" in question]
+    assert asked and all(any(text.endswith(" " + answer) for text, _ in r.lines) for r, answer in asked)
+
+
 def test_kinds_choose_what_the_corpus_draws(tmp_path):
     settings = CorpusSettings(samples=12, seed=7, duplicate_fraction=0.1, kinds={"digits": 1.0, "word": 1.0})
     rows = read_jsonl(generate_corpus(tmp_path, settings))
@@ -339,7 +362,7 @@ def test_kinds_choose_what_the_corpus_draws(tmp_path):
     assert json.loads((tmp_path / "corpus_settings.json").read_text())["kinds"] == {"digits": 1.0, "word": 1.0}
     for kind in synthetic.OPTIONAL_KINDS:  # drawn where named
         optional = read_jsonl(generate_corpus(tmp_path / kind, CorpusSettings(samples=4, kinds={kind: 1.0})))
-        assert {r["kind"] for r in optional} == {kind} and all(r["transcript"] for r in optional)
+        assert {r["kind"] for r in optional} == {kind} and all(r.get("transcript") or r.get("lines") for r in optional)
     with pytest.raises(ValueError, match=r"corpus kinds \['poem'\] are not among"):
         generate_corpus(tmp_path / "bad", CorpusSettings(samples=4, kinds={"digits": 1.0, "poem": 1.0}))
     with pytest.raises(ValueError, match="weights above 0"):

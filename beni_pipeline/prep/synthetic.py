@@ -1052,24 +1052,24 @@ def render_memo(
     tab = max(font.getlength(label) for label, _ in rows) + size if labelled and rng.random() < 0.5 else 0
     starts = [max(tab, font.getlength(label + " ")) for label, _ in rows]  # each value's, from the margin
     margin, line_h = rng.randint(16, 32), int(size * 1.5)
-    ends = [x + font.getlength(v) if tab else font.getlength(f"{label} {v}") for x, (label, v) in zip(starts, rows)]
-    width = int(max([font.getlength(line) for line in text] + ends) + 2 * margin)
+    rights = [x + font.getlength(v) if tab else font.getlength(f"{label} {v}") for x, (label, v) in zip(starts, rows)]
+    width = int(max([font.getlength(line) for line in text] + rights) + 2 * margin)
     height = 2 * margin + 2 * title_font.size + line_h * (len(rows) + 1 + len(text))
     page = Image.new("RGB", (min(width, MAX_SIDE), min(height, MAX_SIDE)), light_colour(rng))
     draw, ink, title = ImageDraw.Draw(page), ink_colour(rng, True), rng.choice(LABELLED_MEMO_TITLES if labelled else MEMO_TITLES)
     draw.text((margin, margin), title, font=title_font, fill=ink)
     drawn = [drawn_line((margin, margin), title, title_font)]
     y = margin + 2 * title_font.size
-    for start, end, (label, value) in zip(starts, ends, rows):
+    for start, right, (label, value) in zip(starts, rights, rows):
         if tab:
             draw.text((margin, y), label, font=font, fill=ink)
             draw.text((margin + start, y), value, font=font, fill=ink)
         else:
             draw.text((margin, y), f"{label} {value}", font=font, fill=ink)
         # A line the page cuts off on the right would be a transcript the image does not show.
-        if margin + end <= page.width and y + size <= page.height:
+        if margin + right <= page.width and y + size <= page.height:
             line = drawn_line((margin, y), f"{label} {value}", font)
-            drawn.append((line[0], margin + end / 2, line[2]) if tab else line)  # a tabbed row spans label to value
+            drawn.append((line[0], margin + right / 2, line[2]) if tab else line)  # a tabbed row spans label to value
         y += line_h
     y += line_h
     for line in text:

